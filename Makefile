@@ -1,0 +1,24 @@
+.PHONY: bootstrap up test lint bench clean
+
+PY := .venv/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+up: bootstrap
+	.venv/bin/infermesh up $(ARGS)
+
+test: bootstrap
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: bootstrap
+	.venv/bin/ruff check services control deploy tests
+	.venv/bin/mypy --strict services control deploy tests
+
+bench: bootstrap
+	$(PY) -m bench.run_all $(ARGS)
+
+clean:
+	rm -rf .infermesh

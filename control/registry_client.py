@@ -1,0 +1,125 @@
+"""A client of the registry's REST API, and `register_file` for one-call registration."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+READ_SIZE = 1024 * 1024
+
+
+class RegistryError(Exception):
+    """The registry refused a request (`status` set) or could not be reached (`status` None)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class RegistryClient:
+    """Calls the registry at `base_url` through a session the caller owns and closes."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+
+    async def create_model(self, name: str, description: str = "") -> dict[str, Any]:
+        """Create a model (an existing one is returned unchanged)."""
+        body = {"name": name, "description": description}
+        return await self._call("POST", "/v1/models", json=body)
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        """Every model: name, description, versions, latest, serving."""
+        body = await self._call("GET", "/v1/models")
+        models: list[dict[str, Any]] = body["models"]
+        return models
+
+    async def get_model(self, name: str) -> dict[str, Any]:
+        """One model with its version records and its rollout."""
+        return await self._call("GET", f"/v1/models/{quote(name, safe='')}")
+
+    async def upload_artifact(self, path: Path) -> dict[str, Any]:
+        """Stream a file to the artifact store; returns {"sha256", "size", "uri"}.
+
+        The file is hashed first so the registry rejects a copy damaged on the way.
+        """
+        sha256 = await asyncio.to_thread(_hash_file, path)
+        return await self._call(
+            "PUT", "/v1/artifacts", data=_read_chunks(path),
+            headers={"X-Infermesh-Sha256": sha256, "Content-Type": "application/octet-stream"},
+        )
+
+    async def register_version(
+        self, model: str, version: str, *, artifact_sha256: str, signature: Mapping[str, Any],
+        batching: Mapping[str, Any] | None = None, device: str = "auto",
+        platform: str = "pytorch_torchscript",
+    ) -> dict[str, Any]:
+        """Register an immutable version; identical re-registration is a no-op."""
+        body: dict[str, Any] = {
+            "artifact_sha256": artifact_sha256, "signature": dict(signature),
+            "device": device, "platform": platform,
+        }
+        if batching is not None:
+            body["batching"] = dict(batching)
+        path = f"/v1/models/{quote(model, safe='')}/versions/{quote(version, safe='')}"
+        return await self._call("PUT", path, json=body)
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if "json" in kwargs:
+            kwargs["data"] = orjson.dumps(kwargs.pop("json"))
+            kwargs["headers"] = {"Content-Type": "application/json"}
+        url = self._base_url + path
+        try:
+            async with self._session.request(method, url, **kwargs) as response:
+                raw = await response.read()
+                status = response.status
+        except aiohttp.ClientError as exc:
+            raise RegistryError(f"cannot reach the registry at {self._base_url}: {exc}") from exc
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = {"error": raw.decode(errors="replace").strip() or f"HTTP {status}"}
+        if not isinstance(body, dict):
+            raise RegistryError(f"unexpected reply from the registry: {raw[:200]!r}", status=status)
+        if status >= 400:
+            raise RegistryError(str(body.get("error") or f"HTTP {status}"), status=status)
+        return body
+
+
+async def register_file(
+    client: RegistryClient, name: str, version: str, artifact: Path,
+    signature: Mapping[str, Any], batching: Mapping[str, Any] | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Create the model if needed, upload `artifact`, register the version; returns its record."""
+    await client.create_model(name)
+    uploaded = await client.upload_artifact(artifact)
+    return await client.register_version(
+        name, version, artifact_sha256=uploaded["sha256"], signature=signature,
+        batching=batching, device=device,
+    )
+
+
+def _hash_file(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(READ_SIZE):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+async def _read_chunks(path: Path) -> AsyncIterator[bytes]:
+    file: IO[bytes] = await asyncio.to_thread(path.open, "rb")
+    try:
+        while block := await asyncio.to_thread(file.read, READ_SIZE):
+            yield block
+    finally:
+        await asyncio.to_thread(file.close)

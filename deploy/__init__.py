@@ -1,0 +1,1 @@
+"""Local deployment helpers: private etcd and Postgres instances, launcher support."""

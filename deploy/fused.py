@@ -1,0 +1,63 @@
+"""`python -m deploy.fused`: gateway, router, batcher and worker in one process.
+
+The same cores as the mesh, wired with the in-process next-hop implementations instead of
+links: same code, same API, no links. The registry and etcd/Postgres stay outside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from services.batcher.core import Batcher
+from services.batcher.metrics import BatcherMetrics
+from services.batcher.workers import LocalWorkerPool
+from services.gateway.app import create_app
+from services.gateway.core import Gateway
+from services.gateway.settings import GatewaySettings
+from services.mesh import telemetry
+from services.mesh.catalog import ModelCatalog
+from services.mesh.runtime import MeshNode, run
+from services.mesh.settings import load_settings
+from services.router.core import Router
+from services.worker.artifacts import ArtifactCache
+from services.worker.core import Worker
+from services.worker.factory import backend_factory
+from services.worker.metrics import WorkerMetrics
+from services.worker.settings import WorkerSettings
+
+
+async def main() -> None:
+    settings = load_settings(GatewaySettings, "gateway")
+    settings = dataclasses.replace(settings, port=settings.http_port)
+    worker_settings = load_settings(WorkerSettings, "worker")
+    telemetry.setup_tracing("fused")
+    async with MeshNode(settings, service="gateway") as node:
+        assert node.session is not None
+        catalog = ModelCatalog(node.config)
+        registry = CollectorRegistry()
+        worker = Worker(
+            catalog, models=worker_settings.models,
+            artifacts=ArtifactCache(node.session, Path(worker_settings.cache_dir)),
+            backend_factory=backend_factory(worker_settings.threads),
+            metrics=WorkerMetrics(registry),
+        )
+        batcher = Batcher(catalog, LocalWorkerPool(worker), metrics=BatcherMetrics(registry))
+        gateway = Gateway(catalog, Router(catalog, batcher),
+                          default_timeout=settings.default_timeout)
+        worker.subscribe(lambda: node.update_record("worker", models=worker.ready_versions()))
+        batcher.start()
+        worker.start()
+        app = create_app(gateway, max_body_bytes=settings.max_body_bytes, registry=registry)
+        try:
+            await node.serve(app, roles={"gateway": {"fused": True},
+                                         "worker": {"fused": True, "models": []}})
+        finally:
+            await batcher.aclose()
+            await worker.aclose()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,204 @@
+"""`infermesh up`: the whole mesh on one machine, supervised, in the foreground.
+
+Starts private etcd and Postgres under the state dir (unless `INFERMESH_ETCD_URL` /
+`INFERMESH_DATABASE_URL` are given), applies migrations, starts the registry, gateway, router,
+batcher (or the fused data plane) and a worker per registered model, registers the demo
+models, prints the endpoints and a curl line, and stops everything on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+import uvloop
+
+from control.registry_client import RegistryClient, register_file
+from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
+from deploy.supervisor import Supervised
+from services.mesh.db import create_pool, migrate
+from services.mesh.etcd import ConfigCache, connect_client
+
+log = logging.getLogger("infermesh.up")
+
+
+class Launcher:
+    """Owns the local dependencies and the supervised service processes."""
+
+    def __init__(self, state_dir: Path, *, fused: bool, demo: bool) -> None:
+        self.state_dir = state_dir.resolve()
+        self.fused = fused
+        self.demo = demo
+        self.gateway_port = int(os.environ.get("INFERMESH_GATEWAY_HTTP_PORT", "8000"))
+        self.registry_port = int(os.environ.get("INFERMESH_REGISTRY_PORT", "8200"))
+        self.prefix = os.environ.get("INFERMESH_ETCD_PREFIX", "/infermesh/")
+        self._etcd: LocalEtcd | None = None
+        self._postgres: LocalPostgres | None = None
+        self._children: list[Supervised] = []
+        self._workers: dict[str, Supervised] = {}
+        self._env: dict[str, str] = {}
+
+    def start_dependencies(self) -> None:
+        """Private etcd and Postgres unless URLs are given (blocking; before the loop)."""
+        etcd_url = os.environ.get("INFERMESH_ETCD_URL")
+        if not etcd_url:
+            self._etcd = start_etcd(self.state_dir / "etcd", port=_port_or_free(2379))
+            etcd_url = self._etcd.url
+        database_url = os.environ.get("INFERMESH_DATABASE_URL")
+        if not database_url:
+            self._postgres = start_postgres(self.state_dir / "postgres")
+            database_url = self._postgres.dsn
+        self._env = {
+            **os.environ, "INFERMESH_ETCD_URL": etcd_url, "INFERMESH_DATABASE_URL": database_url,
+            "INFERMESH_ETCD_PREFIX": self.prefix,
+            "INFERMESH_REGISTRY_PORT": str(self.registry_port),
+            "INFERMESH_REGISTRY_ARTIFACT_DIR": str(self.state_dir / "artifacts"),
+            "INFERMESH_GATEWAY_HTTP_PORT": str(self.gateway_port),
+            "INFERMESH_WORKER_CACHE_DIR": str(self.state_dir / "worker-cache"),
+        }
+
+    def stop_dependencies(self) -> None:
+        if self._postgres is not None:
+            self._postgres.stop()
+        if self._etcd is not None:
+            self._etcd.stop()
+
+    def _spawn(self, name: str, module: str, **env: str) -> Supervised:
+        child = Supervised(name, ["-m", module], env={**self._env, **env},
+                           log_dir=self.state_dir / "logs")
+        child.start()
+        self._children.append(child)
+        return child
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Bring the mesh up, then supervise until `stop` is set."""
+        await asyncio.to_thread((self.state_dir / "logs").mkdir, parents=True, exist_ok=True)
+        pool = await create_pool(self._env["INFERMESH_DATABASE_URL"])
+        try:
+            await migrate(pool)
+        finally:
+            await pool.close()
+        self._spawn("registry", "services.registry")
+        if self.fused:
+            self._spawn("fused", "deploy.fused", INFERMESH_WORKER_MODELS="*")
+        else:
+            for name in ("router", "batcher", "gateway"):
+                self._spawn(name, f"services.{name}")
+        etcd = connect_client(self._env["INFERMESH_ETCD_URL"])
+        config = ConfigCache(etcd, self.prefix)
+        try:
+            await config.start()
+            if not self.fused:
+                config.subscribe(lambda: self._ensure_workers(config))
+                self._ensure_workers(config)
+            async with aiohttp.ClientSession() as session:
+                if self.demo:
+                    await self._register_demo_models(session)
+                await self._wait_ready(session, stop)
+            await stop.wait()
+        finally:
+            await config.aclose()
+            await etcd.close()
+            await self.stop_children()
+
+    def _ensure_workers(self, config: ConfigCache) -> None:
+        """One worker process per registered model (the local actuator's floor)."""
+        for key in config.items("models/"):
+            model = key.split("/")[1]
+            if model not in self._workers:
+                self._workers[model] = self._spawn(
+                    f"worker-{model}", "services.worker", INFERMESH_WORKER_MODELS=model
+                )
+
+    async def _register_demo_models(self, session: aiohttp.ClientSession) -> None:
+        from services.worker.demo_models import build_demo_models
+
+        models = await asyncio.to_thread(build_demo_models, self.state_dir / "demo-models")
+        client = RegistryClient(session, f"http://127.0.0.1:{self.registry_port}")
+        await _wait_http(session, f"http://127.0.0.1:{self.registry_port}/v2/health/live", 60)
+        for demo in models:
+            await register_file(client, demo.name, demo.version, demo.artifact, demo.signature,
+                                batching=demo.batching, device=demo.device)
+            log.info("registered demo model %s version %s", demo.name, demo.version)
+
+    async def _wait_ready(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        url = f"http://127.0.0.1:{self.gateway_port}/v2/health/ready"
+        waiter = asyncio.create_task(_wait_http(session, url, 300))
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if waiter.done() and not waiter.exception():
+            print(self.banner(), flush=True)
+        else:
+            waiter.cancel()
+
+    def banner(self) -> str:
+        gateway = f"http://127.0.0.1:{self.gateway_port}"
+        features = ",".join(["0.5"] * 32)
+        body = ('{"inputs":[{"name":"features","datatype":"FP32","shape":[1,32],'
+                f'"data":[{features}]}}]}}')
+        return "\n".join([
+            f"infermesh is up ({'fused' if self.fused else 'mesh'} mode); Ctrl-C stops it.",
+            f"  gateway (OIP v2 REST)  {gateway}",
+            f"  registry               http://127.0.0.1:{self.registry_port}",
+            f"  etcd                   {self._env['INFERMESH_ETCD_URL']}",
+            f"  logs                   {self.state_dir / 'logs'}",
+            "try:",
+            f"  curl -s -X POST {gateway}/v2/models/mlp/infer "
+            f"-H 'Content-Type: application/json' -d '{body}'",
+        ])
+
+    async def stop_children(self) -> None:
+        """Stop services in reverse order of start: data plane first, registry last."""
+        for child in reversed(self._children):
+            await child.stop()
+        self._children.clear()
+
+
+async def _wait_http(session: aiohttp.ClientSession, url: str, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+
+
+def _port_or_free(preferred: int) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred
+
+
+def run_up(*, state_dir: Path, fused: bool = False, demo: bool = True) -> int:
+    """Entry point of `infermesh up`; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    launcher = Launcher(state_dir, fused=fused, demo=demo)
+    launcher.state_dir.mkdir(parents=True, exist_ok=True)
+    launcher.start_dependencies()
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_main(launcher))
+    finally:
+        launcher.stop_dependencies()
+    print("infermesh stopped.", flush=True)
+    return 0
+
+
+async def _main(launcher: Launcher) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await launcher.run(stop)

@@ -1,0 +1,361 @@
+"""Private etcd and Postgres instances for the local launcher and for test fixtures.
+
+Each instance lives in a data directory of its own, listens on 127.0.0.1 only, and runs in
+its own process group so that Ctrl-C in a terminal does not reach it before ``stop()``.
+Starting again on an existing data directory reuses its contents (``make up`` is idempotent),
+and a server left running by a killed launcher is stopped before the new one starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+_START_TIMEOUT = 20.0
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie awaiting its reaper counts as exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not process_gone(pid):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {pid} still running {timeout} s after stop")
+        time.sleep(0.01)
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class _ContextStop:
+    """Mixin: ``with`` support that calls ``stop()`` on exit."""
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- etcd
+
+
+class LocalEtcd(_ContextStop):
+    """A running single-member etcd; ``url`` is its client URL."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log: IO[bytes], data_dir: Path, port: int):
+        self.process = process
+        self.data_dir = data_dir
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = log
+
+    @property
+    def pid(self) -> int:
+        """Process id of the etcd server."""
+        return self.process.pid
+
+    def stop(self) -> None:
+        """Terminate etcd and wait for it to exit; calling it again does nothing."""
+        if self.process.poll() is None:
+            _terminate_group(self.process)
+        self._log.close()
+        with contextlib.suppress(FileNotFoundError):
+            (self.data_dir / "etcd.pid").unlink()
+
+
+def _terminate_group(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _kill_stale_etcd(data_dir: Path) -> None:
+    """Stop an etcd a killed launcher left running on this data directory."""
+    pid_file = data_dir / "etcd.pid"
+    try:
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"etcd" not in cmdline or str(data_dir / "data").encode() not in cmdline:
+        return
+    os.kill(pid, signal.SIGTERM)
+    _wait_gone(pid)
+
+
+def _etcd_command(data_dir: Path, port: int, peer_port: int, fast: bool) -> list[str]:
+    client, peer = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer_port}"
+    flags = {
+        "--name": "infermesh",
+        "--data-dir": str(data_dir / "data"),
+        "--listen-client-urls": client,
+        "--advertise-client-urls": client,
+        "--listen-peer-urls": peer,
+        "--initial-advertise-peer-urls": peer,
+        "--initial-cluster": f"infermesh={peer}",
+    }
+    command = ["etcd", *(part for flag in flags.items() for part in flag)]
+    if fast:
+        # Test-only timings: a single member elects itself in ~0.1 s instead of ~1 s.
+        command += ["--heartbeat-interval=10", "--election-timeout=100"]
+    return command
+
+
+def _etcd_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+            return b'"true"' in response.read()
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_etcd(data_dir: Path, *, port: int | None = None, fast: bool = False) -> LocalEtcd:
+    """Start etcd on ``data_dir`` and return once it reports healthy (RuntimeError otherwise)."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _kill_stale_etcd(data_dir)
+    port = port or free_port()
+    if not _port_free(port):
+        raise RuntimeError(f"etcd client port {port} is already in use")
+    env = dict(os.environ)
+    if platform.machine() == "aarch64":
+        env["ETCD_UNSUPPORTED_ARCH"] = "arm64"
+    log_path = data_dir / "etcd.log"
+    log = log_path.open("ab")
+    process = subprocess.Popen(
+        _etcd_command(data_dir, port, free_port(), fast),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    etcd = LocalEtcd(process, log, data_dir, port)
+    (data_dir / "etcd.pid").write_text(str(process.pid))
+    deadline = time.monotonic() + _START_TIMEOUT
+    while not _etcd_healthy(etcd.url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            etcd.stop()
+            raise RuntimeError(f"etcd did not become healthy on {etcd.url}:\n{_log_tail(log_path)}")
+        time.sleep(0.02)
+    return etcd
+
+
+# ----------------------------------------------------------------------- Postgres
+
+
+def _pg_bin() -> Path:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+    if not candidates:
+        raise RuntimeError("no /usr/lib/postgresql/*/bin found; run scripts/bootstrap.sh")
+    return candidates[-1]
+
+
+def _as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _pg_run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a Postgres server binary, as the postgres user when we are root."""
+    prefix = ["runuser", "-u", "postgres", "--"] if _as_root() else []
+    return subprocess.run(
+        [*prefix, str(_pg_bin() / args[0]), *args[1:]],
+        cwd=cwd,
+        check=check,
+        capture_output=True,
+        text=True,
+    )
+
+
+def _make_traversable(path: Path, uid: int, gid: int) -> None:
+    """Give ``uid`` search permission on every ancestor of ``path`` that lacks it."""
+    for parent in reversed(path.parents):
+        st = parent.stat()
+        if st.st_mode & 0o001:
+            continue
+        if (st.st_uid == uid and st.st_mode & 0o100) or (st.st_gid == gid and st.st_mode & 0o010):
+            continue
+        # Search only (o+x), never read: e.g. pytest's 0700 /tmp/pytest-of-root.
+        parent.chmod(st.st_mode | 0o001)
+
+
+def _prepare_pg_dir(data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data_dir.chmod(0o700)
+    if _as_root():
+        postgres = pwd.getpwnam("postgres")
+        _make_traversable(data_dir, postgres.pw_uid, postgres.pw_gid)
+        os.chown(data_dir, postgres.pw_uid, postgres.pw_gid)
+
+
+def _recover_pid_file(data_dir: Path) -> None:
+    """Stop a server left running on ``data_dir``, or drop its stale postmaster.pid."""
+    pid_file = data_dir / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    # A SIGKILLed postmaster may linger as a zombie, which pg_ctl still takes for a live server.
+    if not process_gone(pid):
+        _pg_run(
+            "pg_ctl", "-D", str(data_dir), "-m", "fast", "-w", "stop", cwd=data_dir, check=False
+        )
+        _wait_gone(pid)
+    pid_file.unlink(missing_ok=True)
+
+
+class LocalPostgres(_ContextStop):
+    """A running private Postgres cluster; ``dsn`` points at its ``postgres`` database."""
+
+    def __init__(self, data_dir: Path, port: int, socket_dir: Path):
+        self.data_dir = data_dir
+        self.port = port
+        self.dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        self.pid: int | None = None  # the postmaster's, once started
+        self._socket_dir = socket_dir
+        self._stopped = False
+
+    def create_database(self, name: str) -> str:
+        """Create an empty database called ``name`` and return its DSN."""
+        if not _IDENTIFIER.match(name):
+            raise ValueError(f"not a plain SQL identifier: {name!r}")
+        connection = f"-h 127.0.0.1 -p {self.port} -U postgres -d postgres -X -q".split()
+        result = subprocess.run(
+            ["psql", *connection, "-v", "ON_ERROR_STOP=1", "-c", f'CREATE DATABASE "{name}"'],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"could not create database {name!r}: {result.stderr.strip()}")
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown) and wait for it; calling it again does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+        data = str(self.data_dir)
+        _pg_run("pg_ctl", "-D", data, "-m", "fast", "-w", "stop", cwd=self.data_dir, check=False)
+        # pg_ctl returns once postmaster.pid is gone, a moment before the process itself exits.
+        if self.pid is not None:
+            _wait_gone(self.pid)
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+
+def _server_options(port: int, socket_dir: Path, fast: bool) -> str:
+    options = f"-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1"
+    if fast:
+        # Throwaway test clusters only: durability traded for speed.
+        options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    return options
+
+
+def _make_socket_dir() -> Path:
+    # Short path under /tmp: unix socket paths are limited to ~107 bytes.
+    socket_dir = Path(tempfile.mkdtemp(prefix="infermesh-pg-"))
+    if _as_root():
+        postgres = pwd.getpwnam("postgres")
+        os.chown(socket_dir, postgres.pw_uid, postgres.pw_gid)
+    return socket_dir
+
+
+def start_postgres(data_dir: Path, *, port: int | None = None, fast: bool = False) -> LocalPostgres:
+    """Start (initialising if needed) a Postgres cluster in ``data_dir`` and wait until ready."""
+    data_dir = data_dir.resolve()
+    _prepare_pg_dir(data_dir)
+    if not (data_dir / "PG_VERSION").exists():
+        initdb_flags = "-U postgres -A trust -E UTF8 --locale=C.UTF-8 --no-sync".split()
+        _checked(data_dir, "initdb", "-D", str(data_dir), *initdb_flags)
+    _recover_pid_file(data_dir)
+    port = port or free_port()
+    socket_dir = _make_socket_dir()
+    postgres = LocalPostgres(data_dir, port, socket_dir)
+    try:
+        options = _server_options(port, socket_dir, fast)
+        log = str(data_dir / "server.log")
+        _checked(
+            data_dir,
+            "pg_ctl",
+            "-D",
+            str(data_dir),
+            "-l",
+            log,
+            "-w",
+            "-t",
+            "30",
+            "-o",
+            options,
+            "start",
+        )
+    except RuntimeError:
+        postgres.stop()
+        raise
+    postgres.pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+    return postgres
+
+
+def _checked(data_dir: Path, *args: str) -> None:
+    """Run a server binary; on failure raise RuntimeError with its output and the server log."""
+    result = _pg_run(*args, cwd=data_dir, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{args[0]} failed ({result.returncode}) for {data_dir}:\n"
+            f"{result.stdout}{result.stderr}\n{_log_tail(data_dir / 'server.log')}"
+        )

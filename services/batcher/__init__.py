@@ -1,0 +1,1 @@
+"""The batcher: per-(model, version) queues, dynamic batching, dispatch to workers."""

@@ -1,0 +1,41 @@
+"""`python -m services.batcher`: the batcher, between routers and workers."""
+
+from __future__ import annotations
+
+from services.batcher.app import create_app
+from services.batcher.core import Batcher
+from services.batcher.metrics import BatcherMetrics
+from services.batcher.settings import BatcherSettings
+from services.batcher.workers import LinkedWorkerPool
+from services.mesh import telemetry
+from services.mesh.catalog import ModelCatalog
+from services.mesh.peers import LinkPool
+from services.mesh.runtime import MeshNode, run
+from services.mesh.settings import load_settings
+
+
+async def main() -> None:
+    settings = load_settings(BatcherSettings, "batcher")
+    telemetry.setup_tracing("batcher")
+    async with MeshNode(settings, service="batcher") as node:
+        assert node.session is not None
+        workers = LinkPool(node.session, node.config, "worker")
+        workers.start()
+        metrics = BatcherMetrics()
+        core = Batcher(
+            ModelCatalog(node.config), LinkedWorkerPool(workers), metrics=metrics,
+            pipeline_depth=settings.pipeline_depth, no_worker_grace=settings.no_worker_grace,
+        )
+        core.start()
+        try:
+            await node.serve(
+                create_app(core, metrics, drain_timeout=settings.drain_timeout),
+                roles={"batcher": {"link": node.link_url}},
+            )
+        finally:
+            await core.aclose()
+            await workers.aclose()
+
+
+if __name__ == "__main__":
+    run(main)

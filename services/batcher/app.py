@@ -1,0 +1,22 @@
+"""The batcher's aiohttp adapter: a link endpoint for routers, plus /metrics and /healthz."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.batcher.core import Batcher
+from services.batcher.metrics import BatcherMetrics
+from services.mesh.hops import infer_handler
+from services.mesh.links import LinkServer, create_link_app
+
+CORE = web.AppKey("batcher", Batcher)
+
+
+def create_app(
+    core: Batcher, metrics: BatcherMetrics, *, drain_timeout: float = 10.0
+) -> web.Application:
+    """Serve `core` to routers over links."""
+    server = LinkServer(infer_handler(core), name="batcher")
+    app = create_link_app(server, metrics.registry, drain_timeout=drain_timeout)
+    app[CORE] = core
+    return app

@@ -1,0 +1,243 @@
+"""The batcher core: queues per (model, version), batch formation, dispatch. No HTTP here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.batcher.metrics import BatcherMetrics
+from services.batcher.policy import plan_batch
+from services.batcher.workers import WorkerHandle, WorkerPool
+from services.mesh.catalog import ModelCatalog
+from services.mesh.errors import (
+    DeadlineExceeded,
+    InfermeshError,
+    Overloaded,
+    Unavailable,
+)
+from services.mesh.hops import remaining
+from services.mesh.tensors import Tensor, concat_rows, split_rows
+from services.mesh.types import Batch, BatchingPolicy, InferRequest, InferResponse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: InferRequest
+    future: asyncio.Future[InferResponse]
+    enqueued: float
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class _Queue:
+    model: str
+    version: str
+    policy: BatchingPolicy
+    items: deque[_Pending] = field(default_factory=deque)
+    rows: int = 0
+    timer: asyncio.TimerHandle | None = None
+    no_worker_since: float | None = None
+
+
+class Batcher:
+    """Forms batches per (model, version) and runs them on the least-loaded ready worker."""
+
+    def __init__(
+        self, catalog: ModelCatalog, workers: WorkerPool, *, pipeline_depth: int = 2,
+        no_worker_grace: float = 5.0, metrics: BatcherMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._catalog = catalog
+        self._workers = workers
+        self._depth = pipeline_depth
+        self._grace = no_worker_grace
+        self._metrics = metrics or BatcherMetrics()
+        self._clock = clock
+        self._queues: dict[tuple[str, str], _Queue] = {}
+        self._inflight: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def start(self) -> None:
+        """Re-check every queue whenever the set of workers changes."""
+        self._workers.subscribe(self._pump_all)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Queue one request (its version already chosen) and wait for its batch."""
+        if self._closed:
+            raise Unavailable("batcher is shutting down")
+        assert request.version is not None, "the router chooses the version"
+        queue = self._queue(request.model, request.version)
+        if queue.rows + request.rows > queue.policy.max_queue_size:
+            self._metrics.rejected.labels(request.model, request.version).inc()
+            raise Overloaded(
+                f"queue for {request.model}/{request.version} is full", retry_after=1.0
+            )
+        future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
+        queue.items.append(_Pending(request, future, self._clock()))
+        queue.rows += request.rows
+        self._pump(queue)
+        return await future
+
+    def _queue(self, model: str, version: str) -> _Queue:
+        queue = self._queues.get((model, version))
+        if queue is None:
+            policy = self._catalog.version(model, version).batching
+            queue = self._queues[(model, version)] = _Queue(model, version, policy)
+        return queue
+
+    def _pump_all(self) -> None:
+        for queue in list(self._queues.values()):
+            self._pump(queue)
+
+    def _pump(self, queue: _Queue) -> None:
+        while queue.items:
+            worker = self._free_worker(queue)
+            if worker is None:
+                return
+            now = self._clock()
+            decision = plan_batch(
+                queued_rows=queue.rows, oldest_wait=now - queue.items[0].enqueued,
+                worker_idle=self._inflight.get(worker.key, 0) == 0, policy=queue.policy,
+            )
+            if decision.rows == 0:
+                self._arm(queue, decision.wait or 0.0)
+                return
+            members = self._take(queue, decision.rows, now)
+            if members:
+                self._launch(queue, worker, members)
+
+    def _free_worker(self, queue: _Queue) -> WorkerHandle | None:
+        candidates = self._workers.candidates(queue.model, queue.version)
+        if not candidates:
+            self._await_worker(queue)
+            return None
+        queue.no_worker_since = None
+        best = min(candidates, key=lambda w: self._inflight.get(w.key, 0))
+        return best if self._inflight.get(best.key, 0) < self._depth else None
+
+    def _await_worker(self, queue: _Queue) -> None:
+        """No worker serves this version: fail what waited past the grace period."""
+        now = self._clock()
+        if queue.no_worker_since is None:
+            queue.no_worker_since = now
+        while queue.items and now - queue.items[0].enqueued >= self._grace:
+            pending = queue.items.popleft()
+            queue.rows -= pending.request.rows
+            _fail(pending, Unavailable(
+                f"no ready worker for {queue.model}/{queue.version} "
+                f"after {self._grace:.1f}s"
+            ))
+        if queue.items:
+            self._arm(queue, self._grace - (now - queue.items[0].enqueued))
+
+    def _arm(self, queue: _Queue, wait: float) -> None:
+        if queue.timer is None:
+            def fire() -> None:
+                queue.timer = None
+                self._pump(queue)
+
+            queue.timer = asyncio.get_running_loop().call_later(max(wait, 0.0), fire)
+
+    def _take(self, queue: _Queue, rows: int, now: float) -> list[_Pending]:
+        members: list[_Pending] = []
+        taken = 0
+        wall = time.time()
+        while queue.items and (not members or taken + queue.items[0].request.rows <= rows):
+            pending = queue.items.popleft()
+            queue.rows -= pending.request.rows
+            if pending.future.done():
+                continue  # the caller gave up (deadline, disconnect)
+            deadline = pending.request.deadline
+            if deadline is not None and deadline <= wall:
+                _fail(pending, DeadlineExceeded("deadline exceeded while queued"))
+                continue
+            self._metrics.queue_delay.observe(now - pending.enqueued)
+            members.append(pending)
+            taken += pending.request.rows
+        return members
+
+    def _launch(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
+        self._inflight[worker.key] = self._inflight.get(worker.key, 0) + 1
+        task = asyncio.create_task(self._run(queue, worker, members))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
+        batch = build_batch(queue.model, queue.version, [m.request for m in members])
+        self._metrics.observe_batch(queue.model, queue.version, sum(batch.rows))
+        try:
+            result = await worker.run_batch(batch, timeout=_batch_timeout(members))
+        except Unavailable as exc:
+            self._retry(queue, members, exc)
+        except InfermeshError as exc:
+            for pending in members:
+                _fail(pending, exc)
+        else:
+            self._deliver(queue, members, result.outputs)
+        finally:
+            self._inflight[worker.key] -= 1
+            if not self._inflight[worker.key]:
+                del self._inflight[worker.key]
+            self._pump_all()
+
+    def _retry(self, queue: _Queue, members: list[_Pending], error: InfermeshError) -> None:
+        """A worker died with the batch: re-dispatch it once, then give up."""
+        log.warning("batch of %s/%s failed on its worker: %s", queue.model, queue.version, error)
+        for pending in reversed(members):
+            if pending.attempts >= 1:
+                _fail(pending, error)
+                continue
+            pending.attempts += 1
+            queue.items.appendleft(pending)
+            queue.rows += pending.request.rows
+
+    def _deliver(self, queue: _Queue, members: list[_Pending], outputs: list[Tensor]) -> None:
+        rows = [m.request.rows for m in members]
+        pieces = [split_rows(tensor, rows) for tensor in outputs]
+        for index, pending in enumerate(members):
+            if pending.future.done():
+                continue
+            pending.future.set_result(InferResponse(
+                model=queue.model, version=queue.version,
+                request_id=pending.request.request_id,
+                outputs=[per_output[index] for per_output in pieces],
+            ))
+
+    async def aclose(self) -> None:
+        """Stop accepting; fail what is queued; wait for batches in flight."""
+        self._closed = True
+        for queue in self._queues.values():
+            if queue.timer is not None:
+                queue.timer.cancel()
+            while queue.items:
+                _fail(queue.items.popleft(), Unavailable("batcher is shutting down"))
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=10.0)
+
+
+def build_batch(model: str, version: str, requests: list[InferRequest]) -> Batch:
+    """Join the requests' inputs along dim 0, one tensor per input name."""
+    names = [t.name for t in requests[0].inputs]
+    by_name = [{t.name: t for t in r.inputs} for r in requests]
+    inputs = [concat_rows([tensors[name] for tensors in by_name]) for name in names]
+    return Batch(model, version, inputs, [r.rows for r in requests],
+                 trace=[r.trace for r in requests])
+
+
+def _batch_timeout(members: list[_Pending]) -> float | None:
+    deadlines = [m.request.deadline for m in members]
+    if any(d is None for d in deadlines):
+        return None
+    return remaining(max(d for d in deadlines if d is not None))
+
+
+def _fail(pending: _Pending, error: InfermeshError) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(error)

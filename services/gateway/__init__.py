@@ -1,0 +1,1 @@
+"""The gateway: the common API (Open Inference Protocol v2), validation, request ids."""

@@ -1,0 +1,37 @@
+"""`python -m services.gateway`: the gateway, forwarding to routers over links."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.gateway.app import create_app
+from services.gateway.core import Gateway
+from services.gateway.settings import GatewaySettings
+from services.mesh import telemetry
+from services.mesh.catalog import ModelCatalog
+from services.mesh.hops import LinkedInferTarget
+from services.mesh.peers import LinkPool
+from services.mesh.runtime import MeshNode, run
+from services.mesh.settings import load_settings
+
+
+async def main() -> None:
+    settings = load_settings(GatewaySettings, "gateway")
+    settings = dataclasses.replace(settings, port=settings.http_port)
+    telemetry.setup_tracing("gateway")
+    async with MeshNode(settings, service="gateway") as node:
+        assert node.session is not None
+        routers = LinkPool(node.session, node.config, "router")
+        routers.start()
+        core = Gateway(
+            ModelCatalog(node.config), LinkedInferTarget(routers),
+            default_timeout=settings.default_timeout,
+        )
+        try:
+            await node.serve(create_app(core, max_body_bytes=settings.max_body_bytes))
+        finally:
+            await routers.aclose()
+
+
+if __name__ == "__main__":
+    run(main)

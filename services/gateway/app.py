@@ -1,0 +1,152 @@
+"""The gateway's REST adapter: Open Inference Protocol v2 over aiohttp. Thin handlers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from services.gateway import rest
+from services.gateway.core import Gateway
+from services.mesh import errors
+from services.mesh.metrics import add_metrics_route
+
+log = logging.getLogger(__name__)
+
+CORE = web.AppKey("gateway", Gateway)
+REQUEST_ID = "X-Request-Id"
+JSON = "application/json"
+
+# The one table from the error tree to HTTP statuses.
+STATUS: dict[type[errors.InfermeshError], int] = {
+    errors.InvalidInput: 400,
+    errors.Unauthenticated: 401,
+    errors.PermissionDenied: 403,
+    errors.NotFound: 404,
+    errors.QuotaExceeded: 429,
+    errors.Overloaded: 503,
+    errors.Unavailable: 503,
+    errors.DeadlineExceeded: 504,
+    errors.InternalError: 500,
+}
+
+
+def status_of(error: errors.InfermeshError) -> int:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "infermesh_gateway_requests", "Inference requests by model and status code",
+            ["model", "code"], registry=registry,
+        )
+        self.latency = Histogram(
+            "infermesh_gateway_request_seconds", "Inference latency at the gateway",
+            ["model"], registry=registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
+        )
+
+
+METRICS = web.AppKey("gateway_metrics", GatewayMetrics)
+
+
+def _error_response(message: str, status: int, retry_after: float | None = None) -> web.Response:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else None
+    return web.Response(
+        body=orjson.dumps({"error": message}), status=status, content_type=JSON, headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except errors.InfermeshError as exc:
+        return _error_response(exc.message, status_of(exc), exc.retry_after)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error_response(exc.text or exc.reason, exc.status)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return _error_response("internal error", 500)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    body = {"name": "infermesh", "version": "0.1.0", "extensions": []}
+    return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[CORE].live() else 503)
+
+
+async def ready(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[CORE].ready() else 503)
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    core, model = request.app[CORE], request.match_info["model"]
+    spec = core.model_metadata(model, request.match_info.get("version"))
+    body = rest.model_metadata(spec, core.model_versions(model))
+    return web.Response(body=orjson.dumps(body), content_type=JSON)
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    is_ready = core.model_ready(request.match_info["model"], request.match_info.get("version"))
+    return web.Response(status=200 if is_ready else 503)
+
+
+async def infer(request: web.Request) -> web.Response:
+    core, model = request.app[CORE], request.match_info["model"]
+    started = time.perf_counter()
+    request_id = request.headers.get(REQUEST_ID) or core.new_request_id()
+    code = 200
+    try:
+        core.model_metadata(model, request.match_info.get("version"))
+        body = rest.parse_body(await request.read())
+        infer_request = rest.decode_infer(
+            body, model=model, version=request.match_info.get("version"), request_id=request_id
+        )
+        response = await core.infer(infer_request)
+        return web.Response(
+            body=rest.encode_infer(response), content_type=JSON,
+            headers={REQUEST_ID: response.request_id},
+        )
+    except errors.InfermeshError as exc:
+        code = status_of(exc)
+        raise
+    finally:
+        metrics = request.app[METRICS]
+        metrics.requests.labels(model, str(code)).inc()
+        metrics.latency.labels(model).observe(time.perf_counter() - started)
+
+
+def create_app(
+    core: Gateway, *, max_body_bytes: int = 64 << 20, registry: CollectorRegistry | None = None
+) -> web.Application:
+    """The OIP v2 REST application over a gateway core (metrics into `registry`)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+    app[CORE] = core
+    registry = registry or CollectorRegistry()
+    app[METRICS] = GatewayMetrics(registry)
+    add_metrics_route(app, registry)
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/health/live", live)
+    app.router.add_get("/v2/health/ready", ready)
+    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        app.router.add_get(base, model_metadata)
+        app.router.add_get(f"{base}/ready", model_ready)
+        app.router.add_post(f"{base}/infer", infer)
+    return app

@@ -1,0 +1,17 @@
+"""Gateway settings (`INFERMESH_GATEWAY_*`, falling back to `INFERMESH_*`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.mesh.settings import ServiceSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewaySettings(ServiceSettings):
+    http_port: int = 8000
+    """Port of the OIP v2 REST API."""
+    max_body_bytes: int = 64 << 20
+    """Largest request body accepted; larger gets a 413 naming the limit."""
+    default_timeout: float = 30.0
+    """Deadline given to a request that names none (parameter `timeout`, seconds)."""

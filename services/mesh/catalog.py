@@ -1,0 +1,87 @@
+"""The data plane's read-only view of the config in etcd: models, rollouts, ready workers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from services.mesh.errors import InfermeshError, NotFound
+from services.mesh.etcd import ConfigView
+from services.mesh.types import ModelVersion, Rollout
+
+log = logging.getLogger(__name__)
+
+
+class ModelCatalog:
+    """Parsed, cached views over `models/`, `rollouts/` and `endpoints/worker/`."""
+
+    def __init__(self, config: ConfigView) -> None:
+        self.config = config
+        self._versions: dict[tuple[str, str], ModelVersion] = {}
+        self._rollouts: dict[str, Rollout] = {}
+        self._ready: dict[tuple[str, str], int] = {}
+        config.subscribe(self._refresh)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        versions: dict[tuple[str, str], ModelVersion] = {}
+        for key, raw in self.config.items("models/").items():
+            parsed = _parse(ModelVersion.from_json, raw, key)
+            if parsed is not None:
+                versions[(parsed.model, parsed.version)] = parsed
+        rollouts: dict[str, Rollout] = {}
+        for key, raw in self.config.items("rollouts/").items():
+            rollout = _parse(Rollout.from_json, raw, key)
+            if rollout is not None:
+                rollouts[rollout.model] = rollout
+        ready: dict[tuple[str, str], int] = {}
+        for record in self.config.items("endpoints/worker/").values():
+            for served in record.get("models", []) if isinstance(record, dict) else []:
+                model, _, version = str(served).partition("/")
+                ready[(model, version)] = ready.get((model, version), 0) + 1
+        self._versions, self._rollouts, self._ready = versions, rollouts, ready
+
+    def models(self) -> list[str]:
+        """Names of every model with at least one version or a rollout."""
+        return sorted({m for m, _ in self._versions} | set(self._rollouts))
+
+    def versions(self, model: str) -> list[ModelVersion]:
+        """Every registered version of `model`, in version order."""
+        found = [v for (m, _), v in self._versions.items() if m == model]
+        return sorted(found, key=lambda v: (len(v.version), v.version))
+
+    def version(self, model: str, version: str) -> ModelVersion:
+        """One version; NotFound names what is missing."""
+        found = self._versions.get((model, version))
+        if found is None:
+            if not self.versions(model):
+                raise NotFound(f"unknown model '{model}'")
+            raise NotFound(f"unknown version '{version}' of model '{model}'")
+        return found
+
+    def rollout(self, model: str) -> Rollout:
+        found = self._rollouts.get(model)
+        if found is None:
+            raise NotFound(f"unknown model '{model}'")
+        return found
+
+    def resolve(self, model: str, version: str | None) -> ModelVersion:
+        """The pinned version, else the rollout's primary version (for signatures)."""
+        if version:
+            return self.version(model, version)
+        primary = self.rollout(model).primary
+        if primary is None:
+            raise NotFound(f"model '{model}' has no version to serve")
+        return self.version(model, primary)
+
+    def ready_workers(self, model: str, version: str) -> int:
+        """How many worker instances report (model, version) loaded and warm."""
+        return self._ready.get((model, version), 0)
+
+
+def _parse(parse: Any, raw: Any, key: str) -> Any:
+    try:
+        return parse(raw)
+    except (InfermeshError, KeyError, TypeError, ValueError) as exc:
+        log.error("ignoring bad config record %s: %s", key, exc)
+        return None

@@ -1,0 +1,95 @@
+"""The one error tree of infermesh. It knows nothing of HTTP or gRPC.
+
+    InfermeshError
+    ├── InvalidInput          the caller sent something wrong (names the field)
+    ├── NotFound              unknown model or version
+    ├── Unauthenticated       missing or unknown credentials
+    ├── PermissionDenied      credentials valid, action not allowed
+    ├── Overloaded            queue full or deadline cannot be met (retry_after)
+    │   └── QuotaExceeded     the tenant is over its quota (retry_after)
+    ├── DeadlineExceeded      the request's deadline passed
+    ├── Unavailable           no ready peer or worker right now
+    │   └── LinkClosed        a link broke with the request in flight
+    └── InternalError         a bug or a model failure; the message is safe to show
+
+Each adapter maps these to status codes in exactly one table. Errors cross links as a `code`
+and a `message` and are rebuilt on the other side by `from_wire`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class InfermeshError(Exception):
+    """Base of every error infermesh raises on purpose."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def to_wire(self) -> dict[str, Any]:
+        """The error as a small JSON-able dict, for a link frame."""
+        wire: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.retry_after is not None:
+            wire["retry_after"] = self.retry_after
+        return wire
+
+
+class InvalidInput(InfermeshError):
+    code = "invalid_input"
+
+
+class NotFound(InfermeshError):
+    code = "not_found"
+
+
+class Unauthenticated(InfermeshError):
+    code = "unauthenticated"
+
+
+class PermissionDenied(InfermeshError):
+    code = "permission_denied"
+
+
+class Overloaded(InfermeshError):
+    code = "overloaded"
+
+
+class QuotaExceeded(Overloaded):
+    code = "quota_exceeded"
+
+
+class DeadlineExceeded(InfermeshError):
+    code = "deadline_exceeded"
+
+
+class Unavailable(InfermeshError):
+    code = "unavailable"
+
+
+class LinkClosed(Unavailable):
+    code = "link_closed"
+
+
+class InternalError(InfermeshError):
+    code = "internal"
+
+
+_BY_CODE: dict[str, type[InfermeshError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidInput, NotFound, Unauthenticated, PermissionDenied, Overloaded, QuotaExceeded,
+        DeadlineExceeded, Unavailable, LinkClosed, InternalError,
+    )
+}
+
+
+def from_wire(wire: dict[str, Any]) -> InfermeshError:
+    """Rebuild an error received over a link."""
+    cls = _BY_CODE.get(str(wire.get("code")), InternalError)
+    retry_after = wire.get("retry_after")
+    return cls(str(wire.get("message", "unknown error")), retry_after=retry_after)

@@ -1,0 +1,238 @@
+"""etcd for the data plane: a watched config cache and leased endpoint registration.
+
+`ConfigCache` gets a prefix at revision R, then watches from R + 1. When the watch breaks
+(etcd restarted, compaction) it resyncs with a fresh get and watches again; while etcd is
+unreachable it keeps serving the last known config. `Registration` keeps one leased key alive
+so peers find this instance and drop it when it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import aetcd
+import orjson
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[], None]
+
+
+class ConfigView(Protocol):
+    """What the data plane reads config through: a ConfigCache, or a StaticConfig in tests."""
+
+    def get(self, key: str) -> Any | None: ...
+
+    def items(self, subprefix: str) -> dict[str, Any]: ...
+
+    def subscribe(self, listener: Listener) -> None: ...
+
+
+class StaticConfig:
+    """An in-memory ConfigView: the fake of etcd for core unit tests and tools."""
+
+    def __init__(self, values: dict[str, Any] | None = None) -> None:
+        self._values = dict(values or {})
+        self._listeners: list[Listener] = []
+
+    def get(self, key: str) -> Any | None:
+        return self._values.get(key)
+
+    def items(self, subprefix: str) -> dict[str, Any]:
+        return {k: v for k, v in self._values.items() if k.startswith(subprefix)}
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def put(self, key: str, value: Any) -> None:
+        """Set a key and notify listeners, as a watch event would."""
+        self._values[key] = value
+        for listener in self._listeners:
+            listener()
+
+    def delete(self, key: str) -> None:
+        self._values.pop(key, None)
+        for listener in self._listeners:
+            listener()
+
+
+def connect_client(url: str) -> aetcd.Client:
+    """An aetcd client for `http://host:port` (connects lazily on first use)."""
+    parts = urlsplit(url if "//" in url else f"http://{url}")
+    return aetcd.Client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379, timeout=5)
+
+
+class ConfigCache:
+    """A local, always-readable copy of every key under `prefix`, kept fresh by a watch."""
+
+    def __init__(self, client: aetcd.Client, prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix.encode()
+        self._values: dict[str, Any] = {}
+        self._revision = 0
+        self._listeners: list[Listener] = []
+        self._task: asyncio.Task[None] | None = None
+        self._changed: asyncio.Condition | None = None
+
+    @property
+    def revision(self) -> int:
+        """The etcd revision the cache reflects."""
+        return self._revision
+
+    async def start(self) -> None:
+        """Load the prefix and start watching; raises if etcd cannot be reached at all."""
+        self._changed = asyncio.Condition()
+        await self._resync()
+        self._task = asyncio.create_task(self._watch_forever(), name="etcd-config-watch")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def get(self, key: str) -> Any | None:
+        """The decoded value at `prefix + key`, or None."""
+        return self._values.get(key)
+
+    def items(self, subprefix: str) -> dict[str, Any]:
+        """Every key under `prefix + subprefix`, relative to the cache prefix."""
+        return {k: v for k, v in self._values.items() if k.startswith(subprefix)}
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener()` after every change the cache applies."""
+        self._listeners.append(listener)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until `predicate()` holds after some change; TimeoutError otherwise."""
+        assert self._changed is not None, "start() the cache first"
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def _resync(self) -> None:
+        result = await self._client.get_prefix(self._prefix)
+        fresh: dict[str, Any] = {}
+        for kv in result:
+            decoded = self._decode(kv.key, kv.value)
+            if decoded is not None:
+                fresh[decoded[0]] = decoded[1]
+        self._values = fresh
+        self._revision = result.header.revision
+        await self._notify()
+
+    async def _watch_forever(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                await self._watch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd gone, compaction, stream reset: resync below
+                log.warning("etcd watch on %s broke (%r); serving cached config", self._prefix, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+            with contextlib.suppress(Exception):
+                await self._resync()
+                backoff = 0.05
+
+    async def _watch_once(self) -> None:
+        watch = await self._client.watch_prefix(self._prefix, start_revision=self._revision + 1)
+        try:
+            async for event in watch:
+                key = event.kv.key.decode()[len(self._prefix) :]
+                if event.kind == "DELETE":
+                    self._values.pop(key, None)
+                else:
+                    decoded = self._decode(event.kv.key, event.kv.value)
+                    if decoded is not None:
+                        self._values[decoded[0]] = decoded[1]
+                self._revision = max(self._revision, event.kv.mod_revision)
+                await self._notify()
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.cancel()
+
+    def _decode(self, raw_key: bytes, raw_value: bytes) -> tuple[str, Any] | None:
+        key = raw_key.decode()[len(self._prefix) :]
+        try:
+            return key, orjson.loads(raw_value)
+        except orjson.JSONDecodeError:
+            log.error("ignoring etcd key %s: value is not JSON", raw_key.decode())
+            return None
+
+    async def _notify(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("config listener failed")
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()
+
+
+class Registration:
+    """One leased key (`endpoints/{service}/{instance}`) kept alive while this instance runs."""
+
+    def __init__(self, client: aetcd.Client, key: str, record: dict[str, Any], *, ttl: int = 10):
+        self._client = client
+        self._key = key.encode()
+        self.record = dict(record)
+        self._ttl = ttl
+        self._lease: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._dirty: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        """Grant the lease and publish the record."""
+        self._dirty = asyncio.Event()
+        await self._publish()
+        self._task = asyncio.create_task(self._keep_alive(), name="etcd-registration")
+
+    def update(self, **changes: Any) -> None:
+        """Change fields of the record; published within a moment."""
+        self.record.update(changes)
+        if self._dirty is not None:
+            self._dirty.set()
+
+    async def aclose(self) -> None:
+        """Deregister: stop refreshing and revoke the lease (which deletes the key)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.revoke_lease(self._lease.id), 2)
+            self._lease = None
+
+    async def _publish(self) -> None:
+        if self._lease is None:
+            self._lease = await self._client.lease(self._ttl)
+        await self._client.put(self._key, orjson.dumps(self.record), lease=self._lease)
+
+    async def _keep_alive(self) -> None:
+        assert self._dirty is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self._ttl / 3)
+            changed = self._dirty.is_set()
+            self._dirty.clear()
+            try:
+                if self._lease is not None:
+                    reply = await self._client.refresh_lease(self._lease.id)
+                    if reply is None or reply.TTL <= 0:
+                        self._lease = None  # expired while etcd was away: grant a new one
+                if self._lease is None or changed:
+                    await self._publish()
+            except Exception as exc:
+                log.warning("endpoint registration refresh failed (%r); retrying", exc)
+                self._dirty.set()
+                await asyncio.sleep(0.5)

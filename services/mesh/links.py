@@ -1,0 +1,269 @@
+"""Persistent multiplexed links between service instances over aiohttp WebSockets.
+
+One link per (caller instance, callee instance) carries many calls at once as binary frames
+(see `frames`). Frames queued in the same loop iteration leave in one WebSocket message, so a
+busy link costs one write per iteration rather than one per request. A link that breaks fails
+its in-flight calls at once with `LinkClosed`; `LinkPool` reconnects while the peer is listed
+in etcd and forgets it when its leased key disappears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from services.mesh import frames
+from services.mesh.errors import (
+    DeadlineExceeded,
+    InfermeshError,
+    InternalError,
+    LinkClosed,
+    from_wire,
+)
+from services.mesh.metrics import add_metrics_route
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1 << 30
+Handler = Callable[[dict[str, Any], memoryview], Awaitable[tuple[dict[str, Any], frames.Buffers]]]
+
+
+class _Outbox:
+    """Coalesces frames into one WebSocket message per loop iteration."""
+
+    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self._parts: list[bytes | memoryview] = []
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="link-outbox")
+
+    def send(self, parts: Sequence[bytes | memoryview]) -> None:
+        self._parts.extend(parts)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            parts, self._parts = self._parts, []
+            try:
+                await self._ws.send_bytes(b"".join(parts))
+            except (ConnectionError, RuntimeError) as exc:
+                log.debug("link write failed: %r", exc)
+                await self._ws.close()
+                return
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class LinkServer:
+    """Serves links on an aiohttp route: `app.router.add_get("/link", server.handle)`."""
+
+    def __init__(self, handler: Handler, *, name: str) -> None:
+        self._handler = handler
+        self._name = name
+        self._sockets: set[web.WebSocketResponse] = set()
+        self._calls: set[asyncio.Task[None]] = set()
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=False, heartbeat=5.0)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        outbox = _Outbox(ws)
+        calls: dict[int, asyncio.Task[None]] = {}
+        try:
+            async for message in ws:
+                if message.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                for frame in frames.unpack(message.data):
+                    self._dispatch(frame, calls, outbox)
+        finally:
+            for task in calls.values():
+                task.cancel()
+            self._sockets.discard(ws)
+            await outbox.aclose()
+        return ws
+
+    def _dispatch(
+        self, frame: frames.Frame, calls: dict[int, asyncio.Task[None]], outbox: _Outbox
+    ) -> None:
+        if frame.kind == frames.CANCEL:
+            task = calls.get(frame.call_id)
+            if task is not None:
+                task.cancel()
+            return
+        task = asyncio.create_task(self._answer(frame, outbox))
+        calls[frame.call_id] = task
+        self._calls.add(task)
+        task.add_done_callback(functools.partial(self._forget, calls, frame.call_id))
+
+    def _forget(
+        self, calls: dict[int, asyncio.Task[None]], call_id: int, task: asyncio.Task[None]
+    ) -> None:
+        calls.pop(call_id, None)
+        self._calls.discard(task)
+
+    async def _answer(self, frame: frames.Frame, outbox: _Outbox) -> None:
+        try:
+            meta, buffers = await self._handler(frame.meta, frame.payload)
+            outbox.send(frames.pack(frames.REPLY, frame.call_id, meta, buffers))
+        except InfermeshError as exc:
+            outbox.send(frames.pack(frames.ERROR, frame.call_id, exc.to_wire()))
+        except Exception as exc:
+            log.exception("%s failed a link call", self._name)
+            error = InternalError(f"{self._name} failed: {type(exc).__name__}: {exc}")
+            outbox.send(frames.pack(frames.ERROR, frame.call_id, error.to_wire()))
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to `timeout`) for calls in progress to answer."""
+        if self._calls:
+            await asyncio.wait(set(self._calls), timeout=timeout)
+
+    async def aclose(self) -> None:
+        """Close every open link (callers see LinkClosed for anything still pending)."""
+        for ws in list(self._sockets):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"shutting down")
+
+
+class LinkClient:
+    """The calling end of one link."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, *, peer: str) -> None:
+        self.url = url
+        self.peer = peer
+        self._session = session
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._outbox: _Outbox | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[frames.Frame]] = {}
+        self._ids = itertools.count(1)
+        self._closed = asyncio.Event()
+
+    @property
+    def inflight(self) -> int:
+        """Calls sent and not yet answered."""
+        return len(self._pending)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def connect(self) -> None:
+        """Open the WebSocket; raises LinkClosed when the peer cannot be reached."""
+        try:
+            self._ws = await self._session.ws_connect(
+                self.url, max_msg_size=MAX_MESSAGE, compress=0, heartbeat=5.0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._closed.set()
+            raise LinkClosed(f"cannot open a link to {self.peer} at {self.url}: {exc}") from exc
+        self._outbox = _Outbox(self._ws)
+        self._reader = asyncio.create_task(self._read(), name=f"link-reader-{self.peer}")
+
+    async def call(
+        self, meta: dict[str, Any], buffers: frames.Buffers, *, timeout: float | None = None
+    ) -> frames.Frame:
+        """Send one call and wait for its reply; raises the peer's error as our own."""
+        if self._closed.is_set() or self._outbox is None:
+            raise LinkClosed(f"link to {self.peer} is closed")
+        call_id = next(self._ids) & 0xFFFFFFFF
+        future: asyncio.Future[frames.Frame] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        self._outbox.send(frames.pack(frames.CALL, call_id, meta, buffers))
+        timer = None
+        if timeout is not None:
+            timer = asyncio.get_running_loop().call_later(
+                max(timeout, 0.0), self._expire, call_id
+            )
+        try:
+            frame = await future
+        except asyncio.CancelledError:
+            if not self._closed.is_set():
+                self._outbox.send(frames.pack(frames.CANCEL, call_id, {}))
+            raise
+        finally:
+            self._pending.pop(call_id, None)
+            if timer is not None:
+                timer.cancel()
+        if frame.kind == frames.ERROR:
+            raise from_wire(frame.meta)
+        return frame
+
+    def _expire(self, call_id: int) -> None:
+        future = self._pending.pop(call_id, None)
+        if future is not None and not future.done():
+            future.set_exception(DeadlineExceeded(f"deadline exceeded waiting for {self.peer}"))
+            if self._outbox is not None and not self._closed.is_set():
+                self._outbox.send(frames.pack(frames.CANCEL, call_id, {}))
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        try:
+            async for message in self._ws:
+                if message.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                for frame in frames.unpack(message.data):
+                    future = self._pending.pop(frame.call_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(frame)
+        except Exception as exc:
+            log.warning("link to %s failed: %r", self.peer, exc)
+        finally:
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        self._closed.set()
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(
+                    LinkClosed(f"link to {self.peer} closed with the request in flight")
+                )
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def aclose(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._outbox is not None:
+            await self._outbox.aclose()
+        self._fail_pending()
+
+
+def create_link_app(
+    server: LinkServer, registry: CollectorRegistry, *, drain_timeout: float = 10.0
+) -> web.Application:
+    """An app serving `/link`, `/metrics` and `/healthz` that drains its links on shutdown."""
+    app = web.Application()
+    app.router.add_get("/link", server.handle)
+    app.router.add_get("/healthz", _healthz)
+    add_metrics_route(app, registry)
+
+    async def drain(_: web.Application) -> None:
+        await server.drain(timeout=drain_timeout)
+        await server.aclose()
+
+    app.on_shutdown.append(drain)
+    return app
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.Response(text="ok")

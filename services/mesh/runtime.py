@@ -1,0 +1,160 @@
+"""Running one service instance: etcd, config cache, HTTP session, socket, registration.
+
+`__main__` modules do
+
+    async with MeshNode(settings, service="router") as node:
+        core = Router(ModelCatalog(node.config), ...)
+        await node.serve(create_app(core), record={...})
+
+`serve` publishes the leased endpoint key(s), runs until SIGTERM or SIGINT, then deregisters
+first (peers stop sending), lets the app drain its in-flight work and closes everything in
+reverse order of creation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import uvloop
+from aiohttp import web
+
+from services.mesh.etcd import ConfigCache, Registration, connect_client
+from services.mesh.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging() -> None:
+    level = os.environ.get("INFERMESH_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; port 0 picks a free one."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `main()` on uvloop; used by every `__main__`."""
+    setup_logging()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+class MeshNode:
+    """The resources one service instance shares, opened and closed together."""
+
+    def __init__(self, settings: ServiceSettings, *, service: str) -> None:
+        self.settings = settings
+        self.service = service
+        self.instance = settings.instance_id
+        self.etcd = connect_client(settings.etcd_url)
+        self.config = ConfigCache(self.etcd, settings.etcd_prefix)
+        self.session: aiohttp.ClientSession | None = None
+        self.sock: socket.socket | None = None
+        self._registrations: dict[str, Registration] = {}
+        self._changes: dict[str, dict[str, Any]] = {}
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def http_url(self) -> str:
+        assert self.sock is not None
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def link_url(self) -> str:
+        return self.http_url.replace("http://", "ws://", 1) + "/link"
+
+    async def __aenter__(self) -> MeshNode:
+        self._stop = asyncio.Event()
+        await self.config.start()
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
+        )
+        self.sock = bind(self.settings.host, self.settings.port)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.deregister()
+        if self.session is not None:
+            await self.session.close()
+        await self.config.aclose()
+        with contextlib.suppress(Exception):
+            await self.etcd.close()
+        if self.sock is not None:
+            self.sock.close()
+
+    def update_record(self, role: str | None = None, **changes: Any) -> None:
+        """Change fields of a published endpoint record (the node's own role by default)."""
+        role = role or self.service
+        self._changes.setdefault(role, {}).update(changes)
+        registration = self._registrations.get(role)
+        if registration is not None:
+            registration.update(**changes)
+
+    async def register(self, role: str, record: dict[str, Any]) -> None:
+        """Publish `endpoints/{role}/{instance}` under a lease."""
+        full = {"instance": self.instance, "http": self.http_url, **record,
+                **self._changes.get(role, {})}
+        key = f"{self.settings.etcd_prefix}endpoints/{role}/{self.instance}"
+        registration = Registration(self.etcd, key, full)
+        await registration.start()
+        self._registrations[role] = registration
+
+    async def deregister(self) -> None:
+        registrations, self._registrations = self._registrations, {}
+        for registration in registrations.values():
+            await registration.aclose()
+
+    def stop(self) -> None:
+        """Ask `serve` to shut down (what SIGTERM does)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def serve(
+        self, app: web.Application, *, roles: dict[str, dict[str, Any]] | None = None
+    ) -> None:
+        """Serve `app` until stopped; `roles` maps endpoint roles to their records."""
+        assert self.sock is not None and self._stop is not None
+        runner = web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=self.settings.drain_timeout,
+            access_log=None,
+        )
+        await runner.setup()
+        await web.SockSite(runner, self.sock).start()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        try:
+            for role, record in (roles or {self.service: {}}).items():
+                await self.register(role, record)
+            log.info("%s %s serving on %s", self.service, self.instance, self.http_url)
+            await self._stop.wait()
+        finally:
+            log.info("%s %s shutting down: deregister, drain, close", self.service, self.instance)
+            await self.deregister()
+            await runner.cleanup()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)

@@ -1,0 +1,71 @@
+"""Settings: frozen dataclasses read from the environment, in `__main__` only.
+
+A field `foo` of the gateway's settings reads `INFERMESH_GATEWAY_FOO`, then the shared
+`INFERMESH_FOO` (so `INFERMESH_ETCD_URL` reaches every service), then its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from services.mesh.errors import InvalidInput
+
+S = TypeVar("S")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    """What every service needs: where etcd is and where to listen."""
+
+    etcd_url: str = "http://127.0.0.1:2379"
+    """etcd client URL (`INFERMESH_ETCD_URL`)."""
+    etcd_prefix: str = "/infermesh/"
+    """Key prefix of this mesh in etcd; several meshes can share one etcd."""
+    host: str = "127.0.0.1"
+    """Address to listen on and to advertise to peers."""
+    port: int = 0
+    """HTTP port (links, /metrics, health); 0 picks a free one, advertised through etcd."""
+    instance: str = ""
+    """Instance id in `endpoints/{service}/{instance}`; defaults to host-pid."""
+    drain_timeout: float = 10.0
+    """Seconds to wait for in-flight requests on SIGTERM."""
+
+    @property
+    def instance_id(self) -> str:
+        return self.instance or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _coerce(name: str, raw: str, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        if kind is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if kind in (int, float, str):
+            return kind(raw)
+        if typing.get_origin(kind) is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise InvalidInput(f"setting {name}: cannot read {raw!r} as {kind.__name__}") from None
+    raise TypeError(f"setting {name}: unsupported type {kind}")
+
+
+def load_settings(cls: type[S], service: str, env: Mapping[str, str] | None = None) -> S:
+    """Build `cls` from `INFERMESH_{SERVICE}_{FIELD}` / `INFERMESH_{FIELD}` variables."""
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for name in (f"INFERMESH_{service.upper()}_{field.name.upper()}",
+                     f"INFERMESH_{field.name.upper()}"):
+            if name in env:
+                values[field.name] = _coerce(name, env[name], hints[field.name])
+                break
+    return cls(**values)

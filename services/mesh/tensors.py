@@ -1,0 +1,158 @@
+"""Tensors as they travel: an Open Inference Protocol datatype, a shape and raw bytes.
+
+Raw bytes are little-endian and C-ordered, as in the OIP binary extension. BYTES tensors hold
+each element as a 4-byte little-endian length followed by its bytes (Triton's serialization).
+A `Tensor` never copies its buffer: `array()` is a view over `data`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from services.mesh.errors import InvalidInput
+
+DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype("bool"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+DATATYPES = (*DTYPES, "BYTES")
+_OIP_OF_KIND = {(dt.kind, dt.itemsize): name for name, dt in DTYPES.items()}
+
+
+def element_count(shape: tuple[int, ...]) -> int:
+    """Number of elements of a shape (1 for a scalar)."""
+    return math.prod(shape)
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The OIP datatype of a numpy array."""
+    if array.dtype.kind in ("O", "S", "U"):
+        return "BYTES"
+    try:
+        return _OIP_OF_KIND[(array.dtype.kind, array.dtype.itemsize)]
+    except KeyError:
+        raise InvalidInput(f"unsupported array dtype {array.dtype}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """One named tensor; `data` is its raw little-endian C-order bytes."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+    @property
+    def rows(self) -> int:
+        """Size of the batch dimension (1 for a scalar)."""
+        return self.shape[0] if self.shape else 1
+
+    def array(self) -> np.ndarray:
+        """A read-only numpy view of the tensor (object array for BYTES)."""
+        if self.datatype == "BYTES":
+            return np.array(deserialize_bytes(self.data), dtype=object).reshape(self.shape)
+        return np.frombuffer(self.data, dtype=DTYPES[self.datatype]).reshape(self.shape)
+
+    @classmethod
+    def from_array(cls, name: str, array: np.ndarray) -> Tensor:
+        """Wrap a numpy array, copying only when it is not C-contiguous little-endian."""
+        datatype = datatype_of(array)
+        if datatype == "BYTES":
+            data = serialize_bytes(array.reshape(-1).tolist())
+            return cls(name, datatype, tuple(array.shape), data)
+        wanted = DTYPES[datatype]
+        contiguous = np.ascontiguousarray(array, dtype=wanted)
+        return cls(name, datatype, tuple(array.shape), contiguous.data.cast("B"))
+
+    def check_size(self) -> None:
+        """Raise InvalidInput when the byte size does not match shape × datatype."""
+        if any(dim < 0 for dim in self.shape):
+            raise InvalidInput(
+                f"input '{self.name}': negative dimension in shape {list(self.shape)}"
+            )
+        if self.datatype == "BYTES":
+            count = len(deserialize_bytes(self.data, field=self.name))
+            expected = element_count(self.shape)
+            if count != expected:
+                raise InvalidInput(
+                    f"input '{self.name}': {count} BYTES elements for shape "
+                    f"{list(self.shape)} ({expected} expected)"
+                )
+            return
+        expected_bytes = element_count(self.shape) * DTYPES[self.datatype].itemsize
+        if len(self.data) != expected_bytes:
+            raise InvalidInput(
+                f"input '{self.name}': {len(self.data)} bytes of data for shape "
+                f"{list(self.shape)} and datatype {self.datatype} ({expected_bytes} expected)"
+            )
+
+
+def serialize_bytes(items: list[Any]) -> bytes:
+    """Serialize BYTES elements: each a 4-byte little-endian length and its bytes."""
+    parts = []
+    for item in items:
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def deserialize_bytes(data: bytes | memoryview, *, field: str = "tensor") -> list[bytes]:
+    """Inverse of `serialize_bytes`; InvalidInput when a length runs past the end."""
+    view = memoryview(data)
+    items, offset = [], 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise InvalidInput(f"input '{field}': truncated BYTES element length")
+        (size,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + size > len(view):
+            raise InvalidInput(f"input '{field}': BYTES element runs past the end of the data")
+        items.append(bytes(view[offset : offset + size]))
+        offset += size
+    return items
+
+
+def concat_rows(tensors: list[Tensor]) -> Tensor:
+    """Concatenate same-named tensors along the batch dimension (bytes join, no numpy)."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first
+    rows = sum(t.rows for t in tensors)
+    data = b"".join(t.data for t in tensors)
+    return Tensor(first.name, first.datatype, (rows, *first.shape[1:]), data)
+
+
+def split_rows(tensor: Tensor, rows: list[int]) -> list[Tensor]:
+    """Split a tensor along the batch dimension into pieces of the given row counts."""
+    if len(rows) == 1:
+        return [tensor]
+    if tensor.datatype == "BYTES":
+        array = tensor.array()
+        bounds = np.cumsum(rows)[:-1]
+        return [Tensor.from_array(tensor.name, part) for part in np.split(array, bounds)]
+    row_bytes = len(tensor.data) // max(tensor.rows, 1)
+    view = memoryview(tensor.data)
+    pieces, offset = [], 0
+    for count in rows:
+        end = offset + count * row_bytes
+        shape = (count, *tensor.shape[1:])
+        pieces.append(Tensor(tensor.name, tensor.datatype, shape, view[offset:end]))
+        offset = end
+    return pieces

@@ -1,0 +1,273 @@
+"""Domain types shared by every hop: requests, responses, batches and the config records.
+
+The config records (`ModelVersion`, `Rollout`) parse the JSON values stored in etcd; their
+`to_json` is what the registry and control API publish. Parsing is strict about types so a bad
+record is rejected with a message naming the field rather than crashing a service later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.mesh.errors import InvalidInput
+from services.mesh.tensors import DATATYPES, Tensor
+
+LANES = ("realtime", "bulk", "shadow")
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """One inference request as it crosses the data plane."""
+
+    model: str
+    inputs: list[Tensor]
+    request_id: str
+    version: str | None = None
+    tenant: str = "anonymous"
+    deadline: float | None = None
+    """Absolute wall-clock time (`time.time()`) after which the answer is useless."""
+    lane: str = "realtime"
+    outputs: list[str] | None = None
+    """Names of the outputs the caller wants; None means all."""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    trace: dict[str, str] = field(default_factory=dict)
+    """W3C trace context carrier (`traceparent`, `tracestate`)."""
+
+    @property
+    def rows(self) -> int:
+        """Rows in this request (the batch dimension of its first input)."""
+        return self.inputs[0].rows if self.inputs else 0
+
+
+@dataclass(slots=True)
+class InferResponse:
+    """The answer to one request: the version that served it and its outputs."""
+
+    model: str
+    version: str
+    request_id: str
+    outputs: list[Tensor]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Batch:
+    """Requests of one (model, version) joined along dim 0: one tensor per input name."""
+
+    model: str
+    version: str
+    inputs: list[Tensor]
+    rows: list[int]
+    """Rows contributed by each member request, in order."""
+    trace: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """A batch's outputs, joined along dim 0 in the order of `Batch.rows`."""
+
+    outputs: list[Tensor]
+    device: str = "cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A declared input or output: name, OIP datatype, shape with -1 for dynamic dims."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_json(cls, raw: Any, *, where: str) -> TensorSpec:
+        if not isinstance(raw, Mapping):
+            raise InvalidInput(f"{where}: each entry must be an object")
+        name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"{where}: 'name' must be a non-empty string")
+        if datatype not in DATATYPES:
+            raise InvalidInput(f"{where} '{name}': unknown datatype {datatype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and d >= -1 for d in shape
+        ):
+            raise InvalidInput(f"{where} '{name}': 'shape' must be a list of ints >= -1")
+        return cls(name, datatype, tuple(shape))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """A model version's declared inputs and outputs."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Signature:
+        inputs = [TensorSpec.from_json(s, where="signature input") for s in raw.get("inputs", [])]
+        outputs = [
+            TensorSpec.from_json(s, where="signature output") for s in raw.get("outputs", [])
+        ]
+        if not inputs or not outputs:
+            raise InvalidInput("signature: needs at least one input and one output")
+        return cls(tuple(inputs), tuple(outputs))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingPolicy:
+    """How the batcher forms batches for one version."""
+
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 4096
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> BatchingPolicy:
+        default = cls()
+        try:
+            policy = cls(
+                max_batch_size=int(raw.get("max_batch_size", default.max_batch_size)),
+                max_queue_delay_ms=float(
+                    raw.get("max_queue_delay_ms", default.max_queue_delay_ms)
+                ),
+                max_queue_size=int(raw.get("max_queue_size", default.max_queue_size)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"batching: {exc}") from None
+        if policy.max_batch_size < 1:
+            raise InvalidInput("batching: 'max_batch_size' must be >= 1")
+        if policy.max_queue_delay_ms < 0:
+            raise InvalidInput("batching: 'max_queue_delay_ms' must be >= 0")
+        if policy.max_queue_size < 1:
+            raise InvalidInput("batching: 'max_queue_size' must be >= 1")
+        return policy
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_ms": self.max_queue_delay_ms,
+            "max_queue_size": self.max_queue_size,
+        }
+
+
+DEVICE_POLICIES = ("auto", "cuda", "cpu")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """The record under `models/{model}/{version}` in etcd."""
+
+    model: str
+    version: str
+    signature: Signature
+    artifact_uri: str
+    sha256: str
+    batching: BatchingPolicy = BatchingPolicy()
+    device: str = "auto"
+    platform: str = "pytorch_torchscript"
+    state: str = "ready"
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ModelVersion:
+        device = raw.get("device", "auto")
+        if device not in DEVICE_POLICIES:
+            raise InvalidInput(f"device: must be one of {', '.join(DEVICE_POLICIES)}")
+        return cls(
+            model=str(raw["model"]),
+            version=str(raw["version"]),
+            signature=Signature.from_json(raw.get("signature", {})),
+            artifact_uri=str(raw.get("artifact_uri", "")),
+            sha256=str(raw.get("sha256", "")),
+            batching=BatchingPolicy.from_json(raw.get("batching", {})),
+            device=device,
+            platform=str(raw.get("platform", "pytorch_torchscript")),
+            state=str(raw.get("state", "ready")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "signature": self.signature.to_json(),
+            "artifact_uri": self.artifact_uri,
+            "sha256": self.sha256,
+            "batching": self.batching.to_json(),
+            "device": self.device,
+            "platform": self.platform,
+            "state": self.state,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    version: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowRoute:
+    version: str
+    fraction: float
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """The record under `rollouts/{model}`: which versions serve, by weight."""
+
+    model: str
+    routes: tuple[Route, ...]
+    sticky_key: str | None = None
+    salt: str = ""
+    shadow: tuple[ShadowRoute, ...] = ()
+    fallback: str | None = None
+    epoch: int = 1
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Rollout:
+        routes = tuple(Route(str(r["version"]), float(r["weight"])) for r in raw.get("routes", []))
+        shadow = tuple(
+            ShadowRoute(str(s["version"]), float(s["fraction"])) for s in raw.get("shadow", [])
+        )
+        fallback = raw.get("fallback")
+        return cls(
+            model=str(raw["model"]),
+            routes=routes,
+            sticky_key=raw.get("sticky_key"),
+            salt=str(raw.get("salt", "")),
+            shadow=shadow,
+            fallback=None if fallback is None else str(fallback),
+            epoch=int(raw.get("epoch", 1)),
+        )
+
+    @classmethod
+    def stable(cls, model: str, version: str, *, epoch: int = 1) -> Rollout:
+        """All traffic to one version, which is also the fallback."""
+        return cls(model, (Route(version, 100.0),), fallback=version, epoch=epoch)
+
+    @property
+    def primary(self) -> str | None:
+        """The version with the largest weight (ties: the first listed)."""
+        if not self.routes:
+            return self.fallback
+        return max(self.routes, key=lambda r: r.weight).version
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "routes": [{"version": r.version, "weight": r.weight} for r in self.routes],
+            "sticky_key": self.sticky_key,
+            "salt": self.salt,
+            "shadow": [{"version": s.version, "fraction": s.fraction} for s in self.shadow],
+            "fallback": self.fallback,
+            "epoch": self.epoch,
+        }

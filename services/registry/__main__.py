@@ -1,0 +1,44 @@
+"""`python -m services.registry`: migrate, reconcile etcd with Postgres, serve the API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from services.mesh.db import create_pool, migrate
+from services.mesh.runtime import MeshNode, run
+from services.mesh.settings import load_settings
+from services.registry.app import create_app
+from services.registry.artifacts import ArtifactStore
+from services.registry.core import Registry
+from services.registry.settings import RegistrySettings
+
+
+async def main() -> None:
+    settings = load_settings(RegistrySettings, "registry")
+    async with MeshNode(settings, service="registry") as node:
+        pool = await create_pool(settings.database_url)
+        try:
+            await migrate(pool)
+            registry = Registry(
+                pool, node.etcd, etcd_prefix=settings.etcd_prefix,
+                artifacts=ArtifactStore(Path(settings.artifact_dir)),
+                public_url=settings.public_url or node.http_url,
+            )
+            await registry.reconcile()
+            reconciler = asyncio.create_task(
+                registry.reconcile_forever(settings.reconcile_interval), name="registry-reconcile"
+            )
+            try:
+                await node.serve(create_app(registry))
+            finally:
+                reconciler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reconciler
+        finally:
+            await pool.close()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,1 @@
+"""The router: picks the model version for each request from the rollout record."""

@@ -1,0 +1,34 @@
+"""`python -m services.router`: the router, between gateways and batchers."""
+
+from __future__ import annotations
+
+from services.mesh import telemetry
+from services.mesh.catalog import ModelCatalog
+from services.mesh.hops import LinkedInferTarget
+from services.mesh.peers import LinkPool
+from services.mesh.runtime import MeshNode, run
+from services.mesh.settings import load_settings
+from services.router.app import create_app
+from services.router.core import Router
+from services.router.settings import RouterSettings
+
+
+async def main() -> None:
+    settings = load_settings(RouterSettings, "router")
+    telemetry.setup_tracing("router")
+    async with MeshNode(settings, service="router") as node:
+        assert node.session is not None
+        batchers = LinkPool(node.session, node.config, "batcher")
+        batchers.start()
+        core = Router(ModelCatalog(node.config), LinkedInferTarget(batchers, affinity=True))
+        try:
+            await node.serve(
+                create_app(core, drain_timeout=settings.drain_timeout),
+                roles={"router": {"link": node.link_url}},
+            )
+        finally:
+            await batchers.aclose()
+
+
+if __name__ == "__main__":
+    run(main)

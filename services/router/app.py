@@ -1,0 +1,20 @@
+"""The router's aiohttp adapter: a link endpoint for gateways, plus /metrics and /healthz."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from services.mesh.hops import infer_handler
+from services.mesh.links import LinkServer, create_link_app
+from services.router.core import Router
+
+CORE = web.AppKey("router", Router)
+
+
+def create_app(core: Router, *, drain_timeout: float = 10.0) -> web.Application:
+    """Serve `core` to gateways over links."""
+    server = LinkServer(infer_handler(core), name="router")
+    app = create_link_app(server, CollectorRegistry(), drain_timeout=drain_timeout)
+    app[CORE] = core
+    return app

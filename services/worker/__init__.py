@@ -1,0 +1,1 @@
+"""Worker service: runs one model replica behind the mesh."""

@@ -1,0 +1,206 @@
+"""A :class:`~services.worker.backends.base.Backend` that runs TorchScript (``torch.jit``) files.
+
+The module is called positionally with one tensor per signature input, in signature order. It
+may return a tensor (one output), a tuple or list (matched to signature outputs by position) or
+a dict (matched by name).
+
+``torch.jit.freeze`` / ``optimize_for_inference`` are deliberately not applied: on the demo
+models they kept outputs bit-identical but gave no consistent CPU speedup, and
+``optimize_for_inference`` made the MLP 3-4x slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from services.worker.backends.base import BackendError, resolve_device
+
+# OIP datatype -> (numpy dtype, torch dtype). BYTES has no tensor form, so it is absent.
+_TORCH_DTYPES: dict[str, tuple[np.dtype[Any], torch.dtype]] = {
+    "BOOL": (np.dtype(np.bool_), torch.bool),
+    "UINT8": (np.dtype(np.uint8), torch.uint8),
+    "INT8": (np.dtype(np.int8), torch.int8),
+    "INT16": (np.dtype(np.int16), torch.int16),
+    "INT32": (np.dtype(np.int32), torch.int32),
+    "INT64": (np.dtype(np.int64), torch.int64),
+    "FP16": (np.dtype(np.float16), torch.float16),
+    "FP32": (np.dtype(np.float32), torch.float32),
+    "FP64": (np.dtype(np.float64), torch.float64),
+}
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    """One signature entry: name, numpy dtype and shape (-1 for dynamic dims)."""
+
+    name: str
+    datatype: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, entry: Mapping[str, Any]) -> _TensorSpec:
+        """Validate one ``{"name", "datatype", "shape"}`` entry of a signature."""
+        name, datatype, shape = entry["name"], entry["datatype"], tuple(entry["shape"])
+        if datatype not in _TORCH_DTYPES:
+            raise BackendError(f"tensor {name!r}: datatype {datatype!r} is not supported")
+        if not shape or any(not isinstance(d, int) or d < -1 or d == 0 for d in shape):
+            raise BackendError(f"tensor {name!r}: bad shape {list(shape)}")
+        return cls(name, datatype, _TORCH_DTYPES[datatype][0], shape)
+
+    def dummy(self, batch_size: int) -> npt.NDArray[Any]:
+        """Zeros shaped like this tensor, with ``batch_size`` rows and dynamic dims set to 1."""
+        dims = [batch_size] + [d if d > 0 else 1 for d in self.shape[1:]]
+        return np.zeros(dims, dtype=self.dtype)
+
+    def check_output(self, array: npt.NDArray[Any], batch_size: int) -> None:
+        """Raise :class:`BackendError` if a model output disagrees with this spec."""
+        expected = (batch_size, *self.shape[1:])
+        if len(array.shape) != len(expected) or any(
+            want not in (-1, got) for want, got in zip(expected, array.shape, strict=True)
+        ):
+            raise BackendError(
+                f"output {self.name!r} has shape {list(array.shape)}, expected {list(expected)}"
+            )
+        if array.dtype != self.dtype:
+            raise BackendError(
+                f"output {self.name!r} has dtype {array.dtype}, signature says {self.datatype}"
+            )
+
+
+class TorchScriptBackend:
+    """Runs a TorchScript model described by an OIP-style signature.
+
+    ``device_policy`` is resolved at construction (see
+    :func:`~services.worker.backends.base.resolve_device`). ``intra_op_threads`` sets torch's
+    process-wide intra-op thread count when the model is loaded.
+    """
+
+    def __init__(
+        self,
+        signature: Mapping[str, Any],
+        *,
+        device_policy: str = "auto",
+        intra_op_threads: int | None = None,
+    ) -> None:
+        self._inputs = [_TensorSpec.parse(entry) for entry in signature["inputs"]]
+        self._outputs = [_TensorSpec.parse(entry) for entry in signature["outputs"]]
+        if not self._inputs or not self._outputs:
+            raise BackendError("a signature needs at least one input and one output")
+        resolved = resolve_device(device_policy)
+        self._device = torch.device("cuda", 0) if resolved == "cuda" else torch.device("cpu")
+        self._intra_op_threads = intra_op_threads
+        self._module: torch.jit.ScriptModule | None = None
+
+    @property
+    def device(self) -> str:
+        """The torch device the model runs on, e.g. ``"cpu"`` or ``"cuda:0"``."""
+        return str(self._device)
+
+    def load(self, artifact: Path) -> None:
+        """Load a ``torch.jit.save`` file onto the device, in eval mode."""
+        if self._intra_op_threads is not None:
+            torch.set_num_threads(self._intra_op_threads)
+        try:
+            module = torch.jit.load(  # type: ignore[no-untyped-call]
+                str(artifact), map_location=self._device
+            )
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise BackendError(f"cannot load TorchScript model {artifact}: {exc}") from exc
+        self._module = module.eval()
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """Run zero-filled batches of 1 and ``max_batch_size`` rows through the model."""
+        for batch_size in sorted({1, max(1, max_batch_size)}):
+            self.run_batch({spec.name: spec.dummy(batch_size) for spec in self._inputs})
+
+    def run_batch(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """Run one batch; see :meth:`Backend.run_batch`. Raises :class:`BackendError`."""
+        module = self._loaded_module()
+        arrays = [_input_array(spec, inputs) for spec in self._inputs]
+        batch_size = _batch_size(self._inputs, arrays)
+        try:
+            with torch.inference_mode():
+                tensors = [torch.from_numpy(a).to(self._device, non_blocking=True) for a in arrays]
+                raw = module(*tensors)
+                # .cpu() waits for the device, so the numpy arrays hold finished results.
+                outputs = {name: _to_numpy(t) for name, t in self._match_outputs(raw).items()}
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"model failed: {type(exc).__name__}: {exc}") from exc
+        for spec in self._outputs:
+            spec.check_output(outputs[spec.name], batch_size)
+        return outputs
+
+    def unload(self) -> None:
+        """Drop the model; on CUDA also return cached blocks to the driver."""
+        self._module = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _loaded_module(self) -> torch.jit.ScriptModule:
+        if self._module is None:
+            raise BackendError("no model loaded: call load() first")
+        return self._module
+
+    def _match_outputs(self, raw: object) -> dict[str, torch.Tensor]:
+        names = [spec.name for spec in self._outputs]
+        if isinstance(raw, torch.Tensor):
+            values: Sequence[object] = [raw]
+        elif isinstance(raw, tuple | list):
+            values = raw
+        elif isinstance(raw, dict):
+            missing = [name for name in names if name not in raw]
+            if missing:
+                raise BackendError(f"model returned keys {sorted(raw)}, missing {missing}")
+            values = [raw[name] for name in names]
+        else:
+            raise BackendError(f"model returned {type(raw).__name__}, expected tensor(s)")
+        if len(values) != len(names):
+            raise BackendError(f"model returned {len(values)} outputs, signature has {len(names)}")
+        tensors: list[torch.Tensor] = []
+        for name, value in zip(names, values, strict=True):
+            if not isinstance(value, torch.Tensor):
+                raise BackendError(f"output {name!r} is a {type(value).__name__}, not a tensor")
+            tensors.append(value)
+        return dict(zip(names, tensors, strict=True))
+
+
+def _input_array(spec: _TensorSpec, inputs: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[Any]:
+    """The input for ``spec`` as a C-contiguous, writable array, copied only when it must be."""
+    if spec.name not in inputs:
+        raise BackendError(f"missing input {spec.name!r}; got {sorted(inputs)}")
+    try:
+        array = np.asarray(inputs[spec.name]).astype(spec.dtype, casting="safe", copy=False)
+    except TypeError as exc:
+        raise BackendError(f"input {spec.name!r}: {exc}") from exc
+    if len(array.shape) != len(spec.shape) or any(
+        want not in (-1, got) for want, got in zip(spec.shape[1:], array.shape[1:], strict=True)
+    ):
+        raise BackendError(
+            f"input {spec.name!r} has shape {list(array.shape)}, signature says {list(spec.shape)}"
+        )
+    array = np.ascontiguousarray(array)
+    # torch warns on read-only memory (e.g. np.frombuffer over bytes) and numpy cannot mark
+    # such a view writable, so only those arrays are copied.
+    return array if array.flags.writeable else array.copy()
+
+
+def _batch_size(specs: Sequence[_TensorSpec], arrays: Sequence[npt.NDArray[Any]]) -> int:
+    pairs = zip(specs, arrays, strict=True)
+    sizes: dict[str, int] = {spec.name: array.shape[0] for spec, array in pairs}
+    if len(set(sizes.values())) != 1:
+        raise BackendError(f"inputs disagree on batch size: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _to_numpy(tensor: torch.Tensor) -> npt.NDArray[Any]:
+    return np.ascontiguousarray(tensor.detach().cpu().numpy())

@@ -1,0 +1,124 @@
+"""The worker core: loads the versions it serves, warms them up, runs batches off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from services.mesh.catalog import ModelCatalog
+from services.mesh.errors import InternalError, Unavailable
+from services.mesh.tensors import Tensor
+from services.mesh.types import Batch, BatchResult, ModelVersion
+from services.worker.artifacts import ArtifactCache
+from services.worker.backends import Backend, BackendError
+from services.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[ModelVersion], Backend]
+
+
+class Worker:
+    """Serves every registered version of the models it is given (`*` for all)."""
+
+    key = "local"
+
+    def __init__(
+        self, catalog: ModelCatalog, *, models: tuple[str, ...], artifacts: ArtifactCache,
+        backend_factory: BackendFactory, metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self._models = models
+        self._artifacts = artifacts
+        self._factory = backend_factory
+        self._metrics = metrics or WorkerMetrics()
+        self._backends: dict[tuple[str, str], Backend] = {}
+        self._loading: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._failed: set[tuple[str, str, str]] = set()
+        self._listeners: list[Callable[[], None]] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+
+    def start(self) -> None:
+        """Load what the catalog lists now and whatever it lists later."""
+        self._catalog.config.subscribe(self._reconcile)
+        self._reconcile()
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` whenever the set of ready versions changes."""
+        self._listeners.append(listener)
+
+    def ready_versions(self) -> list[str]:
+        """`model/version` of every loaded, warmed-up version."""
+        return sorted(f"{m}/{v}" for m, v in self._backends)
+
+    def serves(self, model: str) -> bool:
+        return "*" in self._models or model in self._models
+
+    def _reconcile(self) -> None:
+        for model in self._catalog.models():
+            if not self.serves(model):
+                continue
+            for spec in self._catalog.versions(model):
+                key = (spec.model, spec.version)
+                if key in self._backends or key in self._loading:
+                    continue
+                if (spec.model, spec.version, spec.sha256) in self._failed:
+                    continue
+                task = asyncio.create_task(self._load(spec), name=f"load-{model}/{spec.version}")
+                self._loading[key] = task
+
+    async def _load(self, spec: ModelVersion) -> None:
+        key = (spec.model, spec.version)
+        try:
+            started = time.perf_counter()
+            path = await self._artifacts.fetch(spec)
+            backend = self._factory(spec)
+            await asyncio.to_thread(backend.load, path)
+            await asyncio.to_thread(backend.warm_up, spec.batching.max_batch_size)
+            self._backends[key] = backend
+            log.info("loaded %s/%s on %s in %.2fs", *key, backend.device,
+                     time.perf_counter() - started)
+        except Exception as exc:
+            self._failed.add((spec.model, spec.version, spec.sha256))
+            log.error("cannot serve %s/%s: %s", spec.model, spec.version, exc)
+        finally:
+            self._loading.pop(key, None)
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    async def run_batch(self, batch: Batch, *, timeout: float | None = None) -> BatchResult:
+        """Run one batch on its version's backend in the inference thread."""
+        backend = self._backends.get((batch.model, batch.version))
+        if backend is None:
+            raise Unavailable(f"{batch.model}/{batch.version} is not loaded on this worker")
+        inputs = {tensor.name: tensor.array() for tensor in batch.inputs}
+        started = time.perf_counter()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, backend.run_batch, inputs
+            )
+        except BackendError as exc:
+            raise InternalError(f"model {batch.model}/{batch.version} failed: {exc}") from exc
+        self._metrics.observe(batch, backend.device, time.perf_counter() - started)
+        return BatchResult(
+            [Tensor.from_array(name, array) for name, array in outputs.items()],
+            device=backend.device,
+        )
+
+    async def aclose(self) -> None:
+        """Stop loading, unload every version, stop the inference thread."""
+        for task in list(self._loading.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._executor.shutdown(wait=True)
+        for backend in self._backends.values():
+            await asyncio.to_thread(backend.unload)
+        self._backends.clear()

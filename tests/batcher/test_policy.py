@@ -1,0 +1,61 @@
+"""The batch window as a pure function: work-conserving when idle, full-or-late when busy."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.batcher.policy import Dispatch, plan_batch
+from services.mesh.types import BatchingPolicy
+
+POLICY = BatchingPolicy(max_batch_size=8, max_queue_delay_ms=10.0)
+
+
+def test_empty_queue_dispatches_nothing_and_arms_no_timer() -> None:
+    decision = plan_batch(queued_rows=0, oldest_wait=5.0, worker_idle=True, policy=POLICY)
+    assert decision == Dispatch(0)
+
+
+@pytest.mark.parametrize(("queued", "expected"), [(1, 1), (5, 5), (8, 8), (20, 8)])
+def test_idle_worker_takes_whatever_is_queued_up_to_max_batch_size(
+    queued: int, expected: int
+) -> None:
+    decision = plan_batch(queued_rows=queued, oldest_wait=0.0, worker_idle=True, policy=POLICY)
+    assert decision.rows == expected
+
+
+def test_idle_worker_ignores_a_huge_queue_delay() -> None:
+    slow = BatchingPolicy(max_batch_size=8, max_queue_delay_ms=10_000.0)
+    decision = plan_batch(queued_rows=1, oldest_wait=0.0, worker_idle=True, policy=slow)
+    assert decision.rows == 1
+
+
+def test_busy_worker_waits_for_the_rest_of_the_window() -> None:
+    decision = plan_batch(queued_rows=3, oldest_wait=0.004, worker_idle=False, policy=POLICY)
+    assert decision.rows == 0
+    assert decision.wait == pytest.approx(0.006)
+
+
+def test_busy_worker_gets_a_full_batch_at_once() -> None:
+    decision = plan_batch(queued_rows=8, oldest_wait=0.0, worker_idle=False, policy=POLICY)
+    assert decision == Dispatch(8)
+
+
+def test_busy_worker_gets_at_most_max_batch_size_of_an_overfull_queue() -> None:
+    decision = plan_batch(queued_rows=30, oldest_wait=0.0, worker_idle=False, policy=POLICY)
+    assert decision.rows == 8
+
+
+@pytest.mark.parametrize("oldest_wait", [0.010, 0.5])
+def test_busy_worker_gets_a_partial_batch_once_the_oldest_waited_the_delay(
+    oldest_wait: float,
+) -> None:
+    decision = plan_batch(
+        queued_rows=3, oldest_wait=oldest_wait, worker_idle=False, policy=POLICY
+    )
+    assert decision.rows == 3
+
+
+def test_zero_delay_never_waits() -> None:
+    eager = BatchingPolicy(max_batch_size=8, max_queue_delay_ms=0.0)
+    decision = plan_batch(queued_rows=2, oldest_wait=0.0, worker_idle=False, policy=eager)
+    assert decision.rows == 2

@@ -1,0 +1,52 @@
+"""Shared fixtures: one private etcd and one private Postgres per test session."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.localdeps import LocalEtcd, LocalPostgres, start_etcd, start_postgres
+
+
+@pytest.fixture(scope="session")
+def local_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
+    """A throwaway etcd shared by the session; isolate tests with ``etcd_prefix``."""
+    with start_etcd(tmp_path_factory.mktemp("etcd"), fast=True) as etcd:
+        yield etcd
+
+
+@pytest.fixture(scope="session")
+def local_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    """A throwaway Postgres cluster shared by the session; use ``database_url`` per test."""
+    # Not under pytest's basetemp: another pytest run resets it to 0700, which locks the
+    # postgres user out of its own data dir mid-session.
+    root = Path(tempfile.mkdtemp(prefix="infermesh-test-pg-"))
+    root.chmod(0o755)
+    try:
+        with start_postgres(root / "data", fast=True) as postgres:
+            yield postgres
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def etcd_url(local_etcd: LocalEtcd) -> str:
+    """Client URL of the session's etcd."""
+    return local_etcd.url
+
+
+@pytest.fixture
+def etcd_prefix() -> str:
+    """A key prefix no other test uses."""
+    return f"/infermesh-test-{uuid.uuid4().hex}/"
+
+
+@pytest.fixture
+def database_url(local_postgres: LocalPostgres) -> str:
+    """DSN of a fresh, empty database for this test."""
+    return local_postgres.create_database(f"test_{uuid.uuid4().hex}")

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from services.registry.app import create_app
+from tests.registry.harness import RegistryHarness, open_registry
+
+
+@pytest.fixture
+async def registry_url(
+    database_url: str, etcd_url: str, etcd_prefix: str, tmp_path: Path
+) -> AsyncIterator[tuple[str, RegistryHarness]]:
+    """A registry served on a real port in this test's loop: (base URL, harness)."""
+    async with open_registry(database_url, etcd_url, etcd_prefix, tmp_path / "artifacts") as h:
+        runner = web.AppRunner(create_app(h.registry))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            yield f"http://127.0.0.1:{port}", h
+        finally:
+            await runner.cleanup()

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import pytest
+
+from control.cli import main
+from deploy.localdeps import free_port
+from tests.registry.harness import RegistryHarness
+
+
+@pytest.fixture
+def artifact(tmp_path: Path) -> Path:
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"not really torchscript" * 10_000)
+    return path
+
+
+async def test_models_register_list_show(
+    registry_url: tuple[str, RegistryHarness], artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, harness = registry_url
+    code = await asyncio.to_thread(main, [
+        "models", "register", "iris", "--version", "1", "--artifact", str(artifact),
+        "--input", "x:fp32:-1,4", "--output", "y:FP32:-1,2", "--max-batch-size", "16",
+        "--device", "cpu", "--registry", url,
+    ])
+    assert code == 0
+    assert "registered iris version 1" in capsys.readouterr().out
+    record = await harness.etcd_json("models/iris/1")
+    assert record["signature"]["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    assert record["batching"]["max_batch_size"] == 16 and record["device"] == "cpu"
+
+    assert await asyncio.to_thread(main, ["models", "list", "--registry", url]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["NAME", "VERSIONS", "LATEST", "SERVING", "DESCRIPTION"]
+    assert row.split() == ["iris", "1", "1", "1"]
+    for column in ("VERSIONS", "LATEST", "SERVING"):  # aligned: values start under headers
+        assert row[header.index(column)] == "1"
+
+    assert await asyncio.to_thread(main, ["models", "show", "iris", "--registry", url]) == 0
+    shown = capsys.readouterr().out
+    assert "x:FP32[-1,4]" in shown and "rollout (epoch 1): 1 100%" in shown
+    show_json = ["models", "show", "iris", "--json", "--registry", url]
+    assert await asyncio.to_thread(main, show_json) == 0
+    assert orjson.loads(capsys.readouterr().out)["versions"][0] == record
+
+
+async def test_registry_errors_are_one_line_exit_1(
+    registry_url: tuple[str, RegistryHarness], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = registry_url
+    assert await asyncio.to_thread(main, ["models", "show", "nope", "--registry", url]) == 1
+    assert capsys.readouterr().err == "infermesh: error: model 'nope' not found\n"
+
+
+def test_bad_input_spec_exits_2_naming_the_flag(
+    artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([
+        "models", "register", "iris", "--version", "1", "--artifact", str(artifact),
+        "--input", "x:FP32", "--output", "y:FP32:-1,2",
+    ])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "argument --input" in err
+    assert "Traceback" not in err
+
+
+def test_unreachable_registry_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["models", "list", "--registry", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("infermesh: error: cannot reach the registry") and err.count("\n") == 1

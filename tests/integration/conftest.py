@@ -1,0 +1,114 @@
+"""Integration fixtures: the real launcher (`infermesh up`) running every service as a process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from deploy.localdeps import LocalEtcd, LocalPostgres, free_port
+
+BANNER = "infermesh is up"
+
+
+@dataclass
+class RunningMesh:
+    """A launcher process and what a client needs to reach it."""
+
+    process: subprocess.Popen[str]
+    state_dir: Path
+    gateway: str
+    registry: str
+    prefix: str
+    env: dict[str, str]
+    output: list[str] = field(default_factory=list)
+
+    def curl_line(self) -> str:
+        return next(line.strip() for line in self.output if line.strip().startswith("curl "))
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """Ctrl-C the launcher and wait for it to exit."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout)
+
+
+def mesh_processes(marker: str) -> list[int]:
+    """Pids of live processes whose environment carries `marker` (zombies excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if "State:\tZ" in (entry / "status").read_text():
+                continue
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def start_mesh(state_dir: Path, *, fused: bool, env: dict[str, str]) -> RunningMesh:
+    """Run `infermesh up` and wait (up to 240 s) for its banner."""
+    gateway_port, registry_port = free_port(), free_port()
+    prefix = env.get("INFERMESH_ETCD_PREFIX", f"/infermesh-it-{uuid.uuid4().hex[:8]}/")
+    full_env = {
+        **os.environ, **env, "INFERMESH_ETCD_PREFIX": prefix,
+        "INFERMESH_GATEWAY_HTTP_PORT": str(gateway_port),
+        "INFERMESH_REGISTRY_PORT": str(registry_port), "INFERMESH_TEST_MARKER": prefix,
+    }
+    args = [sys.executable, "-m", "control.cli", "up", "--state-dir", str(state_dir)]
+    process = subprocess.Popen(
+        [*args, *(["--fused"] if fused else [])], env=full_env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    mesh = RunningMesh(process, state_dir, f"http://127.0.0.1:{gateway_port}",
+                       f"http://127.0.0.1:{registry_port}", prefix, full_env)
+    up = threading.Event()
+    threading.Thread(target=_pump, args=(mesh, up), daemon=True).start()
+    if not up.wait(240):
+        mesh.stop()
+        pytest.fail("infermesh up did not come up:\n" + "".join(mesh.output[-40:]))
+    return mesh
+
+
+def _pump(mesh: RunningMesh, up: threading.Event) -> None:
+    assert mesh.process.stdout is not None
+    for line in mesh.process.stdout:
+        mesh.output.append(line)
+        if BANNER in line:
+            up.set()
+
+
+def stop_and_check(mesh: RunningMesh) -> None:
+    """Ctrl-C must stop everything the launcher started."""
+    assert mesh.stop() == 0, "".join(mesh.output[-40:])
+    deadline = time.monotonic() + 10
+    while mesh_processes(mesh.prefix) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mesh_processes(mesh.prefix) == []
+
+
+@pytest.fixture(scope="module")
+def mesh(
+    local_etcd: LocalEtcd, local_postgres: LocalPostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningMesh]:
+    """The full mesh (separate processes) on the session's etcd and a fresh database."""
+    database = local_postgres.create_database(f"mesh_{uuid.uuid4().hex}")
+    running = start_mesh(
+        tmp_path_factory.mktemp("mesh"), fused=False,
+        env={"INFERMESH_ETCD_URL": local_etcd.url, "INFERMESH_DATABASE_URL": database},
+    )
+    yield running
+    stop_and_check(running)

@@ -1,0 +1,56 @@
+"""`infermesh up --fused` on its own private etcd and Postgres, as `make up` runs it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import orjson
+import pytest
+
+from tests.integration.conftest import RunningMesh, start_mesh, stop_and_check
+from tests.integration.oip import (
+    encoder_input, infer_body, mlp_input, output_array, post_infer, reference,
+)
+
+
+@pytest.fixture(scope="module")
+def fused() -> Iterator[RunningMesh]:
+    """The launcher with no URLs given: it starts its own etcd and Postgres."""
+    root = Path(tempfile.mkdtemp(prefix="infermesh-fused-"))
+    root.chmod(0o755)
+    running = start_mesh(root / "state", fused=True, env={})
+    try:
+        yield running
+        stop_and_check(running)
+    finally:
+        running.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_printed_curl_line_returns_a_prediction(fused: RunningMesh) -> None:
+    done = subprocess.run(["bash", "-c", fused.curl_line()], capture_output=True, text=True,
+                          timeout=30, check=True)
+    body = orjson.loads(done.stdout)
+    assert body["model_name"] == "mlp" and body["outputs"][0]["shape"] == [1, 2]
+
+
+@pytest.mark.parametrize(("model", "name", "make"), [
+    ("mlp", "features", mlp_input), ("encoder", "input_ids", encoder_input),
+])
+async def test_fused_outputs_match_the_model_called_in_process(
+    fused: RunningMesh, model: str, name: str, make: object
+) -> None:
+    array = make(2)  # type: ignore[operator]
+    async with aiohttp.ClientSession() as session:
+        status, body, _ = await post_infer(
+            session, f"{fused.gateway}/v2/models/{model}/infer", infer_body(name, array)
+        )
+    assert status == 200, body
+    expected = reference(fused.state_dir, model, array)
+    np.testing.assert_allclose(output_array(body), expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,164 @@
+"""The full mesh as processes: predictions, batching, bad input, live registration."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import aiohttp
+import aetcd
+import numpy as np
+import orjson
+import pytest
+
+from services.mesh.etcd import connect_client
+from tests.integration.conftest import RunningMesh
+from tests.integration.oip import (
+    encoder_input, infer_body, mlp_input, output_array, post_infer, reference,
+)
+
+
+async def test_mlp_matches_the_model_called_in_process(mesh: RunningMesh) -> None:
+    features = mlp_input(3)
+    async with aiohttp.ClientSession() as session:
+        status, body, headers = await post_infer(
+            session, f"{mesh.gateway}/v2/models/mlp/infer",
+            infer_body("features", features, id="client-7"),
+        )
+    assert status == 200, body
+    assert (body["model_name"], body["model_version"], body["id"]) == ("mlp", "1", "client-7")
+    assert headers["x-request-id"] == "client-7"
+    expected = reference(mesh.state_dir, "mlp", features)
+    np.testing.assert_allclose(output_array(body), expected, rtol=1e-5, atol=1e-6)
+
+
+async def test_encoder_matches_the_model_called_in_process(mesh: RunningMesh) -> None:
+    ids = encoder_input(2)
+    async with aiohttp.ClientSession() as session:
+        status, body, headers = await post_infer(
+            session, f"{mesh.gateway}/v2/models/encoder/versions/1/infer",
+            infer_body("input_ids", ids),
+        )
+    assert status == 200, body
+    assert body["model_version"] == "1" and body["id"] == headers["x-request-id"]
+    expected = reference(mesh.state_dir, "encoder", ids)
+    np.testing.assert_allclose(output_array(body), expected, rtol=1e-5, atol=1e-5)
+
+
+async def _endpoint(mesh: RunningMesh, service: str) -> str:
+    client = connect_client(mesh.env["INFERMESH_ETCD_URL"])
+    async with client:
+        found = await client.get_prefix(f"{mesh.prefix}endpoints/{service}/".encode())
+    return str(orjson.loads(next(iter(found)).value)["http"])
+
+
+def _sample(metrics: str, name: str, model: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name) and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} for {model} not in /metrics")
+
+
+async def test_concurrent_single_rows_are_served_in_batches(mesh: RunningMesh) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):  # a few rounds of 64 concurrent single-row requests
+            results = await asyncio.gather(*(
+                post_infer(session, f"{mesh.gateway}/v2/models/mlp/infer",
+                           infer_body("features", mlp_input(1, seed=i)))
+                for i in range(64)
+            ))
+            assert all(status == 200 for status, _, _ in results)
+            for i, (_, body, _) in enumerate(results):
+                expected = reference(mesh.state_dir, "mlp", mlp_input(1, seed=i))
+                np.testing.assert_allclose(output_array(body), expected, rtol=1e-5, atol=1e-6)
+        worker = await _endpoint(mesh, "worker")
+        metrics_urls = [await _endpoint(mesh, "batcher"), worker]
+        for url in metrics_urls:
+            async with session.get(f"{url}/metrics") as response:
+                text = await response.text()
+            prefix = "infermesh_batcher" if url != worker else "infermesh_worker"
+            rows = _sample(text, f"{prefix}_batch_rows_sum", "mlp")
+            batches = _sample(text, f"{prefix}_batch_rows_count", "mlp")
+            if batches:
+                assert rows / batches > 1.0
+
+
+BAD_REQUESTS = [
+    ("nope", b'{"inputs": []}', 404, "unknown model 'nope'"),
+    ("mlp", b'{"inputs": [{"name": "features", "datatype": "INT64", "shape": [1, 32], '
+            b'"data": [' + b",".join([b"1"] * 32) + b"]}]}", 400, "datatype INT64"),
+    ("mlp", b'{"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 16], '
+            b'"data": [' + b",".join([b"1"] * 16) + b"]}]}", 400, "shape [1, 16]"),
+    ("mlp", b'{"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 32], '
+            b'"data": [1, 2, 3]}]}', 400, "3 elements"),
+    ("mlp", b'{"inputs": [{"name": "feature", "datatype": "FP32", "shape": [1, 32], '
+            b'"data": [' + b",".join([b"1"] * 32) + b"]}]}", 400, "unexpected input 'feature'"),
+    ("mlp", b'{"inputs": [{"name": ', 400, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("model", "body", "status", "message"), BAD_REQUESTS)
+async def test_bad_input_gets_a_4xx_naming_the_problem(
+    mesh: RunningMesh, model: str, body: bytes, status: int, message: str
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        got, answer, _ = await post_infer(session, f"{mesh.gateway}/v2/models/{model}/infer", body)
+        assert (got, message in answer["error"]) == (status, True), answer
+        async with session.get(f"{mesh.gateway}/v2/health/ready") as ready:
+            assert ready.status == 200
+
+
+async def test_oversize_body_is_rejected_with_413(mesh: RunningMesh) -> None:
+    huge = b'{"inputs": [{"name": "features", "data": "' + b"x" * (65 << 20) + b'"}]}'
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{mesh.gateway}/v2/models/mlp/infer", data=huge) as response:
+            assert response.status == 413
+            assert "exceeded" in orjson.loads(await response.read())["error"]
+        async with session.get(f"{mesh.gateway}/v2/health/live") as live:
+            assert live.status == 200
+
+
+def _register(mesh: RunningMesh, name: str, version: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "control.cli", "models", "register", name, "--version", version,
+         "--artifact", str(mesh.state_dir / "demo-models" / "mlp.pt"),
+         "--input", "features:FP32:-1,32", "--output", "probs:FP32:-1,2",
+         "--registry", mesh.registry],
+        capture_output=True, text=True, timeout=60, env=mesh.env,
+    )
+
+
+async def _infer_until_served(mesh: RunningMesh, path: str, timeout: float = 60) -> dict:  # type: ignore[type-arg]
+    features = mlp_input(1)
+    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
+        while True:
+            status, body, _ = await post_infer(
+                session, f"{mesh.gateway}{path}", infer_body("features", features)
+            )
+            if status == 200:
+                return body
+            await asyncio.sleep(0.2)
+
+
+async def test_a_version_registered_by_the_cli_becomes_servable(mesh: RunningMesh) -> None:
+    done = await asyncio.to_thread(_register, mesh, "mlp", "2")
+    assert done.returncode == 0, done.stderr
+    body = await _infer_until_served(mesh, "/v2/models/mlp/versions/2/infer")
+    assert body["model_version"] == "2"
+
+
+async def test_a_new_model_is_served_by_a_worker_started_later(mesh: RunningMesh) -> None:
+    done = await asyncio.to_thread(_register, mesh, "mlp-copy", "1")
+    assert done.returncode == 0, done.stderr
+    body = await _infer_until_served(mesh, "/v2/models/mlp-copy/infer")
+    assert (body["model_name"], body["model_version"]) == ("mlp-copy", "1")
+    client = connect_client(mesh.env["INFERMESH_ETCD_URL"])
+    async with client:
+        workers = await client.get_prefix(f"{mesh.prefix}endpoints/worker/".encode())
+    serving = [orjson.loads(kv.value)["models"] for kv in workers]
+    assert ["mlp-copy/1"] in serving  # its own worker process, found through etcd
+
+
+def test_aetcd_is_the_client() -> None:
+    assert aetcd.Client is not None

@@ -1,0 +1,160 @@
+"""TorchScriptBackend and resolve_device against tiny scripted models."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from services.worker.backends import (
+    BackendError,
+    DeviceUnavailable,
+    TorchScriptBackend,
+    resolve_device,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+
+SIGNATURE: dict[str, Any] = {
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
+}
+
+
+class _Double(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+class _Raises(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.sum() >= 0):
+            raise RuntimeError("weights exploded")
+        return x
+
+
+class _TwoOutputs(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x + 1
+
+
+class _NamedOutputs(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"plus_one": x + 1, "y": x}
+
+
+class _FirstRowOnly(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:1]
+
+
+def _loaded(
+    module: nn.Module, path: Path, signature: dict[str, Any] = SIGNATURE
+) -> TorchScriptBackend:
+    torch.jit.save(torch.jit.script(module), str(path))
+    backend = TorchScriptBackend(signature, device_policy="cpu")
+    backend.load(path)
+    return backend
+
+
+def _rows(count: int) -> dict[str, np.ndarray]:
+    return {"x": np.arange(count * 3, dtype=np.float32).reshape(count, 3)}
+
+
+def test_resolve_device_cpu_and_auto() -> None:
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_resolve_device_rejects_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="'tpu'"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+def test_resolve_device_cuda_without_gpu_is_unavailable() -> None:
+    with pytest.raises(DeviceUnavailable, match="cuda"):
+        resolve_device("cuda")
+    with pytest.raises(DeviceUnavailable):
+        TorchScriptBackend(SIGNATURE, device_policy="cuda")
+
+
+def test_run_batch_returns_named_outputs_per_row(tmp_path: Path) -> None:
+    backend = _loaded(_Double(), tmp_path / "double.pt")
+    backend.warm_up(8)
+    out = backend.run_batch(_rows(4))
+    assert backend.device == "cpu"
+    assert list(out) == ["y"] and out["y"].dtype == np.float32
+    np.testing.assert_array_equal(out["y"], _rows(4)["x"] * 2)
+
+
+def test_read_only_and_narrower_inputs_are_accepted(tmp_path: Path) -> None:
+    backend = _loaded(_Double(), tmp_path / "double.pt")
+    read_only = np.frombuffer(np.ones(6, dtype=np.float32).tobytes(), dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = backend.run_batch({"x": read_only.reshape(2, 3)})
+    np.testing.assert_array_equal(out["y"], np.full((2, 3), 2, dtype=np.float32))
+    out = backend.run_batch({"x": np.ones((2, 3), dtype=np.float16)})
+    assert out["y"].dtype == np.float32
+
+
+def test_model_exception_becomes_backend_error(tmp_path: Path) -> None:
+    backend = _loaded(_Raises(), tmp_path / "raises.pt")
+    with pytest.raises(BackendError, match="weights exploded"):
+        backend.run_batch(_rows(2))
+
+
+def test_wrong_output_count_is_a_backend_error(tmp_path: Path) -> None:
+    backend = _loaded(_TwoOutputs(), tmp_path / "two.pt")
+    with pytest.raises(BackendError, match="2 outputs, signature has 1"):
+        backend.run_batch(_rows(2))
+
+
+def test_tuple_and_dict_outputs_map_to_signature_names(tmp_path: Path) -> None:
+    signature = {
+        **SIGNATURE,
+        "outputs": [*SIGNATURE["outputs"], {**SIGNATURE["outputs"][0], "name": "plus_one"}],
+    }
+    for module in (_TwoOutputs(), _NamedOutputs()):
+        out = _loaded(module, tmp_path / "multi.pt", signature).run_batch(_rows(2))
+        np.testing.assert_array_equal(out["plus_one"], out["y"] + 1)
+
+
+def test_output_batch_dim_must_match_inputs(tmp_path: Path) -> None:
+    backend = _loaded(_FirstRowOnly(), tmp_path / "first.pt")
+    with pytest.raises(BackendError, match=r"shape \[1, 3\], expected \[3, 3\]"):
+        backend.run_batch(_rows(3))
+
+
+def test_bad_inputs_are_backend_errors(tmp_path: Path) -> None:
+    backend = _loaded(_Double(), tmp_path / "double.pt")
+    with pytest.raises(BackendError, match="missing input 'x'"):
+        backend.run_batch({"z": _rows(1)["x"]})
+    with pytest.raises(BackendError, match="shape"):
+        backend.run_batch({"x": np.zeros((2, 4), dtype=np.float32)})
+    with pytest.raises(BackendError, match="'x'"):
+        backend.run_batch({"x": np.zeros((2, 3), dtype=np.float64)})
+
+
+def test_lifecycle_errors(tmp_path: Path) -> None:
+    backend = TorchScriptBackend(SIGNATURE, device_policy="cpu")
+    with pytest.raises(BackendError, match="load"):
+        backend.run_batch(_rows(1))
+    with pytest.raises(BackendError, match="missing.pt"):
+        backend.load(tmp_path / "missing.pt")
+    backend = _loaded(_Double(), tmp_path / "double.pt")
+    backend.unload()
+    with pytest.raises(BackendError):
+        backend.run_batch(_rows(1))
+
+
+def test_bytes_datatype_is_rejected() -> None:
+    signature = {**SIGNATURE, "inputs": [{"name": "x", "datatype": "BYTES", "shape": [-1]}]}
+    with pytest.raises(BackendError, match="BYTES"):
+        TorchScriptBackend(signature, device_policy="cpu")
