@@ -16,6 +16,7 @@ from services.mesh.catalog import ModelCatalog
 from services.mesh.errors import (
     DeadlineExceeded,
     InfermeshError,
+    InternalError,
     Overloaded,
     Unavailable,
 )
@@ -179,6 +180,10 @@ class Batcher:
         except InfermeshError as exc:
             for pending in members:
                 _fail(pending, exc)
+        except Exception as exc:  # a bug in a worker handle must not leave callers hanging
+            log.exception("batch of %s/%s failed", queue.model, queue.version)
+            for pending in members:
+                _fail(pending, InternalError(f"batch failed: {type(exc).__name__}: {exc}"))
         else:
             self._deliver(queue, members, result.outputs)
         finally:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,6 +24,16 @@ from deploy.localdeps import (
     start_etcd,
     start_postgres,
 )
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A temp dir outside pytest's basetemp, which a concurrent pytest run resets to 0700
+    (locking the postgres user out of data dirs below it)."""
+    root = Path(tempfile.mkdtemp(prefix="infermesh-localdeps-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 async def _etcd_roundtrip(url: str, key: bytes, value: bytes | None) -> bytes | None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,7 @@ def _message(*parts: frames.Buffers) -> bytes:
     return b"".join(b for part in parts for b in part)
 
 
-def _one(kind: int, call_id: int, encoded: tuple[dict, frames.Buffers]) -> frames.Frame:
+def _one(kind: int, call_id: int, encoded: tuple[dict[str, Any], frames.Buffers]) -> frames.Frame:
     meta, buffers = encoded
     [frame] = list(frames.unpack(_message(frames.pack(kind, call_id, meta, buffers))))
     assert frame.kind == kind and frame.call_id == call_id

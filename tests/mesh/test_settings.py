@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 
 import pytest
 
@@ -67,6 +69,6 @@ def test_bad_number_names_the_variable() -> None:
 
 
 def test_instance_id_defaults_to_host_and_pid() -> None:
-    assert load_settings(ServiceSettings, "worker", env={"INFERMESH_INSTANCE": "w7"}).instance_id == "w7"
-    generated = ServiceSettings().instance_id
-    assert generated and generated == ServiceSettings().instance_id
+    named = load_settings(ServiceSettings, "worker", env={"INFERMESH_INSTANCE": "w7"})
+    assert named.instance_id == "w7"
+    assert ServiceSettings().instance_id == f"{socket.gethostname()}-{os.getpid()}"

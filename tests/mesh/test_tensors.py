@@ -18,7 +18,7 @@ from services.mesh.tensors import (
 def _sample(datatype: str) -> np.ndarray:
     values = np.arange(12).reshape(3, 4)
     if datatype == "BOOL":
-        return values % 2 == 0
+        return np.asarray(values % 2 == 0)
     return values.astype(DTYPES[datatype])
 
 
