@@ -13,8 +13,8 @@ from services.mesh.types import (
     InferRequest,
     InferResponse,
     ModelVersion,
-    Route,
     Rollout,
+    Route,
     Signature,
     TensorSpec,
 )

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from services.mesh.errors import Unavailable
-from services.mesh.types import Route, Rollout
+from services.mesh.types import Rollout, Route
 from services.router.policy import BUCKETS, bucket_of, choose_version, route_by_bucket
 
 

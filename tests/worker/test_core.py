@@ -94,7 +94,9 @@ async def test_run_batch_matches_the_torchscript_model(
 
     [probs] = result.outputs
     assert (probs.name, probs.datatype, probs.shape) == ("probs", "FP32", (5, 2))
-    expected = torch.jit.load(str(mlp.artifact))(torch.from_numpy(inputs)).numpy()
+    module = torch.jit.load(str(mlp.artifact))  # type: ignore[no-untyped-call]
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(inputs)).numpy()
     assert np.allclose(probs.array(), expected, rtol=1e-5, atol=1e-6)
     assert result.device == "cpu"
 
