@@ -80,8 +80,11 @@ class ModelCatalog:
 
 
 def _parse(parse: Any, raw: Any, key: str) -> Any:
+    if not isinstance(raw, dict):
+        log.error("ignoring bad config record %s: not a JSON object", key)
+        return None
     try:
         return parse(raw)
-    except (InfermeshError, KeyError, TypeError, ValueError) as exc:
+    except (InfermeshError, AttributeError, KeyError, TypeError, ValueError) as exc:
         log.error("ignoring bad config record %s: %s", key, exc)
         return None

@@ -89,10 +89,6 @@ def test_bad_records_are_ignored(config: StaticConfig) -> None:
         catalog.version("resnet", "3")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AttributeError,
-    reason="bug: catalog._parse lets AttributeError from a non-object record escape",
-)
 @pytest.mark.parametrize(
     ("key", "value"),
     [

@@ -114,11 +114,23 @@ async def test_an_artifact_with_the_wrong_sha256_is_never_loaded(
     assert worker.ready_versions() == []
     assert any("mlp/1" in r.getMessage() and "sha256" in r.getMessage() for r in caplog.records)
 
-    config.put("models/mlp/2", mlp_record(mlp, "2").to_json())
-    await wait_until(worker, lambda: "mlp/2" in worker.ready_versions())
-    assert worker.ready_versions() == ["mlp/2"]
     with pytest.raises(Unavailable):
         await worker.run_batch(batch("1", features(1)), timeout=5.0)
+
+
+async def test_a_corrected_sha256_is_loaded(
+    worker: Worker, config: StaticConfig, mlp: DemoModel
+) -> None:
+    config.put("models/mlp/1", mlp_record(mlp, sha256="f" * 64).to_json())
+    attempts = asyncio.Event()
+    worker.subscribe(attempts.set)
+    worker.start()
+    async with asyncio.timeout(30):
+        await attempts.wait()
+    assert worker.ready_versions() == []
+
+    config.put("models/mlp/1", mlp_record(mlp).to_json())
+    await wait_until(worker, lambda: "mlp/1" in worker.ready_versions())
 
 
 async def test_an_unknown_version_is_unavailable(worker: Worker) -> None:
