@@ -139,12 +139,19 @@ class Batcher:
             self._arm(queue, self._grace - (now - queue.items[0].enqueued))
 
     def _arm(self, queue: _Queue, wait: float) -> None:
-        if queue.timer is None:
-            def fire() -> None:
-                queue.timer = None
-                self._pump(queue)
+        """Look at `queue` again after `wait` seconds (or sooner if already due sooner)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + max(wait, 0.0)
+        if queue.timer is not None:
+            if queue.timer.when() <= due:
+                return
+            queue.timer.cancel()
 
-            queue.timer = asyncio.get_running_loop().call_later(max(wait, 0.0), fire)
+        def fire() -> None:
+            queue.timer = None
+            self._pump(queue)
+
+        queue.timer = loop.call_at(due, fire)
 
     def _take(self, queue: _Queue, rows: int, now: float) -> list[_Pending]:
         members: list[_Pending] = []
@@ -196,7 +203,7 @@ class Batcher:
         """A worker died with the batch: re-dispatch it once, then give up."""
         log.warning("batch of %s/%s failed on its worker: %s", queue.model, queue.version, error)
         for pending in reversed(members):
-            if pending.attempts >= 1:
+            if pending.attempts >= 1 or self._closed:
                 _fail(pending, error)
                 continue
             pending.attempts += 1

@@ -127,6 +127,9 @@ async def infer(request: web.Request) -> web.Response:
     except errors.InfermeshError as exc:
         code = status_of(exc)
         raise
+    except web.HTTPException as exc:
+        code = exc.status
+        raise
     finally:
         metrics = request.app[METRICS]
         metrics.requests.labels(model, str(code)).inc()

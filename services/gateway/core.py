@@ -34,8 +34,8 @@ class Gateway:
 
     def ready(self) -> bool:
         """True when every model with a rollout has a ready worker for its primary version."""
-        for model in self._catalog.models():
-            rollout = self._catalog.rollout(model)
+        for rollout in self._catalog.rollouts():
+            model = rollout.model
             if rollout.primary and not self._catalog.ready_workers(model, rollout.primary):
                 return False
         return True

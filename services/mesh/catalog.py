@@ -59,6 +59,10 @@ class ModelCatalog:
             raise NotFound(f"unknown version '{version}' of model '{model}'")
         return found
 
+    def rollouts(self) -> list[Rollout]:
+        """Every rollout record, by model name."""
+        return [self._rollouts[m] for m in sorted(self._rollouts)]
+
     def rollout(self, model: str) -> Rollout:
         found = self._rollouts.get(model)
         if found is None:

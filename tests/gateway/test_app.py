@@ -110,11 +110,6 @@ async def test_ready_waits_for_a_worker_serving_the_stable_version(
     assert (await client.get("/v2/health/ready")).status == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Gateway.ready (services/gateway/core.py) calls catalog.rollout() for every model "
-    "in catalog.models(), which includes registered models without a rollout: NotFound -> 404",
-)
 async def test_a_registered_model_without_a_rollout_does_not_break_readiness(
     client: TestClient[Any, Any], config: StaticConfig
 ) -> None:
@@ -229,11 +224,6 @@ async def test_an_overloaded_router_is_503_with_retry_after(
     assert "full" in (await response.json())["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="infer() in services/gateway/app.py sets `code` only for InfermeshError: a 413 "
-    "(web.HTTPException from request.read()) is counted as code='200'",
-)
 async def test_a_rejected_oversize_body_is_counted_with_its_status(
     make_client: ClientFactory,
 ) -> None:

@@ -40,6 +40,7 @@ def output_array(response: dict[str, Any], index: int = 0) -> np.ndarray:
 
 def reference(state_dir: Path, model: str, array: np.ndarray) -> np.ndarray:
     """The demo model's TorchScript file called in-process on the same input."""
-    module = torch.jit.load(str(state_dir / "demo-models" / f"{model}.pt"))
+    module = torch.jit.load(str(state_dir / "demo-models" / f"{model}.pt"))  # type: ignore[no-untyped-call]
     with torch.inference_mode():
-        return module(torch.from_numpy(array)).numpy()
+        result: np.ndarray = module(torch.from_numpy(array)).numpy()
+    return result

@@ -15,7 +15,12 @@ import pytest
 
 from tests.integration.conftest import RunningMesh, start_mesh, stop_and_check
 from tests.integration.oip import (
-    encoder_input, infer_body, mlp_input, output_array, post_infer, reference,
+    encoder_input,
+    infer_body,
+    mlp_input,
+    output_array,
+    post_infer,
+    reference,
 )
 
 

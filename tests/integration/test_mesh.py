@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import aiohttp
-import aetcd
 import numpy as np
 import orjson
 import pytest
@@ -15,7 +14,12 @@ import pytest
 from services.mesh.etcd import connect_client
 from tests.integration.conftest import RunningMesh
 from tests.integration.oip import (
-    encoder_input, infer_body, mlp_input, output_array, post_infer, reference,
+    encoder_input,
+    infer_body,
+    mlp_input,
+    output_array,
+    post_infer,
+    reference,
 )
 
 
@@ -158,7 +162,3 @@ async def test_a_new_model_is_served_by_a_worker_started_later(mesh: RunningMesh
         workers = await client.get_prefix(f"{mesh.prefix}endpoints/worker/".encode())
     serving = [orjson.loads(kv.value)["models"] for kv in workers]
     assert ["mlp-copy/1"] in serving  # its own worker process, found through etcd
-
-
-def test_aetcd_is_the_client() -> None:
-    assert aetcd.Client is not None
