@@ -43,6 +43,8 @@ class _Queue:
     items: deque[_Pending] = field(default_factory=deque)
     rows: int = 0
     timer: asyncio.TimerHandle | None = None
+    timer_due: float = 0.0
+    """Loop time at which `timer` fires (uvloop's handles do not expose it)."""
     no_worker_since: float | None = None
 
 
@@ -143,7 +145,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         due = loop.time() + max(wait, 0.0)
         if queue.timer is not None:
-            if queue.timer.when() <= due:
+            if queue.timer_due <= due:
                 return
             queue.timer.cancel()
 
@@ -151,7 +153,7 @@ class Batcher:
             queue.timer = None
             self._pump(queue)
 
-        queue.timer = loop.call_at(due, fire)
+        queue.timer, queue.timer_due = loop.call_at(due, fire), due
 
     def _take(self, queue: _Queue, rows: int, now: float) -> list[_Pending]:
         members: list[_Pending] = []

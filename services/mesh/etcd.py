@@ -84,10 +84,20 @@ class ConfigCache:
         """The etcd revision the cache reflects."""
         return self._revision
 
-    async def start(self) -> None:
-        """Load the prefix and start watching; raises if etcd cannot be reached at all."""
+    async def start(self, *, connect_timeout: float = 30.0) -> None:
+        """Load the prefix and start watching; raises if etcd stays unreachable that long."""
         self._changed = asyncio.Condition()
-        await self._resync()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + connect_timeout
+        while True:
+            try:
+                await self._resync()
+                break
+            except Exception as exc:
+                if loop.time() >= give_up:
+                    raise
+                log.warning("etcd not reachable yet (%r); retrying", exc)
+                await asyncio.sleep(0.5)
         self._task = asyncio.create_task(self._watch_forever(), name="etcd-config-watch")
 
     async def aclose(self) -> None:
