@@ -8,10 +8,15 @@ models, prints the endpoints and a curl line, and stops everything on Ctrl-C or 
 
 from __future__ import annotations
 
-import asyncio
+import os
+
+# Children are spawned while this process holds a gRPC channel (etcd): keep gRPC's fork
+# handlers out of it. Must be set before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import asyncio  # noqa: E402
 import contextlib
 import logging
-import os
 import signal
 from pathlib import Path
 

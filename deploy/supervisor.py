@@ -1,4 +1,9 @@
-"""Supervised child processes: started, restarted with backoff when they crash, stopped."""
+"""Supervised child processes: started, restarted with backoff when they crash, stopped.
+
+Children are spawned with `subprocess.Popen` (vfork/posix_spawn, so no fork handlers run) and
+waited for in a thread. The launcher holds a gRPC channel to etcd, and forking a process with
+live gRPC threads (as libuv's spawn does) crashed gRPC's event engine in the parent.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +28,7 @@ class Supervised:
         self._args = args
         self._env = env
         self._log_path = log_dir / f"{name}.log"
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
@@ -34,23 +40,19 @@ class Supervised:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"supervise-{self.name}")
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        handle = await asyncio.to_thread(self._log_path.open, "ab")
-        try:
-            return await asyncio.create_subprocess_exec(
-                sys.executable, *self._args, env=self._env, stdout=handle,
-                stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with self._log_path.open("ab") as handle:
+            return subprocess.Popen(
+                [sys.executable, *self._args], env=self._env, stdout=handle,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
-        finally:
-            handle.close()
 
     async def _run(self) -> None:
         backoff = 0.5
         while not self._stopping:
             started = time.monotonic()
-            self._process = await self._spawn()
-            code = await self._process.wait()
+            self._process = await asyncio.to_thread(self._spawn)
+            code = await asyncio.to_thread(self._process.wait)
             if self._stopping:
                 return
             if time.monotonic() - started > 30:
@@ -65,15 +67,15 @@ class Supervised:
         """SIGTERM (drain and exit), then SIGKILL after `timeout`."""
         self._stopping = True
         process = self._process
-        if process is not None and process.returncode is None:
+        if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(process.wait(), timeout)
-            except TimeoutError:
+                await asyncio.to_thread(process.wait, timeout)
+            except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()
+                await asyncio.to_thread(process.wait)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -56,7 +56,7 @@ class Gateway:
         spec = self._catalog.resolve(request.model, request.version)
         validate_request(request, spec.signature, max_rows=spec.batching.max_batch_size)
         self._stamp_deadline(request)
-        with telemetry.tracer(_TRACER).start_as_current_span("gateway.infer") as span:
+        with telemetry.span("gateway.infer", _TRACER) as span:
             span.set_attribute("infermesh.model", request.model)
             span.set_attribute("infermesh.request_id", request.request_id)
             request.trace = telemetry.inject()
