@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,8 @@ def mesh_step(report: Report, args: argparse.Namespace, logs: Path, *, fused: bo
             rate = OPEN_LOAD_FRACTION * mlp.rps
             coro = run_open(url, "mlp", rate=rate, duration=args.duration, warmup=args.warmup)
             _record(report, setup, uvloop.run(coro))
+        # Keep the services' own logs (and the batch sizes they saw) next to the figures.
+        shutil.copytree(Path(state_dir) / "logs", logs / f"{setup}-services", dirs_exist_ok=True)
 
 
 def _record(report: Report, setup: str, result: LoadResult) -> LoadResult:

@@ -1,8 +1,10 @@
 """Supervised child processes: started, restarted with backoff when they crash, stopped.
 
 Children are spawned with `subprocess.Popen` (vfork/posix_spawn, so no fork handlers run) and
-waited for in a thread. The launcher holds a gRPC channel to etcd, and forking a process with
-live gRPC threads (as libuv's spawn does) crashed gRPC's event engine in the parent.
+waited for through a pidfd on the event loop (no thread parked per child: the default executor
+has only a handful of threads and a busy mesh has more children than that). The launcher
+holds a gRPC channel to etcd, and forking a process with live gRPC threads (as libuv's spawn
+does) crashed gRPC's event engine in the parent.
 """
 
 from __future__ import annotations
@@ -18,6 +20,27 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("infermesh.up")
+
+
+async def wait_exit(process: subprocess.Popen[bytes]) -> int:
+    """Wait for a child to exit without blocking the loop or a thread; its exit code."""
+    if process.poll() is not None:
+        return process.returncode
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+    fd = os.pidfd_open(process.pid)
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return process.wait()
 
 
 class Supervised:
@@ -52,7 +75,7 @@ class Supervised:
         while not self._stopping:
             started = time.monotonic()
             self._process = await asyncio.to_thread(self._spawn)
-            code = await asyncio.to_thread(self._process.wait)
+            code = await wait_exit(self._process)
             if self._stopping:
                 return
             if time.monotonic() - started > 30:
@@ -71,11 +94,11 @@ class Supervised:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             try:
-                await asyncio.to_thread(process.wait, timeout)
-            except subprocess.TimeoutExpired:
+                await asyncio.wait_for(wait_exit(process), timeout)
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                await asyncio.to_thread(process.wait)
+                await wait_exit(process)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

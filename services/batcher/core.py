@@ -43,6 +43,8 @@ class _Queue:
     items: deque[_Pending] = field(default_factory=deque)
     rows: int = 0
     timer: asyncio.TimerHandle | None = None
+    batch_seconds: float = 0.0
+    """Moving average of how long a worker takes for one batch of this version."""
     timer_due: float = 0.0
     """Loop time at which `timer` fires (uvloop's handles do not expose it)."""
     no_worker_since: float | None = None
@@ -64,6 +66,8 @@ class Batcher:
         self._clock = clock
         self._queues: dict[tuple[str, str], _Queue] = {}
         self._inflight: dict[str, int] = {}
+        self._running_since: dict[str, float] = {}
+        self._last_done: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -105,9 +109,13 @@ class Batcher:
             if worker is None:
                 return
             now = self._clock()
+            idle = self._inflight.get(worker.key, 0) == 0
+            free_in = 0.0 if idle else max(
+                0.0, self._running_since.get(worker.key, now) + queue.batch_seconds - now
+            )
             decision = plan_batch(
                 queued_rows=queue.rows, oldest_wait=now - queue.items[0].enqueued,
-                worker_idle=self._inflight.get(worker.key, 0) == 0, policy=queue.policy,
+                worker_idle=idle, policy=queue.policy, free_in=free_in,
             )
             if decision.rows == 0:
                 self._arm(queue, decision.wait or 0.0)
@@ -174,6 +182,8 @@ class Batcher:
         return members
 
     def _launch(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
+        if not self._inflight.get(worker.key):
+            self._running_since[worker.key] = self._clock()
         self._inflight[worker.key] = self._inflight.get(worker.key, 0) + 1
         task = asyncio.create_task(self._run(queue, worker, members))
         self._tasks.add(task)
@@ -182,6 +192,7 @@ class Batcher:
     async def _run(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
         batch = build_batch(queue.model, queue.version, [m.request for m in members])
         self._metrics.observe_batch(queue.model, queue.version, sum(batch.rows))
+        dispatched = self._clock()
         try:
             result = await worker.run_batch(batch, timeout=_batch_timeout(members))
         except Unavailable as exc:
@@ -196,10 +207,20 @@ class Batcher:
         else:
             self._deliver(queue, members, result.outputs)
         finally:
-            self._inflight[worker.key] -= 1
-            if not self._inflight[worker.key]:
-                del self._inflight[worker.key]
+            self._finished(queue, worker.key, dispatched)
             self._pump_all()
+
+    def _finished(self, queue: _Queue, key: str, dispatched: float) -> None:
+        """Book a batch's end: worker load, and the version's moving batch time."""
+        done = self._clock()
+        started = max(dispatched, self._last_done.get(key, dispatched))
+        queue.batch_seconds = 0.8 * queue.batch_seconds + 0.2 * (done - started)
+        self._inflight[key] -= 1
+        if self._inflight[key]:
+            self._running_since[key] = self._last_done[key] = done  # the next one starts now
+        else:
+            for books in (self._inflight, self._running_since, self._last_done):
+                books.pop(key, None)
 
     def _retry(self, queue: _Queue, members: list[_Pending], error: InfermeshError) -> None:
         """A worker died with the batch: re-dispatch it once, then give up."""

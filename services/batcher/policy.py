@@ -1,10 +1,12 @@
 """When to dispatch a batch: a pure function of the queue, the worker and the policy.
 
 Work-conserving: a worker with nothing in flight gets whatever is queued at once, so a lone
-request at low load never waits for a batch window. While every worker is busy, requests
-accumulate; the next batch leaves as soon as it is full or its oldest request has waited
-`max_queue_delay`, and is pipelined to the worker so that it starts the moment the running
-batch finishes.
+request at low load never waits for a batch window. While the worker is busy, requests
+accumulate and the next batch is pipelined to it (so it starts the moment the running batch
+ends) as soon as it is full, or once its oldest request has waited `max_queue_delay` *and* the
+running batch is expected to finish within that window. Sending a partial batch earlier would
+only park it in the worker's queue while requests that could have joined it keep arriving:
+for a model whose batches take far longer than the window (the encoder) that halves the batch.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.mesh.types import BatchingPolicy
+
+MIN_RECHECK = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,12 +27,20 @@ class Dispatch:
 
 
 def plan_batch(
-    *, queued_rows: int, oldest_wait: float, worker_idle: bool, policy: BatchingPolicy
+    *, queued_rows: int, oldest_wait: float, worker_idle: bool, policy: BatchingPolicy,
+    free_in: float = 0.0,
 ) -> Dispatch:
-    """Decide for one queue and the least-loaded worker with a free pipeline slot."""
+    """Decide for one queue and the least-loaded worker with a free pipeline slot.
+
+    `free_in` is the expected time (seconds) until the worker's running batch finishes.
+    """
     if queued_rows <= 0:
         return Dispatch(0)
+    take = min(queued_rows, policy.max_batch_size)
+    if worker_idle or queued_rows >= policy.max_batch_size:
+        return Dispatch(take)
     delay = policy.max_queue_delay_ms / 1000.0
-    if worker_idle or queued_rows >= policy.max_batch_size or oldest_wait >= delay:
-        return Dispatch(min(queued_rows, policy.max_batch_size))
-    return Dispatch(0, wait=delay - oldest_wait)
+    if oldest_wait >= delay and free_in <= delay:
+        return Dispatch(take)
+    wait = max(delay - oldest_wait, free_in - delay)
+    return Dispatch(0, wait=max(wait, MIN_RECHECK))

@@ -59,3 +59,25 @@ def test_zero_delay_never_waits() -> None:
     eager = BatchingPolicy(max_batch_size=8, max_queue_delay_ms=0.0)
     decision = plan_batch(queued_rows=2, oldest_wait=0.0, worker_idle=False, policy=eager)
     assert decision.rows == 2
+
+
+def test_busy_worker_with_a_long_batch_keeps_a_late_partial_batch_growing() -> None:
+    decision = plan_batch(
+        queued_rows=3, oldest_wait=0.020, worker_idle=False, policy=POLICY, free_in=0.200
+    )
+    assert decision.rows == 0
+    assert decision.wait == pytest.approx(0.190)
+
+
+def test_busy_worker_about_to_finish_gets_the_late_partial_batch() -> None:
+    decision = plan_batch(
+        queued_rows=3, oldest_wait=0.020, worker_idle=False, policy=POLICY, free_in=0.004
+    )
+    assert decision.rows == 3
+
+
+def test_a_full_batch_is_pipelined_however_long_the_running_batch() -> None:
+    decision = plan_batch(
+        queued_rows=8, oldest_wait=0.0, worker_idle=False, policy=POLICY, free_in=5.0
+    )
+    assert decision.rows == 8
