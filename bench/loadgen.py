@@ -4,8 +4,10 @@ Closed loop: ``concurrency`` workers each send the next request as soon as the l
 Open loop: arrivals follow a Poisson process at ``rate`` per second, scheduled against absolute
 times so a slow response never delays the next arrival. Each arrival runs as its own task; the
 client reports its *send lag* (actual start − scheduled time) so a CPU-starved client shows up
-in the numbers instead of silently lowering the offered load. Open-loop latency is measured from
-the actual send; add the send lag to get latency from the intended arrival time.
+in the numbers instead of silently lowering the offered load. Requests go through
+`bench.rawhttp.RawClient` (pre-encoded request, keep-alive) so the client's own CPU stays
+small. Open-loop latency is measured from the actual send; add the send lag to get latency
+from the intended arrival time.
 
     python -m bench.loadgen --url http://127.0.0.1:8000 --model mlp --mode closed --concurrency 64
     python -m bench.loadgen --url http://127.0.0.1:8000 --model mlp --mode open --rate 2000
@@ -21,15 +23,14 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from time import perf_counter, process_time
 
-import aiohttp
 import orjson
 import uvloop
 from yarl import URL
 
 from bench.payloads import infer_path, request_body
+from bench.rawhttp import RawClient
 from bench.result import ErrorLog, LoadResult, Percentiles
 
-HEADERS = {"Content-Type": "application/json"}
 REQUEST_TIMEOUT_S = 30.0
 TIMER_RESOLUTION_S = 0.001
 """uvloop rounds timers to whole milliseconds; shorter sleeps would spin and steal server CPU."""
@@ -77,23 +78,12 @@ class _Window:
         )
 
 
-def _session(limit: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=60.0)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-    )
-
-
-async def _send(session: aiohttp.ClientSession, target: URL, body: bytes) -> str | None:
+async def _send(client: RawClient) -> str | None:
     """POST one request; return ``None`` on HTTP 200, else a short error message."""
     try:
-        async with session.post(target, data=body, headers=HEADERS) as response:
-            answer = await response.read()
-            if response.status != 200:
-                return f"HTTP {response.status}: {answer[:200].decode(errors='replace')}"
+        status, answer = await client.post()
+        if status != 200:
+            return f"HTTP {status}: {answer[:200].decode(errors='replace')}"
     except Exception as exc:  # any failure is a failed request, never a crashed run
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -119,13 +109,16 @@ async def run_closed(
 
     async def sender() -> None:
         while (sent := perf_counter()) < window.end:
-            error = await _send(session, target, body)
+            error = await _send(client)
             done = perf_counter()
             if sent >= window.start and done <= window.end:
                 window.record(sent, done, error)
 
-    async with _session(concurrency) as session:
+    client = RawClient(str(target), body)
+    try:
         await asyncio.gather(*(sender() for _ in range(concurrency)))
+    finally:
+        client.close()
     result = window.result(tool="loadgen", mode="closed", model=model, url=url, rows=rows)
     result.client_cpu = (process_time() - cpu_at) / (perf_counter() - start + warmup)
     result.concurrency = concurrency
@@ -154,19 +147,22 @@ async def run_open(
 
     async def arrival(scheduled: float) -> None:
         sent = perf_counter()
-        error = await _send(session, target, body)
+        error = await _send(client)
         if scheduled >= window.start:
             window.send_lags.append(sent - scheduled)
             window.record(sent, perf_counter(), error)
 
-    async with _session(0) as session:
+    client = RawClient(str(target), body)
+    try:
         tasks = await _schedule(arrival, window, rate=rate, cap=max_outstanding, seed=seed)
         if tasks:
-            # Each request times out on its own after REQUEST_TIMEOUT_S; this is a backstop.
+            # Answers still missing this long after the window are counted as failures.
             _, stuck = await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT_S + 5.0)
             for task in stuck:
                 task.cancel()
                 window.record(0.0, 0.0, "no answer by the end of the run")
+    finally:
+        client.close()
     result = window.result(tool="loadgen", mode="open", model=model, url=url, rows=rows)
     result.client_cpu = (process_time() - cpu_at) / (perf_counter() - start + warmup)
     result.offered_rate = rate
