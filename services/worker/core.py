@@ -55,6 +55,10 @@ class Worker:
         """`model/version` of every loaded, warmed-up version."""
         return sorted(f"{m}/{v}" for m, v in self._backends)
 
+    def is_ready(self, model: str, version: str) -> bool:
+        """Whether (model, version) is loaded and warm here."""
+        return (model, version) in self._backends
+
     def serves(self, model: str) -> bool:
         return "*" in self._models or model in self._models
 
