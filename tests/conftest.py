@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import shutil
 import tempfile
 import uuid
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import uvloop
+from blockbuster import blockbuster_ctx
 
 from deploy.localdeps import LocalEtcd, LocalPostgres, start_etcd, start_postgres
 
@@ -20,6 +22,20 @@ def pytest_asyncio_loop_factories(
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Async tests run on uvloop, as every service does."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_calls_on_the_loop(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail an async test when our code makes a blocking call on the event loop thread."""
+    if not inspect.iscoroutinefunction(request.function):
+        yield
+        return
+    with blockbuster_ctx(["services", "control", "deploy"]) as buster:
+        # asyncpg looks for ~/.pgpass and certificates when it opens a connection (once per
+        # pool connection, never per request).
+        for function in buster.functions.values():
+            function.can_block_in("asyncpg/connect_utils.py", "_parse_connect_dsn_and_args")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -36,8 +36,7 @@ class ArtifactCache:
     async def fetch(self, spec: ModelVersion) -> Path:
         """A verified local path for the version's artifact; raises on a sha256 mismatch."""
         target = self._dir / spec.sha256
-        if not target.exists():
-            await asyncio.to_thread(self._dir.mkdir, parents=True, exist_ok=True)
+        if not await asyncio.to_thread(self._prepare, target):
             await self._download(spec.artifact_uri, target)
         actual = await asyncio.to_thread(sha256_of, target)
         if actual != spec.sha256:
@@ -47,6 +46,11 @@ class ArtifactCache:
                 f"{actual} != registered {spec.sha256}; refusing to load it"
             )
         return target
+
+    def _prepare(self, target: Path) -> bool:
+        """Make the cache dir; whether the artifact is already there (blocking)."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        return target.exists()
 
     async def _download(self, uri: str, target: Path) -> None:
         partial = target.with_name(f"{target.name}.{os.getpid()}.part")

@@ -122,7 +122,7 @@ class Worker:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
         for backend in self._backends.values():
             await asyncio.to_thread(backend.unload)
         self._backends.clear()

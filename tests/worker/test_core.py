@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -25,10 +26,21 @@ from services.worker.factory import backend_factory
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 
 
+@functools.cache
+def _file_sha256(path: Path) -> str:
+    return sha256_of(path)
+
+
+@pytest.fixture(autouse=True)
+def _artifact_hashed(mlp: DemoModel) -> None:
+    """Hash the artifact before the test's event loop runs (hashing blocks)."""
+    _file_sha256(mlp.artifact)
+
+
 def mlp_record(model: DemoModel, version: str = "1", *, sha256: str | None = None) -> ModelVersion:
     return ModelVersion(
         "mlp", version, Signature.from_json(model.signature), f"file://{model.artifact}",
-        sha256 or sha256_of(model.artifact), batching=BatchingPolicy.from_json(model.batching),
+        sha256 or _file_sha256(model.artifact), batching=BatchingPolicy.from_json(model.batching),
         device="cpu",
     )
 
