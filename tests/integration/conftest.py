@@ -17,8 +17,6 @@ import pytest
 
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port
 
-BANNER = "infermesh is up"
-
 
 @dataclass
 class RunningMesh:
@@ -86,7 +84,7 @@ def _pump(mesh: RunningMesh, up: threading.Event) -> None:
     assert mesh.process.stdout is not None
     for line in mesh.process.stdout:
         mesh.output.append(line)
-        if BANNER in line:
+        if line.strip().startswith("curl "):  # the banner's last line: all of it is in
             up.set()
 
 
