@@ -51,8 +51,11 @@ def closed_loop(url: str, model: str, args: argparse.Namespace) -> LoadResult:
 
 
 @contextmanager
-def serving(command: list[str], ready_url: str, log: Path, timeout: float) -> Iterator[None]:
-    """Start ``command``, wait for ``ready_url`` to answer 200, and stop it with SIGINT after."""
+def serving(
+    command: list[str], ready_url: str, log: Path, timeout: float, banner: str | None = None
+) -> Iterator[None]:
+    """Start ``command``, wait for ``ready_url`` to answer 200 (and ``banner`` to appear in its
+    output), and stop it with SIGINT after."""
     if _ready(ready_url):
         raise RuntimeError(f"{ready_url} already answers before starting {command[0]}; stop it")
     with log.open("wb") as sink:
@@ -60,7 +63,7 @@ def serving(command: list[str], ready_url: str, log: Path, timeout: float) -> It
             command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        _wait_ready(process, ready_url, log, timeout)
+        _wait_ready(process, ready_url, log, timeout, banner)
         yield
     finally:
         _stop(process)
@@ -74,9 +77,13 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path, timeout: float) -> None:
+def _wait_ready(
+    process: subprocess.Popen[bytes], url: str, log: Path, timeout: float, banner: str | None
+) -> None:
+    # A mesh with no model registered yet is vacuously ready: the launcher's banner says that
+    # the demo models are registered and their workers warm.
     deadline = time.monotonic() + timeout
-    while not _ready(url):
+    while not (_ready(url) and (banner is None or banner.encode() in log.read_bytes())):
         if process.poll() is not None:
             raise RuntimeError(f"{log.stem} exited {process.returncode}:\n{_tail(log)}")
         if time.monotonic() > deadline:
@@ -127,7 +134,8 @@ def mesh_step(report: Report, args: argparse.Namespace, logs: Path, *, fused: bo
     url = args.gateway_url.rstrip("/")
     with tempfile.TemporaryDirectory(prefix=f"infermesh-bench-{setup}-") as state_dir:
         command = [args.infermesh, "up", "--state-dir", state_dir] + (["--fused"] if fused else [])
-        with serving(command, f"{url}/v2/health/ready", logs / f"{setup}.log", args.ready_timeout):
+        ready_url, log = f"{url}/v2/health/ready", logs / f"{setup}.log"
+        with serving(command, ready_url, log, args.ready_timeout, banner="infermesh is up"):
             mlp = _record(report, setup, closed_loop(url, "mlp", args))
             _record(report, setup, closed_loop(url, "encoder", args))
             rate = OPEN_LOAD_FRACTION * mlp.rps
