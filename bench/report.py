@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ class Run:
 
     setup: str
     result: LoadResult
+    round: int = 0
 
 
 @dataclass
@@ -28,37 +30,60 @@ class Report:
 
     command: str
     started: datetime
-    inprocess_rows_per_s: dict[str, float] = field(default_factory=dict)
+    inprocess_rows_per_s: dict[str, list[float]] = field(default_factory=dict)
+    """Per model, one figure per round."""
     runs: list[Run] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def find(self, setup: str, model: str, mode: str) -> LoadResult | None:
-        """Return the first run of ``setup`` for ``model`` in ``mode``, if there was one."""
+    def find(
+        self, setup: str, model: str, mode: str, round_: int | None = None
+    ) -> LoadResult | None:
+        """The first run of ``setup`` for ``model`` in ``mode`` (in ``round_`` if given)."""
         for run in self.runs:
-            if (run.setup, run.result.model, run.result.mode) == (setup, model, mode):
+            if (run.setup, run.result.model, run.result.mode) == (setup, model, mode) and (
+                round_ is None or run.round == round_
+            ):
                 return run.result
         return None
 
-    def ratios(self) -> dict[str, float | None]:
-        """Return the headline ratios; a ratio whose runs are missing is ``None``."""
-        plain = self.find("plain", "mlp", "closed")
-        encoder_mesh = self.find("mesh", "encoder", "closed")
-        encoder_ceiling = self.inprocess_rows_per_s.get("encoder")
-        ratios: dict[str, float | None] = {
-            "mesh_over_plain_mlp": _ratio(self.find("mesh", "mlp", "closed"), plain),
-            "fused_over_plain_mlp": _ratio(self.find("fused", "mlp", "closed"), plain),
-            "encoder_mesh_over_inprocess_b32": (
-                encoder_mesh.rows_per_s / encoder_ceiling
-                if encoder_mesh and encoder_ceiling
-                else None
+    def _per_round(self, numerator: str, denominator: str, model: str) -> list[float]:
+        """Ratio of two setups' closed-loop rows/s, one value per round that has both."""
+        values = []
+        for round_ in sorted({run.round for run in self.runs}):
+            top = self.find(numerator, model, "closed", round_)
+            if denominator == "in-process":
+                ceiling = self.inprocess_rows_per_s.get(model, [])
+                bottom = ceiling[round_] if round_ < len(ceiling) else None
+            else:
+                found = self.find(denominator, model, "closed", round_)
+                bottom = found.rows_per_s if found else None
+            if top is not None and bottom:
+                values.append(top.rows_per_s / bottom)
+        return values
+
+    def ratio_ranges(self) -> dict[str, list[float]]:
+        """Every headline ratio, one value per round (open-loop ones: a single run)."""
+        ranges = {
+            "mesh_over_plain_mlp": self._per_round("mesh", "plain", "mlp"),
+            "fused_over_plain_mlp": self._per_round("fused", "plain", "mlp"),
+            "encoder_mesh_over_inprocess_b32": self._per_round("mesh", "in-process", "encoder"),
+            "encoder_fused_over_inprocess_b32": self._per_round(
+                "fused", "in-process", "encoder"
             ),
         }
         for setup in ("mesh", "fused"):
             open_run = self.find(setup, "mlp", "open")
-            ratios[f"{setup}_p99_over_p50_at_80pct"] = (
-                open_run.latency.p99 / open_run.latency.p50 if open_run else None
+            ranges[f"{setup}_p99_over_p50_at_80pct"] = (
+                [open_run.latency.p99 / open_run.latency.p50] if open_run else []
             )
-        return ratios
+        return ranges
+
+    def ratios(self) -> dict[str, float | None]:
+        """The headline ratios as medians over rounds; ``None`` where runs are missing."""
+        return {
+            name: statistics.median(values) if values else None
+            for name, values in self.ratio_ranges().items()
+        }
 
     def to_dict(self) -> dict[str, object]:
         """Return the JSON document written next to the Markdown."""
@@ -67,8 +92,12 @@ class Report:
             "date": self.started.isoformat(timespec="seconds"),
             "machine": machine(),
             "inprocess_batch32_rows_per_s": self.inprocess_rows_per_s,
-            "runs": [{"setup": run.setup, **run.result.to_dict()} for run in self.runs],
+            "runs": [
+                {"setup": run.setup, "round": run.round, **run.result.to_dict()}
+                for run in self.runs
+            ],
             "ratios": self.ratios(),
+            "ratios_per_round": self.ratio_ranges(),
             "notes": self.notes,
         }
 
@@ -83,18 +112,26 @@ class Report:
             f"Python {info['python']}, 1-min load average {info['load_average_1m']} at the end "
             "(other processes on the machine compete for the same cores)",
             "- closed loop: concurrency 64, one row per request; open loop: Poisson arrivals at "
-            f"{OPEN_LOAD_FRACTION:.0%} of the closed-loop req/s (bench.loadgen)",
+            f"{OPEN_LOAD_FRACTION:.0%} of the rate the same Python client (bench.loadgen) "
+            "reaches in a closed loop just before (the last round's loadgen rows)",
             "",
-            "| setup | model | load | tool | req/s | rows/s | p50 ms | p99 ms | p99.9 ms "
+            "- rounds: every setup runs once per round, interleaved, all servers up throughout, "
+            "so slow spells of the shared machine hit every setup alike; ratios are per round",
+            "",
+            "| round | setup | model | load | tool | req/s | rows/s | p50 ms | p99 ms | p99.9 ms "
             "| errors | client send lag p99 ms |",
-            "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+            "|--:|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
         ]
-        for model, rows_per_s in self.inprocess_rows_per_s.items():
-            lines.append(f"| in-process | {model} | batch 32, tight loop | — | — "
-                         f"| {rows_per_s:,.0f} | — | — | — | — | — |")  # fmt: skip
+        for model, per_round in self.inprocess_rows_per_s.items():
+            for round_, rows_per_s in enumerate(per_round):
+                lines.append(f"| {round_} | in-process | {model} | batch 32, tight loop | — | — "
+                             f"| {rows_per_s:,.0f} | — | — | — | — | — |")  # fmt: skip
         lines += [_row(run) for run in self.runs]
-        lines += ["", "| ratio | value |", "|---|--:|"]
-        lines += [f"| {name} | {_fmt(value, '.2f')} |" for name, value in self.ratios().items()]
+        lines += ["", "| ratio | median | per round |", "|---|--:|---|"]
+        ranges = self.ratio_ranges()
+        for name, value in self.ratios().items():
+            spread = ", ".join(f"{v:.2f}" for v in ranges[name]) or "n/a"
+            lines.append(f"| {name} | {_fmt(value, '.2f')} | {spread} |")
         lines += [f"\n> {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
 
@@ -109,16 +146,11 @@ def _row(run: Run) -> str:
     lag = _fmt(result.send_lag.p99 if result.send_lag else None, ".2f")
     latency = result.latency
     return (
-        f"| {run.setup} | {result.model} | {load} | {result.tool} | {result.rps:,.0f} "
+        f"| {run.round} | {run.setup} | {result.model} | {load} | {result.tool} "
+        f"| {result.rps:,.0f} "
         f"| {result.rows_per_s:,.0f} | {latency.p50:.2f} | {latency.p99:.2f} "
         f"| {_fmt(latency.p999, '.2f')} | {result.errors} / {result.requests} | {lag} |"
     )
-
-
-def _ratio(numerator: LoadResult | None, denominator: LoadResult | None) -> float | None:
-    if numerator is None or denominator is None or not denominator.rps:
-        return None
-    return numerator.rps / denominator.rps
 
 
 def _fmt(value: float | None, spec: str) -> str:

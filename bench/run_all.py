@@ -1,16 +1,20 @@
 """Run every benchmark in one go and write a Markdown table plus a JSON file.
 
-    python -m bench.run_all [--duration 10] [--out bench/results/DATE.json] [--only baselines]
+    python -m bench.run_all [--duration 10] [--rounds 3] [--out bench/results/DATE.json]
 
-Steps: (a) the demo models in-process at batch 32; (b) the plain aiohttp server for ``mlp``,
-closed loop; (c) ``infermesh up`` and ``infermesh up --fused``: closed loop for ``mlp`` and
-``encoder``, then an open-loop Poisson run for ``mlp`` at 80% of the closed-loop rate.
-Closed loops use wrk where installed (it leaves the server more CPU), else ``bench.loadgen``.
+The plain aiohttp server, ``infermesh up`` (the mesh) and ``infermesh up --fused`` are all
+started first and stay up. Then, ``--rounds`` times, interleaved: the demo models in-process at
+batch 32, a closed loop (c=64) for ``mlp`` on each setup, and for ``encoder`` on mesh and
+fused. Last, an open-loop Poisson run for ``mlp`` on mesh and fused at 80% of their median
+closed-loop rate. Interleaving puts every setup under the same noise of the shared machine, so
+the ratios (computed per round) mean something. Closed loops use wrk where installed (it leaves
+the server more CPU), else ``bench.loadgen``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import signal
@@ -21,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,7 +56,8 @@ def closed_loop(url: str, model: str, args: argparse.Namespace) -> LoadResult:
 
 @contextmanager
 def serving(
-    command: list[str], ready_url: str, log: Path, timeout: float, banner: str | None = None
+    command: list[str], ready_url: str, log: Path, timeout: float, banner: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[None]:
     """Start ``command``, wait for ``ready_url`` to answer 200 (and ``banner`` to appear in its
     output), and stop it with SIGINT after."""
@@ -60,7 +65,8 @@ def serving(
         raise RuntimeError(f"{ready_url} already answers before starting {command[0]}; stop it")
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
         )
     try:
         _wait_ready(process, ready_url, log, timeout, banner)
@@ -106,48 +112,82 @@ def _tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def inprocess_step(report: Report, args: argparse.Namespace) -> None:
-    """(a) Rows/s of each demo model called in-process at batch 32."""
+SETUPS = {"mesh": (8000, 8200), "fused": (8010, 8210)}
+"""Gateway and registry ports of each launcher, so both run side by side."""
+
+
+def inprocess_round(report: Report, args: argparse.Namespace) -> None:
+    """Rows/s of each demo model called in-process at batch 32 (one figure per round)."""
     for model in ("mlp", "encoder"):
         rows_per_s = measure_inprocess(
             model, INPROCESS_BATCH, args.duration, cache_dir=args.cache_dir,
             artifact=_artifact(args, model),
         )  # fmt: skip
-        report.inprocess_rows_per_s[model] = rows_per_s
+        report.inprocess_rows_per_s.setdefault(model, []).append(rows_per_s)
         print(f"in-process {model} batch {INPROCESS_BATCH}: {rows_per_s:,.0f} rows/s", flush=True)
 
 
-def plain_step(report: Report, args: argparse.Namespace, logs: Path) -> None:
-    """(b) The plain aiohttp server for mlp, closed loop."""
+def start_plain(stack: ExitStack, args: argparse.Namespace, logs: Path) -> str:
+    """The plain aiohttp server for mlp (the model inline in its handler)."""
     url = f"http://127.0.0.1:{args.plain_port}"
     command = [sys.executable, "-m", "bench.plain_server", "--model", "mlp",
                "--port", str(args.plain_port), "--cache-dir", str(args.cache_dir)]  # fmt: skip
     if (artifact := _artifact(args, "mlp")) is not None:
         command += ["--artifact", str(artifact)]
-    with serving(command, f"{url}/v2/health/ready", logs / "plain_server.log", 120.0):
-        _record(report, "plain", closed_loop(url, "mlp", args))
+    ready, log = f"{url}/v2/health/ready", logs / "plain_server.log"
+    stack.enter_context(serving(command, ready, log, 120.0))
+    return url
 
 
-def mesh_step(report: Report, args: argparse.Namespace, logs: Path, *, fused: bool) -> None:
-    """(c) ``infermesh up [--fused]``: closed loop for both models, open loop at 80% for mlp."""
-    setup = "fused" if fused else "mesh"
-    url = args.gateway_url.rstrip("/")
-    with tempfile.TemporaryDirectory(prefix=f"infermesh-bench-{setup}-") as state_dir:
-        command = [args.infermesh, "up", "--state-dir", state_dir] + (["--fused"] if fused else [])
-        ready_url, log = f"{url}/v2/health/ready", logs / f"{setup}.log"
-        with serving(command, ready_url, log, args.ready_timeout, banner="infermesh is up"):
-            mlp = _record(report, setup, closed_loop(url, "mlp", args))
-            _record(report, setup, closed_loop(url, "encoder", args))
-            rate = OPEN_LOAD_FRACTION * mlp.rps
-            coro = run_open(url, "mlp", rate=rate, duration=args.duration, warmup=args.warmup)
-            _record(report, setup, uvloop.run(coro))
-        # Keep the services' own logs (and the batch sizes they saw) next to the figures.
-        shutil.copytree(Path(state_dir) / "logs", logs / f"{setup}-services", dirs_exist_ok=True)
+def start_launcher(stack: ExitStack, args: argparse.Namespace, logs: Path, setup: str) -> str:
+    """``infermesh up [--fused]`` on its own ports, etcd, Postgres and state dir."""
+    gateway_port, registry_port = SETUPS[setup]
+    state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"infermesh-{setup}-"))
+    # Registered after the state dir, so it runs before the dir is removed.
+    stack.callback(shutil.copytree, Path(state_dir) / "logs", logs / f"{setup}-services",
+                   dirs_exist_ok=True)  # fmt: skip
+    command = [args.infermesh, "up", "--state-dir", state_dir]
+    command += ["--fused"] if setup == "fused" else []
+    url = f"http://127.0.0.1:{gateway_port}"
+    env = {"INFERMESH_GATEWAY_HTTP_PORT": str(gateway_port),
+           "INFERMESH_REGISTRY_PORT": str(registry_port)}  # fmt: skip
+    stack.enter_context(serving(command, f"{url}/v2/health/ready", logs / f"{setup}.log",
+                                args.ready_timeout, banner="infermesh is up", env=env))  # fmt: skip
+    return url
 
 
-def _record(report: Report, setup: str, result: LoadResult) -> LoadResult:
-    report.runs.append(Run(setup, result))
-    print(f"{setup}: {result.summary_line()}", flush=True)
+def closed_round(
+    report: Report, args: argparse.Namespace, urls: dict[str, str], round_: int
+) -> None:
+    """One closed loop per (setup, model) pair, in a fixed order."""
+    for setup, url in urls.items():
+        _record(report, setup, closed_loop(url, "mlp", args), round_)
+    for setup, url in urls.items():
+        if setup != "plain":
+            _record(report, setup, closed_loop(url, "encoder", args), round_)
+
+
+def open_runs(report: Report, args: argparse.Namespace, urls: dict[str, str]) -> None:
+    """Poisson arrivals at 80% of the maximum rate, for mlp on mesh and fused.
+
+    The maximum is what the same Python client reaches in a closed loop (c=64): its own CPU
+    is then part of both figures, while wrk's far cheaper client would overstate what the
+    Python client can offer and push the open loop past saturation.
+    """
+    for setup, url in urls.items():
+        if setup == "plain":
+            continue
+        closed = run_closed(url, "mlp", concurrency=CONCURRENCY, duration=args.duration,
+                            warmup=args.warmup)  # fmt: skip
+        maximum = _record(report, setup, uvloop.run(closed), args.rounds).rows_per_s
+        coro = run_open(url, "mlp", rate=OPEN_LOAD_FRACTION * maximum, duration=args.duration,
+                        warmup=args.warmup)  # fmt: skip
+        _record(report, setup, uvloop.run(coro), args.rounds)
+
+
+def _record(report: Report, setup: str, result: LoadResult, round_: int) -> LoadResult:
+    report.runs.append(Run(setup, result, round_))
+    print(f"[{round_}] {setup}: {result.summary_line()}", flush=True)
     return result
 
 
@@ -162,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/DATE.json)")
     parser.add_argument("--only", choices=("all", "baselines"), default="all",
                         help="'baselines' skips the mesh and fused runs")  # fmt: skip
-    parser.add_argument("--gateway-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--plain-port", type=int, default=8500)
     parser.add_argument("--infermesh", default=".venv/bin/infermesh", help="launcher executable")
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds")
@@ -187,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(exist_ok=True)
     if not wrk_available():
         report.notes.append("wrk not found: closed loops used the Python client (bench.loadgen)")
-    inprocess_step(report, args)
-    plain_step(report, args, logs)
-    if args.only == "all":
-        mesh_step(report, args, logs, fused=False)
-        mesh_step(report, args, logs, fused=True)
+    with ExitStack() as stack:
+        urls = {"plain": start_plain(stack, args, logs)}
+        if args.only == "all":
+            for setup in SETUPS:
+                urls[setup] = start_launcher(stack, args, logs, setup)
+        for round_ in range(args.rounds):
+            inprocess_round(report, args)
+            closed_round(report, args, urls, round_)
+        open_runs(report, args, urls)
     markdown = report.markdown()
     print("\n" + markdown)
     out.write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2))
