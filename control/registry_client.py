@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -11,6 +10,8 @@ from urllib.parse import quote
 
 import aiohttp
 import orjson
+
+from services.mesh.digests import sha256_of
 
 READ_SIZE = 1024 * 1024
 
@@ -51,7 +52,7 @@ class RegistryClient:
 
         The file is hashed first so the registry rejects a copy damaged on the way.
         """
-        sha256 = await asyncio.to_thread(_hash_file, path)
+        sha256 = await asyncio.to_thread(sha256_of, path)
         return await self._call(
             "PUT", "/v1/artifacts", data=_read_chunks(path),
             headers={"X-Infermesh-Sha256": sha256, "Content-Type": "application/octet-stream"},
@@ -106,14 +107,6 @@ async def register_file(
         name, version, artifact_sha256=uploaded["sha256"], signature=signature,
         batching=batching, device=device,
     )
-
-
-def _hash_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(READ_SIZE):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 async def _read_chunks(path: Path) -> AsyncIterator[bytes]:

@@ -33,32 +33,44 @@ class ConfigView(Protocol):
     def subscribe(self, listener: Listener) -> None: ...
 
 
-class StaticConfig:
-    """An in-memory ConfigView: the fake of etcd for core unit tests and tools."""
+class _LocalConfig:
+    """Config values held in memory, readable at any time, with change listeners."""
 
     def __init__(self, values: dict[str, Any] | None = None) -> None:
-        self._values = dict(values or {})
+        self._values: dict[str, Any] = dict(values or {})
         self._listeners: list[Listener] = []
 
     def get(self, key: str) -> Any | None:
+        """The decoded value at `key` (relative to the prefix), or None."""
         return self._values.get(key)
 
     def items(self, subprefix: str) -> dict[str, Any]:
+        """Every key under `subprefix`, relative to the prefix."""
         return {k: v for k, v in self._values.items() if k.startswith(subprefix)}
 
     def subscribe(self, listener: Listener) -> None:
+        """Call `listener()` after every change applied."""
         self._listeners.append(listener)
+
+    def _call_listeners(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("config listener failed")
+
+
+class StaticConfig(_LocalConfig):
+    """An in-memory ConfigView: the fake of etcd for core unit tests and tools."""
 
     def put(self, key: str, value: Any) -> None:
         """Set a key and notify listeners, as a watch event would."""
         self._values[key] = value
-        for listener in self._listeners:
-            listener()
+        self._call_listeners()
 
     def delete(self, key: str) -> None:
         self._values.pop(key, None)
-        for listener in self._listeners:
-            listener()
+        self._call_listeners()
 
 
 def connect_client(url: str) -> aetcd.Client:
@@ -67,15 +79,14 @@ def connect_client(url: str) -> aetcd.Client:
     return aetcd.Client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379, timeout=5)
 
 
-class ConfigCache:
+class ConfigCache(_LocalConfig):
     """A local, always-readable copy of every key under `prefix`, kept fresh by a watch."""
 
     def __init__(self, client: aetcd.Client, prefix: str) -> None:
+        super().__init__()
         self._client = client
         self._prefix = prefix.encode()
-        self._values: dict[str, Any] = {}
         self._revision = 0
-        self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
         self._changed: asyncio.Condition | None = None
 
@@ -106,18 +117,6 @@ class ConfigCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-
-    def get(self, key: str) -> Any | None:
-        """The decoded value at `prefix + key`, or None."""
-        return self._values.get(key)
-
-    def items(self, subprefix: str) -> dict[str, Any]:
-        """Every key under `prefix + subprefix`, relative to the cache prefix."""
-        return {k: v for k, v in self._values.items() if k.startswith(subprefix)}
-
-    def subscribe(self, listener: Listener) -> None:
-        """Call `listener()` after every change the cache applies."""
-        self._listeners.append(listener)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Wait until `predicate()` holds after some change; TimeoutError otherwise."""
@@ -177,11 +176,7 @@ class ConfigCache:
             return None
 
     async def _notify(self) -> None:
-        for listener in self._listeners:
-            try:
-                listener()
-            except Exception:
-                log.exception("config listener failed")
+        self._call_listeners()
         if self._changed is not None:
             async with self._changed:
                 self._changed.notify_all()

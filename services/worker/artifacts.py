@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -11,19 +10,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from services.mesh.digests import sha256_of
 from services.mesh.errors import InternalError, Unavailable
 from services.mesh.types import ModelVersion
 
 CHUNK = 1 << 20
-
-
-def sha256_of(path: Path) -> str:
-    """Hash a file (blocking: call it in a thread)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ArtifactCache:

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from services.mesh.catalog import ModelCatalog
+from services.mesh.digests import sha256_of
 from services.mesh.errors import Unavailable
 from services.mesh.etcd import StaticConfig
 from services.mesh.tensors import Tensor
 from services.mesh.types import Batch, BatchingPolicy, ModelVersion, Rollout, Signature
-from services.worker.artifacts import ArtifactCache, sha256_of
+from services.worker.artifacts import ArtifactCache
 from services.worker.core import Worker
 from services.worker.demo_models import DemoModel
 from services.worker.factory import backend_factory
