@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 import orjson
 from aiohttp import web
@@ -53,6 +54,28 @@ class GatewayMetrics:
             ["model"], registry=registry,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
         )
+
+    @contextmanager
+    def track(self, model: str) -> Iterator[None]:
+        """Count one inference request by model and status, and time it."""
+        started, code = time.perf_counter(), 200
+        try:
+            yield
+        except errors.InfermeshError as exc:
+            code = status_of(exc)
+            raise
+        except web.HTTPException as exc:
+            code = exc.status
+            raise
+        except Exception:
+            code = 500
+            raise
+        finally:
+            # Names of unknown models come from clients: one label for all of them, so a
+            # scanner cannot grow the metric without bound.
+            label = "_unknown" if code == 404 else model
+            self.requests.labels(label, str(code)).inc()
+            self.latency.labels(label).observe(time.perf_counter() - started)
 
 
 METRICS = web.AppKey("gateway_metrics", GatewayMetrics)
@@ -110,30 +133,18 @@ async def model_ready(request: web.Request) -> web.Response:
 
 async def infer(request: web.Request) -> web.Response:
     core, model = request.app[CORE], request.match_info["model"]
-    started = time.perf_counter()
-    request_id = request.headers.get(REQUEST_ID) or core.new_request_id()
-    code = 200
-    try:
-        core.model_metadata(model, request.match_info.get("version"))
-        body = rest.parse_body(await request.read())
+    version = request.match_info.get("version")
+    with request.app[METRICS].track(model):
+        core.model_metadata(model, version)  # an unknown model is a 404 before the body is read
         infer_request = rest.decode_infer(
-            body, model=model, version=request.match_info.get("version"), request_id=request_id
+            rest.parse_body(await request.read()), model=model, version=version,
+            request_id=request.headers.get(REQUEST_ID) or core.new_request_id(),
         )
         response = await core.infer(infer_request)
         return web.Response(
             body=rest.encode_infer(response), content_type=JSON,
             headers={REQUEST_ID: response.request_id},
         )
-    except errors.InfermeshError as exc:
-        code = status_of(exc)
-        raise
-    except web.HTTPException as exc:
-        code = exc.status
-        raise
-    finally:
-        metrics = request.app[METRICS]
-        metrics.requests.labels(model, str(code)).inc()
-        metrics.latency.labels(model).observe(time.perf_counter() - started)
 
 
 def create_app(

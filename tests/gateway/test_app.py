@@ -245,3 +245,13 @@ async def test_requests_are_counted_by_status(make_client: ClientFactory) -> Non
     count = registry.get_sample_value
     assert count("infermesh_gateway_requests_total", {"model": "m", "code": "200"}) == 1
     assert count("infermesh_gateway_requests_total", {"model": "m", "code": "400"}) == 1
+
+
+async def test_unknown_model_names_share_one_metrics_label(make_client: ClientFactory) -> None:
+    registry = CollectorRegistry()
+    client = await make_client(registry=registry)
+    for name in ("scan-1", "scan-2", "scan-3"):
+        assert (await client.post(f"/v2/models/{name}/infer", json=BODY)).status == 404
+    count = registry.get_sample_value
+    assert count("infermesh_gateway_requests_total", {"model": "_unknown", "code": "404"}) == 3
+    assert count("infermesh_gateway_requests_total", {"model": "scan-1", "code": "404"}) is None
