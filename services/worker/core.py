@@ -82,7 +82,11 @@ class Worker:
             path = await self._artifacts.fetch(spec)
             backend = self._factory(spec)
             await asyncio.to_thread(backend.load, path)
-            await asyncio.to_thread(backend.warm_up, spec.batching.max_batch_size)
+            # Warm up in the inference thread itself: torch's per-thread state (OpenMP team,
+            # allocator caches) is then ready for the first real batch.
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, backend.warm_up, spec.batching.max_batch_size
+            )
             self._backends[key] = backend
             log.info("loaded %s/%s on %s in %.2fs", *key, backend.device,
                      time.perf_counter() - started)
