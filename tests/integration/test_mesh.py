@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 
@@ -162,3 +164,20 @@ async def test_a_new_model_is_served_by_a_worker_started_later(mesh: RunningMesh
         workers = await client.get_prefix(f"{mesh.prefix}endpoints/worker/".encode())
     serving = [orjson.loads(kv.value)["models"] for kv in workers]
     assert ["mlp-copy/1"] in serving  # its own worker process, found through etcd
+
+
+async def _router_pids(mesh: RunningMesh) -> set[int]:
+    client = connect_client(mesh.env["INFERMESH_ETCD_URL"])
+    async with client:
+        found = await client.get_prefix(f"{mesh.prefix}endpoints/router/".encode())
+    return {int(orjson.loads(kv.value)["instance"].rsplit("-", 1)[1]) for kv in found}
+
+
+async def test_a_crashed_service_is_restarted_and_serving_resumes(mesh: RunningMesh) -> None:
+    (old,) = await _router_pids(mesh)
+    os.kill(old, signal.SIGKILL)
+    body = await _infer_until_served(mesh, "/v2/models/mlp/infer", timeout=60)
+    assert body["model_name"] == "mlp"
+    # Served through a live router, so the supervisor's new one is registered (the dead one's
+    # key may linger until its lease expires).
+    assert (await _router_pids(mesh)) - {old}
