@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import uvloop
 
-from control.registry_client import RegistryClient, register_file
+from control.registry_client import RegistryClient, RegistryError, register_file
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
 from deploy.supervisor import Supervised
 from services.mesh.db import create_pool, migrate
@@ -127,8 +127,17 @@ class Launcher:
         client = RegistryClient(session, f"http://127.0.0.1:{self.registry_port}")
         await _wait_http(session, f"http://127.0.0.1:{self.registry_port}/v2/health/live", 60)
         for demo in models:
-            await register_file(client, demo.name, demo.version, demo.artifact, demo.signature,
-                                batching=demo.batching, device=demo.device)
+            try:
+                await register_file(client, demo.name, demo.version, demo.artifact,
+                                    demo.signature, batching=demo.batching, device=demo.device)
+            except RegistryError as exc:
+                if exc.status != 409:
+                    raise
+                # Rebuilt demo files differ in bytes (TorchScript writes a random id); the
+                # version registered earlier in this state dir keeps serving.
+                log.warning("demo model %s version %s is already registered with another "
+                            "artifact; keeping that one", demo.name, demo.version)
+                continue
             log.info("registered demo model %s version %s", demo.name, demo.version)
 
     async def _wait_ready(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
