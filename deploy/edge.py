@@ -1,0 +1,136 @@
+"""The HTTP/2 edge: nginx in front of the gateway (aiohttp has no HTTP/2).
+
+`start_edge` renders `deploy/nginx/edge.conf` into a state dir and runs nginx in the
+foreground as a child process: h2c on one port for REST and gRPC alike, and TLS h2 on another
+when a certificate and key are given. The same rendered file works as a reference config for
+deployments (`python -m deploy.edge --print ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+TEMPLATE = "nginx/edge.conf"
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """Where the edge listens and what it fronts."""
+
+    h2c_port: int
+    rest_upstream: str
+    """host:port of the gateway's REST (aiohttp) listener."""
+    grpc_upstream: str
+    """host:port of the gateway's gRPC listener."""
+    host: str = "127.0.0.1"
+    tls_port: int | None = None
+    certificate: Path | None = None
+    key: Path | None = None
+    max_body: str = "64m"
+
+
+def render(config: EdgeConfig, prefix: Path) -> str:
+    """The nginx configuration text for `config`, with runtime files under `prefix`."""
+    template = resources.files("deploy").joinpath(TEMPLATE).read_text()
+    tls = config.tls_port and config.certificate and config.key
+    tls_listen = (
+        f"        listen {config.host}:{config.tls_port} ssl http2;\n"
+        f"        ssl_certificate {config.certificate};\n"
+        f"        ssl_certificate_key {config.key};\n"
+        if tls else ""
+    )
+    return template.format(
+        prefix=prefix, max_body=config.max_body, rest_upstream=config.rest_upstream,
+        grpc_upstream=config.grpc_upstream, h2c_listen=f"{config.host}:{config.h2c_port}",
+        tls_listen=tls_listen,
+        tls_block_note=f"TLS h2 on {config.host}:{config.tls_port}" if tls else "no TLS listener",
+    )
+
+
+def nginx_binary() -> str | None:
+    """The nginx executable, if installed."""
+    return shutil.which("nginx") or next(
+        (str(p) for p in (Path("/usr/sbin/nginx"),) if p.exists()), None
+    )
+
+
+class Edge:
+    """A running nginx edge; `stop()` ends it (idempotent)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], prefix: Path) -> None:
+        self.process = process
+        self.prefix = prefix
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)  # graceful: finish open requests
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        deadline = time.monotonic() + 5
+        pid_file = self.prefix / "nginx.pid"
+        while pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def start_edge(config: EdgeConfig, prefix: Path) -> Edge:
+    """Render the config under `prefix` and start nginx; raises with its log on failure."""
+    binary = nginx_binary()
+    if binary is None:
+        raise RuntimeError("nginx is not installed (apt-get install nginx)")
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(render(config, prefix))
+    check = subprocess.run([binary, "-t", "-q", "-c", str(conf), "-p", str(prefix)],
+                           capture_output=True, text=True)  # fmt: skip
+    if check.returncode != 0:
+        raise RuntimeError(f"nginx rejected {conf}: {check.stderr.strip()}")
+    log = (prefix / "nginx.out").open("ab")
+    process = subprocess.Popen([binary, "-c", str(conf), "-p", str(prefix)], stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    log.close()
+    edge = Edge(process, prefix)
+    _wait_listening(edge, config)
+    return edge
+
+
+def _wait_listening(edge: Edge, config: EdgeConfig, timeout: float = 10.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if edge.process.poll() is not None:
+            raise RuntimeError(f"nginx exited: {(edge.prefix / 'error.log').read_text()[-2000:]}")
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            if probe.connect_ex((config.host, config.h2c_port)) == 0:
+                return
+        time.sleep(0.05)
+    edge.stop()
+    raise RuntimeError(f"nginx did not listen on {config.host}:{config.h2c_port}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the rendered configuration (for deployments that run their own nginx)."""
+    parser = argparse.ArgumentParser(prog="python -m deploy.edge", description=__doc__)
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--rest", default="127.0.0.1:8000")
+    parser.add_argument("--grpc", default="127.0.0.1:8001")
+    parser.add_argument("--prefix", type=Path, default=Path("/var/lib/infermesh-edge"))
+    args = parser.parse_args(argv)
+    sys.stdout.write(render(EdgeConfig(args.port, args.rest, args.grpc), args.prefix))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

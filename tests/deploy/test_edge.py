@@ -1,0 +1,87 @@
+"""The HTTP/2 edge: real nginx in front of a real aiohttp app, spoken to by an HTTP/2 client."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiohttp import web
+
+from deploy.edge import EdgeConfig, render, start_edge
+from deploy.localdeps import free_port
+
+
+@pytest.fixture
+def prefix() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="infermesh-edge-"))
+    root.chmod(0o755)  # nginx workers run as an unprivileged user and must reach it
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def rest_upstream() -> AsyncIterator[str]:
+    """An aiohttp app that echoes what the edge passed on."""
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({
+            "request_id": request.headers.get("X-Request-Id"),
+            "forwarded_for": request.headers.get("X-Forwarded-For"),
+            "body": (await request.read()).decode(),
+        })
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+def _certificate(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "edge.crt", folder / "edge.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_listener_only_with_a_certificate_and_key(prefix: Path) -> None:
+    plain = render(EdgeConfig(8080, "127.0.0.1:8000", "127.0.0.1:8001"), prefix)
+    assert "ssl http2" not in plain and "listen 127.0.0.1:8080 http2;" in plain
+    tls = render(EdgeConfig(8080, "a:1", "b:2", tls_port=8443, certificate=Path("/c"),
+                            key=Path("/k")), prefix)  # fmt: skip
+    assert "listen 127.0.0.1:8443 ssl http2;" in tls and "ssl_certificate_key /k;" in tls
+
+
+async def test_rest_over_h2c_and_tls_h2_reaches_the_gateway_port(
+    prefix: Path, rest_upstream: str
+) -> None:
+    cert, key = await asyncio.to_thread(_certificate, prefix)
+    config = EdgeConfig(free_port(), rest_upstream, "127.0.0.1:9", tls_port=free_port(),
+                        certificate=cert, key=key)  # fmt: skip
+    edge = await asyncio.to_thread(start_edge, config, prefix / "run")
+    try:
+        async with httpx.AsyncClient(http1=False, http2=True) as client:
+            url = f"http://127.0.0.1:{config.h2c_port}/v2/x"
+            answer = await client.post(url, content=b"hi", headers={"X-Request-Id": "req-7"})
+        assert answer.http_version == "HTTP/2"
+        assert answer.json() == {"request_id": "req-7", "forwarded_for": "127.0.0.1",
+                                 "body": "hi"}  # fmt: skip
+        async with httpx.AsyncClient(http2=True, verify=False) as client:
+            answer = await client.get(f"https://127.0.0.1:{config.tls_port}/v2/x")
+        assert answer.http_version == "HTTP/2"
+        assert len(answer.json()["request_id"]) == 32  # nginx's own id when none is sent
+    finally:
+        await asyncio.to_thread(edge.stop)
+    assert edge.process.poll() is not None
