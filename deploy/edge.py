@@ -3,7 +3,7 @@
 `start_edge` renders `deploy/nginx/edge.conf` into a state dir and runs nginx in the
 foreground as a child process: h2c on one port for REST and gRPC alike, and TLS h2 on another
 when a certificate and key are given. The same rendered file works as a reference config for
-deployments (`python -m deploy.edge --print ...`).
+deployments (`python -m deploy.edge --port 8080 --rest HOST:PORT --grpc HOST:PORT`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from services.batcher.metrics import BatcherMetrics
 from services.batcher.workers import LocalWorkerPool
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
+from services.gateway.grpc_app import create_grpc_server
 from services.gateway.settings import GatewaySettings
 from services.mesh import telemetry
 from services.mesh.catalog import ModelCatalog
@@ -51,10 +52,18 @@ async def main() -> None:
         batcher.start()
         worker.start()
         app = create_app(gateway, max_body_bytes=settings.max_body_bytes, registry=registry)
+        grpc_server, grpc_port = create_grpc_server(
+            gateway, host=settings.host, port=settings.grpc_port,
+            compression=settings.grpc_compression, max_message_bytes=settings.max_body_bytes,
+        )
+        await grpc_server.start()
         try:
-            await node.serve(app, roles={"gateway": {"fused": True},
-                                         "worker": {"fused": True, "models": []}})
+            await node.serve(app, roles={
+                "gateway": {"fused": True, "grpc": f"{settings.host}:{grpc_port}"},
+                "worker": {"fused": True, "models": []},
+            })
         finally:
+            await grpc_server.stop(grace=settings.drain_timeout)
             await batcher.aclose()
             await worker.aclose()
 

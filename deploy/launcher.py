@@ -17,13 +17,16 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 import asyncio  # noqa: E402
 import contextlib
 import logging
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import aiohttp
 import uvloop
 
 from control.registry_client import RegistryClient, RegistryError, register_file
+from deploy.edge import Edge, EdgeConfig, nginx_binary, start_edge
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
 from deploy.supervisor import Supervised
 from services.mesh.db import create_pool, migrate
@@ -40,7 +43,10 @@ class Launcher:
         self.fused = fused
         self.demo = demo
         self.gateway_port = int(os.environ.get("INFERMESH_GATEWAY_HTTP_PORT", "8000"))
+        self.grpc_port = int(os.environ.get("INFERMESH_GATEWAY_GRPC_PORT", "8001"))
         self.registry_port = int(os.environ.get("INFERMESH_REGISTRY_PORT", "8200"))
+        self.edge = _edge_config(self.gateway_port, self.grpc_port)
+        self._edge: Edge | None = None
         self.prefix = os.environ.get("INFERMESH_ETCD_PREFIX", "/infermesh/")
         self._etcd: LocalEtcd | None = None
         self._postgres: LocalPostgres | None = None
@@ -64,6 +70,7 @@ class Launcher:
             "INFERMESH_REGISTRY_PORT": str(self.registry_port),
             "INFERMESH_REGISTRY_ARTIFACT_DIR": str(self.state_dir / "artifacts"),
             "INFERMESH_GATEWAY_HTTP_PORT": str(self.gateway_port),
+            "INFERMESH_GATEWAY_GRPC_PORT": str(self.grpc_port),
             "INFERMESH_WORKER_CACHE_DIR": str(self.state_dir / "worker-cache"),
         }
 
@@ -101,15 +108,30 @@ class Launcher:
             if not self.fused:
                 config.subscribe(lambda: self._ensure_workers(config))
                 self._ensure_workers(config)
+            await self._start_edge()
             async with aiohttp.ClientSession() as session:
-                if self.demo:
-                    await self._register_demo_models(session)
-                await self._wait_ready(session, stop)
+                models = await self._register_demo_models(session) if self.demo else []
+                await self._wait_ready(session, stop, models)
             await stop.wait()
         finally:
             await config.aclose()
             await etcd.close()
+            if self._edge is not None:
+                await asyncio.to_thread(self._edge.stop)
+                await asyncio.to_thread(shutil.rmtree, self._edge.prefix, True)
             await self.stop_children()
+
+    async def _start_edge(self) -> None:
+        """nginx in front of the gateway for HTTP/2, when nginx is installed."""
+        if self.edge is None:
+            return
+        if nginx_binary() is None:
+            log.warning("nginx not found: no HTTP/2 edge (REST over HTTP/1.1 and gRPC still work)")
+            return
+        # nginx workers run unprivileged: their temp dirs must not sit under a private dir.
+        prefix = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="infermesh-edge-"))
+        await asyncio.to_thread(prefix.chmod, 0o755)
+        self._edge = await asyncio.to_thread(start_edge, self.edge, prefix)
 
     def _ensure_workers(self, config: ConfigCache) -> None:
         """One worker process per registered model (the local actuator's floor)."""
@@ -120,7 +142,7 @@ class Launcher:
                     f"worker-{model}", "services.worker", INFERMESH_WORKER_MODELS=model
                 )
 
-    async def _register_demo_models(self, session: aiohttp.ClientSession) -> None:
+    async def _register_demo_models(self, session: aiohttp.ClientSession) -> list[str]:
         from services.worker.demo_models import build_demo_models
 
         models = await asyncio.to_thread(build_demo_models, self.state_dir / "demo-models")
@@ -139,10 +161,15 @@ class Launcher:
                             "artifact; keeping that one", demo.name, demo.version)
                 continue
             log.info("registered demo model %s version %s", demo.name, demo.version)
+        return [demo.name for demo in models]
 
-    async def _wait_ready(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
-        url = f"http://127.0.0.1:{self.gateway_port}/v2/health/ready"
-        waiter = asyncio.create_task(_wait_http(session, url, 300))
+    async def _wait_ready(
+        self, session: aiohttp.ClientSession, stop: asyncio.Event, models: list[str]
+    ) -> None:
+        """Wait for the gateway, and for each model named to be ready to serve."""
+        base = f"http://127.0.0.1:{self.gateway_port}/v2"
+        urls = [f"{base}/health/ready", *(f"{base}/models/{m}/ready" for m in models)]
+        waiter = asyncio.create_task(_wait_all(session, urls, 300))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
@@ -159,6 +186,8 @@ class Launcher:
         return "\n".join([
             f"infermesh is up ({'fused' if self.fused else 'mesh'} mode); Ctrl-C stops it.",
             f"  gateway (OIP v2 REST)  {gateway}",
+            f"  gateway (OIP v2 gRPC)  127.0.0.1:{self.grpc_port}",
+            *self._edge_lines(),
             f"  registry               http://127.0.0.1:{self.registry_port}",
             f"  etcd                   {self._env['INFERMESH_ETCD_URL']}",
             f"  logs                   {self.state_dir / 'logs'}",
@@ -167,11 +196,38 @@ class Launcher:
             f"-H 'Content-Type: application/json' -d '{body}'",
         ])
 
+    def _edge_lines(self) -> list[str]:
+        if self._edge is None or self.edge is None:
+            return []
+        lines = [f"  edge (HTTP/2 h2c: REST + gRPC)  127.0.0.1:{self.edge.h2c_port}"]
+        if self.edge.tls_port and self.edge.certificate:
+            lines.append(f"  edge (HTTP/2 TLS: REST + gRPC)  127.0.0.1:{self.edge.tls_port}")
+        return lines
+
     async def stop_children(self) -> None:
         """Stop services in reverse order of start: data plane first, registry last."""
         for child in reversed(self._children):
             await child.stop()
         self._children.clear()
+
+
+def _edge_config(gateway_port: int, grpc_port: int) -> EdgeConfig | None:
+    """The edge from `INFERMESH_EDGE_*` (port 8080; TLS on 8443 with a cert and key)."""
+    if os.environ.get("INFERMESH_EDGE", "1") == "0":
+        return None
+    cert, key = os.environ.get("INFERMESH_EDGE_CERT"), os.environ.get("INFERMESH_EDGE_KEY")
+    return EdgeConfig(
+        h2c_port=int(os.environ.get("INFERMESH_EDGE_PORT", "8080")),
+        rest_upstream=f"127.0.0.1:{gateway_port}", grpc_upstream=f"127.0.0.1:{grpc_port}",
+        tls_port=int(os.environ.get("INFERMESH_EDGE_TLS_PORT", "8443")) if cert and key else None,
+        certificate=Path(cert) if cert else None, key=Path(key) if key else None,
+    )
+
+
+async def _wait_all(session: aiohttp.ClientSession, urls: list[str], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        for url in urls:
+            await _wait_http(session, url, timeout)
 
 
 async def _wait_http(session: aiohttp.ClientSession, url: str, timeout: float) -> None:

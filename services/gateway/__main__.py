@@ -6,6 +6,7 @@ import dataclasses
 
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
+from services.gateway.grpc_app import create_grpc_server
 from services.gateway.settings import GatewaySettings
 from services.mesh import telemetry
 from services.mesh.catalog import ModelCatalog
@@ -27,9 +28,16 @@ async def main() -> None:
             ModelCatalog(node.config), LinkedInferTarget(routers),
             default_timeout=settings.default_timeout,
         )
+        grpc_server, grpc_port = create_grpc_server(
+            core, host=settings.host, port=settings.grpc_port,
+            compression=settings.grpc_compression, max_message_bytes=settings.max_body_bytes,
+        )
+        await grpc_server.start()
         try:
-            await node.serve(create_app(core, max_body_bytes=settings.max_body_bytes))
+            await node.serve(create_app(core, max_body_bytes=settings.max_body_bytes),
+                             roles={"gateway": {"grpc": f"{settings.host}:{grpc_port}"}})
         finally:
+            await grpc_server.stop(grace=settings.drain_timeout)
             await routers.aclose()
 
 

@@ -11,8 +11,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from services.gateway import rest
-from services.gateway.core import Gateway
+from services.gateway import binary, rest
+from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
 from services.mesh import errors
 from services.mesh.metrics import add_metrics_route
 
@@ -106,7 +106,7 @@ async def error_middleware(
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    body = {"name": "infermesh", "version": "0.1.0", "extensions": []}
+    body = {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
     return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
 
 
@@ -136,15 +136,25 @@ async def infer(request: web.Request) -> web.Response:
     version = request.match_info.get("version")
     with request.app[METRICS].track(model):
         core.model_metadata(model, version)  # an unknown model is a 404 before the body is read
-        infer_request = rest.decode_infer(
-            rest.parse_body(await request.read()), model=model, version=version,
+        # aiohttp has already undone any Content-Encoding, within client_max_size.
+        infer_request, output_format = rest.decode_infer_body(
+            await request.read(), header_length=request.headers.get(binary.HEADER_LENGTH),
+            model=model, version=version,
             request_id=request.headers.get(REQUEST_ID) or core.new_request_id(),
         )
         response = await core.infer(infer_request)
-        return web.Response(
-            body=rest.encode_infer(response), content_type=JSON,
-            headers={REQUEST_ID: response.request_id},
-        )
+        body, header_length = rest.encode_infer_parts(response, output_format)
+        return _infer_response(body, header_length, request_id=response.request_id)
+
+
+def _infer_response(body: bytes, header_length: int | None, *, request_id: str) -> web.Response:
+    headers = {REQUEST_ID: request_id}
+    if header_length is not None:
+        headers[binary.HEADER_LENGTH] = str(header_length)
+    content_type = JSON if header_length is None else "application/octet-stream"
+    response = web.Response(body=body, content_type=content_type, headers=headers)
+    response.enable_compression()  # gzip or deflate when the client's Accept-Encoding asks
+    return response
 
 
 def create_app(

@@ -13,6 +13,9 @@ from services.mesh.hops import InferTarget
 from services.mesh.types import InferRequest, InferResponse, ModelVersion
 
 _TRACER = "infermesh.gateway"
+SERVER_NAME = "infermesh"
+SERVER_VERSION = "0.1.0"
+"""What the OIP server metadata endpoints report."""
 
 
 class Gateway:

@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 JSON ⇄ domain types for the REST adapter. Pure functions.
 
 Input data arrives as JSON lists (flat or nested) and is converted once, here, into raw
-tensor bytes; from then on no hop re-encodes it. Every error names the field at fault.
+tensor bytes, or as binary data (see `binary`) that is sliced, not converted; from then on no
+hop re-encodes it. Every error names the field at fault.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from services.gateway.binary import OutputFormat, binary_chunks, output_format, split_body
 from services.mesh.errors import InvalidInput
 from services.mesh.tensors import DATATYPES, DTYPES, Tensor, element_count, serialize_bytes
 from services.mesh.types import InferRequest, InferResponse, ModelVersion
@@ -19,7 +21,7 @@ _ORJSON_NUMPY = {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "
                  "UINT64", "FP32", "FP64"}
 
 
-def parse_body(body: bytes) -> dict[str, Any]:
+def parse_body(body: bytes | memoryview) -> dict[str, Any]:
     """The JSON object of a request body; InvalidInput when it is not one."""
     try:
         parsed = orjson.loads(body)
@@ -30,27 +32,44 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return parsed
 
 
+def decode_infer_body(
+    body: bytes, *, header_length: str | None, model: str, version: str | None, request_id: str
+) -> tuple[InferRequest, OutputFormat]:
+    """The InferRequest in a whole request body (JSON, or JSON then binary tensor data) and
+    the output format it asks for; `header_length` is its Inference-Header-Content-Length."""
+    header, tail = split_body(body, header_length)
+    parsed = parse_body(header)
+    request = decode_infer(parsed, model=model, version=version, request_id=request_id,
+                           binary=tail)
+    return request, output_format(parsed)
+
+
 def decode_infer(
-    body: dict[str, Any], *, model: str, version: str | None, request_id: str
+    body: dict[str, Any], *, model: str, version: str | None, request_id: str,
+    binary: memoryview | None = None,
 ) -> InferRequest:
-    """An InferRequest from an OIP inference request object."""
+    """An InferRequest from an OIP inference request object and its binary tail, if any."""
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("'inputs' must be a non-empty list")
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput("'parameters' must be an object")
+    # How outputs are encoded is this adapter's business, not the model's.
+    parameters = {k: v for k, v in parameters.items() if k != "binary_data_output"}
+    chunks = binary_chunks(inputs, binary if binary is not None else memoryview(b""))
     client_id = body.get("id")
     if client_id is not None and not isinstance(client_id, str):
         raise InvalidInput("'id' must be a string")
     return InferRequest(
         model=model, version=version, request_id=client_id or request_id,
-        inputs=[_decode_input(raw, index) for index, raw in enumerate(inputs)],
+        inputs=[_decode_input(raw, index, chunk) for index, (raw, chunk)
+                in enumerate(zip(inputs, chunks, strict=True))],
         outputs=_decode_outputs(body.get("outputs")), parameters=parameters,
     )
 
 
-def _decode_input(raw: Any, index: int) -> Tensor:
+def _decode_input(raw: Any, index: int, chunk: memoryview | None) -> Tensor:
     if not isinstance(raw, dict):
         raise InvalidInput(f"inputs[{index}] must be an object")
     name = raw.get("name")
@@ -61,6 +80,8 @@ def _decode_input(raw: Any, index: int) -> Tensor:
         raise InvalidInput(f"input '{name}': unknown datatype {datatype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers")
+    if chunk is not None:
+        return Tensor(name, datatype, tuple(shape), chunk)
     if "data" not in raw:
         raise InvalidInput(f"input '{name}': 'data' is missing")
     data = _to_bytes(name, datatype, raw["data"], element_count(tuple(shape)))
@@ -104,15 +125,32 @@ def _decode_outputs(raw: Any) -> list[str] | None:
 
 
 def encode_infer(response: InferResponse) -> bytes:
-    """The OIP inference response JSON for a response."""
-    body = {
+    """The OIP inference response JSON for a response, every output as JSON data."""
+    body, _ = encode_infer_parts(response, OutputFormat())
+    return body
+
+
+def encode_infer_parts(
+    response: InferResponse, output_format: OutputFormat
+) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the length of its JSON header."""
+    binary = [t for t in response.outputs if output_format.is_binary(t.name)]
+    header = orjson.dumps({
         "model_name": response.model,
         "model_version": response.version,
         "id": response.request_id,
         "parameters": response.parameters,
-        "outputs": [_encode_output(t) for t in response.outputs],
-    }
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        "outputs": [_encode_binary_output(t) if output_format.is_binary(t.name)
+                    else _encode_output(t) for t in response.outputs],
+    }, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not binary:
+        return header, None
+    return b"".join([header, *(t.data for t in binary)]), len(header)
+
+
+def _encode_binary_output(tensor: Tensor) -> dict[str, Any]:
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
+            "parameters": {"binary_data_size": memoryview(tensor.data).nbytes}}
 
 
 def _encode_output(tensor: Tensor) -> dict[str, Any]:

@@ -11,6 +11,11 @@ from services.mesh.settings import ServiceSettings
 class GatewaySettings(ServiceSettings):
     http_port: int = 8000
     """Port of the OIP v2 REST API."""
+    grpc_port: int = 8001
+    """Port of the OIP gRPC API (`inference.GRPCInferenceService`)."""
+    grpc_compression: str = ""
+    """Compression of gRPC responses: "gzip", "deflate" or "" for none (requests are always
+    accepted compressed)."""
     max_body_bytes: int = 64 << 20
     """Largest request body accepted; larger gets a 413 naming the limit."""
     default_timeout: float = 30.0

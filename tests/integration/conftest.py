@@ -26,8 +26,12 @@ class RunningMesh:
     state_dir: Path
     gateway: str
     registry: str
+    grpc: str
+    """The gateway's gRPC address, host:port."""
     prefix: str
     env: dict[str, str]
+    edge_port: int = 0
+    """The nginx HTTP/2 edge's h2c port (REST and gRPC)."""
     output: list[str] = field(default_factory=list)
 
     def curl_line(self) -> str:
@@ -58,11 +62,12 @@ def mesh_processes(marker: str) -> list[int]:
 
 def start_mesh(state_dir: Path, *, fused: bool, env: dict[str, str]) -> RunningMesh:
     """Run `infermesh up` and wait (up to 240 s) for its banner."""
-    gateway_port, registry_port = free_port(), free_port()
+    gateway_port, registry_port, grpc_port, edge_port = (free_port() for _ in range(4))
     prefix = env.get("INFERMESH_ETCD_PREFIX", f"/infermesh-it-{uuid.uuid4().hex[:8]}/")
     full_env = {
         **os.environ, **env, "INFERMESH_ETCD_PREFIX": prefix,
         "INFERMESH_GATEWAY_HTTP_PORT": str(gateway_port),
+        "INFERMESH_GATEWAY_GRPC_PORT": str(grpc_port), "INFERMESH_EDGE_PORT": str(edge_port),
         "INFERMESH_REGISTRY_PORT": str(registry_port), "INFERMESH_TEST_MARKER": prefix,
     }
     args = [sys.executable, "-m", "control.cli", "up", "--state-dir", str(state_dir)]
@@ -71,7 +76,8 @@ def start_mesh(state_dir: Path, *, fused: bool, env: dict[str, str]) -> RunningM
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     mesh = RunningMesh(process, state_dir, f"http://127.0.0.1:{gateway_port}",
-                       f"http://127.0.0.1:{registry_port}", prefix, full_env)
+                       f"http://127.0.0.1:{registry_port}", f"127.0.0.1:{grpc_port}",
+                       prefix, full_env, edge_port)
     up = threading.Event()
     threading.Thread(target=_pump, args=(mesh, up), daemon=True).start()
     if not up.wait(240):

@@ -12,6 +12,7 @@ import aiohttp
 import numpy as np
 import orjson
 import pytest
+import tritonclient.grpc.aio as aioclient
 
 from tests.integration.conftest import RunningMesh, start_mesh, stop_and_check
 from tests.integration.oip import (
@@ -59,3 +60,17 @@ async def test_fused_outputs_match_the_model_called_in_process(
     assert status == 200, body
     expected = reference(fused.state_dir, model, array)
     np.testing.assert_allclose(output_array(body), expected, rtol=1e-5, atol=1e-5)
+
+
+async def test_fused_serves_grpc(fused: RunningMesh) -> None:
+    array = mlp_input(2)
+    client = aioclient.InferenceServerClient(url=fused.grpc)
+    try:
+        tensor = aioclient.InferInput("features", list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array)
+        result = await client.infer("mlp", [tensor])
+    finally:
+        await client.close()
+    output = result.as_numpy(result.get_response().outputs[0].name)
+    expected = reference(fused.state_dir, "mlp", array)
+    np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)

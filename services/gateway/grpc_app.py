@@ -1,0 +1,210 @@
+"""The gateway's gRPC adapter: `inference.GRPCInferenceService` over grpc.aio. Thin handlers.
+
+We use tritonclient's generated code (`tritonclient.grpc.service_pb2` and `service_pb2_grpc`,
+pinned with tritonclient 2.73) rather than vendoring the Open Inference Protocol `.proto`:
+the server speaks byte-for-byte what stock Triton clients send. Every RPC calls the same
+`Gateway` core as the REST adapter; message conversion lives in `grpc_messages`.
+
+Errors from the core map to gRPC status codes in `STATUS`, the one table of this adapter.
+Unary RPCs fail with that status; a stream reports a failed request in its response's
+`error_message` and keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from services.gateway import grpc_messages
+from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
+from services.mesh import errors
+
+log = logging.getLogger(__name__)
+
+# The one table from the error tree to gRPC status codes (subclasses first by MRO lookup).
+STATUS: dict[type[errors.InfermeshError], grpc.StatusCode] = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Overloaded: grpc.StatusCode.UNAVAILABLE,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.InternalError: grpc.StatusCode.INTERNAL,
+}
+COMPRESSION = {
+    "": grpc.Compression.NoCompression,
+    "gzip": grpc.Compression.Gzip,
+    "deflate": grpc.Compression.Deflate,
+}
+
+
+def status_of(error: errors.InfermeshError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+Handler = Callable[[Any, Any, Any], Awaitable[Any]]
+
+
+def mapped(handler: Handler) -> Handler:
+    """End a unary RPC with the status of the error it raised (retry-after in the trailer)."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await handler(self, request, context)
+        except errors.InfermeshError as exc:
+            trailer = () if exc.retry_after is None else (
+                ("retry-after", str(max(1, math.ceil(exc.retry_after)))),
+            )
+            await context.abort(status_of(exc), exc.message, trailing_metadata=trailer)
+        except Exception:
+            log.exception("unhandled error serving gRPC %s", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    return wrapper
+
+
+def deadline_of(context: Any) -> float | None:
+    """The call's gRPC deadline (`grpc-timeout`) as wall-clock time, None when it has none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.time() + remaining
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The OIP gRPC service over a gateway core."""
+
+    def __init__(self, core: Gateway) -> None:
+        self._core = core
+
+    @mapped
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=self._core.live())
+
+    @mapped
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self._core.ready())
+
+    @mapped
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION)
+
+    @mapped
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        ready = self._core.model_ready(request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=ready)
+
+    @mapped
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        spec = self._core.model_metadata(request.name, request.version or None)
+        return grpc_messages.model_metadata(spec, self._core.model_versions(request.name))
+
+    @mapped
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self._infer(request, deadline_of(context))
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        """Answer each request of the stream as it completes, many in flight at once."""
+        stream = _Stream(self._infer, context)
+        async for response in stream.responses(request_iterator):
+            yield response
+
+    async def _infer(self, request: Any, deadline: float | None) -> Any:
+        request_id = request.id or self._core.new_request_id()
+        infer_request = grpc_messages.decode_infer(
+            request, request_id=request_id, deadline=deadline
+        )
+        return grpc_messages.encode_infer(await self._core.infer(infer_request))
+
+
+class _Stream:
+    """One ModelStreamInfer call: a task per request, one writer (the response generator)."""
+
+    def __init__(
+        self, infer: Callable[[Any, float | None], Awaitable[Any]], context: Any
+    ) -> None:
+        self._infer = infer
+        self._context = context
+        self._answers: asyncio.Queue[Any] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def responses(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while (answer := await self._answers.get()) is not None:
+                yield answer
+            await reader  # surfaces a broken request stream
+        finally:
+            for task in (reader, *self._tasks):
+                task.cancel()
+            await asyncio.gather(reader, *self._tasks, return_exceptions=True)
+
+    async def _read(self, requests: AsyncIterator[Any]) -> None:
+        try:
+            async for request in requests:
+                task = asyncio.create_task(self._answer(request))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if self._tasks:
+                await asyncio.wait(set(self._tasks))
+        finally:
+            self._answers.put_nowait(None)
+
+    async def _answer(self, request: Any) -> None:
+        try:
+            response = pb.ModelStreamInferResponse(
+                infer_response=await self._infer(request, deadline_of(self._context))
+            )
+        except errors.InfermeshError as exc:
+            response = _stream_error(request, exc.message)
+        except Exception:
+            log.exception("unhandled error serving a gRPC stream request")
+            response = _stream_error(request, "internal error")
+        self._answers.put_nowait(response)
+
+
+def _stream_error(request: Any, message: str) -> Any:
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id,
+        ),
+    )
+
+
+def create_grpc_server(
+    core: Gateway, *, host: str, port: int, compression: str | None = None,
+    max_message_bytes: int = 64 << 20,
+) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server (not started) bound to host:port, and the port it bound (0 picks one).
+
+    Requests compressed with gzip or deflate are always accepted; `compression` ("gzip",
+    "deflate") compresses responses too.
+    """
+    if (compression or "") not in COMPRESSION:
+        raise ValueError(f"unknown gRPC compression {compression!r} (gzip, deflate or none)")
+    server = grpc.aio.server(
+        compression=COMPRESSION[compression or ""],
+        options=[("grpc.max_receive_message_length", max_message_bytes),
+                 ("grpc.max_send_message_length", max_message_bytes)],
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(core), server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    return server, bound

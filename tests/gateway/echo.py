@@ -1,0 +1,60 @@
+"""A gateway over an in-memory catalog and a router that echoes each input back as an output.
+
+Model `echo` takes `features` (FP32, any 2-d shape); model `pair` takes `features` (FP32,
+[-1, 2]) and `text` (BYTES, [-1]). Each input `x` comes back as output `x_echo`, same bytes.
+"""
+
+from __future__ import annotations
+
+from services.gateway.core import Gateway
+from services.mesh.catalog import ModelCatalog
+from services.mesh.etcd import StaticConfig
+from services.mesh.tensors import Tensor
+from services.mesh.types import (
+    BatchingPolicy,
+    InferRequest,
+    InferResponse,
+    ModelVersion,
+    Rollout,
+    Signature,
+    TensorSpec,
+)
+
+SIGNATURES = {
+    "echo": Signature(
+        inputs=(TensorSpec("features", "FP32", (-1, -1)),),
+        outputs=(TensorSpec("features_echo", "FP32", (-1, -1)),),
+    ),
+    "pair": Signature(
+        inputs=(TensorSpec("features", "FP32", (-1, 2)), TensorSpec("text", "BYTES", (-1,))),
+        outputs=(TensorSpec("features_echo", "FP32", (-1, 2)),
+                 TensorSpec("text_echo", "BYTES", (-1,))),
+    ),
+}
+
+
+class EchoRouter:
+    """Returns every input as `<name>_echo`, sharing its bytes."""
+
+    def __init__(self) -> None:
+        self.seen: list[InferRequest] = []
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        self.seen.append(request)
+        outputs = [Tensor(f"{t.name}_echo", t.datatype, t.shape, t.data) for t in request.inputs]
+        return InferResponse(request.model, request.version or "1", "router-id", outputs)
+
+
+def echo_config() -> StaticConfig:
+    """Both models at version 1, stable, with a ready worker."""
+    values: dict[str, object] = {"endpoints/worker/w1": {"models": ["echo/1", "pair/1"]}}
+    for model, signature in SIGNATURES.items():
+        spec = ModelVersion(model, "1", signature, "file:///dev/null", "0" * 64,
+                            batching=BatchingPolicy(max_batch_size=8))
+        values[f"models/{model}/1"] = spec.to_json()
+        values[f"rollouts/{model}"] = Rollout.stable(model, "1").to_json()
+    return StaticConfig(values)
+
+
+def echo_gateway(router: EchoRouter) -> Gateway:
+    return Gateway(ModelCatalog(echo_config()), router)
