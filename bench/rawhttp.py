@@ -9,6 +9,7 @@ Content-Length of the answer (~20-40 µs per request).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 
@@ -44,22 +45,27 @@ class _Connection(asyncio.Protocol):
 
 
 def _content_length(head: bytes) -> int:
-    at = head.find(b"content-length:")
+    # Anchored at a line start, so Inference-Header-Content-Length does not match.
+    at = head.find(b"\r\ncontent-length:")
     if at < 0:
         return 0
-    line_end = head.find(b"\r\n", at)
-    return int(head[at + 15 : line_end if line_end > 0 else None])
+    line_end = head.find(b"\r\n", at + 2)
+    return int(head[at + 17 : line_end if line_end > 0 else None])
 
 
 class RawClient:
     """POSTs one fixed body to one URL over a pool of keep-alive connections."""
 
-    def __init__(self, url: str, body: bytes, *, content_type: str = "application/json") -> None:
+    def __init__(
+        self, url: str, body: bytes, *, content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         parts = urlsplit(url)
         self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         head = (
             f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
         )
         self._request = head.encode() + body
         self._idle: list[_Connection] = []

@@ -139,9 +139,16 @@ def start_plain(stack: ExitStack, args: argparse.Namespace, logs: Path) -> str:
     return url
 
 
-def start_launcher(stack: ExitStack, args: argparse.Namespace, logs: Path, setup: str) -> str:
-    """``infermesh up [--fused]`` on its own ports, etcd, Postgres and state dir."""
-    gateway_port, registry_port = SETUPS[setup]
+def start_launcher(
+    stack: ExitStack, args: argparse.Namespace, logs: Path, setup: str, *,
+    ports: tuple[int, int] | None = None, extra_env: dict[str, str] | None = None,
+) -> str:
+    """``infermesh up [--fused]`` on its own ports, etcd, Postgres and state dir.
+
+    ``ports`` (gateway, registry) overrides ``SETUPS[setup]``; ``extra_env`` adds variables
+    (the gRPC and edge ports, say).
+    """
+    gateway_port, registry_port = ports or SETUPS[setup]
     state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"infermesh-{setup}-"))
     # Registered after the state dir, so it runs before the dir is removed.
     stack.callback(shutil.copytree, Path(state_dir) / "logs", logs / f"{setup}-services",
@@ -150,7 +157,7 @@ def start_launcher(stack: ExitStack, args: argparse.Namespace, logs: Path, setup
     command += ["--fused"] if setup == "fused" else []
     url = f"http://127.0.0.1:{gateway_port}"
     env = {"INFERMESH_GATEWAY_HTTP_PORT": str(gateway_port),
-           "INFERMESH_REGISTRY_PORT": str(registry_port)}  # fmt: skip
+           "INFERMESH_REGISTRY_PORT": str(registry_port), **(extra_env or {})}  # fmt: skip
     stack.enter_context(serving(command, f"{url}/v2/health/ready", logs / f"{setup}.log",
                                 args.ready_timeout, banner="infermesh is up", env=env))  # fmt: skip
     return url
