@@ -47,7 +47,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from bench.loadgen import _Window
 from bench.payloads import PAYLOAD_SPECS, PayloadSpec, TensorSpec, infer_path
 from bench.rawhttp import RawClient
-from bench.report import Run
+from bench.report import Run, write_report
 from bench.result import ErrorLog, LoadResult, Percentiles
 from bench.run_all import start_launcher
 
@@ -504,11 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             register_big(args, artifact, gateway)
         for model in args.models:
             measure_model(report, args, model, workdir)
-    markdown = report.markdown()
-    print("\n" + markdown)
-    out.write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2))
-    out.with_suffix(".md").write_text(markdown)
-    print(f"wrote {out} and {out.with_suffix('.md')} (server logs in {logs})")
+    write_report(report, out, logs)
     return 0
 
 

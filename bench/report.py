@@ -8,6 +8,9 @@ import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
+
+import orjson
 
 from bench.result import LoadResult
 
@@ -151,6 +154,23 @@ def _row(run: Run) -> str:
         f"| {result.rows_per_s:,.0f} | {latency.p50:.2f} | {latency.p99:.2f} "
         f"| {_fmt(latency.p999, '.2f')} | {result.errors} / {result.requests} | {lag} |"
     )
+
+
+class Writable(Protocol):
+    """A report that renders as Markdown and as a JSON-able dict."""
+
+    def markdown(self) -> str: ...
+
+    def to_dict(self) -> dict[str, object]: ...
+
+
+def write_report(report: Writable, out: Path, logs: Path) -> None:
+    """Print the Markdown and write it next to the JSON at `out`."""
+    markdown = report.markdown()
+    print("\n" + markdown)
+    out.write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2))
+    out.with_suffix(".md").write_text(markdown)
+    print(f"wrote {out} and {out.with_suffix('.md')} (server logs in {logs})")
 
 
 def _fmt(value: float | None, spec: str) -> str:

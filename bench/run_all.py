@@ -29,13 +29,12 @@ from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-import orjson
 import uvloop
 
 from bench.inprocess import measure_inprocess
 from bench.loadgen import run_closed, run_open
 from bench.models import DEFAULT_CACHE_DIR
-from bench.report import OPEN_LOAD_FRACTION, Report, Run
+from bench.report import OPEN_LOAD_FRACTION, Report, Run, write_report
 from bench.result import LoadResult
 from bench.wrk import run_wrk, wrk_available
 
@@ -243,11 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             inprocess_round(report, args)
             closed_round(report, args, urls, round_)
         open_runs(report, args, urls)
-    markdown = report.markdown()
-    print("\n" + markdown)
-    out.write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2))
-    out.with_suffix(".md").write_text(markdown)
-    print(f"wrote {out} and {out.with_suffix('.md')} (server logs in {logs})")
+    write_report(report, out, logs)
     return 0
 
 
