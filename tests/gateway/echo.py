@@ -11,14 +11,12 @@ from services.mesh.catalog import ModelCatalog
 from services.mesh.etcd import StaticConfig
 from services.mesh.tensors import Tensor
 from services.mesh.types import (
-    BatchingPolicy,
     InferRequest,
     InferResponse,
-    ModelVersion,
-    Rollout,
     Signature,
     TensorSpec,
 )
+from tests.fakes import model_records
 
 SIGNATURES = {
     "echo": Signature(
@@ -49,10 +47,7 @@ def echo_config() -> StaticConfig:
     """Both models at version 1, stable, with a ready worker."""
     values: dict[str, object] = {"endpoints/worker/w1": {"models": ["echo/1", "pair/1"]}}
     for model, signature in SIGNATURES.items():
-        spec = ModelVersion(model, "1", signature, "file:///dev/null", "0" * 64,
-                            batching=BatchingPolicy(max_batch_size=8))
-        values[f"models/{model}/1"] = spec.to_json()
-        values[f"rollouts/{model}"] = Rollout.stable(model, "1").to_json()
+        values |= model_records(model, signature)
     return StaticConfig(values)
 
 

@@ -20,10 +20,10 @@ from services.mesh.types import (
     InferRequest,
     InferResponse,
     ModelVersion,
-    Rollout,
     Signature,
     TensorSpec,
 )
+from tests.fakes import model_records
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("features", "FP32", (-1, 2)),),
@@ -56,11 +56,7 @@ def spec(version: str) -> ModelVersion:
 
 @pytest.fixture
 def config() -> StaticConfig:
-    return StaticConfig({
-        "models/m/1": spec("1").to_json(),
-        "models/m/2": spec("2").to_json(),
-        "rollouts/m": Rollout.stable("m", "1").to_json(),
-    })
+    return StaticConfig(model_records("m", SIGNATURE, versions=("1", "2"), max_batch_size=4))
 
 
 @pytest.fixture

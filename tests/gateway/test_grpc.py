@@ -24,14 +24,12 @@ from services.mesh.errors import InfermeshError, Overloaded, QuotaExceeded, Unav
 from services.mesh.etcd import StaticConfig
 from services.mesh.tensors import Tensor
 from services.mesh.types import (
-    BatchingPolicy,
     InferRequest,
     InferResponse,
-    ModelVersion,
-    Rollout,
     Signature,
     TensorSpec,
 )
+from tests.fakes import model_records
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, -1)),), outputs=(TensorSpec("x", "FP32", (-1, -1)),),
@@ -58,12 +56,7 @@ class EchoRouter:
 
 @pytest.fixture
 def config() -> StaticConfig:
-    spec = ModelVersion("echo", "1", SIGNATURE, "file:///dev/null", "0" * 64,
-                        batching=BatchingPolicy(max_batch_size=1024))
-    return StaticConfig({
-        "models/echo/1": spec.to_json(),
-        "rollouts/echo": Rollout.stable("echo", "1").to_json(),
-    })
+    return StaticConfig(model_records("echo", SIGNATURE, max_batch_size=1024))
 
 
 @pytest.fixture
