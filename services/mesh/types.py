@@ -231,6 +231,8 @@ class Rollout:
     shadow: tuple[ShadowRoute, ...] = ()
     fallback: str | None = None
     epoch: int = 1
+    guard: Mapping[str, Any] | None = None
+    """The guarded-rollout settings (control plane only; the data plane ignores them)."""
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Rollout:
@@ -247,6 +249,7 @@ class Rollout:
             shadow=shadow,
             fallback=None if fallback is None else str(fallback),
             epoch=int(raw.get("epoch", 1)),
+            guard=raw.get("guard") or None,
         )
 
     @classmethod
@@ -270,4 +273,5 @@ class Rollout:
             "shadow": [{"version": s.version, "fraction": s.fraction} for s in self.shadow],
             "fallback": self.fallback,
             "epoch": self.epoch,
+            **({"guard": dict(self.guard)} if self.guard else {}),
         }
