@@ -5,6 +5,7 @@
     ├── NotFound              unknown model or version
     ├── Unauthenticated       missing or unknown credentials
     ├── PermissionDenied      credentials valid, action not allowed
+    ├── PreconditionFailed    a conditional write lost a race (a stale If-Match epoch)
     ├── Overloaded            queue full or deadline cannot be met (retry_after)
     │   └── QuotaExceeded     the tenant is over its quota (retry_after)
     ├── DeadlineExceeded      the request's deadline passed
@@ -55,6 +56,10 @@ class PermissionDenied(InfermeshError):
     code = "permission_denied"
 
 
+class PreconditionFailed(InfermeshError):
+    code = "precondition_failed"
+
+
 class Overloaded(InfermeshError):
     code = "overloaded"
 
@@ -82,8 +87,8 @@ class InternalError(InfermeshError):
 _BY_CODE: dict[str, type[InfermeshError]] = {
     cls.code: cls
     for cls in (
-        InvalidInput, NotFound, Unauthenticated, PermissionDenied, Overloaded, QuotaExceeded,
-        DeadlineExceeded, Unavailable, LinkClosed, InternalError,
+        InvalidInput, NotFound, Unauthenticated, PermissionDenied, PreconditionFailed,
+        Overloaded, QuotaExceeded, DeadlineExceeded, Unavailable, LinkClosed, InternalError,
     )
 }
 
