@@ -1,7 +1,9 @@
 """`infermesh`: the command line of the mesh (`infermesh models register ...`, `infermesh up`).
 
 Each subcommand is one small `_cmd_*` function taking the parsed arguments and returning an
-exit status: 0 done, 1 the operation failed (one line on stderr), 2 bad usage.
+exit status: 0 done, 1 the operation failed (one line on stderr), 2 bad usage. `models
+register` talks to the registry; everything else to the control API (cli_rollouts.py has the
+rollout commands, cli_common.py what they share).
 """
 
 from __future__ import annotations
@@ -12,22 +14,24 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aiohttp
-import orjson
 
+from control.cli_common import (
+    Parser,
+    control_error_text,
+    control_options,
+    print_result,
+    table,
+    with_control,
+)
+from control.cli_rollouts import add_rollout_commands
+from control.control_client import ControlClient, ControlError
 from control.registry_client import RegistryClient, RegistryError, register_file
 from services.mesh.tensors import DATATYPES
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8200"
-
-
-class _Parser(argparse.ArgumentParser):
-    """Reports usage errors in one line (exit 2) instead of the usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def tensor_spec(text: str) -> dict[str, Any]:
@@ -59,20 +63,8 @@ def _existing_file(text: str) -> Path:
 # -- output ------------------------------------------------------------------------------
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    )
-
-
 def _specs(specs: Sequence[dict[str, Any]]) -> str:
     return " ".join(f"{s['name']}:{s['datatype']}[{','.join(map(str, s['shape']))}]" for s in specs)
-
-
-def _print(args: argparse.Namespace, body: Any, text: Callable[[Any], str]) -> None:
-    print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() if args.json else text(body))
 
 
 def _version_text(record: dict[str, Any]) -> str:
@@ -92,7 +84,7 @@ def _models_text(models: list[dict[str, Any]]) -> str:
     if not models:
         return "no models registered"
     rows = [(m["name"], m["versions"], m["latest"], m["serving"], m["description"]) for m in models]
-    return _table(("NAME", "VERSIONS", "LATEST", "SERVING", "DESCRIPTION"), rows)
+    return table(("NAME", "VERSIONS", "LATEST", "SERVING", "DESCRIPTION"), rows)
 
 
 def _model_text(model: dict[str, Any]) -> str:
@@ -103,7 +95,7 @@ def _model_text(model: dict[str, Any]) -> str:
          _specs(v["signature"]["inputs"]), _specs(v["signature"]["outputs"]))
         for v in model["versions"]
     ]
-    lines.append(_table(("VERSION", "DEVICE", "MAX BATCH", "SHA256", "INPUTS", "OUTPUTS"), rows))
+    lines.append(table(("VERSION", "DEVICE", "MAX BATCH", "SHA256", "INPUTS", "OUTPUTS"), rows))
     rollout = model.get("rollout")
     if rollout:
         routes = ", ".join(f"{r['version']} {r['weight']:g}%" for r in rollout["routes"])
@@ -136,17 +128,17 @@ async def _cmd_models_register(client: RegistryClient, args: argparse.Namespace)
         client, args.name, args.version, args.artifact, signature,
         batching=batching or None, device=args.device,
     )
-    _print(args, record, _version_text)
+    print_result(args, record, _version_text)
     return 0
 
 
-async def _cmd_models_list(client: RegistryClient, args: argparse.Namespace) -> int:
-    _print(args, await client.list_models(), _models_text)
+async def _cmd_models_list(client: ControlClient, args: argparse.Namespace) -> int:
+    print_result(args, await client.list_models(), _models_text)
     return 0
 
 
-async def _cmd_models_show(client: RegistryClient, args: argparse.Namespace) -> int:
-    _print(args, await client.get_model(args.name), _model_text)
+async def _cmd_models_show(client: ControlClient, args: argparse.Namespace) -> int:
+    print_result(args, await client.get_model(args.name), _model_text)
     return 0
 
 
@@ -173,7 +165,7 @@ def _registry_options() -> argparse.ArgumentParser:
 def _add_models(commands: Any) -> None:
     common = _registry_options()
     models = commands.add_parser("models", help="register and inspect models").add_subparsers(
-        dest="models_command", required=True, parser_class=_Parser
+        dest="models_command", required=True, parser_class=Parser
     )
     register = models.add_parser("register", parents=[common], help="register a model version")
     register.add_argument("name")
@@ -187,11 +179,12 @@ def _add_models(commands: Any) -> None:
     register.add_argument("--max-queue-delay-ms", type=float)
     register.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     register.set_defaults(run=_with_registry(_cmd_models_register))
-    listing = models.add_parser("list", parents=[common], help="list models")
-    listing.set_defaults(run=_with_registry(_cmd_models_list))
-    show = models.add_parser("show", parents=[common], help="show a model's versions and rollout")
+    control = control_options()
+    listing = models.add_parser("list", parents=[control], help="list models")
+    listing.set_defaults(run=with_control(_cmd_models_list))
+    show = models.add_parser("show", parents=[control], help="show a model's versions and rollout")
     show.add_argument("name")
-    show.set_defaults(run=_with_registry(_cmd_models_show))
+    show.set_defaults(run=with_control(_cmd_models_show))
 
 
 def _add_up(commands: Any) -> None:
@@ -204,9 +197,10 @@ def _add_up(commands: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `infermesh` argument parser; each subcommand sets `run`."""
-    parser = _Parser(prog="infermesh", description="infermesh: an ML inference mesh")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="infermesh", description="infermesh: an ML inference mesh")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_models(commands)
+    add_rollout_commands(commands)
     _add_up(commands)
     return parser
 
@@ -221,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.run(args)
     except RegistryError as exc:
         print(f"infermesh: error: {exc.message}", file=sys.stderr)
+        return 1
+    except ControlError as exc:
+        print(f"infermesh: error: {control_error_text(exc, args)}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"infermesh: error: {exc}", file=sys.stderr)

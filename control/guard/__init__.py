@@ -1,1 +1,1 @@
-"""Guarded rollouts: compare a canary with its baseline and roll back (or advance) on the figures."""
+"""Guarded rollouts: compare a canary with its baseline; roll back or advance on the figures."""

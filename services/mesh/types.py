@@ -249,7 +249,7 @@ class Rollout:
             shadow=shadow,
             fallback=None if fallback is None else str(fallback),
             epoch=int(raw.get("epoch", 1)),
-            guard=raw.get("guard") or None,
+            guard=raw.get("guard"),
         )
 
     @classmethod
@@ -273,5 +273,5 @@ class Rollout:
             "shadow": [{"version": s.version, "fraction": s.fraction} for s in self.shadow],
             "fallback": self.fallback,
             "epoch": self.epoch,
-            **({"guard": dict(self.guard)} if self.guard else {}),
+            **({"guard": dict(self.guard)} if self.guard is not None else {}),
         }

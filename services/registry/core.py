@@ -19,9 +19,11 @@ import asyncpg
 import orjson
 
 from services.mesh.errors import InvalidInput, NotFound, Unavailable
+from services.mesh.publishing import publish_newer
 from services.mesh.types import ModelVersion, Rollout
-from services.registry import queries
+from services.registry import queries, reads
 from services.registry.artifacts import ArtifactInfo, ArtifactStore, check_sha256
+from services.registry.reads import ModelDetail, ModelSummary
 from services.registry.validation import check_name, parse_batching, parse_device, parse_signature
 
 log = logging.getLogger(__name__)
@@ -39,41 +41,6 @@ class Stored(Generic[T]):
 
     value: T
     created: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSummary:
-    """One row of the model list."""
-
-    name: str
-    description: str
-    created_at: str
-    versions: int
-    latest: str | None
-    serving: str | None
-    """The rollout's primary version, if the model has a rollout."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "description": self.description, "created_at": self.created_at,
-            "versions": self.versions, "latest": self.latest, "serving": self.serving,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ModelDetail:
-    """A model with all its versions (oldest first) and its current rollout."""
-
-    summary: ModelSummary
-    versions: list[ModelVersion]
-    rollout: Rollout | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            **self.summary.to_json(),
-            "versions": [v.to_json() for v in self.versions],
-            "rollout": None if self.rollout is None else self.rollout.to_json(),
-        }
 
 
 class Registry:
@@ -102,28 +69,14 @@ class Registry:
 
     async def list_models(self) -> list[ModelSummary]:
         """Every model, by name."""
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch(queries.LIST_MODELS)
-        return [_summary_of(row) for row in rows]
+        return await reads.list_models(self._pool)
 
     async def get_model(self, name: str) -> ModelDetail:
         """A model with its versions and rollout; NotFound if unknown."""
-        summary = await self._summary(name)
-        async with self._pool.acquire() as conn:
-            versions = await conn.fetch(queries.MODEL_VERSIONS, name)
-            rollout = await conn.fetchval(queries.ROLLOUT, name)
-        return ModelDetail(
-            summary,
-            [ModelVersion.from_json(row["record"]) for row in versions],
-            None if rollout is None else Rollout.from_json(rollout),
-        )
+        return await reads.model_detail(self._pool, name)
 
     async def _summary(self, name: str) -> ModelSummary:
-        async with self._pool.acquire() as conn:
-            row = await conn.fetchrow(queries.MODEL_SUMMARY, name)
-        if row is None:
-            raise NotFound(f"model '{name}' not found")
-        return _summary_of(row)
+        return await reads.model_summary(self._pool, name)
 
     # -- artifacts ------------------------------------------------------------------------
 
@@ -202,9 +155,16 @@ class Registry:
 
     # -- etcd -----------------------------------------------------------------------------
 
-    async def _publish(self, key: str, value: dict[str, Any]) -> None:
+    async def _publish(self, key: str, value: dict[str, Any]) -> bool:
+        """Put `value` at `key`; False when a rollout key already holds a newer epoch."""
+        full_key = (self._prefix + key).encode()
         try:
-            await self._etcd.put((self._prefix + key).encode(), orjson.dumps(value))
+            if key.startswith("rollouts/"):
+                # The control API publishes rollouts too: compare-and-swap, never regress.
+                epoch = int(value.get("epoch", 1))
+                return await publish_newer(self._etcd, full_key, value, epoch=epoch)
+            await self._etcd.put(full_key, orjson.dumps(value))
+            return True
         except Exception as exc:  # aetcd raises several unrelated types for "etcd is away"
             raise _unpublished(key, exc) from exc
 
@@ -222,8 +182,7 @@ class Registry:
         desired |= {f"rollouts/{r['model']}": r["record"] for r in rollouts}
         written = 0
         for key, record in desired.items():
-            if _stale(published.get(key), record):
-                await self._publish(key, record)
+            if _stale(published.get(key), record) and await self._publish(key, record):
                 written += 1
         if written:
             log.info("reconcile republished %d etcd keys", written)
@@ -286,13 +245,3 @@ def _check_same(existing: ModelVersion, wanted: ModelVersion) -> ModelVersion:
             "artifact/signature; versions are immutable, register a new version"
         )
     return existing
-
-
-def _summary_of(row: Mapping[str, Any]) -> ModelSummary:
-    rollout = row["rollout"]
-    serving = None if rollout is None else Rollout.from_json(rollout).primary
-    return ModelSummary(
-        name=row["name"], description=row["description"],
-        created_at=row["created_at"].isoformat(), versions=row["versions"],
-        latest=row["latest"], serving=serving,
-    )

@@ -1,14 +1,43 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from control.cli import main
 from deploy.localdeps import free_port
 from tests.registry.harness import RegistryHarness
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture
+async def control_url(registry_url: tuple[str, RegistryHarness]) -> AsyncIterator[str]:
+    """A stand-in for the control API's model endpoints, behind its bearer token: they answer
+    exactly the JSON of the registry's, so this one forwards to a real registry."""
+    async def forward(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return web.json_response({"error": "missing or unknown bearer token"}, status=401)
+        async with session.get(registry_url[0] + request.path_qs) as reply:
+            return web.Response(body=await reply.read(), status=reply.status,
+                                content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/models", forward)
+    app.router.add_get("/v1/models/{model}", forward)
+    runner = web.AppRunner(app)
+    async with aiohttp.ClientSession() as session:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+        finally:
+            await runner.cleanup()
 
 
 @pytest.fixture
@@ -19,9 +48,11 @@ def artifact(tmp_path: Path) -> Path:
 
 
 async def test_models_register_list_show(
-    registry_url: tuple[str, RegistryHarness], artifact: Path, capsys: pytest.CaptureFixture[str]
+    registry_url: tuple[str, RegistryHarness], control_url: str, artifact: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     url, harness = registry_url
+    control = ["--control", control_url, "--token", TOKEN]
     code = await asyncio.to_thread(main, [
         "models", "register", "iris", "--version", "1", "--artifact", str(artifact),
         "--input", "x:fp32:-1,4", "--output", "y:FP32:-1,2", "--max-batch-size", "16",
@@ -33,27 +64,31 @@ async def test_models_register_list_show(
     assert record["signature"]["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
     assert record["batching"]["max_batch_size"] == 16 and record["device"] == "cpu"
 
-    assert await asyncio.to_thread(main, ["models", "list", "--registry", url]) == 0
+    assert await asyncio.to_thread(main, ["models", "list", *control]) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == ["NAME", "VERSIONS", "LATEST", "SERVING", "DESCRIPTION"]
     assert row.split() == ["iris", "1", "1", "1"]
     for column in ("VERSIONS", "LATEST", "SERVING"):  # aligned: values start under headers
         assert row[header.index(column)] == "1"
 
-    assert await asyncio.to_thread(main, ["models", "show", "iris", "--registry", url]) == 0
+    assert await asyncio.to_thread(main, ["models", "show", "iris", *control]) == 0
     shown = capsys.readouterr().out
     assert "x:FP32[-1,4]" in shown and "rollout (epoch 1): 1 100%" in shown
-    show_json = ["models", "show", "iris", "--json", "--registry", url]
+    show_json = ["models", "show", "iris", "--json", *control]
     assert await asyncio.to_thread(main, show_json) == 0
     assert orjson.loads(capsys.readouterr().out)["versions"][0] == record
 
 
-async def test_registry_errors_are_one_line_exit_1(
-    registry_url: tuple[str, RegistryHarness], capsys: pytest.CaptureFixture[str]
+async def test_control_errors_are_one_line_exit_1(
+    control_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url, _ = registry_url
-    assert await asyncio.to_thread(main, ["models", "show", "nope", "--registry", url]) == 1
-    assert capsys.readouterr().err == "infermesh: error: model 'nope' not found\n"
+    show = ["models", "show", "nope", "--control", control_url]
+    assert await asyncio.to_thread(main, [*show, "--token", TOKEN]) == 1
+    assert capsys.readouterr().err == "infermesh: error: 404 Not Found: model 'nope' not found\n"
+
+    assert await asyncio.to_thread(main, [*show, "--token", "wrong"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("infermesh: error: 401 Unauthorized: missing or unknown bearer token")
 
 
 def test_bad_input_spec_exits_2_naming_the_flag(
@@ -69,8 +104,11 @@ def test_bad_input_spec_exits_2_naming_the_flag(
     assert "Traceback" not in err
 
 
-def test_unreachable_registry_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_registry_exits_1(artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    assert main(["models", "list", "--registry", url]) == 1
+    assert main([
+        "models", "register", "iris", "--version", "1", "--artifact", str(artifact),
+        "--input", "x:FP32:4", "--output", "y:FP32:2", "--registry", url,
+    ]) == 1
     err = capsys.readouterr().err
     assert err.startswith("infermesh: error: cannot reach the registry") and err.count("\n") == 1

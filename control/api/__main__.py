@@ -1,0 +1,78 @@
+"""`python -m control.api`: migrate, publish what etcd lacks, serve, reconcile and guard.
+
+Refuses to start (exit 2, one line on stderr) without an admin token or with bad settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sys
+from collections.abc import Mapping
+
+from control.api.app import create_app
+from control.api.auth import load_tokens
+from control.api.core import RolloutStore
+from control.api.settings import ControlSettings
+from control.guard.runner import run_guard
+from services.mesh.db import create_pool, migrate
+from services.mesh.errors import InvalidInput
+from services.mesh.runtime import MeshNode, run
+from services.mesh.settings import load_settings
+
+log = logging.getLogger("control.api")
+
+
+async def serve(settings: ControlSettings, tokens: Mapping[str, str]) -> None:
+    """Run the control API and its background loops until SIGTERM or SIGINT."""
+    async with MeshNode(settings, service="control") as node:
+        assert node.session is not None
+        pool = await create_pool(settings.database_url)
+        try:
+            await migrate(pool)
+            store = RolloutStore(pool, node.etcd, etcd_prefix=settings.etcd_prefix)
+            await store.reconcile()
+            tasks = [
+                asyncio.create_task(
+                    store.reconcile_forever(settings.reconcile_interval), name="control-reconcile"
+                ),
+                asyncio.create_task(
+                    run_guard(store, node.config, node.session, pool,
+                              interval=settings.guard_interval),
+                    name="control-guard",
+                ),
+            ]
+            try:
+                await node.serve(create_app(store, tokens))
+            finally:
+                await _stop(tasks)
+        finally:
+            await pool.close()
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("background task %s had failed", task.get_name())
+
+
+def main() -> None:
+    # Settings and the token file are read before the loop starts (reading a file blocks).
+    try:
+        settings = load_settings(ControlSettings, "control")
+        tokens = load_tokens(settings)
+    except InvalidInput as exc:
+        print(f"infermesh control: {exc.message}", file=sys.stderr)
+        sys.exit(2)
+    run(functools.partial(serve, settings, tokens))
+
+
+if __name__ == "__main__":
+    main()
