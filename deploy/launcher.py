@@ -26,6 +26,7 @@ import aiohttp
 import uvloop
 
 from control.registry_client import RegistryClient, RegistryError, register_file
+from deploy.admin_token import TOKEN_FILE, control_tokens
 from deploy.edge import Edge, EdgeConfig, nginx_binary, start_edge
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
 from deploy.supervisor import Supervised
@@ -45,13 +46,15 @@ class Launcher:
         self.gateway_port = int(os.environ.get("INFERMESH_GATEWAY_HTTP_PORT", "8000"))
         self.grpc_port = int(os.environ.get("INFERMESH_GATEWAY_GRPC_PORT", "8001"))
         self.registry_port = int(os.environ.get("INFERMESH_REGISTRY_PORT", "8200"))
+        self.control_port = int(os.environ.get("INFERMESH_CONTROL_PORT", "8100"))
+        self.router_replicas = int(os.environ.get("INFERMESH_ROUTER_REPLICAS", "1"))
         self.edge = _edge_config(self.gateway_port, self.grpc_port)
         self._edge: Edge | None = None
         self.prefix = os.environ.get("INFERMESH_ETCD_PREFIX", "/infermesh/")
         self._etcd: LocalEtcd | None = None
         self._postgres: LocalPostgres | None = None
         self._children: list[Supervised] = []
-        self._workers: dict[str, Supervised] = {}
+        self._workers: dict[tuple[str, str], Supervised] = {}
         self._env: dict[str, str] = {}
 
     def start_dependencies(self) -> None:
@@ -68,6 +71,8 @@ class Launcher:
             **os.environ, "INFERMESH_ETCD_URL": etcd_url, "INFERMESH_DATABASE_URL": database_url,
             "INFERMESH_ETCD_PREFIX": self.prefix,
             "INFERMESH_REGISTRY_PORT": str(self.registry_port),
+            "INFERMESH_CONTROL_PORT": str(self.control_port),
+            "INFERMESH_CONTROL_ADMIN_TOKENS": control_tokens(self.state_dir),
             "INFERMESH_REGISTRY_ARTIFACT_DIR": str(self.state_dir / "artifacts"),
             "INFERMESH_GATEWAY_HTTP_PORT": str(self.gateway_port),
             "INFERMESH_GATEWAY_GRPC_PORT": str(self.grpc_port),
@@ -96,10 +101,13 @@ class Launcher:
         finally:
             await pool.close()
         self._spawn("registry", "services.registry")
+        self._spawn("control", "control.api")
         if self.fused:
             self._spawn("fused", "deploy.fused", INFERMESH_WORKER_MODELS="*")
         else:
-            for name in ("router", "batcher", "gateway"):
+            for replica in range(self.router_replicas):
+                self._spawn("router" if replica == 0 else f"router-{replica}", "services.router")
+            for name in ("batcher", "gateway"):
                 self._spawn(name, f"services.{name}")
         etcd = connect_client(self._env["INFERMESH_ETCD_URL"])
         config = ConfigCache(etcd, self.prefix)
@@ -134,13 +142,21 @@ class Launcher:
         self._edge = await asyncio.to_thread(start_edge, self.edge, prefix)
 
     def _ensure_workers(self, config: ConfigCache) -> None:
-        """One worker process per registered model (the local actuator's floor)."""
+        """One worker process per registered (model, version): the local actuator's floor.
+
+        Separate processes per version let a canary's worker fail (or be stopped) alone.
+        """
         for key in config.items("models/"):
-            model = key.split("/")[1]
-            if model not in self._workers:
-                self._workers[model] = self._spawn(
-                    f"worker-{model}", "services.worker", INFERMESH_WORKER_MODELS=model
+            _, model, version = key.split("/", 2)
+            if (model, version) not in self._workers:
+                self._workers[model, version] = self._spawn(
+                    f"worker-{model}-{version}", "services.worker",
+                    INFERMESH_WORKER_MODELS=f"{model}/{version}",
                 )
+
+    def worker(self, model: str, version: str) -> Supervised | None:
+        """The supervised worker process of (model, version), if one was started."""
+        return self._workers.get((model, version))
 
     async def _register_demo_models(self, session: aiohttp.ClientSession) -> list[str]:
         from services.worker.demo_models import build_demo_models
@@ -168,7 +184,8 @@ class Launcher:
     ) -> None:
         """Wait for the gateway, and for each model named to be ready to serve."""
         base = f"http://127.0.0.1:{self.gateway_port}/v2"
-        urls = [f"{base}/health/ready", *(f"{base}/models/{m}/ready" for m in models)]
+        urls = [f"{base}/health/ready", *(f"{base}/models/{m}/ready" for m in models),
+                f"http://127.0.0.1:{self.control_port}/v1/health"]
         waiter = asyncio.create_task(_wait_all(session, urls, 300))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -189,6 +206,8 @@ class Launcher:
             f"  gateway (OIP v2 gRPC)  127.0.0.1:{self.grpc_port}",
             *self._edge_lines(),
             f"  registry               http://127.0.0.1:{self.registry_port}",
+            f"  control API            http://127.0.0.1:{self.control_port}"
+            f"  (token: {self.state_dir / TOKEN_FILE}; `infermesh rollout show mlp`)",
             f"  etcd                   {self._env['INFERMESH_ETCD_URL']}",
             f"  logs                   {self.state_dir / 'logs'}",
             "try:",

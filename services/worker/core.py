@@ -23,7 +23,7 @@ BackendFactory = Callable[[ModelVersion], Backend]
 
 
 class Worker:
-    """Serves every registered version of the models it is given (`*` for all)."""
+    """Serves the versions its selectors name: `model` (every version), `model/version`, `*`."""
 
     key = "local"
 
@@ -59,14 +59,16 @@ class Worker:
         """Whether (model, version) is loaded and warm here."""
         return (model, version) in self._backends
 
-    def serves(self, model: str) -> bool:
-        return "*" in self._models or model in self._models
+    def serves(self, model: str, version: str) -> bool:
+        """Whether a selector names this version (`*`, the model, or `model/version`)."""
+        selectors = self._models
+        return "*" in selectors or model in selectors or f"{model}/{version}" in selectors
 
     def _reconcile(self) -> None:
         for model in self._catalog.models():
-            if not self.serves(model):
-                continue
             for spec in self._catalog.versions(model):
+                if not self.serves(spec.model, spec.version):
+                    continue
                 key = (spec.model, spec.version)
                 if key in self._backends or key in self._loading:
                     continue

@@ -10,7 +10,8 @@ from services.mesh.settings import ServiceSettings
 @dataclass(frozen=True, kw_only=True)
 class WorkerSettings(ServiceSettings):
     models: tuple[str, ...] = ("*",)
-    """Model names this worker serves (comma-separated); `*` serves every model."""
+    """What this worker serves (comma-separated): `model` (all its versions), `model/version`,
+    or `*` for every model."""
     cache_dir: str = ".infermesh/worker-cache"
     """Where downloaded artifacts are kept, by sha256."""
     threads: int = 0

@@ -166,3 +166,25 @@ async def test_listeners_hear_of_a_version_published_later(
         await heard.wait()
     await wait_until(worker, lambda: "mlp/2" in worker.ready_versions())
     assert worker.ready_versions() == ["mlp/1", "mlp/2"]
+
+
+async def test_a_model_version_selector_serves_only_that_version(
+    config: StaticConfig, mlp: DemoModel, tmp_path: Path
+) -> None:
+    config.put("models/mlp/1", mlp_record(mlp).to_json())
+    config.put("models/mlp/2", mlp_record(mlp, "2").to_json())
+    async with aiohttp.ClientSession() as session:
+        worker = Worker(
+            ModelCatalog(config), models=("mlp/2",),
+            artifacts=ArtifactCache(session, tmp_path / "artifacts"),
+            backend_factory=backend_factory(),
+        )
+        try:
+            worker.start()
+            await wait_until(worker, lambda: "mlp/2" in worker.ready_versions())
+            config.put("models/mlp/3", mlp_record(mlp, "3").to_json())
+            assert worker.ready_versions() == ["mlp/2"]
+            with pytest.raises(Unavailable):
+                await worker.run_batch(batch("1", features(1)), timeout=5.0)
+        finally:
+            await worker.aclose()
