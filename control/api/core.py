@@ -25,7 +25,7 @@ import aetcd
 import asyncpg
 
 from control.api import queries
-from control.api.validation import parse_reason, parse_rollout
+from control.api.validation import echoed_epoch, parse_reason, parse_rollout
 from services.mesh.errors import InvalidInput, NotFound, PreconditionFailed, Unavailable
 from services.mesh.failpoints import failpoint
 from services.mesh.publishing import is_older, publish_newer
@@ -127,6 +127,7 @@ class RolloutStore:
         is the current epoch. Unavailable when saved but not published (reconcile will).
         """
         reason = parse_reason(body.get("reason", ""))
+        if_match = echoed_epoch(body, if_match)
         async with self._pool.acquire() as conn, conn.transaction():
             current = await _lock(conn, model, if_match)
             versions = {row["version"] for row in await conn.fetch(queries.VERSION_NAMES, model)}

@@ -16,6 +16,9 @@ from services.mesh.errors import InvalidInput
 from services.mesh.types import Rollout, Route, ShadowRoute
 
 FIELDS = ("routes", "sticky_key", "salt", "shadow", "fallback", "guard", "reason")
+ECHOED = ("model", "epoch", "updated_at")
+"""Fields of a GET that a GET-edit-PUT round trip sends back: `model` must match, `epoch`
+acts as If-Match when no header is given, `updated_at` is ignored."""
 TOTAL_WEIGHT = 100.0
 WEIGHT_TOLERANCE = 1e-6
 
@@ -27,9 +30,11 @@ def parse_rollout(
 
     `versions` are the versions of `model` that exist; every version named must be one.
     """
-    unknown = sorted(set(body) - set(FIELDS))
+    unknown = sorted(set(body) - set(FIELDS) - set(ECHOED))
     if unknown:
         raise InvalidInput(f"{unknown[0]}: unknown field (allowed: {', '.join(FIELDS)})")
+    if body.get("model", model) != model:
+        raise InvalidInput(f"model: the body names {body['model']!r}, the path {model!r}")
     if "routes" not in body:
         raise InvalidInput("routes: required, a non-empty list of {version, weight}")
     routes = _routes(model, body["routes"], versions)
@@ -48,6 +53,16 @@ def parse_rollout(
     spec = parse_guard(raw_guard, rollout)
     # Rollout drops an empty (falsy) guard when serialised, so `{}` is stored resolved.
     return dataclasses.replace(rollout, guard=dict(raw_guard) or spec.to_json())
+
+
+def echoed_epoch(body: Mapping[str, Any], if_match: int | None) -> int | None:
+    """The epoch a write is conditional on: the If-Match header, else the body's `epoch`."""
+    if if_match is not None or "epoch" not in body:
+        return if_match
+    epoch = body["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise InvalidInput("epoch: must be the integer epoch the edit started from")
+    return epoch
 
 
 def parse_reason(raw: Any) -> str:

@@ -180,3 +180,13 @@ def control_app_routes() -> list[tuple[str, str]]:
         for route in app.router.routes()
         if route.method != "HEAD" and route.resource is not None
     ]
+
+
+async def test_a_get_edit_put_round_trip_is_conditional_on_the_epoch_read(client: Client) -> None:
+    record = await (await client.get("/v1/rollouts/iris", headers=ALICE)).json()
+    edited = {**record, **canary(30)}
+    assert (await _put(client, edited)).status == 200
+    again = await _put(client, edited)  # the same edit, from the same (now stale) read
+    assert again.status == 412 and (await again.json())["epoch"] == 2
+    wrong = await _put(client, {**edited, "model": "other", "epoch": 2})
+    assert wrong.status == 400 and (await wrong.json())["error"].startswith("model:")
