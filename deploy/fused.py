@@ -23,6 +23,7 @@ from services.mesh.catalog import ModelCatalog
 from services.mesh.runtime import MeshNode, run
 from services.mesh.settings import load_settings
 from services.router.core import Router
+from services.router.metrics import RouterMetrics
 from services.worker.artifacts import ArtifactCache
 from services.worker.core import Worker
 from services.worker.factory import backend_factory
@@ -46,8 +47,8 @@ async def main() -> None:
             metrics=WorkerMetrics(registry),
         )
         batcher = Batcher(catalog, LocalWorkerPool(worker), metrics=BatcherMetrics(registry))
-        gateway = Gateway(catalog, Router(catalog, batcher),
-                          default_timeout=settings.default_timeout)
+        router = Router(catalog, batcher, metrics=RouterMetrics(registry))
+        gateway = Gateway(catalog, router, default_timeout=settings.default_timeout)
         worker.subscribe(lambda: node.update_record("worker", models=worker.ready_versions()))
         batcher.start()
         worker.start()
@@ -60,10 +61,13 @@ async def main() -> None:
         try:
             await node.serve(app, roles={
                 "gateway": {"fused": True, "grpc": f"{settings.host}:{grpc_port}"},
+                # No link: listed so the rollout guard finds this router's /metrics.
+                "router": {"fused": True},
                 "worker": {"fused": True, "models": []},
             })
         finally:
             await grpc_server.stop(grace=settings.drain_timeout)
+            await router.aclose()
             await batcher.aclose()
             await worker.aclose()
 

@@ -15,6 +15,7 @@ from services.gateway import binary, rest
 from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
 from services.mesh import errors
 from services.mesh.metrics import add_metrics_route
+from services.mesh.types import InferResponse
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +143,16 @@ async def infer(request: web.Request) -> web.Response:
             model=model, version=version,
             request_id=request.headers.get(REQUEST_ID) or core.new_request_id(),
         )
-        response = await core.infer(infer_request)
+        response = await core.infer(infer_request, header=request.headers.get)
         body, header_length = rest.encode_infer_parts(response, output_format)
-        return _infer_response(body, header_length, request_id=response.request_id)
+        return _infer_response(body, header_length, response)
 
 
-def _infer_response(body: bytes, header_length: int | None, *, request_id: str) -> web.Response:
-    headers = {REQUEST_ID: request_id}
+def _infer_response(
+    body: bytes, header_length: int | None, served: InferResponse
+) -> web.Response:
+    headers = {REQUEST_ID: served.request_id}
+    rest.add_served_headers(headers, served)
     if header_length is not None:
         headers[binary.HEADER_LENGTH] = str(header_length)
     content_type = JSON if header_length is None else "application/octet-stream"

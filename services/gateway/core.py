@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from services.gateway.validation import validate_request
 from services.mesh import telemetry
@@ -16,6 +17,9 @@ _TRACER = "infermesh.gateway"
 SERVER_NAME = "infermesh"
 SERVER_VERSION = "0.1.0"
 """What the OIP server metadata endpoints report."""
+
+HeaderLookup = Callable[[str], str | None]
+"""A request header (REST) or metadata (gRPC) value by name, None when absent."""
 
 
 class Gateway:
@@ -55,11 +59,19 @@ class Gateway:
         spec = self._catalog.resolve(model, version)
         return self._catalog.ready_workers(model, spec.version) > 0
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        """Validate, stamp deadline and trace context, forward; raises InfermeshError."""
+    async def infer(
+        self, request: InferRequest, *, header: HeaderLookup | None = None
+    ) -> InferResponse:
+        """Validate, stamp deadline and trace context, forward; raises InfermeshError.
+
+        `header` looks up the rollout's sticky key among the request's headers (or gRPC
+        metadata) when the request's parameters do not carry it.
+        """
         spec = self._catalog.resolve(request.model, request.version)
         validate_request(request, spec.signature, max_rows=spec.batching.max_batch_size)
         self._stamp_deadline(request)
+        if header is not None and request.version is None:
+            self._sticky_from_header(request, header)
         with telemetry.span("gateway.infer", _TRACER) as span:
             span.set_attribute("infermesh.model", request.model)
             span.set_attribute("infermesh.request_id", request.request_id)
@@ -70,6 +82,13 @@ class Gateway:
             response.outputs = [t for t in response.outputs if t.name in wanted]
         response.request_id = request.request_id
         return response
+
+    def _sticky_from_header(self, request: InferRequest, header: HeaderLookup) -> None:
+        sticky_key = self._catalog.rollout(request.model).sticky_key
+        if sticky_key and sticky_key not in request.parameters:
+            value = header(sticky_key)
+            if value is not None:
+                request.parameters[sticky_key] = value
 
     def _stamp_deadline(self, request: InferRequest) -> None:
         timeout = request.parameters.get("timeout")

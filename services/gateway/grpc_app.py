@@ -25,8 +25,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from services.gateway import grpc_messages
-from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
+from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway, HeaderLookup
 from services.mesh import errors
+from services.mesh.types import InferResponse
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,19 @@ def mapped(handler: Handler) -> Handler:
     return wrapper
 
 
+def metadata_lookup(context: Any) -> HeaderLookup:
+    """Look up a value of the call's invocation metadata by (lower-cased) name."""
+
+    def lookup(name: str) -> str | None:
+        wanted = name.lower()
+        for key, value in context.invocation_metadata() or ():
+            if key == wanted and isinstance(value, str):
+                return value
+        return None
+
+    return lookup
+
+
 def deadline_of(context: Any) -> float | None:
     """The call's gRPC deadline (`grpc-timeout`) as wall-clock time, None when it has none."""
     remaining = context.time_remaining()
@@ -114,7 +128,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     @mapped
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        return await self._infer(request, deadline_of(context))
+        response = await self._infer(request, context)
+        context.set_trailing_metadata(grpc_messages.served_metadata(response))
+        return grpc_messages.encode_infer(response)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: Any
@@ -124,19 +140,19 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         async for response in stream.responses(request_iterator):
             yield response
 
-    async def _infer(self, request: Any, deadline: float | None) -> Any:
+    async def _infer(self, request: Any, context: Any) -> InferResponse:
         request_id = request.id or self._core.new_request_id()
         infer_request = grpc_messages.decode_infer(
-            request, request_id=request_id, deadline=deadline
+            request, request_id=request_id, deadline=deadline_of(context)
         )
-        return grpc_messages.encode_infer(await self._core.infer(infer_request))
+        return await self._core.infer(infer_request, header=metadata_lookup(context))
 
 
 class _Stream:
     """One ModelStreamInfer call: a task per request, one writer (the response generator)."""
 
     def __init__(
-        self, infer: Callable[[Any, float | None], Awaitable[Any]], context: Any
+        self, infer: Callable[[Any, Any], Awaitable[InferResponse]], context: Any
     ) -> None:
         self._infer = infer
         self._context = context
@@ -167,8 +183,9 @@ class _Stream:
 
     async def _answer(self, request: Any) -> None:
         try:
+            answer = await self._infer(request, self._context)
             response = pb.ModelStreamInferResponse(
-                infer_response=await self._infer(request, deadline_of(self._context))
+                infer_response=grpc_messages.encode_infer(answer)
             )
         except errors.InfermeshError as exc:
             response = _stream_error(request, exc.message)

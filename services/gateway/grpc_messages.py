@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
+from services.gateway.rest import add_served_headers
 from services.mesh.errors import InvalidInput
 from services.mesh.tensors import DATATYPES, DTYPES, Tensor, serialize_bytes
 from services.mesh.types import InferRequest, InferResponse, ModelVersion
@@ -99,6 +100,13 @@ def encode_infer(response: InferResponse) -> Any:
     for key, value in response.parameters.items():
         _encode_parameter(message.parameters[key], value)
     return message
+
+
+def served_metadata(response: InferResponse) -> tuple[tuple[str, str], ...]:
+    """The served version, bucket, rollout epoch and fallback as (lower-case) gRPC metadata."""
+    headers: dict[str, str] = {}
+    add_served_headers(headers, response)
+    return tuple((name.lower(), value) for name, value in headers.items())
 
 
 def _encode_parameter(parameter: Any, value: Any) -> None:

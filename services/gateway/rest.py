@@ -148,6 +148,22 @@ def encode_infer_parts(
     return b"".join([header, *(t.data for t in binary)]), len(header)
 
 
+_SERVED_PARAMETERS = (("bucket", "Infermesh-Bucket"), ("rollout_epoch", "Infermesh-Rollout-Epoch"))
+
+
+def add_served_headers(headers: dict[str, str], response: InferResponse) -> None:
+    """Name the version that served, its bucket, rollout epoch and fallback in `headers`."""
+    headers["Infermesh-Model-Version"] = response.version
+    parameters = response.parameters
+    if not parameters:
+        return
+    for key, name in _SERVED_PARAMETERS:
+        if key in parameters:
+            headers[name] = str(parameters[key])
+    if parameters.get("fallback") is True:
+        headers["Infermesh-Fallback"] = "true"
+
+
 def _encode_binary_output(tensor: Tensor) -> dict[str, Any]:
     return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
             "parameters": {"binary_data_size": memoryview(tensor.data).nbytes}}

@@ -10,6 +10,7 @@ from services.mesh.runtime import MeshNode, run
 from services.mesh.settings import load_settings
 from services.router.app import create_app
 from services.router.core import Router
+from services.router.metrics import RouterMetrics
 from services.router.settings import RouterSettings
 
 
@@ -20,13 +21,17 @@ async def main() -> None:
         assert node.session is not None
         batchers = LinkPool(node.session, node.config, "batcher")
         batchers.start()
-        core = Router(ModelCatalog(node.config), LinkedInferTarget(batchers, affinity=True))
+        core = Router(
+            ModelCatalog(node.config), LinkedInferTarget(batchers, affinity=True),
+            metrics=RouterMetrics(), shadow_max_inflight=settings.shadow_max_inflight,
+        )
         try:
             await node.serve(
                 create_app(core, drain_timeout=settings.drain_timeout),
                 roles={"router": {"link": node.link_url}},
             )
         finally:
+            await core.aclose()
             await batchers.aclose()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from services.mesh.hops import infer_handler
 from services.mesh.links import LinkServer, create_link_app
@@ -13,8 +12,8 @@ CORE = web.AppKey("router", Router)
 
 
 def create_app(core: Router, *, drain_timeout: float = 10.0) -> web.Application:
-    """Serve `core` to gateways over links."""
+    """Serve `core` to gateways over links, and its metrics at /metrics."""
     server = LinkServer(infer_handler(core), name="router")
-    app = create_link_app(server, CollectorRegistry(), drain_timeout=drain_timeout)
+    app = create_link_app(server, core.metrics.registry, drain_timeout=drain_timeout)
     app[CORE] = core
     return app

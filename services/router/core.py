@@ -2,44 +2,122 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 from services.mesh import telemetry
 from services.mesh.catalog import ModelCatalog
+from services.mesh.errors import InfermeshError, Unavailable
 from services.mesh.hops import InferTarget
-from services.mesh.types import InferRequest, InferResponse
-from services.router.policy import choose_version
+from services.mesh.types import InferRequest, InferResponse, Rollout
+from services.router.metrics import RouterMetrics, VersionStats
+from services.router.policy import Choice, choose_version
+from services.router.shadow import ShadowMirror
 
 _TRACER = "infermesh.router"
 
 
 class Router:
-    """Chooses a version from the rollout record (unless pinned) and forwards to a batcher."""
+    """Chooses a version from the rollout record (unless pinned) and forwards to a batcher.
 
-    def __init__(self, catalog: ModelCatalog, batcher: InferTarget) -> None:
+    Requests routed by the rollout are mirrored to its shadow versions after they are served
+    (see `shadow`); every primary request is counted and timed in `metrics`.
+    """
+
+    def __init__(
+        self, catalog: ModelCatalog, batcher: InferTarget, *,
+        metrics: RouterMetrics | None = None, shadow_max_inflight: int = 64,
+    ) -> None:
         self._catalog = catalog
         self._batcher = batcher
+        self.metrics = metrics or RouterMetrics()
+        self._mirror = ShadowMirror(
+            catalog, batcher, self.metrics, max_inflight=shadow_max_inflight
+        )
+        self._closed = False
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Route and forward one request; the response names the version that served."""
+        started = time.perf_counter()
+        if self._closed:
+            raise Unavailable("router is closed")
         with telemetry.span_from(request.trace, "router.route", _TRACER) as span:
-            parameters: dict[str, object] = {}
-            if request.version is None:
-                rollout = self._catalog.rollout(request.model)
-                sticky = self._sticky_value(request, rollout.sticky_key)
-                choice = choose_version(
-                    rollout, sticky,
-                    is_ready=lambda v: self._catalog.ready_workers(request.model, v) > 0,
-                )
-                request.version = choice.version
-                parameters = {"bucket": choice.bucket, "rollout_epoch": rollout.epoch}
-                if choice.fallback:
-                    parameters["fallback"] = True
-            else:
-                self._catalog.version(request.model, request.version)
-            span.set_attribute("infermesh.version", request.version)
+            try:
+                routed = self._route(request)
+            except InfermeshError as exc:
+                self.metrics.unrouted(request.model, exc, time.perf_counter() - started)
+                raise
+            version = str(request.version)
+            span.set_attribute("infermesh.version", version)
             request.trace = telemetry.inject()
-            response = await self._batcher.infer(request)
-        response.parameters.update(parameters)
+            stats = self.metrics.version(request.model, version)
+            try:
+                response = await self._forward(request, stats, started)
+            except Unavailable as exc:
+                routed = self._fall_back(request, routed, exc)
+                stats = self.metrics.version(request.model, str(request.version))
+                response = await self._forward(request, stats, started)
+        if routed is not None:
+            self._annotate(request, response, *routed)
+        if response.version != version:
+            stats = self.metrics.version(request.model, response.version)
+        stats.succeeded(time.perf_counter() - started)
         return response
+
+    def _route(self, request: InferRequest) -> tuple[Rollout, Choice] | None:
+        """Set the request's version: the rollout's choice, or check the pinned one."""
+        if request.version is not None:
+            self._catalog.version(request.model, request.version)
+            return None
+        rollout = self._catalog.rollout(request.model)
+        choice = choose_version(
+            rollout, self._sticky_value(request, rollout.sticky_key),
+            is_ready=lambda v: self._catalog.ready_workers(request.model, v) > 0,
+        )
+        request.version = choice.version
+        if choice.fallback:
+            self.metrics.fallback(request.model, choice.routed, choice.version)
+        return rollout, choice
+
+    async def _forward(
+        self, request: InferRequest, stats: VersionStats, started: float
+    ) -> InferResponse:
+        try:
+            return await self._batcher.infer(request)
+        except BaseException as exc:
+            stats.failed(exc, time.perf_counter() - started)
+            raise
+
+    def _fall_back(
+        self, request: InferRequest, routed: tuple[Rollout, Choice] | None, exc: Unavailable
+    ) -> tuple[Rollout, Choice]:
+        """Retarget a routed request whose version turned out unavailable (its worker went
+        away after the catalog last said ready) to the rollout's fallback, once; else re-raise.
+        """
+        if routed is None:
+            raise exc
+        rollout, choice = routed
+        fallback = rollout.fallback
+        if fallback is None or fallback == request.version or choice.fallback or not (
+            self._catalog.ready_workers(request.model, fallback)
+        ):
+            raise exc
+        self.metrics.fallback(request.model, str(request.version), fallback)
+        request.version = fallback
+        return rollout, dataclasses.replace(choice, version=fallback, fallback=True,
+                                            routed=choice.version)
+
+    def _annotate(
+        self, request: InferRequest, response: InferResponse, rollout: Rollout, choice: Choice
+    ) -> None:
+        """Name the bucket and epoch in the response; mirror it to the shadow versions."""
+        response.parameters["bucket"] = choice.bucket
+        response.parameters["rollout_epoch"] = rollout.epoch
+        if choice.fallback:
+            response.parameters["fallback"] = True
+        if rollout.shadow:
+            self._mirror.start(request, rollout, served=response.version,
+                               primary=response.outputs)
 
     @staticmethod
     def _sticky_value(request: InferRequest, sticky_key: str | None) -> str:
@@ -48,3 +126,17 @@ class Router:
             if value is not None:
                 return str(value)
         return request.request_id
+
+    @property
+    def shadows_inflight(self) -> int:
+        """Shadow mirrors sent and not yet answered."""
+        return self._mirror.inflight
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait (up to `timeout`) for the shadow mirrors in flight to finish."""
+        await self._mirror.drain(timeout)
+
+    async def aclose(self) -> None:
+        """Refuse new requests; cancel the shadow mirrors in flight and wait for them."""
+        self._closed = True
+        await self._mirror.aclose()

@@ -2,7 +2,8 @@
 
 The bucket is a salted hash of the sticky value in [0, 10000): the same value lands in the same
 bucket on every router replica and after restarts; routes own consecutive bucket ranges in
-proportion to their weights.
+proportion to their weights. Shadow sampling hashes the request id with a salt of its own per
+shadow version, so which requests are mirrored is independent of which version served them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class Choice:
     bucket: int
     fallback: bool = False
     """True when the routed version had no ready worker and the fallback took the request."""
+    routed: str | None = None
+    """On a fallback, the version the bucket was routed to (None: no route had weight)."""
 
 
 def bucket_of(salt: str, sticky_value: str) -> int:
@@ -58,7 +61,16 @@ def choose_version(
     if routed is not None and is_ready(routed):
         return Choice(routed, bucket)
     if rollout.fallback is not None and rollout.fallback != routed and is_ready(rollout.fallback):
-        return Choice(rollout.fallback, bucket, fallback=True)
+        return Choice(rollout.fallback, bucket, fallback=True, routed=routed)
     if routed is not None:
         return Choice(routed, bucket)  # nothing ready anywhere: let the batcher wait for one
     raise Unavailable(f"model '{rollout.model}' has no version to route to")
+
+
+def shadow_targets(rollout: Rollout, request_id: str) -> list[str]:
+    """The shadow versions that mirror this request: each `fraction` of request ids, by hash."""
+    return [
+        shadow.version for shadow in rollout.shadow
+        if bucket_of(f"{rollout.salt}\0shadow\0{shadow.version}", request_id)
+        < shadow.fraction * BUCKETS
+    ]

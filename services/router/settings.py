@@ -9,4 +9,6 @@ from services.mesh.settings import ServiceSettings
 
 @dataclass(frozen=True, kw_only=True)
 class RouterSettings(ServiceSettings):
-    """The router needs only the shared settings today (etcd, listen address, drain)."""
+    shadow_max_inflight: int = 64
+    """Most shadow mirrors in flight at once per router; beyond it mirrors are dropped (and
+    counted in `infermesh_shadow_requests_total{outcome="dropped"}`)."""

@@ -6,6 +6,8 @@ Model `echo` takes `features` (FP32, any 2-d shape); model `pair` takes `feature
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.gateway.core import Gateway
 from services.mesh.catalog import ModelCatalog
 from services.mesh.etcd import StaticConfig
@@ -32,15 +34,20 @@ SIGNATURES = {
 
 
 class EchoRouter:
-    """Returns every input as `<name>_echo`, sharing its bytes."""
+    """Returns every input as `<name>_echo`, sharing its bytes, from `version` (default: the
+    pinned one, else "1") with `parameters` as a router would set them (bucket, epoch, ...)."""
 
     def __init__(self) -> None:
         self.seen: list[InferRequest] = []
+        self.version: str | None = None
+        self.parameters: dict[str, Any] = {}
 
     async def infer(self, request: InferRequest) -> InferResponse:
         self.seen.append(request)
         outputs = [Tensor(f"{t.name}_echo", t.datatype, t.shape, t.data) for t in request.inputs]
-        return InferResponse(request.model, request.version or "1", "router-id", outputs)
+        version = self.version or request.version or "1"
+        return InferResponse(request.model, version, "router-id", outputs,
+                             parameters=dict(self.parameters))
 
 
 def echo_config() -> StaticConfig:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from services.mesh.catalog import ModelCatalog
-from services.mesh.errors import NotFound
+from services.mesh.errors import NotFound, Unavailable
 from services.mesh.etcd import StaticConfig
 from services.mesh.tensors import Tensor
 from services.mesh.types import (
@@ -131,3 +131,32 @@ async def test_traffic_falls_back_when_the_canary_has_no_ready_worker(
         routed = choose_version(ROLLOUT, user, is_ready=lambda v: True).version
         assert response.parameters.get("fallback", False) == (routed == "2")
     assert versions == {"1"}
+
+
+class VanishingWorkerBatcher(FakeBatcher):
+    """Version 2's worker is gone, though the catalog still lists it (its lease lives on)."""
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        if request.version == "2":
+            self.seen.append(request)
+            raise Unavailable("no worker for m/2 after 5.0s")
+        return await super().infer(request)
+
+
+async def test_a_routed_version_that_turns_out_unavailable_is_retried_on_the_fallback(
+    config: StaticConfig,
+) -> None:
+    batcher = VanishingWorkerBatcher()
+    router = Router(ModelCatalog(config), batcher)
+    users = [f"user-{i}" for i in range(40)]
+    canary_users = [u for u in users if choose_version(ROLLOUT, u, is_ready=bool).version == "2"]
+    assert canary_users
+    for user in canary_users:
+        response = await router.infer(request(user=user))
+        assert (response.version, response.parameters["fallback"]) == ("1", True)
+    pinned = request(version="2")
+    with pytest.raises(Unavailable):  # a pinned request has no fallback
+        await router.infer(pinned)
+    config.delete("endpoints/worker/w1")
+    with pytest.raises(Unavailable):  # nor does one whose fallback has no worker either
+        await router.infer(request(user=canary_users[0]))

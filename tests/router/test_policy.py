@@ -8,8 +8,14 @@ from collections import Counter
 import pytest
 
 from services.mesh.errors import Unavailable
-from services.mesh.types import Rollout, Route
-from services.router.policy import BUCKETS, bucket_of, choose_version, route_by_bucket
+from services.mesh.types import Rollout, Route, ShadowRoute
+from services.router.policy import (
+    BUCKETS,
+    bucket_of,
+    choose_version,
+    route_by_bucket,
+    shadow_targets,
+)
 
 
 def canary(*, fallback: str | None = "1", salt: str = "s") -> Rollout:
@@ -85,3 +91,42 @@ def test_a_rollout_without_weight_or_fallback_is_unavailable() -> None:
     rollout = Rollout("m", (Route("1", 0.0),))
     with pytest.raises(Unavailable, match="'m'"):
         choose_version(rollout, "user-1", is_ready=always_ready)
+
+
+def shadowed(fraction: float, *, salt: str = "s") -> Rollout:
+    return Rollout("m", (Route("1", 100.0),), salt=salt, shadow=(ShadowRoute("3", fraction),))
+
+
+def test_a_shadow_fraction_mirrors_that_share_of_request_ids() -> None:
+    rollout = shadowed(0.25)
+    mirrored = sum(bool(shadow_targets(rollout, f"req-{i}")) for i in range(4000))
+    assert mirrored / 4000 == pytest.approx(0.25, abs=0.03)
+
+
+def test_shadow_choice_is_deterministic_and_salted() -> None:
+    ids = [f"req-{i}" for i in range(500)]
+    first = [shadow_targets(shadowed(0.5), i) for i in ids]
+    assert first == [shadow_targets(shadowed(0.5), i) for i in ids]
+    assert first != [shadow_targets(shadowed(0.5, salt="other"), i) for i in ids]
+
+
+def test_shadow_sampling_is_independent_of_the_routing_bucket() -> None:
+    # With the routing salt, the mirrored ids would be exactly the lowest quarter of buckets.
+    rollout = shadowed(0.25)
+    buckets = [bucket_of(rollout.salt, f"req-{i}") for i in range(4000)
+               if shadow_targets(rollout, f"req-{i}")]
+    assert sum(b >= BUCKETS // 4 for b in buckets) / len(buckets) == pytest.approx(0.75, abs=0.05)
+
+
+def test_each_shadow_version_is_sampled_on_its_own() -> None:
+    rollout = Rollout("m", (Route("1", 100.0),),
+                      shadow=(ShadowRoute("2", 1.0), ShadowRoute("3", 0.0), ShadowRoute("4", 0.5)))
+    chosen = Counter(v for i in range(2000) for v in shadow_targets(rollout, f"req-{i}"))
+    assert chosen["2"] == 2000 and chosen["3"] == 0
+    assert chosen["4"] / 2000 == pytest.approx(0.5, abs=0.04)
+
+
+def test_a_fallback_names_the_version_it_was_routed_to() -> None:
+    rollout = Rollout("m", (Route("2", 100.0),), fallback="1")
+    choice = choose_version(rollout, "user-1", is_ready=lambda v: v == "1")
+    assert choice.routed == "2"
