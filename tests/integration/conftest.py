@@ -32,7 +32,13 @@ class RunningMesh:
     env: dict[str, str]
     edge_port: int = 0
     """The nginx HTTP/2 edge's h2c port (REST and gRPC)."""
+    control: str = ""
+    """The control API's base URL."""
     output: list[str] = field(default_factory=list)
+
+    def control_token(self) -> str:
+        """The admin secret `infermesh up` wrote for the control API."""
+        return (self.state_dir / "control-token").read_text().strip()
 
     def curl_line(self) -> str:
         return next(line.strip() for line in self.output if line.strip().startswith("curl "))
@@ -62,13 +68,16 @@ def mesh_processes(marker: str) -> list[int]:
 
 def start_mesh(state_dir: Path, *, fused: bool, env: dict[str, str]) -> RunningMesh:
     """Run `infermesh up` and wait (up to 240 s) for its banner."""
-    gateway_port, registry_port, grpc_port, edge_port = (free_port() for _ in range(4))
+    gateway_port, registry_port, grpc_port, edge_port, control_port = (
+        free_port() for _ in range(5)
+    )
     prefix = env.get("INFERMESH_ETCD_PREFIX", f"/infermesh-it-{uuid.uuid4().hex[:8]}/")
     full_env = {
         **os.environ, **env, "INFERMESH_ETCD_PREFIX": prefix,
         "INFERMESH_GATEWAY_HTTP_PORT": str(gateway_port),
         "INFERMESH_GATEWAY_GRPC_PORT": str(grpc_port), "INFERMESH_EDGE_PORT": str(edge_port),
         "INFERMESH_REGISTRY_PORT": str(registry_port), "INFERMESH_TEST_MARKER": prefix,
+        "INFERMESH_CONTROL_PORT": str(control_port),
     }
     args = [sys.executable, "-m", "control.cli", "up", "--state-dir", str(state_dir)]
     process = subprocess.Popen(
@@ -77,7 +86,7 @@ def start_mesh(state_dir: Path, *, fused: bool, env: dict[str, str]) -> RunningM
     )
     mesh = RunningMesh(process, state_dir, f"http://127.0.0.1:{gateway_port}",
                        f"http://127.0.0.1:{registry_port}", f"127.0.0.1:{grpc_port}",
-                       prefix, full_env, edge_port)
+                       prefix, full_env, edge_port, f"http://127.0.0.1:{control_port}")
     up = threading.Event()
     threading.Thread(target=_pump, args=(mesh, up), daemon=True).start()
     if not up.wait(240):

@@ -1,0 +1,420 @@
+"""Rollouts against the running mesh: weighted sticky split, live weight changes, rollback,
+shadow, fallback and the guard, driven through the control API of `infermesh up`.
+
+One mesh (two router replicas) serves every test here; each test writes the rollout it needs.
+Version 2 of mlp has other weights than version 1; version 3 fails every real request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from control.registry_client import RegistryClient, register_file
+from deploy.localdeps import LocalEtcd, LocalPostgres
+from services.mesh.etcd import connect_client
+from services.worker.demo_models import build_demo_models
+from tests.integration.canary_models import build_failing_mlp, build_mlp_variant
+from tests.integration.conftest import RunningMesh, mesh_processes, start_mesh, stop_and_check
+
+pytestmark = pytest.mark.timeout(300)
+
+FEATURES = [0.25] * 32
+
+
+@pytest.fixture(scope="module")
+def rollout_mesh(
+    local_etcd: LocalEtcd, local_postgres: LocalPostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningMesh]:
+    """The mesh with two routers, and mlp versions 2 (other weights) and 3 (fails) registered."""
+    database = local_postgres.create_database(f"rollouts_{uuid.uuid4().hex}")
+    mesh = start_mesh(
+        tmp_path_factory.mktemp("rollouts"), fused=False,
+        env={"INFERMESH_ETCD_URL": local_etcd.url, "INFERMESH_DATABASE_URL": database,
+             "INFERMESH_ROUTER_REPLICAS": "2", "INFERMESH_EDGE": "0"},
+    )
+    try:
+        artifacts = tmp_path_factory.mktemp("canaries")
+        asyncio.run(_register_canaries(mesh, artifacts))
+        yield mesh
+    finally:
+        stop_and_check(mesh)
+
+
+async def _register_canaries(mesh: RunningMesh, artifacts: Path) -> None:
+    [mlp] = [m for m in build_demo_models(artifacts / "demo") if m.name == "mlp"]
+    files = {"2": build_mlp_variant(artifacts / "mlp-2.pt", seed=1),
+             "3": build_failing_mlp(artifacts / "mlp-3.pt")}
+    async with aiohttp.ClientSession() as session:
+        registry = RegistryClient(session, mesh.registry)
+        for version, path in files.items():
+            await register_file(registry, "mlp", version, path, mlp.signature,
+                                batching=mlp.batching, device="cpu")
+        for version in files:
+            await _wait_status(session, f"{mesh.gateway}/v2/models/mlp/versions/{version}/ready")
+
+
+async def _wait_status(session: aiohttp.ClientSession, url: str, timeout: float = 120) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            async with session.get(url) as response:
+                if response.status == 200:
+                    return
+            await asyncio.sleep(0.2)
+
+
+@dataclass
+class Answer:
+    """One client-visible outcome."""
+
+    sent: float
+    status: int
+    version: str
+    parameters: dict[str, Any]
+    body: dict[str, Any]
+
+
+class Client:
+    """The gateway and the control API, as a test drives them."""
+
+    def __init__(self, session: aiohttp.ClientSession, mesh: RunningMesh) -> None:
+        self.session = session
+        self.mesh = mesh
+        self.admin = {"Authorization": f"Bearer {mesh.control_token()}"}
+
+    async def infer(
+        self, *, user: str | None = None, header: bool = False, version: str | None = None
+    ) -> Answer:
+        body: dict[str, Any] = {"inputs": [
+            {"name": "features", "datatype": "FP32", "shape": [1, 32], "data": FEATURES}
+        ]}
+        headers = {}
+        if user is not None and header:
+            headers["user"] = user
+        elif user is not None:
+            body["parameters"] = {"user": user}
+        path = f"/versions/{version}" if version else ""
+        sent = time.monotonic()
+        async with self.session.post(
+            f"{self.mesh.gateway}/v2/models/mlp{path}/infer", data=orjson.dumps(body),
+            headers={"Content-Type": "application/json", **headers},
+        ) as response:
+            answer = orjson.loads(await response.read())
+        return Answer(sent, response.status, answer.get("model_version", ""),
+                      answer.get("parameters", {}), answer)
+
+    async def put_rollout(self, record: dict[str, Any]) -> dict[str, Any]:
+        async with self.session.put(f"{self.mesh.control}/v1/rollouts/mlp", json=record,
+                                    headers=self.admin) as response:
+            body: dict[str, Any] = await response.json()
+            assert response.status == 200, body
+            return body
+
+    async def control(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        async with self.session.request(method, f"{self.mesh.control}{path}",
+                                        headers=self.admin, **kwargs) as response:
+            body: dict[str, Any] = await response.json()
+            assert response.status == 200, body
+            return body
+
+
+@pytest.fixture
+async def client(rollout_mesh: RunningMesh) -> AsyncIterator[Client]:
+    connector = aiohttp.TCPConnector(limit=64)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield Client(session, rollout_mesh)
+
+
+async def load(client: Client, count: int, *, concurrency: int = 24,
+               **kwargs: Any) -> list[Answer]:
+    """`count` requests, `concurrency` at a time."""
+    answers: list[Answer] = []
+    remaining = iter(range(count))
+
+    async def loop() -> None:
+        for _ in remaining:
+            answers.append(await client.infer(**kwargs))
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return answers
+
+
+async def load_until(client: Client, stop: asyncio.Event, *, concurrency: int = 8) -> list[Answer]:
+    """Requests with random sticky keys until `stop` is set."""
+    answers: list[Answer] = []
+
+    async def loop() -> None:
+        while not stop.is_set():
+            answers.append(await client.infer(user=uuid.uuid4().hex))
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return answers
+
+
+def service_pids(mesh: RunningMesh, module: str, *, models: str | None = None) -> list[int]:
+    """Pids of the mesh's `python -m <module>` processes (workers: of `models` only)."""
+    found = []
+    for pid in mesh_processes(mesh.prefix):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if module.encode() not in cmdline:
+            continue
+        if models is None or f"INFERMESH_WORKER_MODELS={models}".encode() in environ:
+            found.append(pid)
+    return found
+
+
+async def keep_down(mesh: RunningMesh, models: str, *, seconds: float) -> None:
+    """A crash loop: SIGKILL every worker of `models` the launcher restarts, for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for pid in service_pids(mesh, "services.worker", models=models):
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.05)
+
+
+async def wait_worker_serving(mesh: RunningMesh, version: str) -> None:
+    """Until a live worker process of mlp/`version` has registered itself as ready.
+
+    A readiness probe is not enough after a SIGKILL: the dead worker's leased record lingers
+    until its lease expires, while its replacement is still loading.
+    """
+    etcd = connect_client(mesh.env["INFERMESH_ETCD_URL"])
+    try:
+        async with asyncio.timeout(120):
+            while True:
+                live = {str(pid) for pid in
+                        service_pids(mesh, "services.worker", models=f"mlp/{version}")}
+                records = await etcd.get_prefix(f"{mesh.prefix}endpoints/worker/".encode())
+                if any(f"mlp/{version}" in orjson.loads(kv.value).get("models", [])
+                       and orjson.loads(kv.value)["instance"].rsplit("-", 1)[-1] in live
+                       for kv in records):
+                    return
+                await asyncio.sleep(0.2)
+    finally:
+        await etcd.close()
+
+
+async def router_urls(mesh: RunningMesh) -> list[str]:
+    etcd = connect_client(mesh.env["INFERMESH_ETCD_URL"])
+    try:
+        records = await etcd.get_prefix(f"{mesh.prefix}endpoints/router/".encode())
+        return [orjson.loads(kv.value)["http"] for kv in records]
+    finally:
+        await etcd.close()
+
+
+async def shadow_counts(session: aiohttp.ClientSession, mesh: RunningMesh) -> Counter[str]:
+    """Summed over every router: primary requests and shadow requests by outcome."""
+    counts: Counter[str] = Counter()
+    for url in await router_urls(mesh):
+        async with session.get(f"{url}/metrics") as response:
+            text = await response.text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "infermesh_router_requests_total":
+                    counts["primary"] += int(sample.value)
+                elif sample.name == "infermesh_shadow_requests_total":
+                    counts[f"shadow_{sample.labels['outcome']}"] += int(sample.value)
+    return counts
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+
+async def test_a_90_10_split_is_sticky_across_replicas_and_restarts(
+    client: Client, rollout_mesh: RunningMesh
+) -> None:
+    await client.put_rollout({"routes": [{"version": "1", "weight": 90},
+                                         {"version": "2", "weight": 10}],
+                              "sticky_key": "user", "salt": "split-test"})
+    users = [uuid.uuid4().hex for _ in range(5000)]
+    pool = iter(users + users)  # every user twice: both router replicas see most of them
+    seen: dict[str, set[str]] = {}
+
+    async def one_user_loop() -> None:
+        for user in pool:
+            answer = await client.infer(user=user)
+            assert answer.status == 200, answer.body
+            seen.setdefault(user, set()).add(answer.version)
+
+    await asyncio.gather(*(one_user_loop() for _ in range(24)))
+    assert all(len(versions) == 1 for versions in seen.values())
+    share = sum(1 for v in seen.values() if v == {"2"}) / len(users)
+    assert 0.08 <= share <= 0.12
+
+    routers = service_pids(rollout_mesh, "services.router")
+    assert len(routers) == 2
+    for pid in routers:
+        os.kill(pid, signal.SIGTERM)
+    await _wait_for_new_routers(rollout_mesh, old=set(routers))
+    sample = random.Random(5).sample(users, 400)
+    for user in sample:  # this time through the header, not the parameter
+        answer = await client.infer(user=user, header=True)
+        assert answer.status == 200, answer.body
+        assert {answer.version} == seen[user]
+
+
+async def _wait_for_new_routers(mesh: RunningMesh, *, old: set[int]) -> None:
+    async with asyncio.timeout(90):
+        while True:
+            pids = set(service_pids(mesh, "services.router"))
+            instances = await router_urls(mesh)
+            if len(pids) == 2 and not pids & old and len(instances) == 2:
+                return
+            await asyncio.sleep(0.2)
+
+
+async def test_a_weight_change_and_a_rollback_apply_within_a_second_without_errors(
+    client: Client,
+) -> None:
+    first = await client.put_rollout({"routes": [{"version": "1", "weight": 100}],
+                                      "reason": "baseline"})
+    stop = asyncio.Event()
+    traffic = asyncio.create_task(load_until(client, stop))
+    await asyncio.sleep(1.0)
+    changed_at = time.monotonic()
+    changed = await client.put_rollout({"routes": [{"version": "1", "weight": 50},
+                                                   {"version": "2", "weight": 50}],
+                                        "reason": "canary at 50"})
+    await asyncio.sleep(2.0)
+    rolled_at = time.monotonic()
+    rolled = await client.control("POST", "/v1/rollouts/mlp/rollback",
+                                  json={"reason": "too risky"})
+    await asyncio.sleep(2.0)
+    stop.set()
+    answers = await traffic
+
+    assert [a for a in answers if a.status != 200] == []
+    assert changed["epoch"] == first["epoch"] + 1 and rolled["epoch"] == changed["epoch"] + 1
+    assert rolled["routes"] == first["routes"]
+    # Every request sent a second after a change was routed by it, on both routers.
+    after_change = [a for a in answers if changed_at + 1.0 <= a.sent < rolled_at]
+    after_rollback = [a for a in answers if a.sent >= rolled_at + 1.0]
+    assert after_change and after_rollback
+    assert {a.parameters["rollout_epoch"] for a in after_change} == {changed["epoch"]}
+    assert {a.version for a in after_change} == {"1", "2"}
+    assert {a.parameters["rollout_epoch"] for a in after_rollback} == {rolled["epoch"]}
+    assert {a.version for a in after_rollback} == {"1"}
+
+    history = (await client.control("GET", "/v1/rollouts/mlp/history"))["history"]
+    top = {entry["epoch"]: entry for entry in history[:2]}
+    assert top[changed["epoch"]]["author"] == getpass.getuser()
+    assert top[changed["epoch"]]["reason"] == "canary at 50"
+    assert top[rolled["epoch"]]["author"] == getpass.getuser()
+    assert top[rolled["epoch"]]["record"]["routes"] == first["routes"]
+
+
+async def test_shadow_gets_its_fraction_and_never_touches_client_responses(
+    client: Client, rollout_mesh: RunningMesh
+) -> None:
+    await client.put_rollout({"routes": [{"version": "1", "weight": 100}],
+                              "shadow": [{"version": "2", "fraction": 0.25}]})
+    pinned = await client.infer(version="1")
+    before = await shadow_counts(client.session, rollout_mesh)
+    answers = await load(client, 2000)
+    await asyncio.sleep(0.5)  # mirrors finish off the response path
+    after = await shadow_counts(client.session, rollout_mesh)
+
+    assert {a.status for a in answers} == {200}
+    assert {a.version for a in answers} == {"1"}
+    assert all(a.body["outputs"] == pinned.body["outputs"] for a in answers)
+    primary = after["primary"] - before["primary"]
+    mirrored = sum(after[k] - before[k] for k in after if k.startswith("shadow_"))
+    assert primary >= 2000
+    assert 0.22 <= mirrored / primary <= 0.28
+    assert after["shadow_failure"] == before["shadow_failure"]
+
+    for pid in service_pids(rollout_mesh, "services.worker", models="mlp/2"):
+        os.kill(pid, signal.SIGKILL)
+    answers = await load(client, 600)
+    assert {a.status for a in answers} == {200}
+    assert all(a.body["outputs"] == pinned.body["outputs"] for a in answers)
+    await wait_worker_serving(rollout_mesh, "2")
+
+
+async def test_a_canary_whose_worker_is_down_sends_its_traffic_to_the_fallback(
+    client: Client, rollout_mesh: RunningMesh
+) -> None:
+    await wait_worker_serving(rollout_mesh, "2")
+    await client.put_rollout({"routes": [{"version": "1", "weight": 50},
+                                         {"version": "2", "weight": 50}], "fallback": "1"})
+    stop = asyncio.Event()
+    traffic = asyncio.create_task(load_until(client, stop))
+    await asyncio.sleep(0.5)
+    for pid in service_pids(rollout_mesh, "services.worker", models="mlp/2"):
+        os.kill(pid, signal.SIGTERM)
+    await keep_down(rollout_mesh, "mlp/2", seconds=6.0)  # longer than the batcher's grace
+    stop.set()
+    answers = await traffic
+    assert [a.body for a in answers if a.status != 200] == []
+    assert any(a.parameters.get("fallback") for a in answers)
+    await wait_worker_serving(rollout_mesh, "2")
+
+
+async def test_the_guard_rolls_back_a_failing_canary_and_says_why(client: Client) -> None:
+    put = await client.put_rollout({
+        "routes": [{"version": "1", "weight": 70}, {"version": "3", "weight": 30}],
+        "fallback": "1",
+        "guard": {"window_s": 10, "min_samples": 20, "max_error_rate_delta": 0.05},
+    })
+    stop = asyncio.Event()
+    traffic = asyncio.create_task(load_until(client, stop, concurrency=4))
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                current = await client.control("GET", "/v1/rollouts/mlp")
+                if current["epoch"] > put["epoch"]:
+                    break
+                await asyncio.sleep(0.25)
+    finally:
+        stop.set()
+        await traffic
+    assert current["routes"] == [{"version": "1", "weight": 100.0}]
+    assert "guard" not in current or current["guard"] is None
+    [latest] = (await client.control("GET", "/v1/rollouts/mlp/history",
+                                     params={"limit": "1"}))["history"]
+    assert latest["author"] == "guard"
+    assert "error rate" in latest["reason"] and "%" in latest["reason"]
+
+
+def test_the_cli_sets_shows_and_rolls_back(rollout_mesh: RunningMesh) -> None:
+    env = {**rollout_mesh.env, "INFERMESH_CONTROL_URL": rollout_mesh.control,
+           "INFERMESH_CONTROL_TOKEN": rollout_mesh.control_token()}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "control.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    cli("rollout", "set", "mlp", "1=80", "2=20", "--reason", "from the cli")
+    shown = orjson.loads(cli("rollout", "show", "mlp", "--json"))
+    assert shown["routes"] == [{"version": "1", "weight": 80.0}, {"version": "2", "weight": 20.0}]
+    assert "from the cli" in cli("rollout", "history", "mlp")
+    cli("rollback", "mlp")
+    shown = orjson.loads(cli("rollout", "show", "mlp", "--json"))
+    assert shown["epoch"] > 0 and shown["routes"] != [
+        {"version": "1", "weight": 80.0}, {"version": "2", "weight": 20.0}
+    ]
