@@ -60,8 +60,8 @@ class RolloutReport:
         for setup, results in self.runs.items():
             best = sorted(results, key=lambda r: r.rps)[len(results) // 2]
             ratios = "—" if setup == "stable" else ", ".join(f"{x:.2f}" for x in self.ratios(setup))
-            lines.append(f"| {setup} | {best.rps:,.0f} | {best.latency.p50 * 1e3:.2f} | "
-                         f"{best.latency.p99 * 1e3:.2f} | {ratios} |")
+            lines.append(f"| {setup} | {best.rps:,.0f} | {best.latency.p50:.2f} | "
+                         f"{best.latency.p99:.2f} | {ratios} |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, object]:

@@ -37,3 +37,8 @@ def local_secret(state_dir: Path) -> str:
         with os.fdopen(fd, "w") as handle:
             handle.write(secret + "\n")
     return secret
+
+
+def first_secret(tokens: str) -> str:
+    """The secret of the first `name:secret` entry (what the launcher itself calls with)."""
+    return tokens.split(",")[0].partition(":")[2].strip()

@@ -26,7 +26,9 @@ import aiohttp
 import uvloop
 
 from control.registry_client import RegistryClient, RegistryError, register_file
-from deploy.admin_token import TOKEN_FILE, control_tokens
+from deploy.admin_token import control_tokens, first_secret
+from deploy.banner import OFF, BannerFacts, banner
+from deploy.demo_tenant import ensure_demo_key
 from deploy.edge import Edge, EdgeConfig, nginx_binary, start_edge
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
 from deploy.supervisor import Supervised
@@ -48,6 +50,7 @@ class Launcher:
         self.registry_port = int(os.environ.get("INFERMESH_REGISTRY_PORT", "8200"))
         self.control_port = int(os.environ.get("INFERMESH_CONTROL_PORT", "8100"))
         self.router_replicas = int(os.environ.get("INFERMESH_ROUTER_REPLICAS", "1"))
+        self.auth = os.environ.get("INFERMESH_GATEWAY_AUTH", "1").lower() not in OFF
         self.edge = _edge_config(self.gateway_port, self.grpc_port)
         self._edge: Edge | None = None
         self.prefix = os.environ.get("INFERMESH_ETCD_PREFIX", "/infermesh/")
@@ -190,38 +193,22 @@ class Launcher:
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
-        if waiter.done() and not waiter.exception():
-            print(self.banner(), flush=True)
-        else:
+        if not waiter.done() or waiter.exception():
             waiter.cancel()
+            return
+        if self.auth:
+            token = first_secret(self._env["INFERMESH_CONTROL_ADMIN_TOKENS"])
+            await ensure_demo_key(session, f"http://127.0.0.1:{self.control_port}", token,
+                                  self.state_dir)
+        print(self.banner(), flush=True)
 
     def banner(self) -> str:
-        gateway = f"http://127.0.0.1:{self.gateway_port}"
-        features = ",".join(["0.5"] * 32)
-        body = ('{"inputs":[{"name":"features","datatype":"FP32","shape":[1,32],'
-                f'"data":[{features}]}}]}}')
-        return "\n".join([
-            f"infermesh is up ({'fused' if self.fused else 'mesh'} mode); Ctrl-C stops it.",
-            f"  gateway (OIP v2 REST)  {gateway}",
-            f"  gateway (OIP v2 gRPC)  127.0.0.1:{self.grpc_port}",
-            *self._edge_lines(),
-            f"  registry               http://127.0.0.1:{self.registry_port}",
-            f"  control API            http://127.0.0.1:{self.control_port}"
-            f"  (token: {self.state_dir / TOKEN_FILE}; `infermesh rollout show mlp`)",
-            f"  etcd                   {self._env['INFERMESH_ETCD_URL']}",
-            f"  logs                   {self.state_dir / 'logs'}",
-            "try:",
-            f"  curl -s -X POST {gateway}/v2/models/mlp/infer "
-            f"-H 'Content-Type: application/json' -d '{body}'",
-        ])
-
-    def _edge_lines(self) -> list[str]:
-        if self._edge is None or self.edge is None:
-            return []
-        lines = [f"  edge (HTTP/2 h2c: REST + gRPC)  127.0.0.1:{self.edge.h2c_port}"]
-        if self.edge.tls_port and self.edge.certificate:
-            lines.append(f"  edge (HTTP/2 TLS: REST + gRPC)  127.0.0.1:{self.edge.tls_port}")
-        return lines
+        return banner(BannerFacts(
+            fused=self.fused, gateway_port=self.gateway_port, grpc_port=self.grpc_port,
+            registry_port=self.registry_port, control_port=self.control_port,
+            state_dir=self.state_dir, etcd_url=self._env["INFERMESH_ETCD_URL"],
+            edge=self.edge if self._edge is not None else None, auth=self.auth,
+        ))
 
     async def stop_children(self) -> None:
         """Stop services in reverse order of start: data plane first, registry last."""

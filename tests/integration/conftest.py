@@ -40,6 +40,14 @@ class RunningMesh:
         """The admin secret `infermesh up` wrote for the control API."""
         return (self.state_dir / "control-token").read_text().strip()
 
+    def api_key(self) -> str:
+        """The demo tenant's API key `infermesh up` wrote (auth on, the default)."""
+        return (self.state_dir / "demo-key").read_text().strip()
+
+    def auth(self) -> dict[str, str]:
+        """The Authorization header of the demo tenant."""
+        return {"Authorization": f"Bearer {self.api_key()}"}
+
     def curl_line(self) -> str:
         return next(line.strip() for line in self.output if line.strip().startswith("curl "))
 
@@ -117,11 +125,13 @@ def mesh(
     local_etcd: LocalEtcd, local_postgres: LocalPostgres,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningMesh]:
-    """The full mesh (separate processes) on the session's etcd and a fresh database."""
+    """The full mesh (separate processes) on the session's etcd and a fresh database, in dev
+    mode (auth off: these tests drive stock clients; the tenancy tests cover auth)."""
     database = local_postgres.create_database(f"mesh_{uuid.uuid4().hex}")
     running = start_mesh(
         tmp_path_factory.mktemp("mesh"), fused=False,
-        env={"INFERMESH_ETCD_URL": local_etcd.url, "INFERMESH_DATABASE_URL": database},
+        env={"INFERMESH_ETCD_URL": local_etcd.url, "INFERMESH_DATABASE_URL": database,
+             "INFERMESH_GATEWAY_AUTH": "0"},
     )
     yield running
     stop_and_check(running)

@@ -27,9 +27,11 @@ def infer_body(name: str, array: np.ndarray, **extra: Any) -> bytes:
 
 
 async def post_infer(
-    session: aiohttp.ClientSession, url: str, body: bytes
+    session: aiohttp.ClientSession, url: str, body: bytes, *,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
-    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    async with session.post(url, data=body, headers=headers) as r:
         return r.status, orjson.loads(await r.read()), {k.lower(): v for k, v in r.headers.items()}
 
 

@@ -55,7 +55,8 @@ async def test_fused_outputs_match_the_model_called_in_process(
     array = make(2)  # type: ignore[operator]
     async with aiohttp.ClientSession() as session:
         status, body, _ = await post_infer(
-            session, f"{fused.gateway}/v2/models/{model}/infer", infer_body(name, array)
+            session, f"{fused.gateway}/v2/models/{model}/infer", infer_body(name, array),
+            headers=fused.auth(),
         )
     assert status == 200, body
     expected = reference(fused.state_dir, model, array)
@@ -68,7 +69,9 @@ async def test_fused_serves_grpc(fused: RunningMesh) -> None:
     try:
         tensor = aioclient.InferInput("features", list(array.shape), "FP32")
         tensor.set_data_from_numpy(array)
-        result = await client.infer("mlp", [tensor])
+        result = await client.infer(
+            "mlp", [tensor], headers={"authorization": f"Bearer {fused.api_key()}"}
+        )
     finally:
         await client.close()
     output = result.as_numpy(result.get_response().outputs[0].name)

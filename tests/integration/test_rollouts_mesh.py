@@ -106,7 +106,7 @@ class Client:
         body: dict[str, Any] = {"inputs": [
             {"name": "features", "datatype": "FP32", "shape": [1, 32], "data": FEATURES}
         ]}
-        headers = {}
+        headers = self.mesh.auth()
         if user is not None and header:
             headers["user"] = user
         elif user is not None:
