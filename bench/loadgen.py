@@ -19,7 +19,7 @@ import argparse
 import asyncio
 import random
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from time import perf_counter, process_time
 
@@ -101,6 +101,7 @@ async def run_closed(
     duration: float = 10.0,
     warmup: float = 2.0,
     rows: int = 1,
+    headers: Mapping[str, str] | None = None,
 ) -> LoadResult:
     """Run ``concurrency`` back-to-back senders; measure requests sent and answered in-window."""
     body, target = request_body(model, rows), _target(url, model)
@@ -114,7 +115,7 @@ async def run_closed(
             if sent >= window.start and done <= window.end:
                 window.record(sent, done, error)
 
-    client = RawClient(str(target), body)
+    client = RawClient(str(target), body, headers=headers)
     try:
         await asyncio.gather(*(sender() for _ in range(concurrency)))
     finally:
@@ -135,6 +136,7 @@ async def run_open(
     rows: int = 1,
     max_outstanding: int = 1024,
     seed: int = 0,
+    headers: Mapping[str, str] | None = None,
 ) -> LoadResult:
     """Offer Poisson arrivals at ``rate``/s; arrivals beyond ``max_outstanding`` are dropped.
 
@@ -152,7 +154,7 @@ async def run_open(
             window.send_lags.append(sent - scheduled)
             window.record(sent, perf_counter(), error)
 
-    client = RawClient(str(target), body)
+    client = RawClient(str(target), body, headers=headers)
     try:
         tasks = await _schedule(arrival, window, rate=rate, cap=max_outstanding, seed=seed)
         if tasks:

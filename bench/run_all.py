@@ -31,6 +31,7 @@ from pathlib import Path
 
 import uvloop
 
+from bench.credentials import auth_headers, remember
 from bench.inprocess import measure_inprocess
 from bench.loadgen import run_closed, run_open
 from bench.models import DEFAULT_CACHE_DIR
@@ -45,11 +46,12 @@ STOP_TIMEOUT_S = 60.0
 
 def closed_loop(url: str, model: str, args: argparse.Namespace) -> LoadResult:
     """Closed loop at c=64: wrk if installed, else the Python client."""
+    headers = auth_headers(url)
     if wrk_available():
         return run_wrk(url, model, concurrency=CONCURRENCY, duration=args.duration,
-                       warmup=args.warmup)  # fmt: skip
+                       warmup=args.warmup, headers=headers)  # fmt: skip
     coro = run_closed(url, model, concurrency=CONCURRENCY, duration=args.duration,
-                      warmup=args.warmup)  # fmt: skip
+                      warmup=args.warmup, headers=headers)  # fmt: skip
     return uvloop.run(coro)
 
 
@@ -159,6 +161,7 @@ def start_launcher(
            "INFERMESH_REGISTRY_PORT": str(registry_port), **(extra_env or {})}  # fmt: skip
     stack.enter_context(serving(command, f"{url}/v2/health/ready", logs / f"{setup}.log",
                                 args.ready_timeout, banner="infermesh is up", env=env))  # fmt: skip
+    remember(url, Path(state_dir))
     return url
 
 
@@ -183,11 +186,12 @@ def open_runs(report: Report, args: argparse.Namespace, urls: dict[str, str]) ->
     for setup, url in urls.items():
         if setup == "plain":
             continue
+        headers = auth_headers(url)
         closed = run_closed(url, "mlp", concurrency=CONCURRENCY, duration=args.duration,
-                            warmup=args.warmup)  # fmt: skip
+                            warmup=args.warmup, headers=headers)  # fmt: skip
         maximum = _record(report, setup, uvloop.run(closed), args.rounds).rows_per_s
         coro = run_open(url, "mlp", rate=OPEN_LOAD_FRACTION * maximum, duration=args.duration,
-                        warmup=args.warmup)  # fmt: skip
+                        warmup=args.warmup, headers=headers)  # fmt: skip
         _record(report, setup, uvloop.run(coro), args.rounds)
 
 

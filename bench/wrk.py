@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import orjson
@@ -31,6 +32,7 @@ wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "application/json"
+{extra_headers}
 
 function done(summary, latency, requests)
   local e = summary.errors
@@ -58,6 +60,7 @@ def run_wrk(
     warmup: float = 0.0,
     rows: int = 1,
     threads: int = 1,
+    headers: Mapping[str, str] | None = None,
 ) -> LoadResult:
     """Run wrk against ``model``'s infer endpoint; ``duration`` and ``warmup`` round to seconds."""
     target = url.rstrip("/") + infer_path(model)
@@ -65,7 +68,10 @@ def run_wrk(
         body_path = Path(tmp) / "body.json"
         body_path.write_bytes(request_body(model, rows))
         script = Path(tmp) / "post.lua"
-        script.write_text(LUA_TEMPLATE.format(body_path=body_path, marker=MARKER))
+        extra = "\n".join(f'wrk.headers["{name}"] = [==[{value}]==]'
+                           for name, value in (headers or {}).items())
+        script.write_text(LUA_TEMPLATE.format(body_path=body_path, marker=MARKER,
+                                              extra_headers=extra))
         if warmup > 0:
             _wrk(script, target, concurrency=concurrency, seconds=warmup, threads=threads)
         stdout = _wrk(script, target, concurrency=concurrency, seconds=duration, threads=threads)
