@@ -3,7 +3,7 @@
 Each subcommand is one small `_cmd_*` function taking the parsed arguments and returning an
 exit status: 0 done, 1 the operation failed (one line on stderr), 2 bad usage. `models
 register` talks to the registry; everything else to the control API (cli_rollouts.py has the
-rollout commands, cli_common.py what they share).
+rollout commands, cli_tenants.py tenants, keys and model limits, cli_common.py what they share).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from control.cli_common import (
     with_control,
 )
 from control.cli_rollouts import add_rollout_commands
+from control.cli_tenants import add_limit_command, add_tenant_commands
 from control.control_client import ControlClient, ControlError
 from control.registry_client import RegistryClient, RegistryError, register_file
 from services.mesh.tensors import DATATYPES
@@ -185,6 +186,7 @@ def _add_models(commands: Any) -> None:
     show = models.add_parser("show", parents=[control], help="show a model's versions and rollout")
     show.add_argument("name")
     show.set_defaults(run=with_control(_cmd_models_show))
+    add_limit_command(models, control)
 
 
 def _add_up(commands: Any) -> None:
@@ -201,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_models(commands)
     add_rollout_commands(commands)
+    add_tenant_commands(commands)
     _add_up(commands)
     return parser
 

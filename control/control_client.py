@@ -1,4 +1,5 @@
-"""A client of the control API's REST interface: models, rollouts, rollback, history."""
+"""A client of the control API's REST interface: models, rollouts, rollback, history,
+tenants, API keys and model limits."""
 
 from __future__ import annotations
 
@@ -77,6 +78,58 @@ class ControlClient:
         """{model, history: [{epoch, author, reason, created_at, record}]}, newest first."""
         query = f"?limit={limit}" if limit is not None else ""
         return await self._call("GET", f"/v1/rollouts/{_part(model)}/history{query}")
+
+    # -- tenants, keys, limits -------------------------------------------------------------
+
+    async def create_tenant(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a tenant from {name, rate, burst?, max_concurrency?, allowed_models?, ...}."""
+        return await self._call("POST", "/v1/tenants", json=body)
+
+    async def list_tenants(self) -> list[dict[str, Any]]:
+        """Every tenant, by name."""
+        body = await self._call("GET", "/v1/tenants")
+        tenants: list[dict[str, Any]] = body["tenants"]
+        return tenants
+
+    async def get_tenant(self, name: str) -> dict[str, Any]:
+        """One tenant's record, with created_at and updated_at."""
+        return await self._call("GET", f"/v1/tenants/{_part(name)}")
+
+    async def update_tenant(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change the fields `changes` names; the tenant's new record."""
+        return await self._call("PATCH", f"/v1/tenants/{_part(name)}", json=changes)
+
+    async def disable_tenant(self, name: str) -> dict[str, Any]:
+        """Disable a tenant (its keys stay; gateways refuse it); its record."""
+        return await self._call("DELETE", f"/v1/tenants/{_part(name)}")
+
+    async def issue_key(self, tenant: str, *, note: str = "") -> dict[str, Any]:
+        """A new API key: `key` (the only time it is shown), key_id, prefix, tenant, note..."""
+        body = {"note": note} if note else {}
+        return await self._call("POST", f"/v1/tenants/{_part(tenant)}/keys", json=body)
+
+    async def list_keys(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's keys, revoked ones included (never a secret)."""
+        body = await self._call("GET", f"/v1/tenants/{_part(tenant)}/keys")
+        keys: list[dict[str, Any]] = body["keys"]
+        return keys
+
+    async def revoke_key(self, key_id: str) -> dict[str, Any]:
+        """Revoke a key (again is fine); its info with revoked_at."""
+        return await self._call("DELETE", f"/v1/keys/{_part(key_id)}")
+
+    async def get_model_limits(self, model: str) -> dict[str, Any]:
+        """{model, max_concurrency}; a 404 ControlError when the model has none."""
+        return await self._call("GET", f"/v1/models/{_part(model)}/limits")
+
+    async def set_model_limits(self, model: str, *, max_concurrency: int) -> dict[str, Any]:
+        """Cap the model's requests in flight across the fleet."""
+        body = {"max_concurrency": max_concurrency}
+        return await self._call("PUT", f"/v1/models/{_part(model)}/limits", json=body)
+
+    async def clear_model_limits(self, model: str) -> dict[str, Any]:
+        """Remove the model's limits: {model, max_concurrency: null}."""
+        return await self._call("DELETE", f"/v1/models/{_part(model)}/limits")
 
     async def _call(self, method: str, path: str, *, json: Any = None,
                     headers: dict[str, str] | None = None) -> dict[str, Any]:

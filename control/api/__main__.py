@@ -1,5 +1,7 @@
 """`python -m control.api`: migrate, publish what etcd lacks, serve, reconcile and guard.
 
+Two reconcile loops run at `reconcile_interval`: rollouts, and tenants/keys/limits.
+
 Refuses to start (exit 2, one line on stderr) without an admin token or with bad settings.
 """
 
@@ -13,8 +15,9 @@ from collections.abc import Mapping
 
 from control.api.app import create_app
 from control.api.auth import load_tokens
-from control.api.core import RolloutStore
+from control.api.core import RolloutStore, reconcile_forever
 from control.api.settings import ControlSettings
+from control.api.tenants import TenantStore
 from control.guard.runner import run_guard
 from services.mesh.db import create_pool, migrate
 from services.mesh.errors import InvalidInput
@@ -32,10 +35,16 @@ async def serve(settings: ControlSettings, tokens: Mapping[str, str]) -> None:
         try:
             await migrate(pool)
             store = RolloutStore(pool, node.etcd, etcd_prefix=settings.etcd_prefix)
+            tenants = TenantStore(pool, node.etcd, etcd_prefix=settings.etcd_prefix)
             await store.reconcile()
+            await tenants.reconcile()
             tasks = [
                 asyncio.create_task(
                     store.reconcile_forever(settings.reconcile_interval), name="control-reconcile"
+                ),
+                asyncio.create_task(
+                    reconcile_forever(tenants.reconcile, settings.reconcile_interval),
+                    name="control-reconcile-tenancy",
                 ),
                 asyncio.create_task(
                     run_guard(store, node.config, node.session, pool,
@@ -44,7 +53,7 @@ async def serve(settings: ControlSettings, tokens: Mapping[str, str]) -> None:
                 ),
             ]
             try:
-                await node.serve(create_app(store, tokens))
+                await node.serve(create_app(store, tokens, tenants=tenants))
             finally:
                 await _stop(tasks)
         finally:

@@ -1,7 +1,8 @@
 """The control API's REST adapter: decode, one core call, encode. Errors map in one table.
 
-Routes live in one `RouteTableDef` per resource (models, rollouts); a later resource (tenants,
-keys) adds its table to `RESOURCES` and its paths to `openapi.PATHS`.
+Routes live in one `RouteTableDef` per resource (models, rollouts; tenants, keys and limits in
+tenant_routes.py); a new resource adds its table to `RESOURCES` and its paths to the OpenAPI
+document.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from prometheus_client import CollectorRegistry, Counter
 from control.api.auth import AUTHOR, auth_middleware
 from control.api.core import RolloutStore, StaleEpoch
 from control.api.openapi import openapi_document
+from control.api.rest import json_response as _json
+from control.api.rest import read_object as _read_object
+from control.api.tenant_routes import ROUTE_TABLES as TENANCY_ROUTES
+from control.api.tenant_routes import TENANTS
+from control.api.tenants import TenantExists, TenantStore
 from services.mesh import errors
 from services.mesh.metrics import add_metrics_route
 
@@ -31,6 +37,7 @@ MAX_HISTORY = 1000
 
 # Most specific first: the first class the error is an instance of decides the status.
 _STATUS: list[tuple[type[errors.InfermeshError], int]] = [
+    (TenantExists, 409),
     (errors.InvalidInput, 400),
     (errors.Unauthenticated, 401),
     (errors.PermissionDenied, 403),
@@ -41,12 +48,6 @@ _STATUS: list[tuple[type[errors.InfermeshError], int]] = [
 ]
 
 _IF_MATCH = re.compile(r'(?:W/)?"(\d+)"|(\d+)')
-
-
-def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
-    )
 
 
 def _error_response(exc: errors.InfermeshError) -> web.Response:
@@ -76,19 +77,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     template = route.canonical if route is not None else "unmatched"
     request.app[REQUESTS].labels(request.method, template, str(response.status)).inc()
     return response
-
-
-async def _read_object(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
-    raw = await request.read()
-    if optional and not raw.strip():
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise errors.InvalidInput(f"body: malformed JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise errors.InvalidInput("body: must be a JSON object")
-    return body
 
 
 def parse_if_match(value: str | None) -> int | None:
@@ -174,7 +162,7 @@ async def history(request: web.Request) -> web.Response:
     return _json({"model": model, "history": [e.to_json() for e in entries]})
 
 
-RESOURCES = (models, rollouts)
+RESOURCES = (models, rollouts, *TENANCY_ROUTES)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -185,10 +173,13 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
-def create_app(store: RolloutStore, tokens: Mapping[str, str]) -> web.Application:
-    """The control API around `store`; `tokens` maps each admin secret to its name."""
+def create_app(
+    store: RolloutStore, tokens: Mapping[str, str], *, tenants: TenantStore
+) -> web.Application:
+    """The control API around `store` and `tenants`; `tokens` maps admin secrets to names."""
     app = web.Application(middlewares=[error_middleware, auth_middleware(tokens)])
     app[STORE] = store
+    app[TENANTS] = tenants
     app[OPENAPI] = orjson.dumps(openapi_document())
     metrics = CollectorRegistry()
     app[REQUESTS] = Counter(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -187,12 +187,7 @@ class RolloutStore:
 
     async def reconcile_forever(self, interval: float) -> None:
         """Run `reconcile()` every `interval` seconds until cancelled; failures are logged."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.reconcile()
-            except Exception as exc:
-                log.warning("reconcile failed (%r); retrying in %.0fs", exc, interval)
+        await reconcile_forever(self.reconcile, interval)
 
     async def _publish_saved(self, rollout: Rollout) -> None:
         failpoint("control.after_commit")
@@ -207,6 +202,16 @@ class RolloutStore:
 
     def _key(self, model: str) -> str:
         return f"{self._prefix}rollouts/{model}"
+
+
+async def reconcile_forever(reconcile: Callable[[], Awaitable[int]], interval: float) -> None:
+    """Await `reconcile()` every `interval` seconds until cancelled; failures are logged."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await reconcile()
+        except Exception as exc:
+            log.warning("reconcile failed (%r); retrying in %.0fs", exc, interval)
 
 
 async def _lock(conn: asyncpg.Connection, model: str, if_match: int | None) -> Rollout:

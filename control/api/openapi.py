@@ -1,12 +1,15 @@
 """The control API's OpenAPI 3.1 document, written by hand and served at `GET /openapi.json`.
 
-A test checks that every route the app registers appears here, so a new resource (tenants,
-keys) adds its paths to `PATHS` next to its routes.
+A test checks that every route the app registers appears here, so a new resource adds its
+paths next to its routes: `PATHS` here, or its own module merged in (openapi_tenancy.py holds
+tenants, API keys and model limits).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from control.api.openapi_tenancy import TENANCY_PATHS, TENANCY_SCHEMAS
 
 JSON = "application/json"
 
@@ -163,13 +166,14 @@ def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "infermesh control API", "version": "1",
-                 "description": "Rollouts: weights, shadow, guard, rollback and history."},
+                 "description": "Rollouts (weights, shadow, guard, rollback, history), "
+                                "tenants, API keys and model limits."},
         "servers": [{"url": "http://127.0.0.1:8100"}],
         "security": [{"bearer": []}],
-        "paths": PATHS,
+        "paths": {**PATHS, **TENANCY_PATHS},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "An admin token (name:secret)"}},
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **TENANCY_SCHEMAS},
         },
     }

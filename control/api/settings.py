@@ -21,6 +21,7 @@ class ControlSettings(ServiceSettings):
     admin_token_file: str = ""
     """A file of more `name:secret` lines (blank lines and `#` comments skipped)."""
     reconcile_interval: float = 10.0
-    """Seconds between passes that republish rollouts etcd lacks or holds at an older epoch."""
+    """Seconds between passes that republish rollouts etcd lacks or holds at an older epoch,
+    and tenants, API keys and model limits that etcd holds differently from Postgres."""
     guard_interval: float = 1.0
     """Seconds between evaluations of guarded rollouts."""

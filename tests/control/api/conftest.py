@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from control.api.core import RolloutStore
+from control.api.tenants import TenantStore
 from tests.registry.harness import SIGNATURE, RegistryHarness, chunks_of, open_registry
 
 VERSIONS = ("1", "2", "3")
@@ -15,10 +16,12 @@ VERSIONS = ("1", "2", "3")
 
 @dataclass
 class ControlHarness:
-    """A RolloutStore over the registry harness' pool and etcd, with model iris registered."""
+    """A RolloutStore and a TenantStore over the registry harness' pool and etcd, with model
+    iris registered."""
 
     store: RolloutStore
     registry: RegistryHarness
+    tenants: TenantStore
 
     async def published(self, model: str = "iris") -> Any:
         """The rollout record in etcd, or None."""
@@ -43,7 +46,10 @@ async def control(
             await h.registry.register_version(
                 "iris", version, artifact_sha256=info.sha256, signature=SIGNATURE
             )
-        yield ControlHarness(RolloutStore(h.pool, h.etcd, etcd_prefix=etcd_prefix), h)
+        yield ControlHarness(
+            RolloutStore(h.pool, h.etcd, etcd_prefix=etcd_prefix), h,
+            TenantStore(h.pool, h.etcd, etcd_prefix=etcd_prefix),
+        )
 
 
 def canary(weight: float = 10, **extra: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from control.api.app import create_app, parse_if_match
 from control.api.core import RolloutState, RolloutStore
 from control.api.openapi import openapi_document
+from control.api.tenants import TenantStore
 from services.mesh.errors import InvalidInput
 from tests.control.api.conftest import ControlHarness, canary
 
@@ -21,7 +22,8 @@ BOB = {"Authorization": "Bearer bob-secret"}
 
 @pytest.fixture
 async def client(control: ControlHarness) -> AsyncIterator[Client]:
-    async with TestClient(TestServer(create_app(control.store, TOKENS))) as client:
+    app = create_app(control.store, TOKENS, tenants=control.tenants)
+    async with TestClient(TestServer(app)) as client:
         yield client
 
 
@@ -155,7 +157,8 @@ class BrokenStore(RolloutStore):
 
 async def test_an_unexpected_error_is_500_without_details(control: ControlHarness) -> None:
     store = BrokenStore(control.registry.pool, control.registry.etcd, etcd_prefix="/x/")
-    async with TestClient(TestServer(create_app(store, TOKENS))) as client:
+    app = create_app(store, TOKENS, tenants=control.tenants)
+    async with TestClient(TestServer(app)) as client:
         response = await client.get("/v1/rollouts/iris", headers=ALICE)
         assert response.status == 500
         assert await response.json() == {"error": "internal error"}
@@ -174,7 +177,8 @@ def test_openapi_documents_every_route(control_app_routes: list[tuple[str, str]]
 @pytest.fixture
 def control_app_routes() -> list[tuple[str, str]]:
     """(method, path) of every route the app registers (HEAD comes with GET)."""
-    app = create_app(RolloutStore(None, None, etcd_prefix="/x/"), TOKENS)
+    app = create_app(RolloutStore(None, None, etcd_prefix="/x/"), TOKENS,
+                     tenants=TenantStore(None, None, etcd_prefix="/x/"))
     return [
         (route.method, route.resource.canonical)
         for route in app.router.routes()

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from deploy.localdeps import free_port
+from services.mesh.etcd import ConfigCache
 from services.mesh.failpoints import EXIT_CODE
 from tests.control.api.conftest import ControlHarness, canary
 
@@ -124,3 +125,34 @@ def test_a_malformed_token_is_named_without_its_secret() -> None:
     )
     assert result.returncode == 2
     assert result.stderr == "infermesh control: admin_tokens: entry 2 is not name:secret\n"
+
+
+async def test_tenancy_is_reconciled_at_start_and_then_in_the_loop(
+    control: ControlHarness, start_control: StartControl
+) -> None:
+    etcd, prefix = control.registry.etcd, control.registry.prefix
+    tenant = await control.tenants.create_tenant({"name": "acme", "rate": 5}, author="ops")
+    await etcd.delete(f"{prefix}tenants/acme".encode())  # a publish that never happened
+    await etcd.put(f"{prefix}apikeys/ffffffffffff".encode(), b'{"tenant": "acme"}')  # stale
+
+    running, url = await start_control(INFERMESH_CONTROL_RECONCILE_INTERVAL="0.2")
+    assert await control.registry.etcd_json("tenants/acme") == tenant.to_json()
+    assert await control.registry.etcd_json("apikeys/ffffffffffff") is None
+    cache = ConfigCache(etcd, prefix)
+    await cache.start()
+    try:
+        deleted = await etcd.delete(f"{prefix}tenants/acme".encode())
+        assert deleted is not None
+        # Put back by the loop: the cache holds it again at a revision after the delete.
+        await cache.wait_for(
+            lambda: cache.revision > deleted.header.revision
+            and cache.get("tenants/acme") == tenant.to_json(), timeout=5,
+        )
+    finally:
+        await cache.aclose()
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        response = await session.post(f"{url}/v1/tenants/acme/keys", headers=headers)
+        assert response.status == 201 and response.headers["Cache-Control"] == "no-store"
+    running.process.send_signal(signal.SIGTERM)
+    assert await running.exit_code() == 0
