@@ -146,6 +146,9 @@ async def _cmd_models_show(client: ControlClient, args: argparse.Namespace) -> i
 def _cmd_up(args: argparse.Namespace) -> int:
     from deploy.launcher import run_up  # heavy: only `up` needs the launcher
 
+    if args.no_auth:
+        os.environ["INFERMESH_GATEWAY_AUTH"] = "0"
+
     code: int = run_up(state_dir=Path(args.state_dir), fused=args.fused, demo=not args.no_demo)
     return code
 
@@ -194,6 +197,9 @@ def _add_up(commands: Any) -> None:
     up.add_argument("--state-dir", default=".infermesh", help="default %(default)s")
     up.add_argument("--fused", action="store_true", help="run the data plane in one process")
     up.add_argument("--no-demo", action="store_true", help="do not register the demo models")
+    up.add_argument("--no-auth", action="store_true",
+                    help="dev mode: the gateway takes requests without an API key and applies "
+                    "no quotas (demos only; the banner says so loudly)")
     up.set_defaults(run=_cmd_up)
 
 
