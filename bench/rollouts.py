@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.credentials import auth_headers
 from bench.report import machine, write_report
 from bench.result import LoadResult
 from bench.run_all import closed_loop, start_launcher
@@ -90,9 +91,10 @@ async def put_rollout(control: str, token: str, record: dict[str, Any]) -> None:
 
 
 async def wait_ready(gateway: str, timeout: float = 120.0) -> None:
+    url = f"{gateway}/v2/models/mlp/versions/2/ready"
     async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
         while True:
-            async with session.get(f"{gateway}/v2/models/mlp/versions/2/ready") as response:
+            async with session.get(url, headers=auth_headers(url)) as response:
                 if response.status == 200:
                     return
             await asyncio.sleep(0.5)

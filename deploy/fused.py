@@ -14,9 +14,11 @@ from prometheus_client import CollectorRegistry
 from services.batcher.core import Batcher
 from services.batcher.metrics import BatcherMetrics
 from services.batcher.workers import LocalWorkerPool
+from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
 from services.gateway.grpc_app import create_grpc_server
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 from services.mesh import telemetry
 from services.mesh.catalog import ModelCatalog
@@ -48,11 +50,14 @@ async def main() -> None:
         )
         batcher = Batcher(catalog, LocalWorkerPool(worker), metrics=BatcherMetrics(registry))
         router = Router(catalog, batcher, metrics=RouterMetrics(registry))
-        gateway = Gateway(catalog, router, default_timeout=settings.default_timeout)
+        gateway = Gateway(
+            catalog, router, access=Access.from_settings(node.config, settings),
+            metrics=GatewayMetrics(registry), default_timeout=settings.default_timeout,
+        )
         worker.subscribe(lambda: node.update_record("worker", models=worker.ready_versions()))
         batcher.start()
         worker.start()
-        app = create_app(gateway, max_body_bytes=settings.max_body_bytes, registry=registry)
+        app = create_app(gateway, max_body_bytes=settings.max_body_bytes)
         grpc_server, grpc_port = create_grpc_server(
             gateway, host=settings.host, port=settings.grpc_port,
             compression=settings.grpc_compression, max_message_bytes=settings.max_body_bytes,

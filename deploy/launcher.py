@@ -185,22 +185,27 @@ class Launcher:
     async def _wait_ready(
         self, session: aiohttp.ClientSession, stop: asyncio.Event, models: list[str]
     ) -> None:
-        """Wait for the gateway, and for each model named to be ready to serve."""
-        base = f"http://127.0.0.1:{self.gateway_port}/v2"
-        urls = [f"{base}/health/ready", *(f"{base}/models/{m}/ready" for m in models),
-                f"http://127.0.0.1:{self.control_port}/v1/health"]
-        waiter = asyncio.create_task(_wait_all(session, urls, 300))
+        """Wait for the gateway, the control API and each model named to be ready to serve."""
+        waiter = asyncio.create_task(self._ready(session, models))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         if not waiter.done() or waiter.exception():
             waiter.cancel()
             return
-        if self.auth:
-            token = first_secret(self._env["INFERMESH_CONTROL_ADMIN_TOKENS"])
-            await ensure_demo_key(session, f"http://127.0.0.1:{self.control_port}", token,
-                                  self.state_dir)
         print(self.banner(), flush=True)
+
+    async def _ready(self, session: aiohttp.ClientSession, models: list[str]) -> None:
+        base = f"http://127.0.0.1:{self.gateway_port}/v2"
+        control = f"http://127.0.0.1:{self.control_port}"
+        await _wait_all(session, [f"{base}/health/ready", f"{control}/v1/health"], 300)
+        headers = {}
+        if self.auth:  # model endpoints need a key: the demo tenant's
+            token = first_secret(self._env["INFERMESH_CONTROL_ADMIN_TOKENS"])
+            key = await ensure_demo_key(session, control, token, self.state_dir)
+            headers["Authorization"] = f"Bearer {key}"
+        await _wait_all(session, [f"{base}/models/{m}/ready" for m in models], 300,
+                        headers=headers)
 
     def banner(self) -> str:
         return banner(BannerFacts(
@@ -230,17 +235,23 @@ def _edge_config(gateway_port: int, grpc_port: int) -> EdgeConfig | None:
     )
 
 
-async def _wait_all(session: aiohttp.ClientSession, urls: list[str], timeout: float) -> None:
+async def _wait_all(
+    session: aiohttp.ClientSession, urls: list[str], timeout: float, *,
+    headers: dict[str, str] | None = None,
+) -> None:
     async with asyncio.timeout(timeout):
         for url in urls:
-            await _wait_http(session, url, timeout)
+            await _wait_http(session, url, timeout, headers=headers)
 
 
-async def _wait_http(session: aiohttp.ClientSession, url: str, timeout: float) -> None:
+async def _wait_http(
+    session: aiohttp.ClientSession, url: str, timeout: float, *,
+    headers: dict[str, str] | None = None,
+) -> None:
     async with asyncio.timeout(timeout):
         while True:
             with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(url) as response:
+                async with session.get(url, headers=headers) as response:
                     if response.status == 200:
                         return
             await asyncio.sleep(0.2)

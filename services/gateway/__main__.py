@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
 from services.gateway.grpc_app import create_grpc_server
@@ -26,6 +27,7 @@ async def main() -> None:
         routers.start()
         core = Gateway(
             ModelCatalog(node.config), LinkedInferTarget(routers),
+            access=Access.from_settings(node.config, settings),
             default_timeout=settings.default_timeout,
         )
         grpc_server, grpc_port = create_grpc_server(

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.gateway import binary, rest
 from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
+from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.mesh import errors
 from services.mesh.metrics import add_metrics_route
 from services.mesh.types import InferResponse
@@ -44,49 +46,48 @@ def status_of(error: errors.InfermeshError) -> int:
     return 500
 
 
-class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "infermesh_gateway_requests", "Inference requests by model and status code",
-            ["model", "code"], registry=registry,
-        )
-        self.latency = Histogram(
-            "infermesh_gateway_request_seconds", "Inference latency at the gateway",
-            ["model"], registry=registry,
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
-        )
-
-    @contextmanager
-    def track(self, model: str) -> Iterator[None]:
-        """Count one inference request by model and status, and time it."""
-        started, code = time.perf_counter(), 200
-        try:
-            yield
-        except errors.InfermeshError as exc:
-            code = status_of(exc)
-            raise
-        except web.HTTPException as exc:
-            code = exc.status
-            raise
-        except Exception:
-            code = 500
-            raise
-        finally:
-            # Names of unknown models come from clients: one label for all of them, so a
-            # scanner cannot grow the metric without bound.
-            label = "_unknown" if code == 404 else model
-            self.requests.labels(label, str(code)).inc()
-            self.latency.labels(label).observe(time.perf_counter() - started)
+HIDDEN_MODEL_CODES = frozenset({401, 403, 404})
+"""Statuses of requests refused before their model was known to be real and theirs to use."""
+CLIENT_CLOSED = 499
+"""The code (nginx's) counted for a request whose client went away before the answer."""
 
 
-METRICS = web.AppKey("gateway_metrics", GatewayMetrics)
+@contextmanager
+def track(metrics: GatewayMetrics, model: str) -> Iterator[None]:
+    """Count one inference request by model and status, and time it."""
+    started, code = time.perf_counter(), 200
+    try:
+        yield
+    except errors.InfermeshError as exc:
+        code = status_of(exc)
+        raise
+    except web.HTTPException as exc:
+        code = exc.status
+        raise
+    except asyncio.CancelledError:
+        code = CLIENT_CLOSED
+        raise
+    except Exception:
+        code = 500
+        raise
+    finally:
+        label = UNKNOWN_MODEL if code in HIDDEN_MODEL_CODES else model
+        metrics.observe(label, str(code), protocol="rest",
+                        seconds=time.perf_counter() - started)
 
 
-def _error_response(message: str, status: int, retry_after: float | None = None) -> web.Response:
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else None
-    return web.Response(
-        body=orjson.dumps({"error": message}), status=status, content_type=JSON, headers=headers
-    )
+def _error_response(
+    message: str, status: int, *, retry_after: float | None = None
+) -> web.Response:
+    body: dict[str, object] = {"error": message}
+    headers: dict[str, str] = {}
+    if retry_after is not None:
+        body["retry_after"] = retry_after
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="infermesh"'
+    return web.Response(body=orjson.dumps(body), status=status, content_type=JSON,
+                        headers=headers)
 
 
 @web.middleware
@@ -96,7 +97,7 @@ async def error_middleware(
     try:
         return await handler(request)
     except errors.InfermeshError as exc:
-        return _error_response(exc.message, status_of(exc), exc.retry_after)
+        return _error_response(exc.message, status_of(exc), retry_after=exc.retry_after)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -121,29 +122,30 @@ async def ready(request: web.Request) -> web.Response:
 
 async def model_metadata(request: web.Request) -> web.Response:
     core, model = request.app[CORE], request.match_info["model"]
-    spec = core.model_metadata(model, request.match_info.get("version"))
+    spec = core.model_metadata(model, request.match_info.get("version"),
+                               header=request.headers.get)
     body = rest.model_metadata(spec, core.model_versions(model))
     return web.Response(body=orjson.dumps(body), content_type=JSON)
 
 
 async def model_ready(request: web.Request) -> web.Response:
     core = request.app[CORE]
-    is_ready = core.model_ready(request.match_info["model"], request.match_info.get("version"))
+    is_ready = core.model_ready(request.match_info["model"], request.match_info.get("version"),
+                                header=request.headers.get)
     return web.Response(status=200 if is_ready else 503)
 
 
 async def infer(request: web.Request) -> web.Response:
     core, model = request.app[CORE], request.match_info["model"]
-    version = request.match_info.get("version")
-    with request.app[METRICS].track(model):
-        core.model_metadata(model, version)  # an unknown model is a 404 before the body is read
+    version, header = request.match_info.get("version"), request.headers.get
+    # Access (401, 403, 404, 429) is settled before the body is read.
+    with track(core.metrics, model), core.admit(model, version, header=header) as admission:
         # aiohttp has already undone any Content-Encoding, within client_max_size.
         infer_request, output_format = rest.decode_infer_body(
-            await request.read(), header_length=request.headers.get(binary.HEADER_LENGTH),
-            model=model, version=version,
-            request_id=request.headers.get(REQUEST_ID) or core.new_request_id(),
+            await request.read(), header_length=header(binary.HEADER_LENGTH),
+            model=model, version=version, request_id=header(REQUEST_ID) or core.new_request_id(),
         )
-        response = await core.infer(infer_request, header=request.headers.get)
+        response = await core.infer(infer_request, admission=admission, header=header)
         body, header_length = rest.encode_infer_parts(response, output_format)
         return _infer_response(body, header_length, response)
 
@@ -161,15 +163,15 @@ def _infer_response(
     return response
 
 
-def create_app(
-    core: Gateway, *, max_body_bytes: int = 64 << 20, registry: CollectorRegistry | None = None
-) -> web.Application:
-    """The OIP v2 REST application over a gateway core (metrics into `registry`)."""
+def create_app(core: Gateway, *, max_body_bytes: int = 64 << 20) -> web.Application:
+    """The OIP v2 REST application over a gateway core; /metrics serves the core's registry.
+
+    Inference and model endpoints need an API key (when the core's access asks for one);
+    server health, server metadata and /metrics stay open for probes and scrapers.
+    """
     app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
     app[CORE] = core
-    registry = registry or CollectorRegistry()
-    app[METRICS] = GatewayMetrics(registry)
-    add_metrics_route(app, registry)
+    add_metrics_route(app, core.metrics.registry)
     app.router.add_get("/v2", server_metadata)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)

@@ -1,16 +1,28 @@
-"""The gateway core: model metadata, readiness and validated inference. No HTTP in here."""
+"""The gateway core: model metadata, readiness, access and validated inference. No HTTP in here.
+
+An inference request goes: `admit` (authenticate → model allowed → model exists → tenant rate →
+tenant concurrency → model concurrency), then, inside `with admission:`, the adapter decodes the
+body and calls `infer` (validate → forward). Leaving the `with` block gives the slots back,
+whatever happened: an answer, an error, or a cancelled (disconnected) request.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from collections.abc import Callable
+from types import TracebackType
 
+from services.gateway.access import Access
+from services.gateway.auth import AuthFailure, HeaderLookup
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.quotas import Permit, Rejection
 from services.gateway.validation import validate_request
 from services.mesh import telemetry
 from services.mesh.catalog import ModelCatalog
-from services.mesh.errors import InvalidInput
+from services.mesh.errors import InfermeshError, InvalidInput, QuotaExceeded
 from services.mesh.hops import InferTarget
+from services.mesh.tenancy import Tenant
 from services.mesh.types import InferRequest, InferResponse, ModelVersion
 
 _TRACER = "infermesh.gateway"
@@ -18,18 +30,55 @@ SERVER_NAME = "infermesh"
 SERVER_VERSION = "0.1.0"
 """What the OIP server metadata endpoints report."""
 
-HeaderLookup = Callable[[str], str | None]
-"""A request header (REST) or metadata (gRPC) value by name, None when absent."""
+
+class Admission:
+    """One admitted request: its tenant and the quota slots it holds until the `with` ends."""
+
+    __slots__ = ("_metrics", "_permit", "lane", "spec", "tenant", "version")
+
+    def __init__(
+        self, tenant: Tenant, spec: ModelVersion, *, version: str | None, permit: Permit,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.tenant = tenant.name
+        self.lane = tenant.priority_class
+        self.spec = spec
+        """The model version the request is validated against."""
+        self.version = version
+        """The version the request named (None: the rollout's choice)."""
+        self._permit = permit
+        self._metrics = metrics
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._permit.release()
+        self._metrics.count_tenant(self.tenant, _outcome(exc))
+
+
+def _outcome(exc: BaseException | None) -> str:
+    if exc is None:
+        return "ok"
+    if isinstance(exc, InfermeshError):
+        return exc.code
+    return "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
 
 
 class Gateway:
-    """Validates requests against signatures and hands them to the router."""
+    """Authenticates, enforces quotas, validates requests and hands them to the router."""
 
     def __init__(
-        self, catalog: ModelCatalog, router: InferTarget, *, default_timeout: float = 30.0
+        self, catalog: ModelCatalog, router: InferTarget, *, access: Access,
+        metrics: GatewayMetrics | None = None, default_timeout: float = 30.0,
     ) -> None:
         self._catalog = catalog
         self._router = router
+        self._access = access
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
         self._default_timeout = default_timeout
 
     @staticmethod
@@ -48,26 +97,61 @@ class Gateway:
                 return False
         return True
 
-    def model_metadata(self, model: str, version: str | None) -> ModelVersion:
+    def authorize(self, model: str, header: HeaderLookup) -> Tenant:
+        """The caller's tenant, which may use `model`; Unauthenticated or PermissionDenied."""
+        outcome = self._access.authorize(model, header)
+        if isinstance(outcome, AuthFailure):
+            self.metrics.auth_failures.labels(outcome.reason).inc()
+            raise outcome.error()
+        return outcome
+
+    def admit(self, model: str, version: str | None, *, header: HeaderLookup) -> Admission:
+        """Authorize the caller, check the model exists and take a request's quota.
+
+        Use the result as `with admission:` around decoding and `infer`; raises
+        Unauthenticated, PermissionDenied, NotFound or QuotaExceeded (with retry_after).
+        """
+        tenant = self.authorize(model, header)
+        try:
+            spec = self._catalog.resolve(model, version)
+        except InfermeshError as exc:
+            self.metrics.count_tenant(tenant.name, exc.code)
+            raise
+        decision = self._access.admit(tenant, model)
+        if isinstance(decision, Rejection):
+            self.metrics.quota_rejections.labels(tenant.name, decision.limit).inc()
+            self.metrics.count_tenant(tenant.name, QuotaExceeded.code)
+            raise QuotaExceeded(decision.message, retry_after=decision.retry_after)
+        return Admission(tenant, spec, version=version, permit=decision, metrics=self.metrics)
+
+    def model_metadata(
+        self, model: str, version: str | None, *, header: HeaderLookup
+    ) -> ModelVersion:
         """The version named, or the one a request without a version is validated against."""
+        self.authorize(model, header)
         return self._catalog.resolve(model, version)
 
     def model_versions(self, model: str) -> list[str]:
         return [v.version for v in self._catalog.versions(model)]
 
-    def model_ready(self, model: str, version: str | None) -> bool:
+    def model_ready(self, model: str, version: str | None, *, header: HeaderLookup) -> bool:
+        self.authorize(model, header)
         spec = self._catalog.resolve(model, version)
         return self._catalog.ready_workers(model, spec.version) > 0
 
     async def infer(
-        self, request: InferRequest, *, header: HeaderLookup | None = None
+        self, request: InferRequest, *, admission: Admission, header: HeaderLookup | None = None
     ) -> InferResponse:
-        """Validate, stamp deadline and trace context, forward; raises InfermeshError.
+        """Validate, stamp tenant, deadline and trace context, forward; raises InfermeshError.
 
-        `header` looks up the rollout's sticky key among the request's headers (or gRPC
-        metadata) when the request's parameters do not carry it.
+        `admission` is what `admit` gave for this request. `header` looks up the rollout's
+        sticky key among the request's headers (or gRPC metadata) when the request's
+        parameters do not carry it.
         """
-        spec = self._catalog.resolve(request.model, request.version)
+        request.tenant, request.lane = admission.tenant, admission.lane
+        spec = admission.spec
+        if (request.model, request.version) != (spec.model, admission.version):
+            spec = self._catalog.resolve(request.model, request.version)
         validate_request(request, spec.signature, max_rows=spec.batching.max_batch_size)
         self._stamp_deadline(request)
         if header is not None and request.version is None:

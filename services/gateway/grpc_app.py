@@ -8,6 +8,9 @@ the server speaks byte-for-byte what stock Triton clients send. Every RPC calls 
 Errors from the core map to gRPC status codes in `STATUS`, the one table of this adapter.
 Unary RPCs fail with that status; a stream reports a failed request in its response's
 `error_message` and keeps going.
+
+Credentials travel as metadata `authorization: Bearer <key>` (or `x-api-key: <key>`); every
+RPC but ServerLive, ServerReady and ServerMetadata needs them when the core's access does.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -25,7 +29,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from services.gateway import grpc_messages
-from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway, HeaderLookup
+from services.gateway.auth import HeaderLookup
+from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
+from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.mesh import errors
 from services.mesh.types import InferResponse
 
@@ -55,6 +61,34 @@ def status_of(error: errors.InfermeshError) -> grpc.StatusCode:
         if cls in STATUS:
             return STATUS[cls]
     return grpc.StatusCode.INTERNAL
+
+
+HIDDEN_MODEL_CODES = frozenset({
+    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+})
+"""Codes of requests refused before their model was known to be real and theirs to use."""
+
+
+@contextmanager
+def track(metrics: GatewayMetrics, model: str) -> Iterator[None]:
+    """Count one inference request by model and gRPC code, and time it."""
+    started, code = time.perf_counter(), grpc.StatusCode.OK
+    try:
+        yield
+    except errors.InfermeshError as exc:
+        code = status_of(exc)
+        raise
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception:
+        code = grpc.StatusCode.INTERNAL
+        raise
+    finally:
+        label = UNKNOWN_MODEL if code in HIDDEN_MODEL_CODES else model
+        metrics.observe(label, code.name, protocol="grpc",
+                        seconds=time.perf_counter() - started)
 
 
 Handler = Callable[[Any, Any, Any], Awaitable[Any]]
@@ -118,12 +152,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     @mapped
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        ready = self._core.model_ready(request.name, request.version or None)
+        ready = self._core.model_ready(request.name, request.version or None,
+                                       header=metadata_lookup(context))
         return pb.ModelReadyResponse(ready=ready)
 
     @mapped
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        spec = self._core.model_metadata(request.name, request.version or None)
+        spec = self._core.model_metadata(request.name, request.version or None,
+                                         header=metadata_lookup(context))
         return grpc_messages.model_metadata(spec, self._core.model_versions(request.name))
 
     @mapped
@@ -141,11 +177,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             yield response
 
     async def _infer(self, request: Any, context: Any) -> InferResponse:
-        request_id = request.id or self._core.new_request_id()
-        infer_request = grpc_messages.decode_infer(
-            request, request_id=request_id, deadline=deadline_of(context)
-        )
-        return await self._core.infer(infer_request, header=metadata_lookup(context))
+        core, model, header = self._core, request.model_name, metadata_lookup(context)
+        version = request.model_version or None
+        # Access (auth, model, quotas) is settled before the tensors are decoded.
+        with track(core.metrics, model), core.admit(model, version, header=header) as admission:
+            infer_request = grpc_messages.decode_infer(
+                request, request_id=request.id or core.new_request_id(),
+                deadline=deadline_of(context),
+            )
+            return await core.infer(infer_request, admission=admission, header=header)
 
 
 class _Stream:

@@ -20,3 +20,10 @@ class GatewaySettings(ServiceSettings):
     """Largest request body accepted; larger gets a 413 naming the limit."""
     default_timeout: float = 30.0
     """Deadline given to a request that names none (parameter `timeout`, seconds)."""
+    auth: bool = True
+    """Require an API key (`Authorization: Bearer <key>`) on inference and model endpoints.
+    `INFERMESH_GATEWAY_AUTH=0` is dev mode: no keys, every request is tenant `anonymous` with
+    no quota (logged loudly at start)."""
+    default_model_max_concurrency: int = 0
+    """Fleet-wide cap on a model's requests in flight when `limits/{model}` names none;
+    0 means no cap."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.gateway.access import Access
 from services.gateway.core import Gateway
 from services.mesh.catalog import ModelCatalog
 from services.mesh.etcd import StaticConfig
@@ -59,4 +60,6 @@ def echo_config() -> StaticConfig:
 
 
 def echo_gateway(router: EchoRouter) -> Gateway:
-    return Gateway(ModelCatalog(echo_config()), router)
+    """The echo models behind a gateway with auth off."""
+    config = echo_config()
+    return Gateway(ModelCatalog(config), router, access=Access(config, auth=False))

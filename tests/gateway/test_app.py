@@ -9,8 +9,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
+from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
+from services.gateway.metrics import GatewayMetrics
 from services.mesh.catalog import ModelCatalog
 from services.mesh.errors import InfermeshError, Overloaded
 from services.mesh.etcd import StaticConfig
@@ -71,8 +73,12 @@ ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 async def make_client(config: StaticConfig, router: FakeRouter) -> AsyncIterator[ClientFactory]:
     clients: list[TestClient[Any, Any]] = []
 
-    async def make(**app_options: Any) -> TestClient[Any, Any]:
-        app = create_app(Gateway(ModelCatalog(config), router), **app_options)
+    async def make(
+        registry: CollectorRegistry | None = None, **app_options: Any
+    ) -> TestClient[Any, Any]:
+        core = Gateway(ModelCatalog(config), router, access=Access(config, auth=False),
+                       metrics=GatewayMetrics(registry))
+        app = create_app(core, **app_options)
         client = TestClient(TestServer(app))
         await client.start_server()
         clients.append(client)
@@ -220,6 +226,11 @@ async def test_an_overloaded_router_is_503_with_retry_after(
     assert "full" in (await response.json())["error"]
 
 
+def rest_requests(registry: CollectorRegistry, model: str, code: str) -> float | None:
+    labels = {"model": model, "code": code, "protocol": "rest"}
+    return registry.get_sample_value("infermesh_gateway_requests_total", labels)
+
+
 async def test_a_rejected_oversize_body_is_counted_with_its_status(
     make_client: ClientFactory,
 ) -> None:
@@ -228,9 +239,8 @@ async def test_a_rejected_oversize_body_is_counted_with_its_status(
     body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [300, 2],
                         "data": list(range(600))}]}
     assert (await client.post("/v2/models/m/infer", json=body)).status == 413
-    count = registry.get_sample_value
-    assert count("infermesh_gateway_requests_total", {"model": "m", "code": "413"}) == 1
-    assert count("infermesh_gateway_requests_total", {"model": "m", "code": "200"}) is None
+    assert rest_requests(registry, "m", "413") == 1
+    assert rest_requests(registry, "m", "200") is None
 
 
 async def test_requests_are_counted_by_status(make_client: ClientFactory) -> None:
@@ -238,9 +248,8 @@ async def test_requests_are_counted_by_status(make_client: ClientFactory) -> Non
     client = await make_client(registry=registry)
     assert (await client.post("/v2/models/m/infer", json=BODY)).status == 200
     assert (await client.post("/v2/models/m/infer", data=b"{")).status == 400
-    count = registry.get_sample_value
-    assert count("infermesh_gateway_requests_total", {"model": "m", "code": "200"}) == 1
-    assert count("infermesh_gateway_requests_total", {"model": "m", "code": "400"}) == 1
+    assert rest_requests(registry, "m", "200") == 1
+    assert rest_requests(registry, "m", "400") == 1
 
 
 async def test_unknown_model_names_share_one_metrics_label(make_client: ClientFactory) -> None:
@@ -248,6 +257,5 @@ async def test_unknown_model_names_share_one_metrics_label(make_client: ClientFa
     client = await make_client(registry=registry)
     for name in ("scan-1", "scan-2", "scan-3"):
         assert (await client.post(f"/v2/models/{name}/infer", json=BODY)).status == 404
-    count = registry.get_sample_value
-    assert count("infermesh_gateway_requests_total", {"model": "_unknown", "code": "404"}) == 3
-    assert count("infermesh_gateway_requests_total", {"model": "scan-1", "code": "404"}) is None
+    assert rest_requests(registry, "_unknown", "404") == 3
+    assert rest_requests(registry, "scan-1", "404") is None

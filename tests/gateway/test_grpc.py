@@ -17,6 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from services.gateway.access import Access
 from services.gateway.core import Gateway
 from services.gateway.grpc_app import create_grpc_server
 from services.mesh.catalog import ModelCatalog
@@ -72,7 +73,7 @@ async def make_server(config: StaticConfig, router: EchoRouter) -> AsyncIterator
     servers: list[grpc.aio.Server] = []
 
     async def make(**options: Any) -> str:
-        core = Gateway(ModelCatalog(config), router)
+        core = Gateway(ModelCatalog(config), router, access=Access(config, auth=False))
         server, port = create_grpc_server(core, host="127.0.0.1", port=0, **options)
         await server.start()
         servers.append(server)

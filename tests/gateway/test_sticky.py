@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
 from services.gateway.grpc_app import create_grpc_server
@@ -41,7 +42,7 @@ def router() -> EchoRouter:
 
 @pytest.fixture
 def gateway(config: StaticConfig, router: EchoRouter) -> Gateway:
-    return Gateway(ModelCatalog(config), router)
+    return Gateway(ModelCatalog(config), router, access=Access(config, auth=False))
 
 
 @pytest.fixture
@@ -76,6 +77,11 @@ def grpc_request(**parameters: str) -> Any:
     return message
 
 
+async def infer(gateway: Gateway, request: InferRequest, lookups: Lookups) -> None:
+    with gateway.admit(request.model, request.version, header=lookups) as admission:
+        await gateway.infer(request, admission=admission, header=lookups)
+
+
 class Lookups:
     """A header lookup that records what it was asked."""
 
@@ -92,7 +98,7 @@ async def test_the_core_takes_the_sticky_key_from_a_header(
     gateway: Gateway, router: EchoRouter
 ) -> None:
     lookups = Lookups({"user": "alice"})
-    await gateway.infer(infer_request(), header=lookups)
+    await infer(gateway, infer_request(), lookups)
     assert router.seen[0].parameters["user"] == "alice"
     assert lookups.asked == ["user"]
 
@@ -101,10 +107,10 @@ async def test_no_lookup_without_a_sticky_key_or_for_a_pinned_version(
     config: StaticConfig, gateway: Gateway, router: EchoRouter
 ) -> None:
     lookups = Lookups({"user": "alice"})
-    await gateway.infer(infer_request(version="1"), header=lookups)
-    await gateway.infer(infer_request(user="bob"), header=lookups)
+    await infer(gateway, infer_request(version="1"), lookups)
+    await infer(gateway, infer_request(user="bob"), lookups)
     config.put("rollouts/echo", Rollout.stable("echo", "1").to_json())
-    await gateway.infer(infer_request(), header=lookups)
+    await infer(gateway, infer_request(), lookups)
     assert lookups.asked == []
     assert [r.parameters.get("user") for r in router.seen] == [None, "bob", None]
 

@@ -69,13 +69,15 @@ async def _register_canaries(mesh: RunningMesh, artifacts: Path) -> None:
             await register_file(registry, "mlp", version, path, mlp.signature,
                                 batching=mlp.batching, device="cpu")
         for version in files:
-            await _wait_status(session, f"{mesh.gateway}/v2/models/mlp/versions/{version}/ready")
+            await _wait_status(session, f"{mesh.gateway}/v2/models/mlp/versions/{version}/ready",
+                               headers=mesh.auth())
 
 
-async def _wait_status(session: aiohttp.ClientSession, url: str, timeout: float = 120) -> None:
+async def _wait_status(session: aiohttp.ClientSession, url: str, timeout: float = 120, *,
+                       headers: dict[str, str] | None = None) -> None:
     async with asyncio.timeout(timeout):
         while True:
-            async with session.get(url) as response:
+            async with session.get(url, headers=headers) as response:
                 if response.status == 200:
                     return
             await asyncio.sleep(0.2)

@@ -1,0 +1,88 @@
+"""Who may call what, and how much, on one gateway replica: auth and quotas over the config.
+
+`Access` feeds the `Authenticator` and the `QuotaLedger` from the watched config: tenants and
+keys (through the authenticator), `limits/{model}` for model concurrency caps, and the number of
+`endpoints/gateway/*` records for each replica's share of a quota. Nothing here does I/O on the
+request path: every check reads local state kept fresh by etcd watch events.
+
+With auth off (dev mode) every request is tenant `anonymous`, which has no quota; model
+concurrency caps still apply, as they protect the models, not a tenant's budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from services.gateway.auth import (
+    ANONYMOUS,
+    Authenticator,
+    AuthFailure,
+    HeaderLookup,
+    presented_key,
+)
+from services.gateway.quotas import Clock, Permit, QuotaLedger, Rejection
+from services.gateway.settings import GatewaySettings
+from services.mesh.etcd import ConfigView
+from services.mesh.tenancy import ModelLimits, Tenant
+
+log = logging.getLogger(__name__)
+
+
+class Access:
+    """Authentication, authorization and quotas for one gateway replica."""
+
+    def __init__(
+        self, config: ConfigView, *, auth: bool = True, default_model_max_concurrency: int = 0,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._auth = Authenticator(config) if auth else None
+        self._ledger = QuotaLedger(clock=clock)
+        self._default_model_cap = default_model_max_concurrency
+        self._model_caps: dict[str, int] = {}
+        config.subscribe(self._refresh)
+        self._refresh()
+
+    @classmethod
+    def from_settings(cls, config: ConfigView, settings: GatewaySettings) -> Access:
+        """Access as the settings ask, shouting once in the log when auth is off."""
+        if not settings.auth:
+            log.warning("AUTH IS OFF (INFERMESH_GATEWAY_AUTH=0): every request is served as "
+                        "tenant 'anonymous' with no quota; never run this way in production")
+        return cls(config, auth=settings.auth,
+                   default_model_max_concurrency=settings.default_model_max_concurrency)
+
+    @property
+    def replicas(self) -> int:
+        """Live gateway replicas sharing each quota (this one included)."""
+        return self._ledger.replicas
+
+    def authorize(self, model: str, header: HeaderLookup) -> Tenant | AuthFailure:
+        """The caller's tenant, if its key is valid and it may use `model`; else why not."""
+        if self._auth is None:
+            return ANONYMOUS
+        return self._auth.authorize(presented_key(header), model)
+
+    def admit(self, tenant: Tenant, model: str) -> Permit | Rejection:
+        """Take one request's quota, or say which limit refuses it (taking nothing)."""
+        cap = self._model_caps.get(model, self._default_model_cap)
+        return self._ledger.admit(tenant, model, model_cap=cap)
+
+    def _refresh(self) -> None:
+        caps: dict[str, int] = {}
+        for key, raw in self._config.items("limits/").items():
+            limits = _parse_limits(key, raw)
+            if limits is not None:
+                caps[limits.model] = limits.max_concurrency
+        self._model_caps = caps
+        self._ledger.set_replicas(len(self._config.items("endpoints/gateway/")))
+
+
+def _parse_limits(key: str, raw: Any) -> ModelLimits | None:
+    try:
+        return ModelLimits.from_json(raw)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        log.error("ignoring bad config record %s: %r", key, exc)
+        return None
