@@ -25,6 +25,7 @@ async def main() -> None:
         core = Batcher(
             ModelCatalog(node.config), LinkedWorkerPool(workers), metrics=metrics,
             pipeline_depth=settings.pipeline_depth, no_worker_grace=settings.no_worker_grace,
+            bulk_max_wait=settings.bulk_max_wait,
         )
         core.start()
         try:

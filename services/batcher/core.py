@@ -1,16 +1,22 @@
-"""The batcher core: queues per (model, version), batch formation, dispatch. No HTTP here."""
+"""The batcher core: queues per (model, version), batch formation, dispatch. No HTTP here.
+
+Which requests wait, which are refused and which go next is the queue's business
+(`fairness.FairQueue`: lanes, tenant weights, bounds); when a batch leaves is the batch window's
+(`policy.plan_batch`). This class feeds both and runs their decisions on the workers.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
+from services.batcher.fairness import FairQueue
 from services.batcher.metrics import BatcherMetrics
-from services.batcher.policy import plan_batch
+from services.batcher.policy import drain_seconds, plan_batch
+from services.batcher.tenants import TenantWeights
 from services.batcher.workers import WorkerHandle, WorkerPool
 from services.mesh.catalog import ModelCatalog
 from services.mesh.errors import (
@@ -27,11 +33,14 @@ from services.mesh.types import Batch, BatchingPolicy, InferRequest, InferRespon
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Pending:
     request: InferRequest
     future: asyncio.Future[InferResponse]
     enqueued: float
+    tenant: str
+    lane: str
+    rows: int
     attempts: int = 0
 
 
@@ -40,8 +49,7 @@ class _Queue:
     model: str
     version: str
     policy: BatchingPolicy
-    items: deque[_Pending] = field(default_factory=deque)
-    rows: int = 0
+    pending: FairQueue[_Pending]
     timer: asyncio.TimerHandle | None = None
     batch_seconds: float = 0.0
     """Moving average of how long a worker takes for one batch of this version."""
@@ -55,15 +63,19 @@ class Batcher:
 
     def __init__(
         self, catalog: ModelCatalog, workers: WorkerPool, *, pipeline_depth: int = 2,
-        no_worker_grace: float = 5.0, metrics: BatcherMetrics | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        no_worker_grace: float = 5.0, bulk_max_wait: float = 1.0,
+        metrics: BatcherMetrics | None = None, clock: Callable[[], float] = time.monotonic,
+        tenant_weights: Callable[[str], float] | None = None,
     ) -> None:
         self._catalog = catalog
         self._workers = workers
         self._depth = pipeline_depth
         self._grace = no_worker_grace
+        self._bulk_max_wait = bulk_max_wait
         self._metrics = metrics or BatcherMetrics()
+        self._metrics.watch_queues(self._depths)
         self._clock = clock
+        self._weights = tenant_weights or TenantWeights(catalog.config)
         self._queues: dict[tuple[str, str], _Queue] = {}
         self._inflight: dict[str, int] = {}
         self._running_since: dict[str, float] = {}
@@ -81,14 +93,16 @@ class Batcher:
             raise Unavailable("batcher is shutting down")
         assert request.version is not None, "the router chooses the version"
         queue = self._queue(request.model, request.version)
-        if queue.rows + request.rows > queue.policy.max_queue_size:
-            self._metrics.rejected.labels(request.model, request.version).inc()
-            raise Overloaded(
-                f"queue for {request.model}/{request.version} is full", retry_after=1.0
-            )
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
-        queue.items.append(_Pending(request, future, self._clock()))
-        queue.rows += request.rows
+        pending = _Pending(
+            request, future, self._clock(), request.tenant, request.lane, request.rows
+        )
+        evicted = queue.pending.admit(pending)
+        if evicted is None:
+            self._metrics.count_refused(request.model, request.version)
+            raise self._full(queue, f"queue for {request.model}/{request.version} is full")
+        if evicted:
+            self._evict(queue, evicted)
         self._pump(queue)
         return await future
 
@@ -96,15 +110,39 @@ class Batcher:
         queue = self._queues.get((model, version))
         if queue is None:
             policy = self._catalog.version(model, version).batching
-            queue = self._queues[(model, version)] = _Queue(model, version, policy)
+            pending: FairQueue[_Pending] = FairQueue(
+                policy.max_queue_size, self._weights, bulk_max_wait=self._bulk_max_wait
+            )
+            queue = self._queues[(model, version)] = _Queue(model, version, policy, pending)
         return queue
+
+    def _full(self, queue: _Queue, message: str) -> Overloaded:
+        """The error for a full queue, with the time its workers need to drain it."""
+        retry_after = drain_seconds(
+            queued_rows=queue.pending.rows, batch_seconds=queue.batch_seconds,
+            max_batch_size=queue.policy.max_batch_size,
+            workers=len(self._workers.candidates(queue.model, queue.version)),
+        )
+        return Overloaded(message, retry_after=retry_after)
+
+    def _evict(self, queue: _Queue, evicted: tuple[_Pending, ...]) -> None:
+        """Fail what the queue dropped to admit a request with a better claim to the room."""
+        self._metrics.count_evicted(queue.model, len(evicted))
+        error = self._full(queue, f"dropped from the full queue for {queue.model}/{queue.version}")
+        for pending in evicted:
+            _fail(pending, error)
+
+    def _depths(self) -> Iterator[tuple[str, str, str, int]]:
+        for queue in list(self._queues.values()):
+            for lane, rows in queue.pending.rows_by_lane().items():
+                yield queue.model, queue.version, lane, rows
 
     def _pump_all(self) -> None:
         for queue in list(self._queues.values()):
             self._pump(queue)
 
     def _pump(self, queue: _Queue) -> None:
-        while queue.items:
+        while queue.pending:
             worker = self._free_worker(queue)
             if worker is None:
                 return
@@ -114,7 +152,7 @@ class Batcher:
                 0.0, self._running_since.get(worker.key, now) + queue.batch_seconds - now
             )
             decision = plan_batch(
-                queued_rows=queue.rows, oldest_wait=now - queue.items[0].enqueued,
+                queued_rows=queue.pending.rows, oldest_wait=now - queue.pending.oldest_enqueued,
                 worker_idle=idle, policy=queue.policy, free_in=free_in,
             )
             if decision.rows == 0:
@@ -138,15 +176,13 @@ class Batcher:
         now = self._clock()
         if queue.no_worker_since is None:
             queue.no_worker_since = now
-        while queue.items and now - queue.items[0].enqueued >= self._grace:
-            pending = queue.items.popleft()
-            queue.rows -= pending.request.rows
+        for pending in queue.pending.expire(now - self._grace):
             _fail(pending, Unavailable(
                 f"no ready worker for {queue.model}/{queue.version} "
                 f"after {self._grace:.1f}s"
             ))
-        if queue.items:
-            self._arm(queue, self._grace - (now - queue.items[0].enqueued))
+        if queue.pending:
+            self._arm(queue, self._grace - (now - queue.pending.oldest_enqueued))
 
     def _arm(self, queue: _Queue, wait: float) -> None:
         """Look at `queue` again after `wait` seconds (or sooner if already due sooner)."""
@@ -165,11 +201,9 @@ class Batcher:
 
     def _take(self, queue: _Queue, rows: int, now: float) -> list[_Pending]:
         members: list[_Pending] = []
-        taken = 0
+        rows_by_tenant: dict[str, int] = {}
         wall = time.time()
-        while queue.items and (not members or taken + queue.items[0].request.rows <= rows):
-            pending = queue.items.popleft()
-            queue.rows -= pending.request.rows
+        for pending in queue.pending.take(rows, now):
             if pending.future.done():
                 continue  # the caller gave up (deadline, disconnect)
             deadline = pending.request.deadline
@@ -178,7 +212,8 @@ class Batcher:
                 continue
             self._metrics.queue_delay.observe(now - pending.enqueued)
             members.append(pending)
-            taken += pending.request.rows
+            rows_by_tenant[pending.tenant] = rows_by_tenant.get(pending.tenant, 0) + pending.rows
+        self._metrics.count_tenant_rows(queue.model, rows_by_tenant)
         return members
 
     def _launch(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
@@ -230,11 +265,10 @@ class Batcher:
                 _fail(pending, error)
                 continue
             pending.attempts += 1
-            queue.items.appendleft(pending)
-            queue.rows += pending.request.rows
+            queue.pending.requeue(pending)
 
     def _deliver(self, queue: _Queue, members: list[_Pending], outputs: list[Tensor]) -> None:
-        rows = [m.request.rows for m in members]
+        rows = [m.rows for m in members]
         pieces = [split_rows(tensor, rows) for tensor in outputs]
         for index, pending in enumerate(members):
             if pending.future.done():
@@ -251,8 +285,8 @@ class Batcher:
         for queue in self._queues.values():
             if queue.timer is not None:
                 queue.timer.cancel()
-            while queue.items:
-                _fail(queue.items.popleft(), Unavailable("batcher is shutting down"))
+            for pending in queue.pending.drain():
+                _fail(pending, Unavailable("batcher is shutting down"))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=10.0)
 

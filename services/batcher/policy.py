@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from services.mesh.types import BatchingPolicy
 
 MIN_RECHECK = 0.0005
+MAX_RETRY_AFTER = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +45,18 @@ def plan_batch(
         return Dispatch(take)
     wait = max(delay - oldest_wait, free_in - delay)
     return Dispatch(0, wait=max(wait, MIN_RECHECK))
+
+
+def drain_seconds(
+    *, queued_rows: int, batch_seconds: float, max_batch_size: int, workers: int,
+    unknown: float = 1.0,
+) -> float:
+    """How long the ready workers need to work off `queued_rows`: the Retry-After of a full queue.
+
+    `batch_seconds` is the moving average of one batch's time; `unknown` is the answer before
+    any batch has been timed.
+    """
+    if batch_seconds <= 0.0:
+        return unknown
+    rows_per_second = max(workers, 1) * max_batch_size / batch_seconds
+    return min(max(queued_rows / rows_per_second, MIN_RECHECK), MAX_RETRY_AFTER)

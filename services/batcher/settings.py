@@ -13,3 +13,5 @@ class BatcherSettings(ServiceSettings):
     """Batches in flight per worker: one running, one waiting so the worker never idles."""
     no_worker_grace: float = 5.0
     """Seconds a request waits for a version with no ready worker before a 503."""
+    bulk_max_wait: float = 1.0
+    """Seconds a bulk-lane request waits behind realtime work before it competes as realtime."""

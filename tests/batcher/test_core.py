@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
 
-from services.batcher.core import Batcher
 from services.batcher.metrics import BatcherMetrics
-from services.batcher.workers import WorkerHandle
-from services.mesh.catalog import ModelCatalog
 from services.mesh.errors import (
     DeadlineExceeded,
     InternalError,
@@ -20,156 +16,18 @@ from services.mesh.errors import (
     Overloaded,
     Unavailable,
 )
-from services.mesh.etcd import StaticConfig
-from services.mesh.tensors import Tensor
-from services.mesh.types import (
-    Batch,
-    BatchingPolicy,
-    BatchResult,
-    InferRequest,
-    InferResponse,
-    ModelVersion,
-    Signature,
-    TensorSpec,
+from services.mesh.types import BatchingPolicy
+from tests.batcher.fakes import (
+    MODEL,
+    VERSION,
+    BatcherFactory,
+    FakePool,
+    FakeWorker,
+    errors_of,
+    request,
+    results,
+    submit_all,
 )
-
-MODEL, VERSION = "m", "1"
-SIGNATURE = Signature(
-    inputs=(TensorSpec("x", "FP32", (-1, 2)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),)
-)
-
-
-class FakeWorker:
-    """Echoes each batch's inputs as outputs; can hold batches at a gate or raise."""
-
-    def __init__(self, key: str = "w1") -> None:
-        self.key = key
-        self.batches: list[Batch] = []
-        self.arrivals: asyncio.Queue[Batch] = asyncio.Queue()
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.failures: list[Exception] = []
-
-    def hold(self) -> None:
-        """Make batches wait (after arriving) until `release()`."""
-        self.gate.clear()
-
-    def release(self) -> None:
-        self.gate.set()
-
-    async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
-        self.batches.append(batch)
-        self.arrivals.put_nowait(batch)
-        if self.failures:
-            raise self.failures.pop(0)
-        await self.gate.wait()
-        return BatchResult([Tensor("y", t.datatype, t.shape, bytes(t.data)) for t in batch.inputs])
-
-    async def next_batch(self) -> Batch:
-        async with asyncio.timeout(5):
-            return await self.arrivals.get()
-
-
-class FakePool:
-    """The workers serving `m/1`, changeable at run time like etcd endpoints."""
-
-    def __init__(self, *workers: FakeWorker) -> None:
-        self.workers = list(workers)
-        self._listeners: list[Callable[[], None]] = []
-
-    def candidates(self, model: str, version: str) -> list[WorkerHandle]:
-        return list(self.workers) if (model, version) == (MODEL, VERSION) else []
-
-    def subscribe(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
-
-    def add(self, worker: FakeWorker) -> None:
-        self.workers.append(worker)
-        for listener in self._listeners:
-            listener()
-
-
-def catalog_with(policy: BatchingPolicy) -> ModelCatalog:
-    spec = ModelVersion(MODEL, VERSION, SIGNATURE, "file:///dev/null", "0" * 64, batching=policy)
-    return ModelCatalog(StaticConfig({f"models/{MODEL}/{VERSION}": spec.to_json()}))
-
-
-def request(value: float, *, rows: int = 1, deadline: float | None = None) -> InferRequest:
-    data = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2) + value
-    return InferRequest(
-        model=MODEL, version=VERSION, request_id=f"r{value}",
-        inputs=[Tensor.from_array("x", data)], deadline=deadline,
-    )
-
-
-async def submit_all(
-    batcher: Batcher, requests: list[InferRequest]
-) -> list[asyncio.Task[InferResponse]]:
-    """Start one task per request; return once every request is in the batcher's queue."""
-    queued = asyncio.Event()
-    started = 0
-
-    async def one(req: InferRequest) -> InferResponse:
-        nonlocal started
-        started += 1
-        if started == len(requests):
-            queued.set()
-        # infer() enqueues synchronously, before its first suspension.
-        return await batcher.infer(req)
-
-    tasks = [asyncio.create_task(one(r)) for r in requests]
-    await queued.wait()
-    return tasks
-
-
-async def results(tasks: list[asyncio.Task[InferResponse]]) -> list[InferResponse]:
-    async with asyncio.timeout(5):
-        return await asyncio.gather(*tasks)
-
-
-async def errors_of(tasks: list[asyncio.Task[InferResponse]]) -> list[BaseException | None]:
-    async with asyncio.timeout(5):
-        done = await asyncio.gather(*tasks, return_exceptions=True)
-    return [r if isinstance(r, BaseException) else None for r in done]
-
-
-@pytest.fixture
-def worker() -> FakeWorker:
-    return FakeWorker()
-
-
-@pytest.fixture
-def metrics() -> BatcherMetrics:
-    return BatcherMetrics()
-
-
-BatcherFactory = Callable[..., Batcher]
-
-
-@pytest.fixture
-async def make_batcher(
-    metrics: BatcherMetrics,
-) -> AsyncIterator[BatcherFactory]:
-    made: list[tuple[Batcher, FakePool]] = []
-
-    def make(
-        pool: FakePool, *, policy: BatchingPolicy | None = None, pipeline_depth: int = 1,
-        no_worker_grace: float = 5.0,
-    ) -> Batcher:
-        batcher = Batcher(
-            catalog_with(policy or BatchingPolicy(max_batch_size=16, max_queue_delay_ms=10_000)),
-            pool, pipeline_depth=pipeline_depth, no_worker_grace=no_worker_grace,
-            metrics=metrics,
-        )
-        batcher.start()
-        made.append((batcher, pool))
-        return batcher
-
-    yield make
-    for batcher, pool in made:
-        for fake in pool.workers:
-            fake.release()
-        await batcher.aclose()
 
 
 async def test_lone_request_is_dispatched_at_once_despite_a_long_queue_delay(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.batcher.policy import Dispatch, plan_batch
+from services.batcher.policy import Dispatch, drain_seconds, plan_batch
 from services.mesh.types import BatchingPolicy
 
 POLICY = BatchingPolicy(max_batch_size=8, max_queue_delay_ms=10.0)
@@ -81,3 +81,13 @@ def test_a_full_batch_is_pipelined_however_long_the_running_batch() -> None:
         queued_rows=8, oldest_wait=0.0, worker_idle=False, policy=POLICY, free_in=5.0
     )
     assert decision.rows == 8
+
+
+def test_a_full_queue_asks_clients_back_after_its_expected_drain_time() -> None:
+    drain = drain_seconds(queued_rows=64, batch_seconds=0.5, max_batch_size=16, workers=2)
+    assert drain == pytest.approx(1.0)  # 2 workers x 16 rows / 0.5 s = 64 rows/s
+
+
+def test_before_any_batch_was_timed_the_drain_time_is_a_default() -> None:
+    drain = drain_seconds(queued_rows=64, batch_seconds=0.0, max_batch_size=16, workers=1)
+    assert drain == 1.0

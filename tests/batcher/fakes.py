@@ -1,0 +1,142 @@
+"""In-process fakes for the batcher's core tests: workers, a worker pool, config, requests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import numpy as np
+
+from services.batcher.core import Batcher
+from services.batcher.workers import WorkerHandle
+from services.mesh.catalog import ModelCatalog
+from services.mesh.etcd import StaticConfig
+from services.mesh.tenancy import Tenant
+from services.mesh.tensors import Tensor
+from services.mesh.types import (
+    Batch,
+    BatchingPolicy,
+    BatchResult,
+    InferRequest,
+    InferResponse,
+    ModelVersion,
+    Signature,
+    TensorSpec,
+)
+
+MODEL, VERSION = "m", "1"
+SIGNATURE = Signature(
+    inputs=(TensorSpec("x", "FP32", (-1, 2)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),)
+)
+
+BatcherFactory = Callable[..., Batcher]
+
+
+class FakeWorker:
+    """Echoes each batch's inputs as outputs; can hold batches at a gate or raise."""
+
+    def __init__(self, key: str = "w1") -> None:
+        self.key = key
+        self.batches: list[Batch] = []
+        self.arrivals: asyncio.Queue[Batch] = asyncio.Queue()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.failures: list[Exception] = []
+
+    def hold(self) -> None:
+        """Make batches wait (after arriving) until `release()`."""
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def step(self) -> None:
+        """Let the batches waiting now finish; hold the ones arriving later."""
+        self.gate.set()
+        self.gate.clear()
+
+    async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
+        self.batches.append(batch)
+        self.arrivals.put_nowait(batch)
+        if self.failures:
+            raise self.failures.pop(0)
+        await self.gate.wait()
+        return BatchResult([Tensor("y", t.datatype, t.shape, bytes(t.data)) for t in batch.inputs])
+
+    async def next_batch(self) -> Batch:
+        async with asyncio.timeout(5):
+            return await self.arrivals.get()
+
+
+class FakePool:
+    """The workers serving `m/1`, changeable at run time like etcd endpoints."""
+
+    def __init__(self, *workers: FakeWorker) -> None:
+        self.workers = list(workers)
+        self._listeners: list[Callable[[], None]] = []
+
+    def candidates(self, model: str, version: str) -> list[WorkerHandle]:
+        return list(self.workers) if (model, version) == (MODEL, VERSION) else []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def add(self, worker: FakeWorker) -> None:
+        self.workers.append(worker)
+        for listener in self._listeners:
+            listener()
+
+
+def catalog_with(
+    policy: BatchingPolicy, *, tenant_weights: dict[str, float] | None = None
+) -> ModelCatalog:
+    """A catalog of `m/1` under `policy`, over a config that also holds tenant records."""
+    spec = ModelVersion(MODEL, VERSION, SIGNATURE, "file:///dev/null", "0" * 64, batching=policy)
+    config = StaticConfig({f"models/{MODEL}/{VERSION}": spec.to_json()})
+    for name, weight in (tenant_weights or {}).items():
+        tenant = Tenant(name, rate=1000.0, burst=1000, max_concurrency=1000, weight=weight)
+        config.put(f"tenants/{name}", tenant.to_json())
+    return ModelCatalog(config)
+
+
+def request(
+    value: float, *, rows: int = 1, deadline: float | None = None, tenant: str = "anonymous",
+    lane: str = "realtime",
+) -> InferRequest:
+    data = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2) + value
+    return InferRequest(
+        model=MODEL, version=VERSION, request_id=f"r{value}",
+        inputs=[Tensor.from_array("x", data)], deadline=deadline, tenant=tenant, lane=lane,
+    )
+
+
+async def submit_all(
+    batcher: Batcher, requests: list[InferRequest]
+) -> list[asyncio.Task[InferResponse]]:
+    """Start one task per request; return once every request is in the batcher's queue
+    (or was refused)."""
+    queued = asyncio.Event()
+    started = 0
+
+    async def one(req: InferRequest) -> InferResponse:
+        nonlocal started
+        started += 1
+        if started == len(requests):
+            queued.set()
+        # infer() enqueues synchronously, before its first suspension.
+        return await batcher.infer(req)
+
+    tasks = [asyncio.create_task(one(r)) for r in requests]
+    await queued.wait()
+    return tasks
+
+
+async def results(tasks: list[asyncio.Task[InferResponse]]) -> list[InferResponse]:
+    async with asyncio.timeout(5):
+        return await asyncio.gather(*tasks)
+
+
+async def errors_of(tasks: list[asyncio.Task[InferResponse]]) -> list[BaseException | None]:
+    async with asyncio.timeout(5):
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+    return [r if isinstance(r, BaseException) else None for r in done]
