@@ -102,8 +102,9 @@ class NoisyReport:
                 "machine": machine(), "rounds": [
                     {"round": r["round"], "ratio": r["ratio"],
                      "alone": vars(r["alone"]), "beside": vars(r["beside"]),
-                     "quiet_statuses": dict(r["quiet_statuses"]),
-                     "noisy_statuses": dict(r["noisy_statuses"])} for r in self.rows]}
+                     "quiet_statuses": {str(k): v for k, v in r["quiet_statuses"].items()},
+                     "noisy_statuses": {str(k): v for k, v in r["noisy_statuses"].items()}}
+                    for r in self.rows]}
 
 
 async def measure(report: NoisyReport, gateway: str, token: str, args: argparse.Namespace) -> None:
