@@ -4,8 +4,9 @@
 
 Starts ``infermesh up`` (auth on), creates tenants ``quiet`` and ``noisy`` with the same quota
 through the control API, and per round measures the quiet tenant sending at half its quota
-(open loop): alone, then while the noisy tenant floods at ten times its own quota. Reports the
-quiet tenant's p50/p99 in both phases, its p99 ratio (goal: at most 1.5) and every status seen.
+(open loop): alone, then while the noisy tenant floods at ten times its own quota from a
+separate client process. Reports the quiet tenant's p50/p99 in both phases, its p99 ratio
+(goal: at most 1.5) and every status seen.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
+import uvloop
 
 from bench.payloads import infer_path, request_body
 from bench.rawhttp import RawClient
@@ -114,10 +117,14 @@ async def measure(report: NoisyReport, gateway: str, token: str, args: argparse.
     url, body = gateway + infer_path(args.model), request_body(args.model, 1)
     for round_ in range(args.rounds):
         alone = await open_loop(url, quiet, body, rate=args.rate / 2, seconds=args.seconds)
-        beside, flood = await asyncio.gather(
-            open_loop(url, quiet, body, rate=args.rate / 2, seconds=args.seconds),
-            open_loop(url, noisy, body, rate=args.rate * 10, seconds=args.seconds),
+        flooder = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.noisy_neighbour", "--flood", url, noisy,
+            str(args.rate * 10), str(args.seconds), "--model", args.model,
+            stdout=asyncio.subprocess.PIPE,
         )
+        beside = await open_loop(url, quiet, body, rate=args.rate / 2, seconds=args.seconds)
+        flood = Phase(statuses=Counter(
+            {int(k): v for k, v in orjson.loads((await flooder.communicate())[0]).items()}))
         a, b = Percentiles.of(alone.latencies), Percentiles.of(beside.latencies)
         report.rows.append({"round": round_, "alone": a, "beside": b, "ratio": b.p99 / a.p99,
                             "quiet_statuses": beside.statuses, "noisy_statuses": flood.statuses})
@@ -126,7 +133,20 @@ async def measure(report: NoisyReport, gateway: str, token: str, args: argparse.
               f"noisy {dict(flood.statuses)}", flush=True)
 
 
+def flood(argv: list[str]) -> int:
+    """`--flood URL KEY RATE SECONDS`: the noisy tenant, in its own process so its client work
+    does not slow the quiet tenant's client (only the mesh is shared); statuses on stdout."""
+    url, key, rate, seconds = argv[0], argv[1], float(argv[2]), float(argv[3])
+    model = argv[argv.index("--model") + 1] if "--model" in argv else "mlp"
+    phase = uvloop.run(open_loop(url, key, request_body(model, 1), rate=rate, seconds=seconds))
+    print(orjson.dumps({str(k): v for k, v in phase.statuses.items()}).decode())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--flood":
+        return flood(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench.noisy_neighbour", description=__doc__)
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--rate", type=int, default=100, help="each tenant's quota, req/s")
@@ -137,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
     started = datetime.now(UTC)
-    report = NoisyReport(shlex.join(["python", "-m", "bench.noisy_neighbour",
-                                     *(argv or sys.argv[1:])]), started, args.model)
+    report = NoisyReport(shlex.join(["python", "-m", "bench.noisy_neighbour", *argv]),
+                         started, args.model)
     out = args.out or Path("bench/results") / f"noisy-{started:%Y-%m-%dT%H%M%SZ}.json"
     logs = out.with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)
@@ -147,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         gateway = start_launcher(stack, args, logs, "mesh", ports=(8000, 8200), extra_env={
             "INFERMESH_CONTROL_PORT": "8100", "INFERMESH_EDGE": "0",
             "INFERMESH_CONTROL_ADMIN_TOKENS": f"bench:{token}"})
-        asyncio.run(measure(report, gateway, token, args))
+        uvloop.run(measure(report, gateway, token, args))
     write_report(report, out, logs)
     return 0
 
