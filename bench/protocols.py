@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             stack, args, logs, "mesh", ports=(args.gateway_port, args.registry_port),
             # Auth off: this compares wire protocols; bench.run_all measures with auth on.
             extra_env={"INFERMESH_GATEWAY_GRPC_PORT": str(args.grpc_port),
-                       "INFERMESH_EDGE_PORT": str(args.edge_port),
+                       "INFERMESH_EDGE": "1", "INFERMESH_EDGE_PORT": str(args.edge_port),
                        "INFERMESH_GATEWAY_AUTH": "0"},
         )  # fmt: skip
         if "big" in args.models:

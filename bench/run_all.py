@@ -114,7 +114,8 @@ def _tail(log: Path, lines: int = 30) -> str:
 
 
 SETUPS = {"mesh": (8000, 8200), "fused": (8010, 8210)}
-"""Gateway and registry ports of each launcher, so both run side by side."""
+"""Gateway and registry ports of each launcher, so both run side by side; the gRPC port is the
+gateway's + 1 and the control API's the registry's - 100."""
 
 
 def inprocess_round(report: Report, args: argparse.Namespace) -> None:
@@ -158,7 +159,10 @@ def start_launcher(
     command += ["--fused"] if setup == "fused" else []
     url = f"http://127.0.0.1:{gateway_port}"
     env = {"INFERMESH_GATEWAY_HTTP_PORT": str(gateway_port),
-           "INFERMESH_REGISTRY_PORT": str(registry_port), **(extra_env or {})}  # fmt: skip
+           "INFERMESH_GATEWAY_GRPC_PORT": str(gateway_port + 1),
+           "INFERMESH_REGISTRY_PORT": str(registry_port),
+           "INFERMESH_CONTROL_PORT": str(registry_port - 100),
+           "INFERMESH_EDGE": "0", **(extra_env or {})}  # fmt: skip
     stack.enter_context(serving(command, f"{url}/v2/health/ready", logs / f"{setup}.log",
                                 args.ready_timeout, banner="infermesh is up", env=env))  # fmt: skip
     remember(url, Path(state_dir))
