@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from services.batcher.fairness import FairQueue
-from services.batcher.metrics import BatcherMetrics
+from services.batcher.metrics import BatcherMetrics, VersionMetrics
 from services.batcher.policy import drain_seconds, plan_batch
 from services.batcher.tenants import TenantWeights
 from services.batcher.workers import WorkerHandle, WorkerPool
@@ -50,6 +50,9 @@ class _Queue:
     version: str
     policy: BatchingPolicy
     pending: FairQueue[_Pending]
+    metrics: VersionMetrics
+    inflight: int = 0
+    """Requests in batches on workers (for the pending-request gauge)."""
     timer: asyncio.TimerHandle | None = None
     batch_seconds: float = 0.0
     """Moving average of how long a worker takes for one batch of this version."""
@@ -74,6 +77,7 @@ class Batcher:
         self._bulk_max_wait = bulk_max_wait
         self._metrics = metrics or BatcherMetrics()
         self._metrics.watch_queues(self._depths)
+        self._metrics.watch_pending(self._pending_counts)
         self._clock = clock
         self._weights = tenant_weights or TenantWeights(catalog.config)
         self._queues: dict[tuple[str, str], _Queue] = {}
@@ -100,11 +104,19 @@ class Batcher:
         evicted = queue.pending.admit(pending)
         if evicted is None:
             self._metrics.count_refused(request.model, request.version)
-            raise self._full(queue, f"queue for {request.model}/{request.version} is full")
+            error = self._full(queue, f"queue for {request.model}/{request.version} is full")
+            queue.metrics.failed(error.code)
+            raise error
         if evicted:
             self._evict(queue, evicted)
         self._pump(queue)
-        return await future
+        try:
+            response = await future
+        except InfermeshError as exc:
+            queue.metrics.failed(exc.code)
+            raise
+        queue.metrics.success.inc()
+        return response
 
     def _queue(self, model: str, version: str) -> _Queue:
         queue = self._queues.get((model, version))
@@ -113,7 +125,9 @@ class Batcher:
             pending: FairQueue[_Pending] = FairQueue(
                 policy.max_queue_size, self._weights, bulk_max_wait=self._bulk_max_wait
             )
-            queue = self._queues[(model, version)] = _Queue(model, version, policy, pending)
+            queue = self._queues[(model, version)] = _Queue(
+                model, version, policy, pending, self._metrics.version(model, version)
+            )
         return queue
 
     def _full(self, queue: _Queue, message: str) -> Overloaded:
@@ -136,6 +150,10 @@ class Batcher:
         for queue in list(self._queues.values()):
             for lane, rows in queue.pending.rows_by_lane().items():
                 yield queue.model, queue.version, lane, rows
+
+    def _pending_counts(self) -> Iterator[tuple[str, str, int]]:
+        for queue in list(self._queues.values()):
+            yield queue.model, queue.version, len(queue.pending) + queue.inflight
 
     def _pump_all(self) -> None:
         for queue in list(self._queues.values()):
@@ -211,6 +229,8 @@ class Batcher:
                 _fail(pending, DeadlineExceeded("deadline exceeded while queued"))
                 continue
             self._metrics.queue_delay.observe(now - pending.enqueued)
+            if not pending.attempts:  # a retried request was observed on its first dispatch
+                queue.metrics.queue_duration.observe(now - pending.enqueued)
             members.append(pending)
             rows_by_tenant[pending.tenant] = rows_by_tenant.get(pending.tenant, 0) + pending.rows
         self._metrics.count_tenant_rows(queue.model, rows_by_tenant)
@@ -220,15 +240,18 @@ class Batcher:
         if not self._inflight.get(worker.key):
             self._running_since[worker.key] = self._clock()
         self._inflight[worker.key] = self._inflight.get(worker.key, 0) + 1
+        queue.inflight += len(members)
         task = asyncio.create_task(self._run(queue, worker, members))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
-        batch = build_batch(queue.model, queue.version, [m.request for m in members])
-        self._metrics.observe_batch(queue.model, queue.version, sum(batch.rows))
         dispatched = self._clock()
+        rows = sum(m.request.rows for m in members)
         try:
+            # Inside the try: requests whose tensors cannot be joined fail, never hang.
+            batch = build_batch(queue.model, queue.version, [m.request for m in members])
+            queue.metrics.batch_rows.observe(rows)
             result = await worker.run_batch(batch, timeout=_batch_timeout(members))
         except Unavailable as exc:
             self._retry(queue, members, exc)
@@ -240,8 +263,10 @@ class Batcher:
             for pending in members:
                 _fail(pending, InternalError(f"batch failed: {type(exc).__name__}: {exc}"))
         else:
+            queue.metrics.executed(rows)
             self._deliver(queue, members, result.outputs)
         finally:
+            queue.inflight -= len(members)
             self._finished(queue, worker.key, dispatched)
             self._pump_all()
 

@@ -1,5 +1,10 @@
 """Batcher metrics: batch sizes (the proof that batching happens), queue delay and depth,
-rows per tenant (the proof that sharing is fair), rejections."""
+rows per tenant (the proof that sharing is fair), rejections.
+
+The `infermesh_inference_*` families mirror Triton's `nv_inference_*` (in seconds, not µs), so
+dashboards built for Triton read the batcher the same way: `count / exec_count` is the average
+batch size. Their label children are cached per (model, version) in a `VersionMetrics`, which
+the core keeps on each queue: the hot path never calls `.labels()`."""
 
 from __future__ import annotations
 
@@ -12,6 +17,40 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 DepthSource = Callable[[], Iterable[tuple[str, str, str, int]]]
 """Yields (model, version, lane, queued rows)."""
+
+PendingSource = Callable[[], Iterable[tuple[str, str, int]]]
+"""Yields (model, version, requests queued or in flight)."""
+
+QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 2.5, 5)
+
+
+class VersionMetrics:
+    """The label children of one (model, version), looked up once and kept by the core."""
+
+    __slots__ = ("_failure", "_labels", "batch_rows", "exec_count", "inference_count",
+                 "queue_duration", "success")
+
+    def __init__(self, metrics: BatcherMetrics, model: str, version: str) -> None:
+        self.batch_rows = metrics.batch_rows.labels(model, version)
+        self.success = metrics.request_success.labels(model, version)
+        self.inference_count = metrics.inference_count.labels(model, version)
+        self.exec_count = metrics.exec_count.labels(model, version)
+        self.queue_duration = metrics.queue_duration.labels(model, version)
+        self._failure: dict[str, Counter] = {}
+        self._labels = (metrics.request_failure, model, version)
+
+    def failed(self, reason: str) -> None:
+        """One request answered with an error; `reason` is its `InfermeshError.code`."""
+        child = self._failure.get(reason)
+        if child is None:
+            family, model, version = self._labels
+            child = self._failure[reason] = family.labels(model, version, reason)
+        child.inc()
+
+    def executed(self, rows: int) -> None:
+        """One batch of `rows` inferences came back from a worker."""
+        self.exec_count.inc()
+        self.inference_count.inc(rows)
 
 
 class BatcherMetrics:
@@ -38,11 +77,45 @@ class BatcherMetrics:
             "admit another tenant's or lane's request (evicted)",
             ["model", "reason"], registry=self.registry,
         )
+        # Triton-mirrored (nv_inference_*), per (model, version).
+        self.request_success = Counter(
+            "infermesh_inference_request_success",
+            "Requests the batcher answered with a result (nv_inference_request_success)",
+            ["model", "version"], registry=self.registry,
+        )
+        self.request_failure = Counter(
+            "infermesh_inference_request_failure",
+            "Requests the batcher answered with an error, by error code "
+            "(nv_inference_request_failure)",
+            ["model", "version", "reason"], registry=self.registry,
+        )
+        self.inference_count = Counter(
+            "infermesh_inference_count",
+            "Inferences (rows) in batches a worker executed (nv_inference_count)",
+            ["model", "version"], registry=self.registry,
+        )
+        self.exec_count = Counter(
+            "infermesh_inference_exec_count",
+            "Batches a worker executed (nv_inference_exec_count)",
+            ["model", "version"], registry=self.registry,
+        )
+        self.queue_duration = Histogram(
+            "infermesh_inference_queue_duration_seconds",
+            "Time from a request's arrival to its first dispatch in a batch "
+            "(nv_inference_queue_duration_us)",
+            ["model", "version"], buckets=QUEUE_BUCKETS, registry=self.registry,
+        )
         self._depth = _QueueDepth()
         self._tenant_rows = _TenantRows()
+        self._pending = _PendingRequests()
         self.registry.register(self._depth)
         self.registry.register(self._tenant_rows)
+        self.registry.register(self._pending)
         self._rejections: dict[tuple[str, str], Counter] = {}
+
+    def version(self, model: str, version: str) -> VersionMetrics:
+        """The label children of (model, version); the caller keeps them."""
+        return VersionMetrics(self, model, version)
 
     def observe_batch(self, model: str, version: str, rows: int) -> None:
         self.batch_rows.labels(model, version).observe(rows)
@@ -73,6 +146,10 @@ class BatcherMetrics:
         """Report `source`'s queue depths at each scrape (nothing to update per request)."""
         self._depth.sources.append(source)
 
+    def watch_pending(self, source: PendingSource) -> None:
+        """Report `source`'s pending request counts at each scrape."""
+        self._pending.sources.append(source)
+
 
 class _QueueDepth:
     """`infermesh_batcher_queue_rows{model, version, lane}`, read from the queues at scrape."""
@@ -91,6 +168,27 @@ class _QueueDepth:
         for source in self.sources:
             for model, version, lane, rows in source():
                 family.add_metric([model, version, lane], rows)
+        yield family
+
+
+class _PendingRequests:
+    """`infermesh_inference_pending_request_count{model, version}` (Triton's
+    nv_inference_pending_request_count): requests queued or in a batch, read at scrape."""
+
+    NAME = "infermesh_inference_pending_request_count"
+    HELP = "Requests queued in the batcher or in a batch on a worker"
+
+    def __init__(self) -> None:
+        self.sources: list[PendingSource] = []
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["model", "version"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["model", "version"])
+        for source in self.sources:
+            for model, version, count in source():
+                family.add_metric([model, version], count)
         yield family
 
 

@@ -1,4 +1,10 @@
-"""Worker metrics: executed batch sizes and compute time per version and device."""
+"""Worker metrics: executed batch sizes and compute time per version and device.
+
+`infermesh_inference_compute_infer_duration_seconds` mirrors Triton's
+`nv_inference_compute_infer_duration_us` (in seconds, as a histogram); it is observed with the
+same value as `infermesh_worker_compute_seconds`, labelled like the batcher's
+`infermesh_inference_*` families (model, version) so the two join on a dashboard.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,19 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from services.mesh.types import Batch
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+COMPUTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
+
+
+class _VersionChildren:
+    """The label children of one (model, version, device), looked up once."""
+
+    __slots__ = ("batch_rows", "compute", "compute_infer", "requests")
+
+    def __init__(self, metrics: WorkerMetrics, model: str, version: str, device: str) -> None:
+        self.batch_rows = metrics.batch_rows.labels(model, version, device)
+        self.compute = metrics.compute.labels(model, version, device)
+        self.requests = metrics.requests.labels(model, version, device)
+        self.compute_infer = metrics.compute_infer.labels(model, version)
 
 
 class WorkerMetrics:
@@ -21,15 +40,25 @@ class WorkerMetrics:
         self.compute = Histogram(
             "infermesh_worker_compute_seconds", "Model execution time per batch",
             ["model", "version", "device"], registry=self.registry,
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+            buckets=COMPUTE_BUCKETS,
         )
         self.requests = Counter(
             "infermesh_worker_requests", "Requests executed (members of batches)",
             ["model", "version", "device"], registry=self.registry,
         )
+        self.compute_infer = Histogram(
+            "infermesh_inference_compute_infer_duration_seconds",
+            "Time in the model's forward per batch (nv_inference_compute_infer_duration_us)",
+            ["model", "version"], registry=self.registry, buckets=COMPUTE_BUCKETS,
+        )
+        self._children: dict[tuple[str, str, str], _VersionChildren] = {}
 
     def observe(self, batch: Batch, device: str, seconds: float) -> None:
-        labels = (batch.model, batch.version, device)
-        self.batch_rows.labels(*labels).observe(sum(batch.rows))
-        self.compute.labels(*labels).observe(seconds)
-        self.requests.labels(*labels).inc(len(batch.rows))
+        key = (batch.model, batch.version, device)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = _VersionChildren(self, *key)
+        children.batch_rows.observe(sum(batch.rows))
+        children.compute.observe(seconds)
+        children.compute_infer.observe(seconds)
+        children.requests.inc(len(batch.rows))

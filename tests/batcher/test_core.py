@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -237,3 +238,20 @@ async def test_batch_sizes_are_recorded(
     assert sample("infermesh_batcher_batch_rows_count", labels) == 2
     assert sample("infermesh_batcher_batch_rows_sum", labels) == 11
     assert sample("infermesh_batcher_batch_rows_bucket", {**labels, "le": "8.0"}) == 1
+
+
+async def test_requests_that_cannot_be_joined_fail_rather_than_hang(
+    make_batcher: BatcherFactory, worker: FakeWorker
+) -> None:
+    batcher = make_batcher(FakePool(worker), pipeline_depth=1)
+    worker.hold()
+    first = asyncio.create_task(batcher.infer(request(0.0)))
+    odd = request(1.0)
+    # The gateway validates input names; a bug upstream must still not hang anyone.
+    odd.inputs = [dataclasses.replace(odd.inputs[0], name="y")]
+    tasks = await submit_all(batcher, [request(2.0), odd])
+    worker.release()
+    assert (await results([first]))[0].request_id == "r0.0"
+    errors = await errors_of(tasks)
+    assert all(isinstance(e, InternalError) for e in errors)
+    assert (await results([asyncio.create_task(batcher.infer(request(3.0)))]))[0]
