@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from services.mesh.runtime import PARENT_PID
+
 log = logging.getLogger("infermesh.up")
 
 
@@ -66,8 +68,9 @@ class Supervised:
     def _spawn(self) -> subprocess.Popen[bytes]:
         with self._log_path.open("ab") as handle:
             return subprocess.Popen(
-                [sys.executable, *self._args], env=self._env, stdout=handle,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                [sys.executable, *self._args], env={**self._env, PARENT_PID: str(os.getpid())},
+                stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
 
     async def _run(self) -> None:

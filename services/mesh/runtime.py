@@ -52,6 +52,26 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+PARENT_PID = "INFERMESH_PARENT_PID"
+"""Set by the launcher's supervisor: the pid a supervised service expects as its parent."""
+
+
+async def watch_parent(expected: int, on_gone: Callable[[], None], *,
+                       interval: float = 1.0) -> None:
+    """Call `on_gone()` once this process's parent is no longer `expected`.
+
+    A launcher that is SIGKILLed cannot stop its children; they notice the re-parenting and
+    stop themselves (`prctl(PR_SET_PDEATHSIG)` would need a preexec hook, which costs Popen
+    its vfork, and forking next to gRPC's threads crashed the launcher before).
+    """
+    while True:
+        if os.getppid() != expected:
+            break
+        await asyncio.sleep(interval)
+    log.warning("parent %d is gone (now %d): stopping", expected, os.getppid())
+    on_gone()
+
+
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run `main()` on uvloop; used by every `__main__`."""
     setup_logging()
@@ -147,12 +167,16 @@ class MeshNode:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        parent = os.environ.get(PARENT_PID)
+        watcher = asyncio.create_task(watch_parent(int(parent), self.stop)) if parent else None
         try:
             for role, record in (roles or {self.service: {}}).items():
                 await self.register(role, record)
             log.info("%s %s serving on %s", self.service, self.instance, self.http_url)
             await self._stop.wait()
         finally:
+            if watcher is not None:
+                watcher.cancel()
             log.info("%s %s shutting down: deregister, drain, close", self.service, self.instance)
             await self.deregister()
             await runner.cleanup()

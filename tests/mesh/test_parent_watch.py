@@ -1,0 +1,66 @@
+"""Supervised services stop themselves when their launcher is gone (it may have been SIGKILLed)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from services.mesh.runtime import watch_parent
+
+
+async def test_a_parent_that_is_not_ours_any_more_stops_the_service() -> None:
+    gone = asyncio.Event()
+    async with asyncio.timeout(5):
+        await watch_parent(os.getppid() + 1_000_000, gone.set, interval=0.01)
+    assert gone.is_set()
+
+
+_CHILD = """
+import asyncio, os, sys
+from services.mesh.runtime import watch_parent
+async def main():
+    done = asyncio.Event()
+    await watch_parent(int(sys.argv[1]), done.set, interval=0.05)
+    print("stopped", flush=True)
+asyncio.run(main())
+"""
+
+_LAUNCHER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(__import__("os").getpid())])
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_a_service_outlives_its_sigkilled_launcher_by_moments_only() -> None:
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _CHILD],
+                                stdout=subprocess.PIPE, text=True)
+    assert launcher.stdout is not None
+    child = int(launcher.stdout.readline())
+    time.sleep(0.3)  # the child is watching
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _gone(child):
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the child kept running after its launcher was killed")
+
+
+def _gone(pid: int) -> bool:
+    """Exited: reaped, or a zombie waiting for a reaper that may never come in a container."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "State:\tZ" in status.read()
+    except FileNotFoundError:
+        return True
