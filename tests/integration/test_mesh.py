@@ -12,6 +12,8 @@ import aiohttp
 import numpy as np
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from services.mesh.etcd import connect_client
 from tests.integration.conftest import RunningMesh
@@ -88,6 +90,43 @@ async def test_concurrent_single_rows_are_served_in_batches(mesh: RunningMesh) -
             batches = _sample(text, f"{prefix}_batch_rows_count", "mlp")
             if batches:
                 assert rows / batches > 1.0
+
+
+def _families(text: str) -> dict[str, list[Sample]]:
+    """Samples by metric family name; prometheus-client's parser refuses malformed text."""
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def _total(samples: list[Sample], name: str, **labels: str) -> float:
+    return sum(s.value for s in samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def test_every_service_serves_metrics_whose_counters_agree(mesh: RunningMesh) -> None:
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(
+            post_infer(session, f"{mesh.gateway}/v2/models/mlp/infer",
+                       infer_body("features", mlp_input(1, seed=i)))
+            for i in range(64)
+        ))
+        assert all(status == 200 for status, _, _ in results)
+        scraped = {}
+        for service in ("gateway", "router", "batcher", "worker", "registry", "control"):
+            async with session.get(f"{await _endpoint(mesh, service)}/metrics") as response:
+                assert response.status == 200, service
+                scraped[service] = _families(await response.text())
+    assert all(scraped.values())
+    batcher = [s for samples in scraped["batcher"].values() for s in samples]
+    inferences = _total(batcher, "infermesh_inference_count_total", model="mlp")
+    executions = _total(batcher, "infermesh_inference_exec_count_total", model="mlp")
+    rows = _total(batcher, "infermesh_batcher_batch_rows_sum", model="mlp")
+    batches = _total(batcher, "infermesh_batcher_batch_rows_count", model="mlp")
+    assert executions and inferences / executions == pytest.approx(rows / batches)
+    assert _total(batcher, "infermesh_inference_request_success_total", model="mlp") >= 64
+    gateway = [s for samples in scraped["gateway"].values() for s in samples]
+    assert _total(gateway, "infermesh_gateway_requests_total", model="mlp", code="200") >= 64
+    router = [s for samples in scraped["router"].values() for s in samples]
+    assert _total(router, "infermesh_router_requests_total", model="mlp", outcome="success") >= 64
 
 
 BAD_REQUESTS = [
