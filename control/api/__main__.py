@@ -21,6 +21,7 @@ from control.api.tenants import TenantStore
 from control.guard.runner import run_guard
 from services.mesh.db import create_pool, migrate
 from services.mesh.errors import InvalidInput
+from services.mesh.health import PostgresProbe
 from services.mesh.runtime import MeshNode, run
 from services.mesh.settings import load_settings
 
@@ -38,6 +39,9 @@ async def serve(settings: ControlSettings, tokens: Mapping[str, str]) -> None:
             tenants = TenantStore(pool, node.etcd, etcd_prefix=settings.etcd_prefix)
             await store.reconcile()
             await tenants.reconcile()
+            probe = PostgresProbe(pool)
+            probe.start()
+            node.watch_health(postgres=[probe])
             tasks = [
                 asyncio.create_task(
                     store.reconcile_forever(settings.reconcile_interval), name="control-reconcile"
@@ -56,6 +60,7 @@ async def serve(settings: ControlSettings, tokens: Mapping[str, str]) -> None:
                 await node.serve(create_app(store, tokens, tenants=tenants))
             finally:
                 await _stop(tasks)
+                await probe.aclose()
         finally:
             await pool.close()
 

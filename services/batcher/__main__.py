@@ -21,6 +21,7 @@ async def main() -> None:
         assert node.session is not None
         workers = LinkPool(node.session, node.config, "worker")
         workers.start()
+        node.watch_health(pools=[workers])
         metrics = BatcherMetrics()
         core = Batcher(
             ModelCatalog(node.config), LinkedWorkerPool(workers), metrics=metrics,

@@ -25,6 +25,7 @@ async def main() -> None:
         assert node.session is not None
         routers = LinkPool(node.session, node.config, "router")
         routers.start()
+        node.watch_health(pools=[routers])
         core = Gateway(
             ModelCatalog(node.config), LinkedInferTarget(routers),
             access=Access.from_settings(node.config, settings),

@@ -89,6 +89,11 @@ class ConfigCache(_LocalConfig):
         self._revision = 0
         self._task: asyncio.Task[None] | None = None
         self._changed: asyncio.Condition | None = None
+        self.connected = False
+        """True while the cache follows etcd; False while its watch is broken (it then serves
+        the last config it saw)."""
+        self.resyncs = 0
+        """Full reads of the prefix: one at start, one after every broken watch."""
 
     @property
     def revision(self) -> int:
@@ -125,6 +130,7 @@ class ConfigCache(_LocalConfig):
             await self._changed.wait_for(predicate)
 
     async def _resync(self) -> None:
+        self.resyncs += 1
         result = await self._client.get_prefix(self._prefix)
         fresh: dict[str, Any] = {}
         for kv in result:
@@ -133,6 +139,7 @@ class ConfigCache(_LocalConfig):
                 fresh[decoded[0]] = decoded[1]
         self._values = fresh
         self._revision = result.header.revision
+        self.connected = True
         await self._notify()
 
     async def _watch_forever(self) -> None:
@@ -143,6 +150,7 @@ class ConfigCache(_LocalConfig):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # etcd gone, compaction, stream reset: resync below
+                self.connected = False
                 log.warning("etcd watch on %s broke (%r); serving cached config", self._prefix, exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)

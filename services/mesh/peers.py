@@ -35,6 +35,13 @@ class LinkPool:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._listeners: list[Callable[[], None]] = []
         self._closed = False
+        self.drops = 0
+        """Links that closed under this pool (each is then reconnected while its peer is listed)."""
+
+    @property
+    def peers(self) -> int:
+        """Instances of the service listed in etcd."""
+        return len(self._records)
 
     def start(self) -> None:
         """Follow the endpoint keys in the config cache."""
@@ -116,6 +123,7 @@ class LinkPool:
                 self._links[instance] = link
                 self._notify()
                 await link.wait_closed()
+                self.drops += 1
                 self._links.pop(instance, None)
                 self._notify()
                 await asyncio.sleep(0.05)

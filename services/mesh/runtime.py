@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +29,9 @@ import uvloop
 from aiohttp import web
 
 from services.mesh.etcd import ConfigCache, Registration, connect_client
+from services.mesh.health import HealthCollector, PostgresProbe
+from services.mesh.metrics import REGISTRY
+from services.mesh.peers import LinkPool
 from services.mesh.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,8 @@ class MeshNode:
         self._registrations: dict[str, Registration] = {}
         self._changes: dict[str, dict[str, Any]] = {}
         self._stop: asyncio.Event | None = None
+        self._pools: list[LinkPool] = []
+        self._probes: list[PostgresProbe] = []
 
     @property
     def http_url(self) -> str:
@@ -153,11 +158,19 @@ class MeshNode:
         if self._stop is not None:
             self._stop.set()
 
+    def watch_health(self, *, pools: Iterable[LinkPool] = (),
+                     postgres: Iterable[PostgresProbe] = ()) -> None:
+        """Report these link pools and Postgres probes (with etcd) in `/metrics`."""
+        self._pools.extend(pools)
+        self._probes.extend(postgres)
+
     async def serve(
         self, app: web.Application, *, roles: dict[str, dict[str, Any]] | None = None
     ) -> None:
         """Serve `app` until stopped; `roles` maps endpoint roles to their records."""
         assert self.sock is not None and self._stop is not None
+        if REGISTRY in app:
+            app[REGISTRY].register(HealthCollector(self.config, self._pools, self._probes))
         runner = web.AppRunner(
             app, handle_signals=False, shutdown_timeout=self.settings.drain_timeout,
             access_log=None,

@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 
 from services.mesh.db import create_pool, migrate
+from services.mesh.health import PostgresProbe
 from services.mesh.runtime import MeshNode, run
 from services.mesh.settings import load_settings
 from services.registry.app import create_app
@@ -27,6 +28,9 @@ async def main() -> None:
                 public_url=settings.public_url or node.http_url,
             )
             await registry.reconcile()
+            probe = PostgresProbe(pool)
+            probe.start()
+            node.watch_health(postgres=[probe])
             reconciler = asyncio.create_task(
                 registry.reconcile_forever(settings.reconcile_interval), name="registry-reconcile"
             )
@@ -36,6 +40,7 @@ async def main() -> None:
                 reconciler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reconciler
+                await probe.aclose()
         finally:
             await pool.close()
 

@@ -21,6 +21,7 @@ async def main() -> None:
         assert node.session is not None
         batchers = LinkPool(node.session, node.config, "batcher")
         batchers.start()
+        node.watch_health(pools=[batchers])
         core = Router(
             ModelCatalog(node.config), LinkedInferTarget(batchers, affinity=True),
             metrics=RouterMetrics(), shadow_max_inflight=settings.shadow_max_inflight,

@@ -127,6 +127,13 @@ async def test_every_service_serves_metrics_whose_counters_agree(mesh: RunningMe
     assert _total(gateway, "infermesh_gateway_requests_total", model="mlp", code="200") >= 64
     router = [s for samples in scraped["router"].values() for s in samples]
     assert _total(router, "infermesh_router_requests_total", model="mlp", outcome="success") >= 64
+    for service, families in scraped.items():  # dependency health, read at scrape time
+        assert _total(families["infermesh_etcd_up"], "infermesh_etcd_up") == 1, service
+    for service, peer in (("gateway", "router"), ("router", "batcher"), ("batcher", "worker")):
+        links = scraped[service]["infermesh_link_up"]
+        assert _total(links, "infermesh_link_up", service=peer) >= 1, service
+    for service in ("registry", "control"):
+        assert _total(scraped[service]["infermesh_postgres_up"], "infermesh_postgres_up") == 1
 
 
 BAD_REQUESTS = [
