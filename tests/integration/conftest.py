@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +121,23 @@ def stop_and_check(mesh: RunningMesh) -> None:
     assert mesh_processes(mesh.prefix) == []
 
 
+@contextmanager
+def mesh_on_session_deps(
+    name: str, local_etcd: LocalEtcd, local_postgres: LocalPostgres,
+    tmp_path_factory: pytest.TempPathFactory, **env: str,
+) -> Iterator[RunningMesh]:
+    """`infermesh up` on the session's etcd and a fresh database; stopped and checked after."""
+    database = local_postgres.create_database(f"{name}_{uuid.uuid4().hex}")
+    running = start_mesh(
+        tmp_path_factory.mktemp(name), fused=False,
+        env={"INFERMESH_ETCD_URL": local_etcd.url, "INFERMESH_DATABASE_URL": database, **env},
+    )
+    try:
+        yield running
+    finally:
+        stop_and_check(running)
+
+
 @pytest.fixture(scope="module")
 def mesh(
     local_etcd: LocalEtcd, local_postgres: LocalPostgres,
@@ -127,11 +145,6 @@ def mesh(
 ) -> Iterator[RunningMesh]:
     """The full mesh (separate processes) on the session's etcd and a fresh database, in dev
     mode (auth off: these tests drive stock clients; the tenancy tests cover auth)."""
-    database = local_postgres.create_database(f"mesh_{uuid.uuid4().hex}")
-    running = start_mesh(
-        tmp_path_factory.mktemp("mesh"), fused=False,
-        env={"INFERMESH_ETCD_URL": local_etcd.url, "INFERMESH_DATABASE_URL": database,
-             "INFERMESH_GATEWAY_AUTH": "0"},
-    )
-    yield running
-    stop_and_check(running)
+    with mesh_on_session_deps("mesh", local_etcd, local_postgres, tmp_path_factory,
+                              INFERMESH_GATEWAY_AUTH="0") as running:
+        yield running

@@ -32,7 +32,7 @@ from deploy.localdeps import LocalEtcd, LocalPostgres
 from services.mesh.etcd import connect_client
 from services.worker.demo_models import build_demo_models
 from tests.integration.canary_models import build_failing_mlp, build_mlp_variant
-from tests.integration.conftest import RunningMesh, mesh_processes, start_mesh, stop_and_check
+from tests.integration.conftest import RunningMesh, mesh_on_session_deps, mesh_processes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,18 +45,10 @@ def rollout_mesh(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningMesh]:
     """The mesh with two routers, and mlp versions 2 (other weights) and 3 (fails) registered."""
-    database = local_postgres.create_database(f"rollouts_{uuid.uuid4().hex}")
-    mesh = start_mesh(
-        tmp_path_factory.mktemp("rollouts"), fused=False,
-        env={"INFERMESH_ETCD_URL": local_etcd.url, "INFERMESH_DATABASE_URL": database,
-             "INFERMESH_ROUTER_REPLICAS": "2", "INFERMESH_EDGE": "0"},
-    )
-    try:
-        artifacts = tmp_path_factory.mktemp("canaries")
-        asyncio.run(_register_canaries(mesh, artifacts))
+    with mesh_on_session_deps("rollouts", local_etcd, local_postgres, tmp_path_factory,
+                              INFERMESH_ROUTER_REPLICAS="2", INFERMESH_EDGE="0") as mesh:
+        asyncio.run(_register_canaries(mesh, tmp_path_factory.mktemp("canaries")))
         yield mesh
-    finally:
-        stop_and_check(mesh)
 
 
 async def _register_canaries(mesh: RunningMesh, artifacts: Path) -> None:

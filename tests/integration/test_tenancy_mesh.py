@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from bench.rawhttp import RawClient
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port
 from services.mesh.etcd import connect_client
-from tests.integration.conftest import RunningMesh, start_mesh, stop_and_check
+from tests.integration.conftest import RunningMesh, mesh_on_session_deps
 from tests.integration.oip import encoder_input, infer_body, mlp_input
 
 pytestmark = pytest.mark.timeout(300)
@@ -39,16 +39,9 @@ def tenancy_mesh(
     local_etcd: LocalEtcd, local_postgres: LocalPostgres,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningMesh]:
-    database = local_postgres.create_database(f"tenancy_{uuid.uuid4().hex}")
-    mesh = start_mesh(
-        tmp_path_factory.mktemp("tenancy"), fused=False,
-        env={"INFERMESH_ETCD_URL": local_etcd.url, "INFERMESH_DATABASE_URL": database,
-             "INFERMESH_EDGE": "0"},
-    )
-    try:
+    with mesh_on_session_deps("tenancy", local_etcd, local_postgres, tmp_path_factory,
+                              INFERMESH_EDGE="0") as mesh:
         yield mesh
-    finally:
-        stop_and_check(mesh)
 
 
 class Admin:
