@@ -25,6 +25,8 @@ class BannerFacts:
     edge: EdgeConfig | None
     """The edge, when it was started."""
     auth: bool
+    traces: str = ""
+    """Where spans go: the local span directory, or the OTLP endpoint."""
 
 
 def banner(facts: BannerFacts) -> str:
@@ -45,6 +47,7 @@ def banner(facts: BannerFacts) -> str:
         f"  (token: {facts.state_dir / TOKEN_FILE}; `infermesh rollout show mlp`)",
         f"  etcd                   {facts.etcd_url}",
         f"  logs                   {facts.state_dir / 'logs'}",
+        *_trace_lines(facts.traces),
         "try:",
         f"  curl -s -X POST {gateway}/v2/models/mlp/infer {credentials}"
         f"-H 'Content-Type: application/json' -d '{body}'",
@@ -57,6 +60,16 @@ def _auth_lines(auth: bool, key: Path) -> list[str]:
     rule = "!" * 78
     return [rule, "!! AUTH IS OFF (INFERMESH_GATEWAY_AUTH=0): anyone who can reach the gateway",
             "!! can call every model, with no tenant quotas. For demos on a laptop only.", rule]
+
+
+def _trace_lines(traces: str) -> list[str]:
+    if not traces:
+        return []
+    if traces.startswith(("http://", "https://")):
+        return [f"  traces                 OTLP to {traces}"]
+    return [f"  traces                 {traces}  (`infermesh trace REQUEST_ID` for a waterfall;"
+            " sampled requests, failed ones, and any sent with"
+            " `traceparent: 00-<32 hex>-<16 hex>-01`)"]
 
 
 def _edge_lines(edge: EdgeConfig | None) -> list[str]:

@@ -20,6 +20,7 @@ import logging
 import shutil
 import signal
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
@@ -81,6 +82,9 @@ class Launcher:
             "INFERMESH_GATEWAY_GRPC_PORT": str(self.grpc_port),
             "INFERMESH_WORKER_CACHE_DIR": str(self.state_dir / "worker-cache"),
         }
+        if not _collector_configured(os.environ):
+            # No OTLP collector: spans go to local files that `infermesh trace` reads.
+            self._env.setdefault("INFERMESH_TRACE_DIR", str(self.state_dir / "traces"))
 
     def stop_dependencies(self) -> None:
         if self._postgres is not None:
@@ -213,6 +217,7 @@ class Launcher:
             registry_port=self.registry_port, control_port=self.control_port,
             state_dir=self.state_dir, etcd_url=self._env["INFERMESH_ETCD_URL"],
             edge=self.edge if self._edge is not None else None, auth=self.auth,
+            traces=_trace_target(self._env),
         ))
 
     async def stop_children(self) -> None:
@@ -255,6 +260,21 @@ async def _wait_http(
                     if response.status == 200:
                         return
             await asyncio.sleep(0.2)
+
+
+def _collector_configured(env: Mapping[str, str]) -> bool:
+    return bool(_collector(env))
+
+
+def _collector(env: Mapping[str, str]) -> str:
+    return env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", ""
+    )
+
+
+def _trace_target(env: Mapping[str, str]) -> str:
+    """Where the services send spans, for the banner."""
+    return env.get("INFERMESH_TRACE_DIR") or _collector(env)
 
 
 def _port_or_free(preferred: int) -> int:

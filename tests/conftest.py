@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import uvloop
 from blockbuster import blockbuster_ctx
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from deploy.localdeps import LocalEtcd, LocalPostgres, start_etcd, start_postgres
+from services.mesh import telemetry
 
 
 def pytest_asyncio_loop_factories(
@@ -75,3 +78,13 @@ def etcd_prefix() -> str:
 def database_url(local_postgres: LocalPostgres) -> str:
     """DSN of a fresh, empty database for this test."""
     return local_postgres.create_database(f"test_{uuid.uuid4().hex}")
+
+
+@pytest.fixture
+def recorded_spans() -> Iterator[InMemorySpanExporter]:
+    """Tracing into memory for this test, every new trace sampled unless told otherwise."""
+    exporter = InMemorySpanExporter()
+    telemetry.setup_tracing("test", {"INFERMESH_TRACE_SAMPLE_RATIO": "1"},
+                            sinks=[SimpleSpanProcessor(exporter)])
+    yield exporter
+    telemetry.setup_tracing("test", {})

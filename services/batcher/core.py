@@ -18,6 +18,7 @@ from services.batcher.metrics import BatcherMetrics, VersionMetrics
 from services.batcher.policy import drain_seconds, plan_batch
 from services.batcher.tenants import TenantWeights
 from services.batcher.workers import WorkerHandle, WorkerPool
+from services.mesh import telemetry
 from services.mesh.catalog import ModelCatalog
 from services.mesh.errors import (
     DeadlineExceeded,
@@ -41,6 +42,7 @@ class _Pending:
     tenant: str
     lane: str
     rows: int
+    span: telemetry.HopSpan
     attempts: int = 0
 
 
@@ -93,13 +95,28 @@ class Batcher:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Queue one request (its version already chosen) and wait for its batch."""
+        span = telemetry.start("batcher.queue", request.trace, kind=telemetry.CONSUMER)
+        span.set("infermesh.request_id", request.request_id)
+        span.set("infermesh.model", request.model)
+        span.set("infermesh.version", request.version)
+        span.set("infermesh.tenant", request.tenant)
+        span.set("infermesh.lane", request.lane)
+        try:
+            response = await self._infer(request, span)
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.end()
+        return response
+
+    async def _infer(self, request: InferRequest, span: telemetry.HopSpan) -> InferResponse:
         if self._closed:
             raise Unavailable("batcher is shutting down")
         assert request.version is not None, "the router chooses the version"
         queue = self._queue(request.model, request.version)
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
         pending = _Pending(
-            request, future, self._clock(), request.tenant, request.lane, request.rows
+            request, future, self._clock(), request.tenant, request.lane, request.rows, span
         )
         evicted = queue.pending.admit(pending)
         if evicted is None:
@@ -229,6 +246,7 @@ class Batcher:
                 _fail(pending, DeadlineExceeded("deadline exceeded while queued"))
                 continue
             self._metrics.queue_delay.observe(now - pending.enqueued)
+            pending.span.set("infermesh.queue_wait_ms", round((now - pending.enqueued) * 1e3, 3))
             if not pending.attempts:  # a retried request was observed on its first dispatch
                 queue.metrics.queue_duration.observe(now - pending.enqueued)
             members.append(pending)
@@ -248,24 +266,32 @@ class Batcher:
     async def _run(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
         dispatched = self._clock()
         rows = sum(m.request.rows for m in members)
+        span = _batch_span(queue, worker, members, rows)
+        error: BaseException | None = None
         try:
             # Inside the try: requests whose tensors cannot be joined fail, never hang.
             batch = build_batch(queue.model, queue.version, [m.request for m in members])
+            batch.trace = span.carrier()
             queue.metrics.batch_rows.observe(rows)
             result = await worker.run_batch(batch, timeout=_batch_timeout(members))
         except Unavailable as exc:
+            error = exc
             self._retry(queue, members, exc)
         except InfermeshError as exc:
+            error = exc
             for pending in members:
                 _fail(pending, exc)
         except Exception as exc:  # a bug in a worker handle must not leave callers hanging
             log.exception("batch of %s/%s failed", queue.model, queue.version)
+            error = InternalError(f"batch failed: {type(exc).__name__}: {exc}")
             for pending in members:
-                _fail(pending, InternalError(f"batch failed: {type(exc).__name__}: {exc}"))
+                _fail(pending, error)
         else:
             queue.metrics.executed(rows)
             self._deliver(queue, members, result.outputs)
+            span.set("infermesh.device", result.device)
         finally:
+            span.end(error)
             queue.inflight -= len(members)
             self._finished(queue, worker.key, dispatched)
             self._pump_all()
@@ -321,8 +347,27 @@ def build_batch(model: str, version: str, requests: list[InferRequest]) -> Batch
     names = [t.name for t in requests[0].inputs]
     by_name = [{t.name: t for t in r.inputs} for r in requests]
     inputs = [concat_rows([tensors[name] for tensors in by_name]) for name in names]
-    return Batch(model, version, inputs, [r.rows for r in requests],
-                 trace=[r.trace for r in requests])
+    return Batch(model, version, inputs, [r.rows for r in requests])
+
+
+def _batch_span(
+    queue: _Queue, worker: WorkerHandle, members: list[_Pending], rows: int
+) -> telemetry.HopSpan:
+    """The batch's span (linked to its members' spans); notes each member's place in it."""
+    span = telemetry.start_batch("batcher.batch", [m.span for m in members])
+    span.set("infermesh.model", queue.model)
+    span.set("infermesh.version", queue.version)
+    span.set("infermesh.batch_size", rows)
+    span.set("infermesh.batch_requests", len(members))
+    span.set("infermesh.worker", worker.key)
+    for position, pending in enumerate(members):
+        member = pending.span
+        member.set("infermesh.batch_size", rows)
+        member.set("infermesh.batch_requests", len(members))
+        member.set("infermesh.batch_position", position)
+        if pending.attempts:
+            member.set("infermesh.attempts", pending.attempts + 1)
+    return span
 
 
 def _batch_timeout(members: list[_Pending]) -> float | None:

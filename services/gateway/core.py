@@ -25,7 +25,6 @@ from services.mesh.hops import InferTarget
 from services.mesh.tenancy import Tenant
 from services.mesh.types import InferRequest, InferResponse, ModelVersion
 
-_TRACER = "infermesh.gateway"
 SERVER_NAME = "infermesh"
 SERVER_VERSION = "0.1.0"
 """What the OIP server metadata endpoints report."""
@@ -144,10 +143,32 @@ class Gateway:
     ) -> InferResponse:
         """Validate, stamp tenant, deadline and trace context, forward; raises InfermeshError.
 
+        The request's span continues the caller's `traceparent` (header or gRPC metadata) when
+        it sends one; the response names the trace in its `trace_id` parameter.
+
         `admission` is what `admit` gave for this request. `header` looks up the rollout's
         sticky key among the request's headers (or gRPC metadata) when the request's
         parameters do not carry it.
         """
+        span = telemetry.start("gateway.infer", kind=telemetry.SERVER,
+                               traceparent=header(telemetry.TRACEPARENT) if header else None)
+        span.set("infermesh.request_id", request.request_id)
+        span.set("infermesh.model", request.model)
+        span.set("infermesh.tenant", admission.tenant)
+        try:
+            response = await self._infer(request, admission, header, span)
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.set("infermesh.version", response.version)
+        span.set("infermesh.bucket", response.parameters.get("bucket"))
+        span.end()
+        return response
+
+    async def _infer(
+        self, request: InferRequest, admission: Admission, header: HeaderLookup | None,
+        span: telemetry.HopSpan,
+    ) -> InferResponse:
         request.tenant, request.lane = admission.tenant, admission.lane
         spec = admission.spec
         if (request.model, request.version) != (spec.model, admission.version):
@@ -156,15 +177,13 @@ class Gateway:
         self._stamp_deadline(request)
         if header is not None and request.version is None:
             self._sticky_from_header(request, header)
-        with telemetry.span("gateway.infer", _TRACER) as span:
-            span.set_attribute("infermesh.model", request.model)
-            span.set_attribute("infermesh.request_id", request.request_id)
-            request.trace = telemetry.inject()
-            response = await self._router.infer(request)
+        request.trace = span.carrier()
+        response = await self._router.infer(request)
         if request.outputs is not None:
             wanted = set(request.outputs)
             response.outputs = [t for t in response.outputs if t.name in wanted]
         response.request_id = request.request_id
+        response.parameters["trace_id"] = span.trace_id
         return response
 
     def _sticky_from_header(self, request: InferRequest, header: HeaderLookup) -> None:

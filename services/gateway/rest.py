@@ -148,11 +148,15 @@ def encode_infer_parts(
     return b"".join([header, *(t.data for t in binary)]), len(header)
 
 
-_SERVED_PARAMETERS = (("bucket", "Infermesh-Bucket"), ("rollout_epoch", "Infermesh-Rollout-Epoch"))
+_SERVED_PARAMETERS = (
+    ("bucket", "Infermesh-Bucket"), ("rollout_epoch", "Infermesh-Rollout-Epoch"),
+    ("trace_id", "Infermesh-Trace-Id"),
+)
 
 
 def add_served_headers(headers: dict[str, str], response: InferResponse) -> None:
-    """Name the version that served, its bucket, rollout epoch and fallback in `headers`."""
+    """Name the version that served, its bucket, rollout epoch, trace and fallback in
+    `headers`."""
     headers["Infermesh-Model-Version"] = response.version
     parameters = response.parameters
     if not parameters:

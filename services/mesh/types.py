@@ -61,7 +61,8 @@ class Batch:
     inputs: list[Tensor]
     rows: list[int]
     """Rows contributed by each member request, in order."""
-    trace: list[dict[str, str]] = field(default_factory=list)
+    trace: dict[str, str] = field(default_factory=dict)
+    """W3C trace context of the batch's span (the worker's compute span is its child)."""
 
 
 @dataclass(slots=True)
@@ -161,6 +162,8 @@ class BatchingPolicy:
 
 
 DEVICE_POLICIES = ("auto", "cuda", "cpu")
+PREDICTION_LOG_POLICIES = ("full", "digest", "none")
+"""What the prediction log keeps of a version's tensors: all of them, a sha256 each, nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,12 +179,19 @@ class ModelVersion:
     device: str = "auto"
     platform: str = "pytorch_torchscript"
     state: str = "ready"
+    prediction_log: str = "digest"
+    """How predictions of this version are logged: one of `PREDICTION_LOG_POLICIES`."""
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> ModelVersion:
         device = raw.get("device", "auto")
         if device not in DEVICE_POLICIES:
             raise InvalidInput(f"device: must be one of {', '.join(DEVICE_POLICIES)}")
+        prediction_log = raw.get("prediction_log", "digest")
+        if prediction_log not in PREDICTION_LOG_POLICIES:
+            raise InvalidInput(
+                f"prediction_log: must be one of {', '.join(PREDICTION_LOG_POLICIES)}"
+            )
         return cls(
             model=str(raw["model"]),
             version=str(raw["version"]),
@@ -192,6 +202,7 @@ class ModelVersion:
             device=device,
             platform=str(raw.get("platform", "pytorch_torchscript")),
             state=str(raw.get("state", "ready")),
+            prediction_log=prediction_log,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -205,6 +216,7 @@ class ModelVersion:
             "device": self.device,
             "platform": self.platform,
             "state": self.state,
+            "prediction_log": self.prediction_log,
         }
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from services.mesh import telemetry
 from services.mesh.catalog import ModelCatalog
 from services.mesh.errors import InternalError, Unavailable
 from services.mesh.tensors import Tensor
@@ -104,7 +105,22 @@ class Worker:
             listener()
 
     async def run_batch(self, batch: Batch, *, timeout: float | None = None) -> BatchResult:
-        """Run one batch on its version's backend in the inference thread."""
+        """Run one batch on its version's backend in the inference thread (one span, a child
+        of the batch's span)."""
+        span = telemetry.start("worker.compute", batch.trace)
+        span.set("infermesh.model", batch.model)
+        span.set("infermesh.version", batch.version)
+        span.set("infermesh.batch_size", sum(batch.rows))
+        try:
+            result = await self._run_batch(batch)
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.set("infermesh.device", result.device)
+        span.end()
+        return result
+
+    async def _run_batch(self, batch: Batch) -> BatchResult:
         backend = self._backends.get((batch.model, batch.version))
         if backend is None:
             raise Unavailable(f"{batch.model}/{batch.version} is not loaded on this worker")

@@ -100,7 +100,7 @@ async def test_the_core_takes_the_sticky_key_from_a_header(
     lookups = Lookups({"user": "alice"})
     await infer(gateway, infer_request(), lookups)
     assert router.seen[0].parameters["user"] == "alice"
-    assert lookups.asked == ["user"]
+    assert [name for name in lookups.asked if name != "traceparent"] == ["user"]
 
 
 async def test_no_lookup_without_a_sticky_key_or_for_a_pinned_version(
@@ -111,7 +111,7 @@ async def test_no_lookup_without_a_sticky_key_or_for_a_pinned_version(
     await infer(gateway, infer_request(user="bob"), lookups)
     config.put("rollouts/echo", Rollout.stable("echo", "1").to_json())
     await infer(gateway, infer_request(), lookups)
-    assert lookups.asked == []
+    assert [name for name in lookups.asked if name != "traceparent"] == []
     assert [r.parameters.get("user") for r in router.seen] == [None, "bob", None]
 
 
@@ -157,7 +157,9 @@ async def test_rest_headers_name_the_served_version_bucket_and_epoch(
     assert response.headers["Infermesh-Bucket"] == "4321"
     assert response.headers["Infermesh-Rollout-Epoch"] == "9"
     assert response.headers["Infermesh-Fallback"] == "true"
-    assert (await response.json())["parameters"] == SERVED
+    parameters = (await response.json())["parameters"]
+    assert parameters == {**SERVED, "trace_id": response.headers["Infermesh-Trace-Id"]}
+    assert len(parameters["trace_id"]) == 32
 
 
 async def test_rest_headers_without_a_rollout_choice(
@@ -193,3 +195,23 @@ async def test_a_grpc_stream_response_names_the_served_version(
     assert response.parameters["bucket"].int64_param == 4321
     assert response.parameters["rollout_epoch"].int64_param == 9
     assert response.parameters["fallback"].bool_param is True
+
+
+async def test_a_clients_traceparent_continues_its_trace_on_both_protocols(
+    stub: Any, client: TestClient[Any, Any], router: EchoRouter
+) -> None:
+    """The request's trace context (REST header or gRPC metadata) reaches the router as the
+    parent of the next hop, and the response names the trace."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    call = stub.ModelInfer(grpc_request(), metadata=(("traceparent", parent),))
+    response = await call
+    assert response.parameters["trace_id"].string_param == trace_id
+    assert dict(await call.trailing_metadata())["infermesh-trace-id"] == trace_id
+    rest = await client.post("/v2/models/echo/infer", json=BODY, headers={"traceparent": parent})
+    assert rest.headers["Infermesh-Trace-Id"] == trace_id
+    for seen in router.seen:
+        hop = seen.trace["traceparent"]
+        assert hop.startswith(f"00-{trace_id}-") and not hop.startswith(parent[:-2])
+    fresh = await client.post("/v2/models/echo/infer", json=BODY, headers={"traceparent": "bad"})
+    assert fresh.status == 200 and fresh.headers["Infermesh-Trace-Id"] != trace_id

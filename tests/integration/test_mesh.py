@@ -227,3 +227,26 @@ async def test_a_crashed_service_is_restarted_and_serving_resumes(mesh: RunningM
     # Served through a live router, so the supervisor's new one is registered (the dead one's
     # key may linger until its lease expires).
     assert (await _router_pids(mesh)) - {old}
+
+
+async def test_infermesh_trace_prints_a_served_requests_waterfall(mesh: RunningMesh) -> None:
+    """No collector configured: `infermesh up` keeps spans under its state dir."""
+    sampled = "00-" + "7" * 32 + "-" + "1" * 16 + "-01"
+    async with aiohttp.ClientSession() as session:
+        status, body, _ = await post_infer(
+            session, f"{mesh.gateway}/v2/models/mlp/infer", infer_body("features", mlp_input(1)),
+            headers={"traceparent": sampled},
+        )
+    assert status == 200, body
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "control.cli", "trace", body["id"],
+         "--state-dir", str(mesh.state_dir), "--wait", "15"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"trace {'7' * 32}" in shown.stdout
+    for hop in ("gateway.infer", "router.route", "batcher.queue", "batcher.batch",
+                "worker.compute"):
+        assert hop in shown.stdout, shown.stdout
+    assert "queue_wait_ms=" in shown.stdout and "tenant=" in shown.stdout

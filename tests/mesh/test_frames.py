@@ -75,13 +75,14 @@ def test_infer_response_round_trips() -> None:
 def test_batch_and_batch_result_round_trip() -> None:
     batch = Batch(
         model="resnet", version="3", inputs=_tensors(), rows=[1, 1],
-        trace=[{"traceparent": "a"}, {}],
+        trace={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
     )
     frame = _one(frames.CALL, 5, frames.encode_batch(batch))
     decoded = frames.decode_batch(frame.meta, frame.payload)
     _assert_same_tensors(decoded.inputs, batch.inputs)
     assert (decoded.model, decoded.version, decoded.rows, decoded.trace) == (
-        "resnet", "3", [1, 1], [{"traceparent": "a"}, {}],
+        "resnet", "3", [1, 1],
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
     )
 
     result = BatchResult(outputs=_tensors()[:2], device="cuda:0")
