@@ -35,6 +35,12 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLE_RATIO = 0.05
+SETTINGS = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "INFERMESH_TRACE_DIR", "INFERMESH_TRACE_SAMPLE_RATIO", "OTEL_TRACES_SAMPLER_ARG",
+)
+"""The environment variables `setup_tracing` reads (besides the exporters' own `OTEL_*`)."""
 TRACEPARENT = "traceparent"
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 

@@ -1,0 +1,143 @@
+"""What tracing costs the data plane: mlp throughput with tracing off, at the default sampling
+ratio and at 1.0, exporting to the local span files and over OTLP, as ratios to "off" measured
+in the same round.
+
+    python -m bench.tracing [--duration 10] [--rounds 2] [--out bench/results/tracing-DATE.json]
+
+The ratio is read at process start, so each run starts its own ``infermesh up`` (the runs of a
+round go one after another on the same ports). The OTLP runs export over OTLP/HTTP to a sink
+process on this machine that reads and discards each request (it shares the two cores, as a
+collector next to the mesh would). Failed requests are traced at any ratio; the closed loop
+sends only good ones, so what is measured is the sampling's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.report import machine, write_report
+from bench.result import LoadResult
+from bench.run_all import closed_loop, start_launcher
+from deploy.localdeps import free_port
+from services.mesh.telemetry import DEFAULT_SAMPLE_RATIO
+
+SINK = """
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+"""
+
+
+def setups(sink: str) -> dict[str, dict[str, str]]:
+    """Environment of each run: tracing off, then each exporter at two ratios."""
+    otlp = {"INFERMESH_TRACE_DIR": "", "OTEL_EXPORTER_OTLP_ENDPOINT": sink,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    return {
+        "off": {"INFERMESH_TRACE_DIR": ""},
+        "file default": {"INFERMESH_TRACE_SAMPLE_RATIO": str(DEFAULT_SAMPLE_RATIO)},
+        "file 1.0": {"INFERMESH_TRACE_SAMPLE_RATIO": "1"},
+        "otlp default": {**otlp, "INFERMESH_TRACE_SAMPLE_RATIO": str(DEFAULT_SAMPLE_RATIO)},
+        "otlp 1.0": {**otlp, "INFERMESH_TRACE_SAMPLE_RATIO": "1"},
+    }
+
+
+@dataclass
+class TracingReport:
+    command: str
+    started: datetime
+    runs: dict[str, list[LoadResult]] = field(default_factory=dict)
+
+    def ratios(self, setup: str) -> list[float]:
+        return [r.rps / s.rps for r, s in zip(self.runs[setup], self.runs["off"], strict=False)
+                if s.rps]
+
+    def markdown(self) -> str:
+        lines = [f"Command: `{self.command}`  ", f"Date: {self.started:%Y-%m-%d %H:%M} UTC  ",
+                 f"Machine: {machine()}", "",
+                 "| tracing | req/s (median) | p50 ms | p99 ms | ÷ off, per round |",
+                 "|---|---|---|---|---|"]
+        for setup, results in self.runs.items():
+            best = sorted(results, key=lambda r: r.rps)[len(results) // 2]
+            ratios = "—" if setup == "off" else ", ".join(f"{x:.2f}" for x in self.ratios(setup))
+            lines.append(f"| {setup} | {best.rps:,.0f} | {best.latency.p50:.2f} | "
+                         f"{best.latency.p99:.2f} | {ratios} |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"command": self.command, "started": self.started.isoformat(),
+                "machine": machine(),
+                "runs": {k: [r.to_dict() for r in v] for k, v in self.runs.items()},
+                "ratios": {k: self.ratios(k) for k in self.runs if k != "off"}}
+
+
+@contextmanager
+def otlp_sink() -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", SINK, str(port)])
+    try:
+        time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__)
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", action="append", help="run only these setups (and off)")
+    parser.add_argument("--out", type=Path, help="JSON path")
+    parser.add_argument("--infermesh", default=".venv/bin/infermesh", help="launcher executable")
+    parser.add_argument("--ready-timeout", type=float, default=180.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    started = datetime.now(UTC)
+    report = TracingReport(shlex.join(["python", "-m", "bench.tracing", *(argv or sys.argv[1:])]),
+                           started)
+    out = args.out or Path("bench/results") / f"tracing-{started:%Y-%m-%dT%H%M%SZ}.json"
+    logs = out.with_suffix(".logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    with otlp_sink() as sink:
+        chosen = {k: v for k, v in setups(sink).items()
+                  if k == "off" or not args.only or k in args.only}
+        for round_ in range(args.rounds):
+            for setup, env in chosen.items():
+                with ExitStack() as stack:
+                    name = f"tracing-{setup.replace(' ', '-')}-{round_}"
+                    gateway = start_launcher(stack, args, logs, name, ports=(8000, 8200),
+                                             extra_env=env)
+                    time.sleep(1.0)
+                    result = closed_loop(gateway, "mlp", args)
+                report.runs.setdefault(setup, []).append(result)
+                print(f"[{round_}] {setup}: {result.summary_line()}", flush=True)
+    write_report(report, out, logs)
+    medians = {k: round(statistics.median(report.ratios(k)), 2) for k in report.runs if k != "off"}
+    print("median ratios to off:", medians)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
