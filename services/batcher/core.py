@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from services.batcher.batches import batch_span, batch_timeout, build_batch
 from services.batcher.fairness import FairQueue
 from services.batcher.metrics import BatcherMetrics, VersionMetrics
 from services.batcher.policy import drain_seconds, plan_batch
@@ -27,9 +28,8 @@ from services.mesh.errors import (
     Overloaded,
     Unavailable,
 )
-from services.mesh.hops import remaining
-from services.mesh.tensors import Tensor, concat_rows, split_rows
-from services.mesh.types import Batch, BatchingPolicy, InferRequest, InferResponse
+from services.mesh.tensors import Tensor, split_rows
+from services.mesh.types import BatchingPolicy, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
@@ -266,14 +266,16 @@ class Batcher:
     async def _run(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
         dispatched = self._clock()
         rows = sum(m.request.rows for m in members)
-        span = _batch_span(queue, worker, members, rows)
+        span = batch_span(queue.model, queue.version, worker.key,
+                          [(m.span, m.attempts) for m in members], rows)
         error: BaseException | None = None
         try:
             # Inside the try: requests whose tensors cannot be joined fail, never hang.
             batch = build_batch(queue.model, queue.version, [m.request for m in members])
             batch.trace = span.carrier()
             queue.metrics.batch_rows.observe(rows)
-            result = await worker.run_batch(batch, timeout=_batch_timeout(members))
+            timeout = batch_timeout([m.request.deadline for m in members])
+            result = await worker.run_batch(batch, timeout=timeout)
         except Unavailable as exc:
             error = exc
             self._retry(queue, members, exc)
@@ -340,41 +342,6 @@ class Batcher:
                 _fail(pending, Unavailable("batcher is shutting down"))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=10.0)
-
-
-def build_batch(model: str, version: str, requests: list[InferRequest]) -> Batch:
-    """Join the requests' inputs along dim 0, one tensor per input name."""
-    names = [t.name for t in requests[0].inputs]
-    by_name = [{t.name: t for t in r.inputs} for r in requests]
-    inputs = [concat_rows([tensors[name] for tensors in by_name]) for name in names]
-    return Batch(model, version, inputs, [r.rows for r in requests])
-
-
-def _batch_span(
-    queue: _Queue, worker: WorkerHandle, members: list[_Pending], rows: int
-) -> telemetry.HopSpan:
-    """The batch's span (linked to its members' spans); notes each member's place in it."""
-    span = telemetry.start_batch("batcher.batch", [m.span for m in members])
-    span.set("infermesh.model", queue.model)
-    span.set("infermesh.version", queue.version)
-    span.set("infermesh.batch_size", rows)
-    span.set("infermesh.batch_requests", len(members))
-    span.set("infermesh.worker", worker.key)
-    for position, pending in enumerate(members):
-        member = pending.span
-        member.set("infermesh.batch_size", rows)
-        member.set("infermesh.batch_requests", len(members))
-        member.set("infermesh.batch_position", position)
-        if pending.attempts:
-            member.set("infermesh.attempts", pending.attempts + 1)
-    return span
-
-
-def _batch_timeout(members: list[_Pending]) -> float | None:
-    deadlines = [m.request.deadline for m in members]
-    if any(d is None for d in deadlines):
-        return None
-    return remaining(max(d for d in deadlines if d is not None))
 
 
 def _fail(pending: _Pending, error: InfermeshError) -> None:

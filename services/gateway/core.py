@@ -159,6 +159,8 @@ class Gateway:
             response = await self._infer(request, admission, header, span)
         except BaseException as exc:
             span.end(exc)
+            if isinstance(exc, InfermeshError):
+                exc.trace_id = span.trace_id
             raise
         span.set("infermesh.version", response.version)
         span.set("infermesh.bucket", response.parameters.get("bucket"))

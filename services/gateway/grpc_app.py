@@ -102,9 +102,11 @@ def mapped(handler: Handler) -> Handler:
         try:
             return await handler(self, request, context)
         except errors.InfermeshError as exc:
-            trailer = () if exc.retry_after is None else (
+            trailer: tuple[tuple[str, str], ...] = () if exc.retry_after is None else (
                 ("retry-after", str(max(1, math.ceil(exc.retry_after)))),
             )
+            if exc.trace_id is not None:
+                trailer += (("infermesh-trace-id", exc.trace_id),)
             await context.abort(status_of(exc), exc.message, trailing_metadata=trailer)
         except Exception:
             log.exception("unhandled error serving gRPC %s", handler.__name__)

@@ -31,6 +31,8 @@ class InfermeshError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.trace_id: str | None = None
+        """The trace of the request that failed (set by the gateway, for the error response)."""
 
     def to_wire(self) -> dict[str, Any]:
         """The error as a small JSON-able dict, for a link frame."""

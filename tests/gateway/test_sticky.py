@@ -215,3 +215,20 @@ async def test_a_clients_traceparent_continues_its_trace_on_both_protocols(
         assert hop.startswith(f"00-{trace_id}-") and not hop.startswith(parent[:-2])
     fresh = await client.post("/v2/models/echo/infer", json=BODY, headers={"traceparent": "bad"})
     assert fresh.status == 200 and fresh.headers["Infermesh-Trace-Id"] != trace_id
+
+
+async def test_an_error_response_names_its_trace_on_both_protocols(
+    stub: Any, client: TestClient[Any, Any]
+) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = f"00-{trace_id}-00f067aa0ba902b7-00"
+    bad = {"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
+    rest = await client.post("/v2/models/echo/infer", json=bad, headers={"traceparent": parent})
+    assert rest.status == 400 and rest.headers["Infermesh-Trace-Id"] == trace_id
+    message = grpc_request()
+    message.inputs[0].name = "nope"
+    call = stub.ModelInfer(message, metadata=(("traceparent", parent),))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call
+    assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(failed.value.trailing_metadata())["infermesh-trace-id"] == trace_id

@@ -198,6 +198,7 @@ async def test_a_failed_request_is_traced_even_when_its_trace_is_not_sampled(
             headers={"traceparent": f"00-{trace_id}-{CLIENT_SPAN}-00"},
         )
     assert status == 400, body
+    assert headers["infermesh-trace-id"] == trace_id  # the error names its trace too
     spans = await collector.wait_for(lambda s: any(x.trace_id == trace_id for x in s))
     (failed,) = [s for s in spans if s.trace_id == trace_id]
     assert (failed.name, failed.error, failed.parent_id) == ("gateway.infer", True, CLIENT_SPAN)

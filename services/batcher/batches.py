@@ -1,0 +1,44 @@
+"""What a batch is made of: the members' joined tensors, its span, its time limit."""
+
+from __future__ import annotations
+
+from services.mesh import telemetry
+from services.mesh.hops import remaining
+from services.mesh.tensors import concat_rows
+from services.mesh.types import Batch, InferRequest
+
+
+def build_batch(model: str, version: str, requests: list[InferRequest]) -> Batch:
+    """Join the requests' inputs along dim 0, one tensor per input name."""
+    names = [t.name for t in requests[0].inputs]
+    by_name = [{t.name: t for t in r.inputs} for r in requests]
+    inputs = [concat_rows([tensors[name] for tensors in by_name]) for name in names]
+    return Batch(model, version, inputs, [r.rows for r in requests])
+
+
+def batch_span(
+    model: str, version: str, worker: str, members: list[tuple[telemetry.HopSpan, int]],
+    rows: int,
+) -> telemetry.HopSpan:
+    """The batch's span, linked to its members' spans (given with their earlier attempts);
+    notes each member's place in the batch on the member's span."""
+    span = telemetry.start_batch("batcher.batch", [member for member, _ in members])
+    span.set("infermesh.model", model)
+    span.set("infermesh.version", version)
+    span.set("infermesh.batch_size", rows)
+    span.set("infermesh.batch_requests", len(members))
+    span.set("infermesh.worker", worker)
+    for position, (member, attempts) in enumerate(members):
+        member.set("infermesh.batch_size", rows)
+        member.set("infermesh.batch_requests", len(members))
+        member.set("infermesh.batch_position", position)
+        if attempts:
+            member.set("infermesh.attempts", attempts + 1)
+    return span
+
+
+def batch_timeout(deadlines: list[float | None]) -> float | None:
+    """Seconds until the last member's deadline (None when any member has none)."""
+    if any(d is None for d in deadlines):
+        return None
+    return remaining(max(d for d in deadlines if d is not None))
