@@ -3,7 +3,8 @@
 Each subcommand is one small `_cmd_*` function taking the parsed arguments and returning an
 exit status: 0 done, 1 the operation failed (one line on stderr), 2 bad usage. `models
 register` talks to the registry; everything else to the control API (cli_rollouts.py has the
-rollout commands, cli_tenants.py tenants, keys and model limits, cli_common.py what they share).
+rollout commands, cli_tenants.py tenants, keys and model limits, cli_report.py `report`,
+cli_common.py what they share).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from control.cli_common import (
     table,
     with_control,
 )
+from control.cli_report import add_report_command
 from control.cli_rollouts import add_rollout_commands
 from control.cli_tenants import add_limit_command, add_tenant_commands
+from control.cli_trace import add_trace_command
 from control.control_client import ControlClient, ControlError
 from control.registry_client import RegistryClient, RegistryError, register_file
 from services.mesh.tensors import DATATYPES
+from services.mesh.types import PREDICTION_LOG_POLICIES
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8200"
 
@@ -78,6 +82,7 @@ def _version_text(record: dict[str, Any]) -> str:
         f"  outputs   {_specs(record['signature']['outputs'])}",
         f"  batching  max {batching['max_batch_size']}, delay {batching['max_queue_delay_ms']} ms",
         f"  device    {record['device']}",
+        f"  logging   {record.get('prediction_log', 'digest')}",
     ])
 
 
@@ -127,7 +132,7 @@ async def _cmd_models_register(client: RegistryClient, args: argparse.Namespace)
     signature = {"inputs": args.input, "outputs": args.output}
     record = await register_file(
         client, args.name, args.version, args.artifact, signature,
-        batching=batching or None, device=args.device,
+        batching=batching or None, device=args.device, prediction_log=args.prediction_log,
     )
     print_result(args, record, _version_text)
     return 0
@@ -182,6 +187,10 @@ def _add_models(commands: Any) -> None:
     register.add_argument("--max-batch-size", type=int)
     register.add_argument("--max-queue-delay-ms", type=float)
     register.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    register.add_argument(
+        "--prediction-log", choices=PREDICTION_LOG_POLICIES, default="digest",
+        help="what the prediction log keeps of each request's tensors (default %(default)s)",
+    )
     register.set_defaults(run=_with_registry(_cmd_models_register))
     control = control_options()
     listing = models.add_parser("list", parents=[control], help="list models")
@@ -210,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(commands)
     add_rollout_commands(commands)
     add_tenant_commands(commands)
+    add_report_command(commands)
+    add_trace_command(commands)
     _add_up(commands)
     return parser
 

@@ -1,11 +1,11 @@
 """A client of the control API's REST interface: models, rollouts, rollback, history,
-tenants, API keys and model limits."""
+tenants, API keys, model limits and model reports."""
 
 from __future__ import annotations
 
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
@@ -130,6 +130,22 @@ class ControlClient:
     async def clear_model_limits(self, model: str) -> dict[str, Any]:
         """Remove the model's limits: {model, max_concurrency: null}."""
         return await self._call("DELETE", f"/v1/models/{_part(model)}/limits")
+
+    # -- reports ---------------------------------------------------------------------------
+
+    async def model_report(
+        self, model: str, *, since: str | None = None, buckets: int | None = None,
+        include_shadow: bool = False, label_kind: str | None = None,
+        score_kind: str | None = None,
+    ) -> dict[str, Any]:
+        """Predictions joined with feedback per version and bucket band: {model, since,
+        buckets, include_shadow, label_kind, score_kind, rows}; the API's defaults for what
+        is None (24h, 10 bands, kinds "label" and "score")."""
+        params = {"since": since, "buckets": buckets, "label_kind": label_kind,
+                  "score_kind": score_kind, "include_shadow": "true" if include_shadow else None}
+        query = urlencode({k: v for k, v in params.items() if v is not None})
+        return await self._call("GET", f"/v1/models/{_part(model)}/report"
+                                       + (f"?{query}" if query else ""))
 
     async def _call(self, method: str, path: str, *, json: Any = None,
                     headers: dict[str, str] | None = None) -> dict[str, Any]:

@@ -61,12 +61,12 @@ class RegistryClient:
     async def register_version(
         self, model: str, version: str, *, artifact_sha256: str, signature: Mapping[str, Any],
         batching: Mapping[str, Any] | None = None, device: str = "auto",
-        platform: str = "pytorch_torchscript",
+        platform: str = "pytorch_torchscript", prediction_log: str = "digest",
     ) -> dict[str, Any]:
         """Register an immutable version; identical re-registration is a no-op."""
         body: dict[str, Any] = {
             "artifact_sha256": artifact_sha256, "signature": dict(signature),
-            "device": device, "platform": platform,
+            "device": device, "platform": platform, "prediction_log": prediction_log,
         }
         if batching is not None:
             body["batching"] = dict(batching)
@@ -98,14 +98,14 @@ class RegistryClient:
 async def register_file(
     client: RegistryClient, name: str, version: str, artifact: Path,
     signature: Mapping[str, Any], batching: Mapping[str, Any] | None = None,
-    device: str = "auto",
+    device: str = "auto", prediction_log: str = "digest",
 ) -> dict[str, Any]:
     """Create the model if needed, upload `artifact`, register the version; returns its record."""
     await client.create_model(name)
     uploaded = await client.upload_artifact(artifact)
     return await client.register_version(
         name, version, artifact_sha256=uploaded["sha256"], signature=signature,
-        batching=batching, device=device,
+        batching=batching, device=device, prediction_log=prediction_log,
     )
 
 

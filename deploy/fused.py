@@ -17,6 +17,8 @@ from services.batcher.workers import LocalWorkerPool
 from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
+from services.gateway.feedback import FeedbackRecorder
+from services.gateway.feedback_store import open_feedback_store
 from services.gateway.grpc_app import create_grpc_server
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
@@ -26,6 +28,8 @@ from services.mesh.runtime import MeshNode, run
 from services.mesh.settings import load_settings
 from services.router.core import Router
 from services.router.metrics import RouterMetrics
+from services.router.predlog import start_prediction_log
+from services.router.settings import RouterSettings
 from services.worker.artifacts import ArtifactCache
 from services.worker.core import Worker
 from services.worker.factory import backend_factory
@@ -37,6 +41,7 @@ async def main() -> None:
     settings = load_settings(GatewaySettings, "gateway")
     settings = dataclasses.replace(settings, port=settings.http_port)
     worker_settings = load_settings(WorkerSettings, "worker")
+    router_settings = load_settings(RouterSettings, "router")
     telemetry.setup_tracing("fused")
     async with MeshNode(settings, service="gateway") as node:
         assert node.session is not None
@@ -49,30 +54,39 @@ async def main() -> None:
             metrics=WorkerMetrics(registry),
         )
         batcher = Batcher(catalog, LocalWorkerPool(worker), metrics=BatcherMetrics(registry))
-        router = Router(catalog, batcher, metrics=RouterMetrics(registry))
+        predictions = await start_prediction_log(router_settings, registry)
+        router = Router(catalog, batcher, metrics=RouterMetrics(registry),
+                        prediction_log=predictions)
+        access = Access.from_settings(node.config, settings)
         gateway = Gateway(
-            catalog, router, access=Access.from_settings(node.config, settings),
+            catalog, router, access=access,
             metrics=GatewayMetrics(registry), default_timeout=settings.default_timeout,
         )
         worker.subscribe(lambda: node.update_record("worker", models=worker.ready_versions()))
         batcher.start()
         worker.start()
-        app = create_app(gateway, max_body_bytes=settings.max_body_bytes)
         grpc_server, grpc_port = create_grpc_server(
             gateway, host=settings.host, port=settings.grpc_port,
             compression=settings.grpc_compression, max_message_bytes=settings.max_body_bytes,
         )
         await grpc_server.start()
         try:
-            await node.serve(app, roles={
-                "gateway": {"fused": True, "grpc": f"{settings.host}:{grpc_port}"},
-                # No link: listed so the rollout guard finds this router's /metrics.
-                "router": {"fused": True},
-                "worker": {"fused": True, "models": []},
-            })
+            async with open_feedback_store(settings.database_url,
+                                           timeout=settings.database_timeout) as store:
+                feedback = FeedbackRecorder(access, store, metrics=gateway.metrics)
+                app = create_app(gateway, max_body_bytes=settings.max_body_bytes,
+                                 feedback=feedback)
+                await node.serve(app, roles={
+                    "gateway": {"fused": True, "grpc": f"{settings.host}:{grpc_port}"},
+                    # No link: listed so the rollout guard finds this router's /metrics.
+                    "router": {"fused": True},
+                    "worker": {"fused": True, "models": []},
+                })
         finally:
             await grpc_server.stop(grace=settings.drain_timeout)
             await router.aclose()
+            if predictions is not None:
+                await predictions.aclose()
             await batcher.aclose()
             await worker.aclose()
 

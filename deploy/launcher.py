@@ -81,6 +81,9 @@ class Launcher:
             "INFERMESH_GATEWAY_HTTP_PORT": str(self.gateway_port),
             "INFERMESH_GATEWAY_GRPC_PORT": str(self.grpc_port),
             "INFERMESH_WORKER_CACHE_DIR": str(self.state_dir / "worker-cache"),
+            # Routers (and fused) spill prediction rows here while Postgres is away.
+            "INFERMESH_ROUTER_PREDICTION_LOG_SPOOL": os.environ.get(
+                "INFERMESH_ROUTER_PREDICTION_LOG_SPOOL", str(self.state_dir / "spool")),
         }
         if not _collector_configured(os.environ):
             # No OTLP collector: spans go to local files that `infermesh trace` reads.

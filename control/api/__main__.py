@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from control.api.app import create_app
 from control.api.auth import load_tokens
 from control.api.core import RolloutStore, reconcile_forever
+from control.api.reports import ReportStore
 from control.api.settings import ControlSettings
 from control.api.tenants import TenantStore
 from control.guard.runner import run_guard
@@ -57,7 +58,8 @@ async def serve(settings: ControlSettings, tokens: Mapping[str, str]) -> None:
                 ),
             ]
             try:
-                await node.serve(create_app(store, tokens, tenants=tenants))
+                await node.serve(create_app(store, tokens, tenants=tenants,
+                                            reports=ReportStore(pool)))
             finally:
                 await _stop(tasks)
                 await probe.aclose()

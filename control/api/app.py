@@ -1,8 +1,8 @@
 """The control API's REST adapter: decode, one core call, encode. Errors map in one table.
 
 Routes live in one `RouteTableDef` per resource (models, rollouts; tenants, keys and limits in
-tenant_routes.py); a new resource adds its table to `RESOURCES` and its paths to the OpenAPI
-document.
+tenant_routes.py; model reports in report_routes.py); a new resource adds its table to
+`RESOURCES` and its paths to the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from prometheus_client import CollectorRegistry, Counter
 from control.api.auth import AUTHOR, auth_middleware
 from control.api.core import RolloutStore, StaleEpoch
 from control.api.openapi import openapi_document
+from control.api.report_routes import REPORTS
+from control.api.report_routes import ROUTE_TABLES as REPORT_ROUTES
+from control.api.reports import ReportStore
 from control.api.rest import json_response as _json
 from control.api.rest import read_object as _read_object
 from control.api.tenant_routes import ROUTE_TABLES as TENANCY_ROUTES
@@ -162,7 +165,7 @@ async def history(request: web.Request) -> web.Response:
     return _json({"model": model, "history": [e.to_json() for e in entries]})
 
 
-RESOURCES = (models, rollouts, *TENANCY_ROUTES)
+RESOURCES = (models, rollouts, *TENANCY_ROUTES, *REPORT_ROUTES)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -174,12 +177,16 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def create_app(
-    store: RolloutStore, tokens: Mapping[str, str], *, tenants: TenantStore
+    store: RolloutStore, tokens: Mapping[str, str], *, tenants: TenantStore,
+    reports: ReportStore | None = None,
 ) -> web.Application:
-    """The control API around `store` and `tenants`; `tokens` maps admin secrets to names."""
+    """The control API around `store`, `tenants` and `reports` (without it, the report route
+    answers 503); `tokens` maps admin secrets to names."""
     app = web.Application(middlewares=[error_middleware, auth_middleware(tokens)])
     app[STORE] = store
     app[TENANTS] = tenants
+    if reports is not None:
+        app[REPORTS] = reports
     app[OPENAPI] = orjson.dumps(openapi_document())
     metrics = CollectorRegistry()
     app[REQUESTS] = Counter(

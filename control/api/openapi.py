@@ -2,13 +2,14 @@
 
 A test checks that every route the app registers appears here, so a new resource adds its
 paths next to its routes: `PATHS` here, or its own module merged in (openapi_tenancy.py holds
-tenants, API keys and model limits).
+tenants, API keys and model limits; openapi_reports.py model reports).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from control.api.openapi_reports import REPORT_PATHS, REPORT_SCHEMAS
 from control.api.openapi_tenancy import TENANCY_PATHS, TENANCY_SCHEMAS
 
 JSON = "application/json"
@@ -167,13 +168,13 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "infermesh control API", "version": "1",
                  "description": "Rollouts (weights, shadow, guard, rollback, history), "
-                                "tenants, API keys and model limits."},
+                                "tenants, API keys, model limits and model reports."},
         "servers": [{"url": "http://127.0.0.1:8100"}],
         "security": [{"bearer": []}],
-        "paths": {**PATHS, **TENANCY_PATHS},
+        "paths": {**PATHS, **TENANCY_PATHS, **REPORT_PATHS},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "An admin token (name:secret)"}},
-            "schemas": {**SCHEMAS, **TENANCY_SCHEMAS},
+            "schemas": {**SCHEMAS, **TENANCY_SCHEMAS, **REPORT_SCHEMAS},
         },
     }

@@ -7,6 +7,8 @@ import dataclasses
 from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
+from services.gateway.feedback import FeedbackRecorder
+from services.gateway.feedback_store import open_feedback_store
 from services.gateway.grpc_app import create_grpc_server
 from services.gateway.settings import GatewaySettings
 from services.mesh import telemetry
@@ -26,9 +28,9 @@ async def main() -> None:
         routers = LinkPool(node.session, node.config, "router")
         routers.start()
         node.watch_health(pools=[routers])
+        access = Access.from_settings(node.config, settings)
         core = Gateway(
-            ModelCatalog(node.config), LinkedInferTarget(routers),
-            access=Access.from_settings(node.config, settings),
+            ModelCatalog(node.config), LinkedInferTarget(routers), access=access,
             default_timeout=settings.default_timeout,
         )
         grpc_server, grpc_port = create_grpc_server(
@@ -37,8 +39,11 @@ async def main() -> None:
         )
         await grpc_server.start()
         try:
-            await node.serve(create_app(core, max_body_bytes=settings.max_body_bytes),
-                             roles={"gateway": {"grpc": f"{settings.host}:{grpc_port}"}})
+            async with open_feedback_store(settings.database_url,
+                                           timeout=settings.database_timeout) as store:
+                feedback = FeedbackRecorder(access, store, metrics=core.metrics)
+                app = create_app(core, max_body_bytes=settings.max_body_bytes, feedback=feedback)
+                await node.serve(app, roles={"gateway": {"grpc": f"{settings.host}:{grpc_port}"}})
         finally:
             await grpc_server.stop(grace=settings.drain_timeout)
             await routers.aclose()

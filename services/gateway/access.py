@@ -65,6 +65,13 @@ class Access:
             return ANONYMOUS
         return self._auth.authorize(presented_key(header), model)
 
+    def authenticate(self, header: HeaderLookup) -> Tenant | AuthFailure:
+        """The caller's tenant, if its key is valid and the tenant enabled; no model check
+        (for calls about no one model, such as feedback). Else why not."""
+        if self._auth is None:
+            return ANONYMOUS
+        return self._auth.authenticate(presented_key(header))
+
     def admit(self, tenant: Tenant, model: str) -> Permit | Rejection:
         """Take one request's quota, or say which limit refuses it (taking nothing)."""
         cap = self._model_caps.get(model, self._default_model_cap)

@@ -14,6 +14,8 @@ from aiohttp import web
 
 from services.gateway import binary, rest
 from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
+from services.gateway.feedback import FeedbackRecorder
+from services.gateway.feedback_routes import add_feedback_route
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.mesh import errors
 from services.mesh.metrics import add_metrics_route
@@ -77,10 +79,12 @@ def track(metrics: GatewayMetrics, model: str) -> Iterator[None]:
 
 
 def _error_response(
-    message: str, status: int, *, retry_after: float | None = None
+    message: str, status: int, *, retry_after: float | None = None, trace_id: str | None = None
 ) -> web.Response:
     body: dict[str, object] = {"error": message}
     headers: dict[str, str] = {}
+    if trace_id is not None:
+        headers["Infermesh-Trace-Id"] = trace_id
     if retry_after is not None:
         body["retry_after"] = retry_after
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
@@ -97,7 +101,8 @@ async def error_middleware(
     try:
         return await handler(request)
     except errors.InfermeshError as exc:
-        return _error_response(exc.message, status_of(exc), retry_after=exc.retry_after)
+        return _error_response(exc.message, status_of(exc), retry_after=exc.retry_after,
+                               trace_id=exc.trace_id)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -163,11 +168,14 @@ def _infer_response(
     return response
 
 
-def create_app(core: Gateway, *, max_body_bytes: int = 64 << 20) -> web.Application:
+def create_app(
+    core: Gateway, *, max_body_bytes: int = 64 << 20, feedback: FeedbackRecorder | None = None
+) -> web.Application:
     """The OIP v2 REST application over a gateway core; /metrics serves the core's registry.
 
     Inference and model endpoints need an API key (when the core's access asks for one);
-    server health, server metadata and /metrics stay open for probes and scrapers.
+    server health, server metadata and /metrics stay open for probes and scrapers. With
+    `feedback`, `POST /v1/feedback` takes feedback on predictions (same API keys).
     """
     app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
     app[CORE] = core
@@ -179,4 +187,6 @@ def create_app(core: Gateway, *, max_body_bytes: int = 64 << 20) -> web.Applicat
         app.router.add_get(base, model_metadata)
         app.router.add_get(f"{base}/ready", model_ready)
         app.router.add_post(f"{base}/infer", infer)
+    if feedback is not None:
+        add_feedback_route(app, feedback)
     return app

@@ -105,6 +105,18 @@ class Authenticator:
 
     def authorize(self, key: str | AuthFailure, model: str) -> Tenant | AuthFailure:
         """The tenant of `key` if it may use `model`, else why not."""
+        tenant = self.authenticate(key)
+        if isinstance(tenant, AuthFailure):
+            return tenant
+        if not tenant.allows(model):
+            return AuthFailure(
+                "forbidden_model", f"tenant '{tenant.name}' may not use model '{model}'"
+            )
+        return tenant
+
+    def authenticate(self, key: str | AuthFailure) -> Tenant | AuthFailure:
+        """The tenant of `key` if the key is valid and the tenant enabled, whatever models it
+        may use (for calls about no one model, such as feedback); else why not."""
         if isinstance(key, AuthFailure):
             return key
         verified = self._verified.get(key)
@@ -118,10 +130,6 @@ class Authenticator:
             return INVALID
         if tenant.disabled:
             return AuthFailure("disabled", f"tenant '{tenant.name}' is disabled")
-        if not tenant.allows(model):
-            return AuthFailure(
-                "forbidden_model", f"tenant '{tenant.name}' may not use model '{model}'"
-            )
         return tenant
 
     def _verify(self, key: str) -> _Verified | AuthFailure:

@@ -44,6 +44,12 @@ class GatewayMetrics:
         )
         for reason in REASONS:
             self.auth_failures.labels(reason)
+        self.feedback = Counter(
+            "infermesh_feedback",
+            "Feedback posts of authenticated tenants by outcome: stored, or the error's code "
+            "(invalid_input, unavailable, ...)",
+            ["tenant", "outcome"], registry=self.registry,
+        )
         # Children by label values: `labels()` costs microseconds a call; a dict lookup does
         # not. Every label here is bounded (models as in UNKNOWN_MODEL, tenants by operators).
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}

@@ -27,3 +27,10 @@ class GatewaySettings(ServiceSettings):
     default_model_max_concurrency: int = 0
     """Fleet-wide cap on a model's requests in flight when `limits/{model}` names none;
     0 means no cap."""
+    database_url: str = ""
+    """Postgres DSN where `POST /v1/feedback` stores feedback (`INFERMESH_GATEWAY_DATABASE_URL`,
+    else the shared `INFERMESH_DATABASE_URL`). Empty: feedback answers 503. The gateway
+    connects on the first feedback, never at start, and applies no migrations."""
+    database_timeout: float = 2.0
+    """Seconds a feedback post waits for a Postgres connection, and then for its write, before
+    answering 503 with Retry-After."""

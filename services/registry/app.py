@@ -128,6 +128,7 @@ async def register_version(request: web.Request) -> web.Response:
         batching=body.get("batching"),
         device=body.get("device", "auto"),
         platform=body.get("platform", "pytorch_torchscript"),
+        prediction_log=body.get("prediction_log", "digest"),
     )
     return _json(stored.value.to_json(), 201 if stored.created else 200)
 

@@ -24,7 +24,13 @@ from services.mesh.types import ModelVersion, Rollout
 from services.registry import queries, reads
 from services.registry.artifacts import ArtifactInfo, ArtifactStore, check_sha256
 from services.registry.reads import ModelDetail, ModelSummary
-from services.registry.validation import check_name, parse_batching, parse_device, parse_signature
+from services.registry.validation import (
+    check_name,
+    parse_batching,
+    parse_device,
+    parse_prediction_log,
+    parse_signature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +105,7 @@ class Registry:
     async def register_version(
         self, model: str, version: str, *, artifact_sha256: str, signature: Mapping[str, Any],
         batching: Mapping[str, Any] | None = None, device: str = "auto",
-        platform: str = "pytorch_torchscript",
+        platform: str = "pytorch_torchscript", prediction_log: str = "digest",
     ) -> Stored[ModelVersion]:
         """Register an immutable version (creating the model and its first rollout if needed).
 
@@ -114,6 +120,7 @@ class Registry:
             batching=parse_batching(batching),
             device=parse_device(device),
             platform=check_name(platform, field="platform"),
+            prediction_log=parse_prediction_log(prediction_log),
         )
         await self._require_artifact(artifact_sha256)
         stored, rollout = await self._insert_version(record)

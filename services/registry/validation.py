@@ -1,4 +1,4 @@
-"""Validation of what callers send the registry: names, signatures, batching, device.
+"""Validation of what callers send the registry: names, signatures, batching, device, logging.
 
 Every failure is an InvalidInput whose message starts with the offending field.
 """
@@ -10,7 +10,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from services.mesh.errors import InvalidInput
-from services.mesh.types import DEVICE_POLICIES, BatchingPolicy, Signature
+from services.mesh.types import (
+    DEVICE_POLICIES,
+    PREDICTION_LOG_POLICIES,
+    BatchingPolicy,
+    Signature,
+)
 
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
 
@@ -53,4 +58,13 @@ def parse_device(raw: Any) -> str:
     """A device policy: auto, cuda or cpu."""
     if raw not in DEVICE_POLICIES:
         raise InvalidInput(f"device: must be one of {', '.join(DEVICE_POLICIES)}")
+    return str(raw)
+
+
+def parse_prediction_log(raw: Any) -> str:
+    """A prediction log policy: full, digest or none."""
+    if raw not in PREDICTION_LOG_POLICIES:
+        raise InvalidInput(
+            f"prediction_log: must be one of {', '.join(PREDICTION_LOG_POLICIES)}"
+        )
     return str(raw)

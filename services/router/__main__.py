@@ -11,6 +11,7 @@ from services.mesh.settings import load_settings
 from services.router.app import create_app
 from services.router.core import Router
 from services.router.metrics import RouterMetrics
+from services.router.predlog import start_prediction_log
 from services.router.settings import RouterSettings
 
 
@@ -22,9 +23,13 @@ async def main() -> None:
         batchers = LinkPool(node.session, node.config, "batcher")
         batchers.start()
         node.watch_health(pools=[batchers])
+        metrics = RouterMetrics()
+        # Postgres need not be up: the log spills to disk until it is.
+        predictions = await start_prediction_log(settings, metrics.registry)
         core = Router(
             ModelCatalog(node.config), LinkedInferTarget(batchers, affinity=True),
-            metrics=RouterMetrics(), shadow_max_inflight=settings.shadow_max_inflight,
+            metrics=metrics, shadow_max_inflight=settings.shadow_max_inflight,
+            prediction_log=predictions,
         )
         try:
             await node.serve(
@@ -33,6 +38,8 @@ async def main() -> None:
             )
         finally:
             await core.aclose()
+            if predictions is not None:
+                await predictions.aclose()
             await batchers.aclose()
 
 

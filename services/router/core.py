@@ -12,27 +12,30 @@ from services.mesh.hops import InferTarget
 from services.mesh.types import InferRequest, InferResponse, Rollout
 from services.router.metrics import RouterMetrics, VersionStats
 from services.router.policy import Choice, choose_version
+from services.router.predlog import PredictionLog, policy_of
 from services.router.shadow import ShadowMirror
-
-_TRACER = "infermesh.router"
 
 
 class Router:
     """Chooses a version from the rollout record (unless pinned) and forwards to a batcher.
 
     Requests routed by the rollout are mirrored to its shadow versions after they are served
-    (see `shadow`); every primary request is counted and timed in `metrics`.
+    (see `shadow`); every primary request is counted and timed in `metrics`. Successful
+    answers, primary and shadow, go to `prediction_log` when there is one (the caller owns it).
     """
 
     def __init__(
         self, catalog: ModelCatalog, batcher: InferTarget, *,
         metrics: RouterMetrics | None = None, shadow_max_inflight: int = 64,
+        prediction_log: PredictionLog | None = None,
     ) -> None:
         self._catalog = catalog
         self._batcher = batcher
         self.metrics = metrics or RouterMetrics()
+        self._predictions = prediction_log
         self._mirror = ShadowMirror(
-            catalog, batcher, self.metrics, max_inflight=shadow_max_inflight
+            catalog, batcher, self.metrics, max_inflight=shadow_max_inflight,
+            prediction_log=prediction_log,
         )
         self._closed = False
 
@@ -41,28 +44,55 @@ class Router:
         started = time.perf_counter()
         if self._closed:
             raise Unavailable("router is closed")
-        with telemetry.span_from(request.trace, "router.route", _TRACER) as span:
-            try:
-                routed = self._route(request)
-            except InfermeshError as exc:
-                self.metrics.unrouted(request.model, exc, time.perf_counter() - started)
-                raise
-            version = str(request.version)
-            span.set_attribute("infermesh.version", version)
-            request.trace = telemetry.inject()
-            stats = self.metrics.version(request.model, version)
-            try:
-                response = await self._forward(request, stats, started)
-            except Unavailable as exc:
-                routed = self._fall_back(request, routed, exc)
-                stats = self.metrics.version(request.model, str(request.version))
-                response = await self._forward(request, stats, started)
+        span = telemetry.start("router.route", request.trace)
+        try:
+            response = await self._infer(request, span, started)
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.set("infermesh.version", response.version)
+        span.set("infermesh.bucket", response.parameters.get("bucket"))
+        span.set("infermesh.rollout_epoch", response.parameters.get("rollout_epoch"))
+        span.set("infermesh.fallback", response.parameters.get("fallback"))
+        span.end()
+        return response
+
+    async def _infer(
+        self, request: InferRequest, span: telemetry.HopSpan, started: float
+    ) -> InferResponse:
+        try:
+            routed = self._route(request)
+        except InfermeshError as exc:
+            self.metrics.unrouted(request.model, exc, time.perf_counter() - started)
+            raise
+        version = str(request.version)
+        request.trace = span.carrier()
+        stats = self.metrics.version(request.model, version)
+        try:
+            response = await self._forward(request, stats, started)
+        except Unavailable as exc:
+            routed = self._fall_back(request, routed, exc)
+            stats = self.metrics.version(request.model, str(request.version))
+            response = await self._forward(request, stats, started)
         if routed is not None:
             self._annotate(request, response, *routed)
         if response.version != version:
             stats = self.metrics.version(request.model, response.version)
         stats.succeeded(time.perf_counter() - started)
+        if self._predictions is not None:
+            self._log_prediction(self._predictions, request, response, started)
         return response
+
+    def _log_prediction(
+        self, predictions: PredictionLog, request: InferRequest, response: InferResponse,
+        started: float,
+    ) -> None:
+        """Hand a served request to the prediction log (a buffer append, nothing more)."""
+        latency = time.perf_counter() - started
+        predictions.record(
+            request, response, received=time.time() - latency, latency=latency,
+            policy=policy_of(self._catalog, request.model, response.version),
+        )
 
     def _route(self, request: InferRequest) -> tuple[Rollout, Choice] | None:
         """Set the request's version: the rollout's choice, or check the pinned one."""

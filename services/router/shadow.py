@@ -4,7 +4,8 @@ A mirror starts once the primary has answered, so the client's response is never
 altered or failed by it. Mirrors are bounded per router (beyond the bound they are dropped and
 counted), go to the batcher in the `shadow` lane, and a shadow version without a ready worker
 is dropped rather than queued. When a mirror answers, the first output present in both answers
-is compared (argmax agreement per row, mean absolute difference) into the shadow metrics.
+is compared (argmax agreement per row, mean absolute difference) into the shadow metrics, and
+the answer goes to the prediction log as a shadow row under the primary request's id.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +21,10 @@ import numpy as np
 from services.mesh.catalog import ModelCatalog
 from services.mesh.hops import InferTarget
 from services.mesh.tensors import DTYPES, Tensor, element_count
-from services.mesh.types import InferRequest, Rollout
+from services.mesh.types import InferRequest, InferResponse, Rollout
 from services.router.metrics import RouterMetrics
 from services.router.policy import shadow_targets
+from services.router.predlog import PredictionLog, policy_of
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +73,15 @@ def _rows(tensor: Tensor) -> np.ndarray:
     return array.reshape(element_count(tensor.shape) // last, last)
 
 
+SHADOW_SUFFIX = ".shadow"
+"""Appended to the request id of a mirror."""
+
+
 def shadow_request(request: InferRequest, version: str) -> InferRequest:
     """A copy of `request` for a shadow version, sharing its (immutable) input tensors."""
     return InferRequest(
-        model=request.model, inputs=request.inputs, request_id=f"{request.request_id}.shadow",
+        model=request.model, inputs=request.inputs,
+        request_id=f"{request.request_id}{SHADOW_SUFFIX}",
         version=version, tenant=request.tenant, deadline=request.deadline, lane="shadow",
         outputs=request.outputs, parameters={**request.parameters, "shadow": True},
         trace=request.trace,
@@ -85,11 +93,12 @@ class ShadowMirror:
 
     def __init__(
         self, catalog: ModelCatalog, batcher: InferTarget, metrics: RouterMetrics, *,
-        max_inflight: int,
+        max_inflight: int, prediction_log: PredictionLog | None = None,
     ) -> None:
         self._catalog = catalog
         self._batcher = batcher
         self._metrics = metrics
+        self._predictions = prediction_log
         self._max_inflight = max_inflight
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -125,6 +134,7 @@ class ShadowMirror:
     async def _mirror(self, request: InferRequest, served: str, primary: list[Tensor]) -> None:
         assert request.version is not None
         stats = self._metrics.shadow(request.model, request.version)
+        sent, started = time.time(), time.perf_counter()
         try:
             response = await self._batcher.infer(request)
         except Exception as exc:
@@ -132,12 +142,24 @@ class ShadowMirror:
             log.debug("shadow %s of %s failed: %r", request.version, request.model, exc)
             return
         stats.success.inc()
+        if self._predictions is not None:
+            self._log_prediction(self._predictions, request, response, sent, started)
         if sum(element_count(t.shape) for t in primary) > INLINE_ELEMENTS:
             agreement = await asyncio.to_thread(compare_outputs, primary, response.outputs)
         else:
             agreement = compare_outputs(primary, response.outputs)
         if agreement is not None:
             self._record(request.model, served, request.version, agreement)
+
+    def _log_prediction(
+        self, predictions: PredictionLog, request: InferRequest, response: InferResponse,
+        sent: float, started: float,
+    ) -> None:
+        predictions.record(
+            request, response, received=sent, latency=time.perf_counter() - started,
+            policy=policy_of(self._catalog, request.model, response.version), shadow=True,
+            request_id=request.request_id.removesuffix(SHADOW_SUFFIX),
+        )
 
     def _record(self, model: str, primary: str, shadow: str, agreement: Agreement) -> None:
         stats = self._metrics.comparison(model, primary, shadow)

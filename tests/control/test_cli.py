@@ -112,3 +112,18 @@ def test_unreachable_registry_exits_1(artifact: Path, capsys: pytest.CaptureFixt
     ]) == 1
     err = capsys.readouterr().err
     assert err.startswith("infermesh: error: cannot reach the registry") and err.count("\n") == 1
+
+
+async def test_models_register_sets_the_prediction_log_policy(
+    registry_url: tuple[str, RegistryHarness], artifact: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, harness = registry_url
+    code = await asyncio.to_thread(main, [
+        "models", "register", "iris", "--version", "1", "--artifact", str(artifact),
+        "--input", "x:FP32:-1,4", "--output", "y:FP32:-1,2", "--prediction-log", "none",
+        "--registry", url,
+    ])
+    assert code == 0
+    assert "logging   none" in capsys.readouterr().out
+    assert (await harness.etcd_json("models/iris/1"))["prediction_log"] == "none"

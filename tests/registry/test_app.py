@@ -94,3 +94,14 @@ async def test_health_and_metrics(client: Client) -> None:
     metrics = await (await client.get("/metrics")).text()
     sample = 'method="GET",route="/v1/models/{name}",status="404"} 1.0'
     assert f"infermesh_registry_http_requests_total{{{sample}" in metrics
+
+
+async def test_a_bad_prediction_log_policy_is_400_naming_the_field(client: Client) -> None:
+    sha = (await (await client.put("/v1/artifacts", data=b"one")).json())["sha256"]
+    url = "/v1/models/iris/versions/1"
+    body = {"artifact_sha256": sha, "signature": SIGNATURE, "prediction_log": "everything"}
+    refused = await client.put(url, json=body)
+    assert refused.status == 400
+    assert (await refused.json())["error"].startswith("prediction_log: must be one of")
+    created = await client.put(url, json={**body, "prediction_log": "none"})
+    assert created.status == 201 and (await created.json())["prediction_log"] == "none"

@@ -167,3 +167,29 @@ async def test_reconcile_leaves_a_newer_rollout_alone(harness: RegistryHarness) 
     await harness.etcd.put((harness.prefix + "rollouts/iris").encode(), orjson.dumps(newer))
     assert await harness.registry.reconcile() == 0
     assert await harness.etcd_json("rollouts/iris") == newer
+
+
+async def test_the_prediction_log_policy_is_stored_and_published(
+    harness: RegistryHarness,
+) -> None:
+    sha = await _upload(harness)
+    stored = await harness.registry.register_version(
+        "iris", "1", artifact_sha256=sha, signature=SIGNATURE, prediction_log="full"
+    )
+    assert stored.value.prediction_log == "full"
+    assert (await harness.etcd_json("models/iris/1"))["prediction_log"] == "full"
+    default = await harness.registry.register_version(
+        "iris", "2", artifact_sha256=sha, signature=SIGNATURE
+    )
+    assert default.value.prediction_log == "digest"
+    with pytest.raises(InvalidInput, match="^prediction_log: must be one of full, digest, none"):
+        await harness.registry.register_version(
+            "iris", "3", artifact_sha256=sha, signature=SIGNATURE, prediction_log="all"
+        )
+
+
+def test_a_record_without_a_prediction_log_policy_reads_as_digest() -> None:
+    record = ModelVersion.from_json({"model": "m", "version": "1", "signature": SIGNATURE})
+    assert record.prediction_log == "digest"
+    with pytest.raises(InvalidInput, match="^prediction_log:"):
+        ModelVersion.from_json({**record.to_json(), "prediction_log": ["full"]})

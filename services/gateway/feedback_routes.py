@@ -1,0 +1,31 @@
+"""`POST /v1/feedback`: the REST adapter of the FeedbackRecorder. Errors map in app.py's table."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from services.gateway.feedback import FeedbackRecorder
+
+FEEDBACK = web.AppKey("feedback", FeedbackRecorder)
+PATH = "/v1/feedback"
+MAX_BODY_BYTES = 16 << 10
+"""Feedback is a few short fields; a larger body is refused before it is read."""
+
+
+async def post_feedback(request: web.Request) -> web.Response:
+    recorder = request.app[FEEDBACK]
+    tenant = recorder.authenticate(request.headers.get)  # 401/403 before the body is read
+    size = request.content_length or 0
+    raw = b"" if size > MAX_BODY_BYTES else await request.read()
+    if max(size, len(raw)) > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, max(size, len(raw)))
+    feedback = await recorder.record(tenant, raw)
+    body = {"request_id": feedback.request_id, "kind": feedback.kind, "stored": True}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def add_feedback_route(app: web.Application, recorder: FeedbackRecorder) -> None:
+    """Serve `POST /v1/feedback` through `recorder`."""
+    app[FEEDBACK] = recorder
+    app.router.add_post(PATH, post_feedback)

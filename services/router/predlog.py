@@ -1,0 +1,309 @@
+"""The prediction log: every prediction a router serves, written to Postgres off the hot path.
+
+`record()` is what the request path pays: one small object appended to a bounded in-memory
+buffer; it never blocks, never raises and never waits for Postgres. When the buffer is full the
+record is dropped and counted (`infermesh_prediction_log_dropped_total{reason="buffer_full"}`).
+
+A background task (`start()`) takes the buffer every `flush_interval` seconds, or as soon as
+`flush_rows` records wait, turns records into rows (`predrows`; in a thread when the batch is
+heavy) and writes them with COPY (`predtable`). When Postgres is unreachable the rows go to the
+instance's spool on local disk (`spool`) instead, Postgres is probed every `probe_interval`
+seconds, and once it answers again the spool is replayed in chunks, oldest first, between
+flushes of new records. A spool left by an earlier run is replayed the same way. Writes are
+idempotent (the table's primary key), so a row replayed twice is stored once.
+
+    record() ──▶ buffer ──▶ rows ──▶ Postgres (COPY via staging, ON CONFLICT DO NOTHING)
+                                 └─▶ spool (down) ──▶ replayed when Postgres is back
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from services.mesh.catalog import ModelCatalog
+from services.mesh.errors import NotFound
+from services.mesh.types import InferRequest, InferResponse
+from services.router.predmetrics import PredictionLogMetrics
+from services.router.predrows import DIGEST, NONE, PredictionRecord, Row, to_row
+from services.router.predtable import UNAVAILABLE, PredictionTable
+from services.router.settings import RouterSettings
+from services.router.spool import Spool
+
+log = logging.getLogger(__name__)
+
+_BATCH_ROWS = 5000
+"""Most records converted and written per step (and rows per replayed chunk)."""
+_INLINE_BYTES = 64 << 10
+"""Batches holding less tensor data than this (and few records) convert on the event loop."""
+_INLINE_RECORDS = 64
+_REPLAY_ATTEMPTS = 5
+"""A spool chunk that fails this many times in a row while Postgres answers is dropped."""
+
+
+class PredictionLog:
+    """Buffers prediction records and writes them to Postgres, spilling to disk meanwhile."""
+
+    def __init__(
+        self, table: PredictionTable, spool: Spool, *, registry: CollectorRegistry,
+        max_buffered: int = 10_000, flush_interval: float = 0.5, flush_rows: int = 500,
+        probe_interval: float = 1.0,
+    ) -> None:
+        self._table = table
+        self._spool = spool
+        self._max_buffered = max_buffered
+        self._flush_interval = flush_interval
+        self._flush_rows = flush_rows
+        self._probe_interval = probe_interval
+        self._buffer: collections.deque[PredictionRecord] = collections.deque()
+        self._inflight: list[PredictionRecord] = []
+        self.metrics = PredictionLogMetrics(
+            registry, buffered=lambda: len(self._buffer), spool_bytes=lambda: spool.size
+        )
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._next_probe = 0.0
+        self._replay_failures = 0
+        self._closing = False
+        self._closed = False
+
+    @property
+    def spool_directory(self) -> Path:
+        """Where this instance spills rows while Postgres is unavailable."""
+        return self._spool.directory
+
+    async def start(self) -> None:
+        """Open the spool (adopting what earlier runs left) and start the writer task."""
+        if self._closed or self._task is not None:
+            raise RuntimeError("prediction log already started or closed")
+        await self._spool.open()
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="prediction-log")
+
+    def record(
+        self, request: InferRequest, response: InferResponse, *, received: float,
+        latency: float, policy: str, shadow: bool = False, request_id: str | None = None,
+    ) -> None:
+        """Log one served prediction (O(1), never blocks or raises).
+
+        `received` is the wall-clock time the router received the request, `latency` the
+        seconds it took to answer, `policy` the served version's `prediction_log`; a shadow
+        answer passes `shadow=True` and the primary request's id as `request_id`.
+        """
+        buffer = self._buffer
+        if self._closed or len(buffer) >= self._max_buffered:
+            self.metrics.dropped("closed" if self._closed else "buffer_full")
+            return
+        try:
+            kept = policy != NONE
+            buffer.append(PredictionRecord(
+                received, request_id or request.request_id, request.tenant, request.model,
+                response.version, response.parameters.get("bucket"), shadow, latency * 1000.0,
+                request.trace.get("traceparent"), policy,
+                request.inputs if kept else (), response.outputs if kept else (),
+            ))
+        except Exception:  # a malformed request must not fail its answer
+            self.metrics.dropped("error")
+            return
+        if len(buffer) >= self._flush_rows and self._wake is not None:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until the buffer is empty: written to Postgres, or spilled if it is down (one
+        probe is tried first); when Postgres answers, until the spool is replayed too."""
+        if self._task is None or self._task.done():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._wake_up()
+        await waiter
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Stop accepting records; write (or spill) everything accepted, within `timeout`."""
+        self._closed = self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            self._wake_up()
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await self._spill_remaining()
+        for waiter in self._waiters:  # everything is written or spilled now
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+        await self._table.close()
+        await self._spool.close()
+
+    def _wake_up(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- the writer task ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self._urgent():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._flush_interval):
+                        await self._wake.wait()
+            self._wake.clear()
+            closing = self._closing
+            try:
+                await self._step()
+            except Exception:
+                log.exception("prediction log: writer step failed")
+                self.metrics.dropped("error", len(self._inflight))
+                self._inflight = []
+                await asyncio.sleep(self._flush_interval)
+            if closing and not self._buffer:
+                return
+            if self._waiters and self._settled():
+                for waiter in self._waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                self._waiters.clear()
+
+    def _urgent(self) -> bool:
+        return (
+            self._closing or bool(self._waiters) or len(self._buffer) >= self._flush_rows
+            or (self._table.connected and self._spool.pending)
+        )
+
+    def _settled(self) -> bool:
+        return not self._buffer and not (self._table.connected and self._spool.pending)
+
+    async def _step(self) -> None:
+        if not self._table.connected:
+            await self._probe(force=bool(self._waiters) or self._closing)
+        if self._buffer:
+            self._inflight = [self._buffer.popleft()
+                              for _ in range(min(len(self._buffer), _BATCH_ROWS))]
+            rows = await self._convert(self._inflight)
+            await self._deliver(rows)
+            self._inflight = []
+        if self._table.connected and self._spool.pending and not self._closing:
+            await self._replay_chunk()
+
+    async def _probe(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_probe:
+            return
+        self._next_probe = now + self._probe_interval
+        try:
+            await self._table.connect()
+        except Exception as exc:
+            self.metrics.went_down(exc)
+            return
+        self.metrics.came_back(self._spool.size)
+
+    async def _convert(self, records: list[PredictionRecord]) -> list[Row]:
+        if len(records) <= _INLINE_RECORDS and (
+            sum(r.tensor_bytes for r in records) <= _INLINE_BYTES
+        ):
+            return self._to_rows(records)
+        return await asyncio.to_thread(self._to_rows, records)
+
+    def _to_rows(self, records: list[PredictionRecord]) -> list[Row]:
+        rows = []
+        for record in records:
+            try:
+                rows.append(to_row(record))
+            except Exception as exc:  # a tensor whose bytes do not match its shape
+                self.metrics.dropped("error", reason_detail=repr(exc))
+        return rows
+
+    async def _deliver(self, rows: list[Row]) -> None:
+        """Write `rows` to Postgres, or spill them when it is unavailable."""
+        if not rows:
+            return
+        if self._table.connected:
+            try:
+                self.metrics.written.inc(await self._table.write(rows))
+                return
+            except UNAVAILABLE as exc:
+                self.metrics.went_down(exc)
+            except Exception as exc:
+                self.metrics.dropped("rejected", len(rows), reason_detail=repr(exc))
+                return
+        await self._spill(rows)
+
+    async def _spill(self, rows: list[Row]) -> None:
+        try:
+            spilled = await self._spool.append(rows)
+        except OSError as exc:
+            self.metrics.dropped("spill_error", len(rows), reason_detail=repr(exc))
+            return
+        self.metrics.spilled.inc(spilled)
+        if spilled < len(rows):
+            self.metrics.dropped("spill_full", len(rows) - spilled)
+
+    async def _replay_chunk(self) -> None:
+        chunk = await self._spool.read(_BATCH_ROWS)
+        if chunk is None:
+            return
+        if chunk.rows:
+            try:
+                self.metrics.written.inc(await self._table.write(chunk.rows))
+            except Exception as exc:
+                if isinstance(exc, UNAVAILABLE):
+                    self.metrics.went_down(exc)
+                self._replay_failures += 1
+                if self._replay_failures < _REPLAY_ATTEMPTS:
+                    return
+                self.metrics.dropped("rejected", len(chunk.rows), reason_detail=repr(exc))
+            else:
+                self.metrics.replayed.inc(len(chunk.rows))
+        self._replay_failures = 0
+        self.metrics.dropped("corrupt", chunk.corrupt)
+        await self._spool.consume(chunk)
+
+    async def _spill_remaining(self) -> None:
+        """After a forced stop: spill what the writer had in hand and what is buffered."""
+        records = [*self._inflight, *self._buffer]
+        self._inflight, self._buffer = [], collections.deque()
+        if records:
+            with contextlib.suppress(Exception):
+                await self._spill(await asyncio.to_thread(self._to_rows, records))
+
+
+def policy_of(catalog: ModelCatalog, model: str, version: str) -> str:
+    """The `prediction_log` policy of a version; digest if it left the catalog meanwhile."""
+    try:
+        return catalog.version(model, version).prediction_log
+    except NotFound:
+        return DIGEST
+
+
+async def start_prediction_log(
+    settings: RouterSettings, registry: CollectorRegistry
+) -> PredictionLog | None:
+    """The router's prediction log per `settings`, started; None (logged) without a database.
+
+    Postgres need not be up: rows spill until it is.
+    """
+    if not settings.database_url:
+        log.warning("prediction log off: no database URL (INFERMESH_DATABASE_URL)")
+        return None
+    root = settings.prediction_log_spool or str(
+        Path(await asyncio.to_thread(tempfile.gettempdir)) / "infermesh-spool"
+    )
+    prediction_log = PredictionLog(
+        PredictionTable(settings.database_url),
+        Spool(Path(root), settings.instance_id, max_bytes=settings.prediction_log_spill_max_bytes),
+        registry=registry, max_buffered=settings.prediction_log_buffer,
+    )
+    await prediction_log.start()
+    log.info("prediction log on; spool %s", prediction_log.spool_directory)
+    return prediction_log

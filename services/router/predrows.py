@@ -1,0 +1,187 @@
+"""Prediction log rows: what the router keeps of a prediction, and the table row it becomes.
+
+A `PredictionRecord` is made on the request path and holds references only (the request's
+input tensors and the response's outputs, never copies or encodings). `to_row` runs later, off
+the request path, and applies the version's policy:
+
+    full    inputs/outputs as JSON: [{name, datatype, shape, data}] with `data` flat, as in an
+            OIP request body (BYTES elements as UTF-8 strings)
+    digest  {tensor name: "sha256:<hex of its raw bytes>"} for inputs and outputs
+    none    NULL inputs, outputs and label
+
+`label` is what a report compares with feedback: for the first output, the argmax along the
+last axis when it is a 2-D float tensor with at least two columns (class scores), else the
+value itself when there is one per row (a 1-D tensor or one column); several rows are joined
+with commas. Anything else (higher rank, no rows) has no label.
+
+A row's `ts` is an aware UTC datetime at microsecond precision (what timestamptz keeps), so a
+row spilled to disk (`encode_rows`, as epoch microseconds) reads back (`decode_row`) equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+import numpy as np
+import orjson
+
+from services.mesh.tensors import DTYPES, Tensor, deserialize_bytes
+
+FULL, DIGEST, NONE = "full", "digest", "none"
+COLUMNS = (
+    "ts", "request_id", "tenant", "model", "version", "bucket", "shadow", "latency_ms",
+    "trace_id", "label", "inputs", "outputs",
+)
+"""The `predictions` columns, in table order (the staging table is `LIKE predictions`)."""
+
+Row = tuple[
+    datetime, str, str, str, str, int | None, bool, float, str | None, str | None, str | None,
+    str | None,
+]
+"""One table row; inputs and outputs are JSON text."""
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+class PredictionRecord(NamedTuple):
+    """One served prediction as the router saw it; tensors are referenced, not copied.
+
+    A named tuple: the cheapest object to build on the request path (a fraction of a µs).
+    """
+
+    ts: float
+    """Wall-clock time (`time.time()`) the router received the request."""
+    request_id: str
+    tenant: str
+    model: str
+    version: str
+    bucket: Any
+    shadow: bool
+    latency_ms: float
+    traceparent: str | None
+    policy: str
+    inputs: Sequence[Tensor]
+    outputs: Sequence[Tensor]
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of tensor data this record holds (how heavy its conversion is)."""
+        return sum(len(t.data) for t in self.inputs) + sum(len(t.data) for t in self.outputs)
+
+
+def to_row(record: PredictionRecord) -> Row:
+    """The table row of `record` under its policy (CPU-bound for big tensors: run off the loop)."""
+    inputs: str | None
+    outputs: str | None
+    if record.policy == FULL:
+        inputs, outputs = full_json(record.inputs), full_json(record.outputs)
+    elif record.policy == NONE:
+        inputs = outputs = None
+    else:
+        inputs, outputs = digest_json(record.inputs), digest_json(record.outputs)
+    bucket = record.bucket if type(record.bucket) is int else None
+    return (
+        EPOCH + timedelta(microseconds=round(record.ts * 1_000_000)),
+        _clean(record.request_id), _clean(record.tenant), _clean(record.model),
+        _clean(record.version), bucket, record.shadow, float(record.latency_ms),
+        trace_id(record.traceparent),
+        None if record.policy == NONE else label_of(record.outputs),
+        inputs, outputs,
+    )
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The 32-hex trace id of a W3C `traceparent`; None when absent or malformed."""
+    if not traceparent:
+        return None
+    match = _TRACEPARENT.match(traceparent.strip().lower())
+    if match is None or match.group(1) == "0" * 32:
+        return None
+    return match.group(1)
+
+
+def full_json(tensors: Sequence[Tensor]) -> str:
+    """The tensors as JSON text: a list of {name, datatype, shape, data (flat)}."""
+    return orjson.dumps(
+        [_tensor_json(t) for t in tensors], option=orjson.OPT_SERIALIZE_NUMPY
+    ).decode()
+
+
+def _tensor_json(tensor: Tensor) -> dict[str, Any]:
+    data: Any
+    if tensor.datatype == "BYTES":
+        data = [_clean(item.decode("utf-8", "replace")) for item in deserialize_bytes(tensor.data)]
+    else:
+        data = np.frombuffer(tensor.data, dtype=DTYPES[tensor.datatype])
+        if not data.dtype.isnative:
+            data = data.astype(data.dtype.newbyteorder("="))
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
+            "data": data}
+
+
+def digest_json(tensors: Sequence[Tensor]) -> str:
+    """{tensor name: "sha256:<hex>"} of each tensor's raw bytes, as JSON text."""
+    return orjson.dumps(
+        {t.name: "sha256:" + hashlib.sha256(t.data).hexdigest() for t in tensors}
+    ).decode()
+
+
+def label_of(outputs: Sequence[Tensor]) -> str | None:
+    """The predicted class or value of each row of the first output, comma-joined."""
+    if not outputs:
+        return None
+    try:
+        array = outputs[0].array()
+    except ValueError:
+        return None  # data size does not match the shape
+    if array.ndim == 0:
+        array = array.reshape(1)
+    if array.ndim == 2 and array.dtype.kind == "f" and array.shape[1] >= 2:
+        values = [str(i) for i in array.argmax(axis=-1).tolist()]
+    elif array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1):
+        values = _texts(array.reshape(-1))
+    else:
+        return None
+    return ",".join(values) if values else None
+
+
+def _texts(flat: np.ndarray) -> list[str]:
+    if flat.dtype == object:
+        return [_clean(bytes(v).decode("utf-8", "replace")) for v in flat]
+    if flat.dtype.kind == "b":
+        return ["true" if v else "false" for v in flat.tolist()]
+    return [str(v) for v in flat]  # numpy scalars: shortest text of their own precision
+
+
+def _clean(text: str) -> str:
+    """`text` as Postgres text and jsonb accept it: no NUL, no lone surrogates."""
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def encode_rows(rows: Sequence[Row]) -> list[bytes]:
+    """One JSON line per row (ts as epoch microseconds), for the spool."""
+    return [orjson.dumps([_micros(row[0]), *row[1:]]) + b"\n" for row in rows]
+
+
+def decode_row(line: bytes) -> Row:
+    """The row of a spool line; ValueError when the line is not one."""
+    try:
+        fields = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(fields, list) or len(fields) != len(COLUMNS) or type(fields[0]) is not int:
+        raise ValueError("not a prediction row")
+    ts = EPOCH + timedelta(microseconds=fields[0])
+    return (ts, *fields[1:])
+
+
+def _micros(ts: datetime) -> int:
+    delta = ts - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

@@ -1,0 +1,98 @@
+"""The mesh as processes, and `--fused`: every prediction served lands in `predictions`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from deploy.localdeps import LocalEtcd, LocalPostgres
+from services.mesh.db import create_pool
+from tests.integration.conftest import RunningMesh, start_mesh, stop_and_check
+from tests.integration.oip import infer_body, mlp_input, output_array, post_infer
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+@pytest.fixture(scope="module", params=["mesh", "fused"])
+def logging_mesh(
+    request: pytest.FixtureRequest, local_etcd: LocalEtcd, local_postgres: LocalPostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningMesh]:
+    """`infermesh up` (services as processes, then `--fused`) on the session's etcd and a
+    fresh database, auth off."""
+    name = str(request.param)
+    database = local_postgres.create_database(f"{name}_{uuid.uuid4().hex}")
+    running = start_mesh(tmp_path_factory.mktemp(name), fused=name == "fused", env={
+        "INFERMESH_ETCD_URL": local_etcd.url, "INFERMESH_DATABASE_URL": database,
+        "INFERMESH_GATEWAY_AUTH": "0",
+    })
+    try:
+        yield running
+    finally:
+        stop_and_check(running)
+
+
+async def test_each_prediction_is_logged_with_its_version_tenant_bucket_and_trace(
+    logging_mesh: RunningMesh,
+) -> None:
+    mesh = logging_mesh
+    sent: dict[str, dict[str, Any]] = {}
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(
+            post_infer(
+                session, f"{mesh.gateway}/v2/models/mlp/infer",
+                infer_body("features", mlp_input(2, seed=i), id=f"logged-{i}"),
+                headers={"traceparent": f"00-{TRACE}-{i + 1:016x}-01"},
+            )
+            for i in range(20)
+        ))
+    for status, body, headers in results:
+        assert status == 200, body
+        labels = output_array(body).argmax(axis=-1)
+        sent[body["id"]] = {"version": body["model_version"], "headers": headers,
+                            "label": ",".join(str(v) for v in labels.tolist())}
+
+    rows = await logged_rows(mesh, list(sent), timeout=30.0)
+    assert sorted(row["request_id"] for row in rows) == sorted(sent)
+    for row in rows:
+        expected = sent[row["request_id"]]
+        assert (row["model"], row["version"], row["tenant"]) == (
+            "mlp", expected["version"], "anonymous"
+        )
+        assert row["shadow"] is False and row["latency_ms"] > 0
+        assert row["bucket"] == int(expected["headers"]["infermesh-bucket"])
+        assert row["label"] == expected["label"]
+        assert set(row["inputs"]) == {"features"}  # the default policy: digests
+        assert row["inputs"]["features"].startswith("sha256:")
+        # Tracing may be off; when the gateway names the trace, the row carries the same one.
+        trace_header = expected["headers"].get("infermesh-trace-id")
+        assert row["trace_id"] == trace_header or trace_header is None
+        assert abs(row["ts"].timestamp() - time.time()) < 300
+    assert await spool_dirs(mesh)  # the routers spill under the mesh's state dir
+
+
+async def logged_rows(mesh: RunningMesh, ids: list[str], *, timeout: float) -> list[Any]:
+    """The rows of `ids` once all are there (the log flushes every half second)."""
+    pool = await create_pool(mesh.env["INFERMESH_DATABASE_URL"])
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                rows = await pool.fetch(
+                    "SELECT * FROM predictions WHERE request_id = ANY($1::text[])", ids
+                )
+                if len(rows) >= len(ids):
+                    return list(rows)
+                await asyncio.sleep(0.2)
+    finally:
+        await pool.close()
+
+
+async def spool_dirs(mesh: RunningMesh) -> list[str]:
+    root = mesh.state_dir / "spool"
+    return await asyncio.to_thread(lambda: [p.name for p in root.iterdir() if p.is_dir()])
