@@ -1,6 +1,7 @@
 """What tracing costs the data plane: mlp throughput with tracing off, at the default sampling
 ratio and at 1.0, exporting to the local span files and over OTLP, as ratios to "off" measured
-in the same round.
+in the same round. One more run turns the prediction log off as well, to show its cost (every
+other run logs predictions, as `infermesh up` does).
 
     python -m bench.tracing [--duration 10] [--rounds 2] [--out bench/results/tracing-DATE.json]
 
@@ -52,6 +53,7 @@ def setups(sink: str) -> dict[str, dict[str, str]]:
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     return {
         "off": {"INFERMESH_TRACE_DIR": ""},
+        "off, no prediction log": {"INFERMESH_TRACE_DIR": "", "INFERMESH_ROUTER_DATABASE_URL": ""},
         "file default": {"INFERMESH_TRACE_SAMPLE_RATIO": str(DEFAULT_SAMPLE_RATIO)},
         "file 1.0": {"INFERMESH_TRACE_SAMPLE_RATIO": "1"},
         "otlp default": {**otlp, "INFERMESH_TRACE_SAMPLE_RATIO": str(DEFAULT_SAMPLE_RATIO)},

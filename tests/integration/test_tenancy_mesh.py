@@ -170,10 +170,14 @@ async def test_a_tenant_driven_at_ten_times_its_rate_gets_its_rate(
     load = asyncio.create_task(drive(f"{tenancy_mesh.gateway}/v2/models/mlp/infer", key,
                                      rate=1000, seconds=5))
     await asyncio.sleep(2.5)
+    probes = []
     async with aiohttp.ClientSession() as session:  # mid-flood: the bucket is empty
-        status, headers = await infer(session, tenancy_mesh, key)
+        for _ in range(10):  # a probe arriving just as a token refills gets it (~1 in 10)
+            probes.append(await infer(session, tenancy_mesh, key))
     statuses = await load
-    assert status == 429 and int(headers["Retry-After"]) >= 1
+    refused = [headers for status, headers in probes if status == 429]
+    assert len(refused) >= 6, [status for status, _ in probes]
+    assert all(int(headers["Retry-After"]) >= 1 for headers in refused)
     assert set(statuses) <= {200, 429}, statuses
     assert 85 <= statuses[200] / 5 <= 115 + 10 / 5, statuses
 
