@@ -6,7 +6,9 @@ other run logs predictions, as `infermesh up` does).
     python -m bench.tracing [--duration 10] [--rounds 2] [--out bench/results/tracing-DATE.json]
 
 The ratio is read at process start, so each run starts its own ``infermesh up`` (the runs of a
-round go one after another on the same ports). The OTLP runs export over OTLP/HTTP to a sink
+round go one after another on the same ports, each round starting one setup later than the
+last). Besides req/s, each run reports the CPU time the mesh's processes (services and their
+Postgres) spent per request served. The OTLP runs export over OTLP/HTTP to a sink
 process on this machine that reads and discards each request (it shares the two cores, as a
 collector next to the mesh would). Failed requests are traced at any ratio; the closed loop
 sends only good ones, so what is measured is the sampling's cost.
@@ -15,6 +17,7 @@ sends only good ones, so what is measured is the sampling's cost.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import subprocess
@@ -61,11 +64,36 @@ def setups(sink: str) -> dict[str, dict[str, str]]:
     }
 
 
+def mesh_cpu_seconds(marker: str) -> float:
+    """CPU seconds (user + system) used so far by the live processes whose environment
+    carries `marker`: every service of one launcher, and the Postgres it writes to."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    needle = marker.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes():
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 @dataclass
 class TracingReport:
     command: str
     started: datetime
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)
+    """CPU microseconds the mesh spent per request served, per round."""
+
+    def cpu_ratios(self, setup: str) -> list[float]:
+        return [c / o for c, o in zip(self.cpu_us[setup], self.cpu_us["off"], strict=False)
+                if o]
 
     def ratios(self, setup: str) -> list[float]:
         return [r.rps / s.rps for r, s in zip(self.runs[setup], self.runs["off"], strict=False)
@@ -74,20 +102,27 @@ class TracingReport:
     def markdown(self) -> str:
         lines = [f"Command: `{self.command}`  ", f"Date: {self.started:%Y-%m-%d %H:%M} UTC  ",
                  f"Machine: {machine()}", "",
-                 "| tracing | req/s (median) | p50 ms | p99 ms | ÷ off, per round |",
-                 "|---|---|---|---|---|"]
+                 "| tracing | req/s (median) | p50 ms | p99 ms | req/s ÷ off, per round "
+                 "| mesh CPU µs/request (median) | CPU ÷ off, per round |",
+                 "|---|---|---|---|---|---|---|"]
         for setup, results in self.runs.items():
             best = sorted(results, key=lambda r: r.rps)[len(results) // 2]
             ratios = "—" if setup == "off" else ", ".join(f"{x:.2f}" for x in self.ratios(setup))
+            cpu = "—" if setup == "off" else ", ".join(
+                f"{x:.2f}" for x in self.cpu_ratios(setup)
+            )
             lines.append(f"| {setup} | {best.rps:,.0f} | {best.latency.p50:.2f} | "
-                         f"{best.latency.p99:.2f} | {ratios} |")
+                         f"{best.latency.p99:.2f} | {ratios} | "
+                         f"{statistics.median(self.cpu_us[setup]):,.0f} | {cpu} |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, object]:
         return {"command": self.command, "started": self.started.isoformat(),
                 "machine": machine(),
                 "runs": {k: [r.to_dict() for r in v] for k, v in self.runs.items()},
-                "ratios": {k: self.ratios(k) for k in self.runs if k != "off"}}
+                "ratios": {k: self.ratios(k) for k in self.runs if k != "off"},
+                "cpu_us_per_request": self.cpu_us,
+                "cpu_ratios": {k: self.cpu_ratios(k) for k in self.runs if k != "off"}}
 
 
 @contextmanager
@@ -126,18 +161,30 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {k: v for k, v in setups(sink).items()
                   if k == "off" or not args.only or k in args.only}
         for round_ in range(args.rounds):
-            for setup, env in chosen.items():
+            # Each round starts one setup later: no setup always runs first (or last).
+            order = list(chosen.items())
+            order = order[round_ % len(order):] + order[:round_ % len(order)]
+            for setup, env in order:
                 with ExitStack() as stack:
-                    name = f"tracing-{setup.replace(' ', '-')}-{round_}"
+                    name = f"tracing-{setup.replace(' ', '-').replace(',', '')}-{round_}"
+                    marker = f"{name}-{started:%H%M%S}"
                     gateway = start_launcher(stack, args, logs, name, ports=(8000, 8200),
-                                             extra_env=env)
+                                             extra_env={**env, "INFERMESH_BENCH_RUN": marker})
                     time.sleep(1.0)
+                    cpu = mesh_cpu_seconds(marker)
                     result = closed_loop(gateway, "mlp", args)
+                    cpu = mesh_cpu_seconds(marker) - cpu
                 report.runs.setdefault(setup, []).append(result)
-                print(f"[{round_}] {setup}: {result.summary_line()}", flush=True)
+                served = result.rps * (args.duration + args.warmup)  # the warm-up ran too
+                report.cpu_us.setdefault(setup, []).append(cpu / served * 1e6 if served else 0.0)
+                print(f"[{round_}] {setup}: {result.summary_line()}, "
+                      f"{report.cpu_us[setup][-1]:,.0f} CPU µs/request", flush=True)
     write_report(report, out, logs)
     medians = {k: round(statistics.median(report.ratios(k)), 2) for k in report.runs if k != "off"}
-    print("median ratios to off:", medians)
+    print("median req/s ratios to off:", medians)
+    print("median CPU-per-request ratios to off:", {
+        k: round(statistics.median(report.cpu_ratios(k)), 2) for k in report.runs if k != "off"
+    })
     return 0
 
 

@@ -21,7 +21,6 @@ row spilled to disk (`encode_rows`, as epoch microseconds) reads back (`decode_r
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -29,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
+from services.mesh.telemetry import parse_traceparent
 from services.mesh.tensors import DTYPES, Tensor, deserialize_bytes
 
 FULL, DIGEST, NONE = "full", "digest", "none"
@@ -45,9 +45,6 @@ Row = tuple[
 """One table row; inputs and outputs are JSON text."""
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-
-
 class PredictionRecord(NamedTuple):
     """One served prediction as the router saw it; tensors are referenced, not copied.
 
@@ -89,20 +86,10 @@ def to_row(record: PredictionRecord) -> Row:
         EPOCH + timedelta(microseconds=round(record.ts * 1_000_000)),
         _clean(record.request_id), _clean(record.tenant), _clean(record.model),
         _clean(record.version), bucket, record.shadow, float(record.latency_ms),
-        trace_id(record.traceparent),
+        trace_id_of(record.traceparent),
         None if record.policy == NONE else label_of(record.outputs),
         inputs, outputs,
     )
-
-
-def trace_id(traceparent: str | None) -> str | None:
-    """The 32-hex trace id of a W3C `traceparent`; None when absent or malformed."""
-    if not traceparent:
-        return None
-    match = _TRACEPARENT.match(traceparent.strip().lower())
-    if match is None or match.group(1) == "0" * 32:
-        return None
-    return match.group(1)
 
 
 def full_json(tensors: Sequence[Tensor]) -> str:
@@ -185,3 +172,9 @@ def decode_row(line: bytes) -> Row:
 def _micros(ts: datetime) -> int:
     delta = ts - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The 32-hex trace id of a W3C `traceparent`; None when absent or malformed."""
+    context = parse_traceparent(traceparent)
+    return None if context is None else context.trace_hex

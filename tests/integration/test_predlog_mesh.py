@@ -70,9 +70,8 @@ async def test_each_prediction_is_logged_with_its_version_tenant_bucket_and_trac
         assert row["label"] == expected["label"]
         assert set(row["inputs"]) == {"features"}  # the default policy: digests
         assert row["inputs"]["features"].startswith("sha256:")
-        # Tracing may be off; when the gateway names the trace, the row carries the same one.
-        trace_header = expected["headers"].get("infermesh-trace-id")
-        assert row["trace_id"] == trace_header or trace_header is None
+        # The client's trace, as the response named it.
+        assert row["trace_id"] == expected["headers"]["infermesh-trace-id"] == TRACE
         assert abs(row["ts"].timestamp() - time.time()) < 300
     assert await spool_dirs(mesh)  # the routers spill under the mesh's state dir
 
