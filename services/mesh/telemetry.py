@@ -42,7 +42,9 @@ SETTINGS = (
 )
 """The environment variables `setup_tracing` reads (besides the exporters' own `OTEL_*`)."""
 TRACEPARENT = "traceparent"
-_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+_SAMPLED_FLAGS = frozenset(f"{flags:02x}" for flags in range(256) if flags & 1)
 
 Attribute = str | bool | int | float
 
@@ -56,18 +58,17 @@ class _Sink(Protocol):
 class TraceContext(NamedTuple):
     """What a `traceparent` says: the trace, the parent span in it, the sampling decision.
 
-    A named tuple: made for every request at every hop, and the cheapest immutable record."""
+    Ids are kept as the lower-case hex a `traceparent` carries, so a hop parses and forwards
+    them without converting (a named tuple: made for every request at every hop)."""
 
-    trace_id: int
-    span_id: int
+    trace_id: str
+    """32 hex digits."""
+    span_id: str
+    """16 hex digits."""
     sampled: bool
 
-    @property
-    def trace_hex(self) -> str:
-        return f"{self.trace_id:032x}"
-
     def traceparent(self) -> str:
-        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
+        return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
 
 
 def parse_traceparent(value: str | None) -> TraceContext | None:
@@ -75,20 +76,26 @@ def parse_traceparent(value: str | None) -> TraceContext | None:
     an invalid header is ignored and a new trace starts)."""
     if not value:
         return None
-    match = _TRACEPARENT.match(value.strip().lower())
-    if match is None:
+    match = _TRACEPARENT.fullmatch(value)
+    if match is None:  # rare: upper case, surrounding blanks, or not a traceparent at all
+        match = _TRACEPARENT.fullmatch(value.strip().lower())
+        if match is None:
+            return None
+    version, trace_id, span_id, flags = match.groups()
+    if version == "ff" or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
-    version, trace_hex, span_hex, flags = match.groups()
-    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
-    if version == "ff" or trace_id == 0 or span_id == 0:
-        return None
-    return TraceContext(trace_id, span_id, bool(int(flags, 16) & 1))
+    return TraceContext(trace_id, span_id, flags in _SAMPLED_FLAGS)
 
 
 def trace_id_of(carrier: Mapping[str, str]) -> str | None:
     """The 32-hex trace id in a carrier's `traceparent` (None when it has none)."""
     context = parse_traceparent(carrier.get(TRACEPARENT))
-    return None if context is None else context.trace_hex
+    return None if context is None else context.trace_id
+
+
+def _new_id(bits: int) -> str:
+    """A random non-zero id as hex (`bits` / 4 digits)."""
+    return f"{random.getrandbits(bits) or 1:0{bits // 4}x}"
 
 
 class _Tracing:
@@ -158,18 +165,24 @@ def _ratio(env: Mapping[str, str]) -> float:
 
 
 def _otlp_exporter(env: Mapping[str, str]) -> Any:
+    """The OTLP exporter `env` asks for, given its endpoint explicitly (the exporters would
+    otherwise read `os.environ` themselves, whatever `env` says)."""
     protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
         "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
     )
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
     if protocol.startswith("http"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as HttpExporter,
         )
 
-        return HttpExporter()
+        # The signal path is appended to the generic endpoint only (the OTLP spec's rule).
+        return HttpExporter(endpoint=traces or f"{base.rstrip('/')}/v1/traces")
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter()
+    endpoint = traces or base
+    return OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
 
 
 def _batch(exporter: Any, *, delay_ms: float | None = None) -> _Sink:
@@ -210,8 +223,8 @@ def sample_ratio() -> float:
 class Link:
     """A link from a span to another span (a batch to each of its member requests)."""
 
-    trace_id: int
-    span_id: int
+    trace_id: str
+    span_id: str
     sampled: bool
     attributes: Mapping[str, Attribute]
 
@@ -219,7 +232,7 @@ class Link:
 class HopSpan:
     """One hop's span of one request (or batch): ids now, an exported span only if recorded."""
 
-    __slots__ = ("attributes", "context", "kind", "links", "name", "parent", "start_ns")
+    __slots__ = ("attributes", "context", "kind", "members", "name", "parent", "start_ns")
 
     def __init__(self, name: str, context: TraceContext, parent: TraceContext | None,
                  kind: int) -> None:
@@ -229,12 +242,13 @@ class HopSpan:
         self.kind = kind
         self.start_ns = time.time_ns()
         self.attributes: dict[str, Attribute] = {}
-        self.links: list[Link] = []
+        self.members: Sequence[HopSpan] = ()
+        """For a batch span: the member requests' spans, linked when it is exported."""
 
     @property
     def trace_id(self) -> str:
         """This span's trace id as 32 hex digits (what responses and logs report)."""
-        return self.context.trace_hex
+        return self.context.trace_id
 
     @property
     def sampled(self) -> bool:
@@ -272,10 +286,10 @@ def start(name: str, carrier: Mapping[str, str] | None = None, *, kind: int = IN
         carrier.get(TRACEPARENT) if carrier else None
     )
     parent = parse_traceparent(raw)
-    span_id = random.getrandbits(64) or 1
+    span_id = _new_id(64)
     if parent is None:
         sampled = _tracing.ratio >= 1.0 or random.random() < _tracing.ratio
-        context = TraceContext(random.getrandbits(128) or 1, span_id, sampled)
+        context = TraceContext(_new_id(128), span_id, sampled)
     else:
         context = TraceContext(parent.trace_id, span_id, parent.sampled)
     return HopSpan(name, context, parent, kind)
@@ -283,14 +297,23 @@ def start(name: str, carrier: Mapping[str, str] | None = None, *, kind: int = IN
 
 def start_batch(name: str, members: Sequence[HopSpan]) -> HopSpan:
     """A span for a batch of requests: a child of the first sampled member (so the batch and the
-    worker below it appear in that request's trace), linked to every member's span. Sampled when
-    any member is."""
+    worker below it appear in that request's trace). Sampled when any member is.
+
+    Exported, it links to every member span that is recorded too: the sampled members' (every
+    member at ratio 1.0), or all of them when the batch failed (its members fail with it, and
+    failed spans are always recorded). Links are built only then: a batch of 32 would
+    otherwise make and encode 32 links for spans that are mostly never exported."""
     sampled = [m for m in members if m.sampled]
     parent = (sampled or list(members))[0].context
-    span = HopSpan(name, TraceContext(parent.trace_id, random.getrandbits(64) or 1,
-                                      bool(sampled)), parent, INTERNAL)
-    span.links = [m.link() for m in members]
+    span = HopSpan(name, TraceContext(parent.trace_id, _new_id(64), bool(sampled)), parent,
+                   INTERNAL)
+    span.members = members
     return span
+
+
+def links_of(hop: HopSpan, *, failed: bool) -> list[Link]:
+    """The links an exported batch span carries (see `start_batch`)."""
+    return [m.link() for m in hop.members if failed or m.context.sampled]
 
 
 def _emit(hop: HopSpan, error: BaseException | None, end_ns: int) -> None:
@@ -299,10 +322,12 @@ def _emit(hop: HopSpan, error: BaseException | None, end_ns: int) -> None:
     from opentelemetry.trace import Status, StatusCode
 
     flags = trace.TraceFlags(trace.TraceFlags.SAMPLED)
-    context = trace.SpanContext(hop.context.trace_id, hop.context.span_id, False, flags)
+    context = trace.SpanContext(int(hop.context.trace_id, 16), int(hop.context.span_id, 16),
+                                False, flags)
     parent = None
     if hop.parent is not None:
-        parent = trace.SpanContext(hop.parent.trace_id, hop.parent.span_id, True, flags)
+        parent = trace.SpanContext(int(hop.parent.trace_id, 16), int(hop.parent.span_id, 16),
+                                   True, flags)
     attributes = dict(hop.attributes)
     status = Status(StatusCode.UNSET)
     if error is not None:
@@ -310,10 +335,12 @@ def _emit(hop: HopSpan, error: BaseException | None, end_ns: int) -> None:
         attributes["error.type"] = str(code)
         status = Status(StatusCode.ERROR, f"{code}: {error}"[:512])
     links = [
-        trace.Link(trace.SpanContext(link.trace_id, link.span_id, True, trace.TraceFlags(
-            trace.TraceFlags.SAMPLED if link.sampled else trace.TraceFlags.DEFAULT
-        )), dict(link.attributes))
-        for link in hop.links
+        trace.Link(
+            trace.SpanContext(int(link.trace_id, 16), int(link.span_id, 16), True,
+                              flags if link.sampled else trace.TraceFlags(0)),
+            dict(link.attributes),
+        )
+        for link in links_of(hop, failed=error is not None)
     ]
     span = ReadableSpan(
         hop.name, context=context, parent=parent, resource=_tracing.resource,

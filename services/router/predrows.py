@@ -177,4 +177,4 @@ def _micros(ts: datetime) -> int:
 def trace_id_of(traceparent: str | None) -> str | None:
     """The 32-hex trace id of a W3C `traceparent`; None when absent or malformed."""
     context = parse_traceparent(traceparent)
-    return None if context is None else context.trace_hex
+    return None if context is None else context.trace_id

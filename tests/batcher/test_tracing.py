@@ -47,13 +47,14 @@ async def test_a_batch_span_links_its_requests_and_parents_the_worker(
     sampled_member = members["r2.0"]
     assert batch.parent is not None and batch.parent.span_id == sampled_member.context.span_id
     assert batch.context.trace_id == 3
-    assert [link.context.trace_id for link in batch.links] == [2, 3]
+    # Linked: the members whose spans are recorded (r1.0's trace is not sampled).
+    assert [link.context.trace_id for link in batch.links] == [3]
     assert [dict(link.attributes or {}) for link in batch.links] == [
-        {"infermesh.request_id": "r1.0"}, {"infermesh.request_id": "r2.0"},
+        {"infermesh.request_id": "r2.0"},
     ]
     # The worker's span will be a child of the batch span.
     carried = telemetry.parse_traceparent(second.trace["traceparent"])
-    assert carried is not None and carried.span_id == batch.context.span_id
+    assert carried is not None and carried.span_id == f"{batch.context.span_id:016x}"
     attributes = dict(sampled_member.attributes or {})
     assert attributes["infermesh.batch_size"] == 2
     assert attributes["infermesh.batch_position"] == 1
@@ -76,6 +77,7 @@ async def test_a_failed_batch_is_recorded_even_when_not_sampled(
         pass
     (batch,) = _named(recorded_spans, "batcher.batch")
     (queue,) = _named(recorded_spans, "batcher.queue")
+    assert [link.context.span_id for link in batch.links] == [queue.context.span_id]
     for span in (batch, queue):
         assert span.status.status_code is StatusCode.ERROR
         assert "the model raised" in (span.status.description or "")
