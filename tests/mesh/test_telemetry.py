@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -127,3 +128,41 @@ def test_the_span_file_holds_what_infermesh_trace_reads(tmp_path: Path) -> None:
     assert found[0].duration_ns >= 0
     (tmp_path / "torn.jsonl").write_text('{"trace_id": "ab"\n')
     assert len(list(read_spans(tmp_path))) == len(list(read_spans(tmp_path)))
+
+
+def test_spans_reach_an_otlp_grpc_collector_named_by_the_environment() -> None:
+    """The default protocol (OTLP/gRPC, what Jaeger takes on 4317), against a real gRPC
+    trace service that decodes what it is sent; the endpoint comes from the settings given,
+    not from this process's environment."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received: list[str] = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC's naming)
+            received.extend(
+                span.name for spans in request.resource_spans
+                for scope in spans.scope_spans for span in scope.spans
+            )
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        Collector(), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        telemetry.setup_tracing("gateway", {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "INFERMESH_TRACE_SAMPLE_RATIO": "1",
+        })
+        telemetry.start("gateway.infer", kind=telemetry.SERVER).end()
+        telemetry.flush()
+    finally:
+        telemetry.setup_tracing("test", {})
+        server.stop(None)
+    assert received == ["gateway.infer"]
