@@ -304,7 +304,8 @@ async def test_a_weight_change_and_a_rollback_apply_within_a_second_without_erro
     assert changed["epoch"] == first["epoch"] + 1 and rolled["epoch"] == changed["epoch"] + 1
     assert rolled["routes"] == first["routes"]
     # Every request sent a second after a change was routed by it, on both routers.
-    after_change = [a for a in answers if changed_at + 1.0 <= a.sent < rolled_at]
+    # (A request sent just before the rollback may reach a router after it: leave those out.)
+    after_change = [a for a in answers if changed_at + 1.0 <= a.sent < rolled_at - 0.5]
     after_rollback = [a for a in answers if a.sent >= rolled_at + 1.0]
     assert after_change and after_rollback
     assert {a.parameters["rollout_epoch"] for a in after_change} == {changed["epoch"]}
