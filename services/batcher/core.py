@@ -101,6 +101,7 @@ class Batcher:
         span.set("infermesh.version", request.version)
         span.set("infermesh.tenant", request.tenant)
         span.set("infermesh.lane", request.lane)
+        span.set("infermesh.bucket", request.bucket)
         try:
             response = await self._infer(request, span)
         except BaseException as exc:

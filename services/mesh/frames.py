@@ -87,7 +87,7 @@ def encode_request(request: InferRequest) -> tuple[dict[str, Any], Buffers]:
         "op": "infer", "model": request.model, "version": request.version,
         "id": request.request_id, "tenant": request.tenant, "deadline": request.deadline,
         "lane": request.lane, "outputs": request.outputs, "params": request.parameters,
-        "trace": request.trace, "tensors": descriptors,
+        "trace": request.trace, "bucket": request.bucket, "tensors": descriptors,
     }
     return meta, buffers
 
@@ -97,7 +97,7 @@ def decode_request(meta: dict[str, Any], payload: memoryview) -> InferRequest:
         model=meta["model"], inputs=_tensors(meta["tensors"], payload),
         request_id=meta["id"], version=meta["version"], tenant=meta["tenant"],
         deadline=meta["deadline"], lane=meta["lane"], outputs=meta["outputs"],
-        parameters=meta["params"], trace=meta["trace"],
+        parameters=meta["params"], trace=meta["trace"], bucket=meta.get("bucket"),
     )
 
 

@@ -34,6 +34,8 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     trace: dict[str, str] = field(default_factory=dict)
     """W3C trace context carrier (`traceparent`, `tracestate`)."""
+    bucket: int | None = None
+    """The rollout bucket the router chose the version by (None: pinned, or not routed yet)."""
 
     @property
     def rows(self) -> int:

@@ -104,7 +104,7 @@ class Router:
             rollout, self._sticky_value(request, rollout.sticky_key),
             is_ready=lambda v: self._catalog.ready_workers(request.model, v) > 0,
         )
-        request.version = choice.version
+        request.version, request.bucket = choice.version, choice.bucket
         if choice.fallback:
             self.metrics.fallback(request.model, choice.routed, choice.version)
         return rollout, choice

@@ -156,6 +156,7 @@ async def test_one_request_is_one_trace_across_every_hop_under_the_clients_span(
     assert gateway["infermesh.request_id"] == body["id"] and "infermesh.bucket" in gateway
     assert {"infermesh.queue_wait_ms", "infermesh.batch_size", "infermesh.batch_position",
             "infermesh.tenant", "infermesh.version"} <= set(queue)
+    assert queue["infermesh.bucket"] == gateway["infermesh.bucket"] == body["parameters"]["bucket"]
 
 
 async def test_a_batch_span_links_to_each_of_its_requests(

@@ -43,7 +43,7 @@ def test_infer_request_round_trips() -> None:
     request = InferRequest(
         model="resnet", inputs=_tensors(), request_id="req-1", version="3", tenant="acme",
         deadline=1234.5, lane="bulk", outputs=["probs"], parameters={"top_k": 5},
-        trace={"traceparent": "00-abc-def-01"},
+        trace={"traceparent": "00-abc-def-01"}, bucket=4242,
     )
     frame = _one(frames.CALL, 17, frames.encode_request(request))
     decoded = frames.decode_request(frame.meta, frame.payload)
