@@ -30,7 +30,7 @@ import uvloop
 
 from bench.payloads import infer_path, request_body
 from bench.rawhttp import RawClient
-from bench.report import machine, write_report
+from bench.report import heading, machine, write_report
 from bench.result import Percentiles
 from bench.run_all import start_launcher
 
@@ -88,8 +88,7 @@ class NoisyReport:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def markdown(self) -> str:
-        lines = [f"Command: `{self.command}`  ", f"Date: {self.started:%Y-%m-%d %H:%M} UTC  ",
-                 f"Machine: {machine()}", "",
+        lines = [*heading(self.command, self.started),
                  "| round | quiet alone p50 / p99 ms | quiet beside noisy p50 / p99 ms | "
                  "p99 ratio | quiet statuses beside | noisy statuses |",
                  "|---|---|---|---|---|---|"]

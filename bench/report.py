@@ -191,3 +191,58 @@ def machine() -> dict[str, object]:
         "platform": platform.platform(terse=True),
         "python": platform.python_version(),
     }
+
+
+def heading(command: str, started: datetime) -> list[str]:
+    """The lines every bench report opens with: the command, the date, the machine."""
+    return [f"Command: `{command}`  ", f"Date: {started:%Y-%m-%d %H:%M} UTC  ",
+            f"Machine: {machine()}", ""]
+
+
+@dataclass
+class RatioReport:
+    """Closed loops of several setups taking turns per round, read as req/s ratios to the
+    `baseline` setup's run of the same round (`bench.rollouts`, `bench.tracing`)."""
+
+    command: str
+    started: datetime
+    baseline: str
+    label: str
+    """The first column's heading: what the setups vary."""
+    runs: dict[str, list[LoadResult]] = field(default_factory=dict)
+
+    def ratios(self, setup: str) -> list[float]:
+        return [r.rps / s.rps for r, s in zip(self.runs[setup], self.runs[self.baseline],
+                                              strict=False) if s.rps]
+
+    def extra_headings(self) -> list[str]:
+        """More columns, after the ratios (none here)."""
+        return []
+
+    def extra_cells(self, setup: str) -> list[str]:
+        return []
+
+    def markdown(self) -> str:
+        headings = [self.label, "req/s (median)", "p50 ms", "p99 ms",
+                    f"÷ {self.baseline}, per round", *self.extra_headings()]
+        lines = [*heading(self.command, self.started), "| " + " | ".join(headings) + " |",
+                 "|" + "---|" * len(headings)]
+        for setup, results in self.runs.items():
+            best = sorted(results, key=lambda r: r.rps)[len(results) // 2]
+            ratios = "—" if setup == self.baseline else ", ".join(
+                f"{x:.2f}" for x in self.ratios(setup)
+            )
+            cells = [setup, f"{best.rps:,.0f}", f"{best.latency.p50:.2f}",
+                     f"{best.latency.p99:.2f}", ratios, *self.extra_cells(setup)]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"command": self.command, "started": self.started.isoformat(),
+                "machine": machine(),
+                "runs": {k: [r.to_dict() for r in v] for k, v in self.runs.items()},
+                "ratios": {k: self.ratios(k) for k in self.runs if k != self.baseline}}
+
+    def median_ratios(self) -> dict[str, float]:
+        return {k: round(statistics.median(self.ratios(k)), 2)
+                for k in self.runs if k != self.baseline}

@@ -16,12 +16,10 @@ import argparse
 import asyncio
 import secrets
 import shlex
-import statistics
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,8 +27,7 @@ from typing import Any
 import aiohttp
 
 from bench.credentials import auth_headers
-from bench.report import machine, write_report
-from bench.result import LoadResult
+from bench.report import RatioReport, write_report
 from bench.run_all import closed_loop, start_launcher
 from control.registry_client import RegistryClient, register_file
 
@@ -41,35 +38,6 @@ ROLLOUTS: dict[str, dict[str, Any]] = {
     "shadow": {"routes": [{"version": "1", "weight": 100}],
                "shadow": [{"version": "2", "fraction": 0.25}]},
 }
-
-
-@dataclass
-class RolloutReport:
-    command: str
-    started: datetime
-    runs: dict[str, list[LoadResult]] = field(default_factory=dict)
-
-    def ratios(self, setup: str) -> list[float]:
-        return [r.rps / s.rps for r, s in zip(self.runs[setup], self.runs["stable"], strict=True)
-                if s.rps]
-
-    def markdown(self) -> str:
-        lines = [f"Command: `{self.command}`  ", f"Date: {self.started:%Y-%m-%d %H:%M} UTC  ",
-                 f"Machine: {machine()}", "",
-                 "| rollout | req/s (median) | p50 ms | p99 ms | ÷ stable, per round |",
-                 "|---|---|---|---|---|"]
-        for setup, results in self.runs.items():
-            best = sorted(results, key=lambda r: r.rps)[len(results) // 2]
-            ratios = "—" if setup == "stable" else ", ".join(f"{x:.2f}" for x in self.ratios(setup))
-            lines.append(f"| {setup} | {best.rps:,.0f} | {best.latency.p50:.2f} | "
-                         f"{best.latency.p99:.2f} | {ratios} |")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, object]:
-        return {"command": self.command, "started": self.started.isoformat(),
-                "machine": machine(),
-                "runs": {k: [r.to_dict() for r in v] for k, v in self.runs.items()},
-                "ratios": {k: self.ratios(k) for k in self.runs if k != "stable"}}
 
 
 async def register_second_version(registry: str) -> None:
@@ -114,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     started = datetime.now(UTC)
-    report = RolloutReport(shlex.join(["python", "-m", "bench.rollouts", *(argv or sys.argv[1:])]),
-                           started)
+    report = RatioReport(shlex.join(["python", "-m", "bench.rollouts", *(argv or sys.argv[1:])]),
+                         started, baseline="stable", label="rollout")
     out = args.out or Path("bench/results") / f"rollouts-{started:%Y-%m-%dT%H%M%SZ}.json"
     logs = out.with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)
@@ -134,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 report.runs.setdefault(setup, []).append(result)
                 print(f"[{round_}] {setup}: {result.summary_line()}", flush=True)
     write_report(report, out, logs)
-    medians = {k: round(statistics.median(report.ratios(k)), 2) for k in ("split", "shadow")}
-    print("median ratios to stable:", medians)
+    print("median ratios to stable:", report.median_ratios())
     return 0
 
 

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.report import machine, write_report
-from bench.result import LoadResult
+from bench.report import RatioReport, write_report
 from bench.run_all import closed_loop, start_launcher
 from deploy.localdeps import free_port
 from services.mesh.telemetry import DEFAULT_SAMPLE_RATIO
@@ -84,45 +83,28 @@ def mesh_cpu_seconds(marker: str) -> float:
 
 
 @dataclass
-class TracingReport:
-    command: str
-    started: datetime
-    runs: dict[str, list[LoadResult]] = field(default_factory=dict)
+class TracingReport(RatioReport):
+    """req/s ratios to "off", and the CPU the mesh spent per request."""
+
     cpu_us: dict[str, list[float]] = field(default_factory=dict)
     """CPU microseconds the mesh spent per request served, per round."""
 
     def cpu_ratios(self, setup: str) -> list[float]:
-        return [c / o for c, o in zip(self.cpu_us[setup], self.cpu_us["off"], strict=False)
-                if o]
+        return [c / o for c, o in zip(self.cpu_us[setup], self.cpu_us[self.baseline],
+                                      strict=False) if o]
 
-    def ratios(self, setup: str) -> list[float]:
-        return [r.rps / s.rps for r, s in zip(self.runs[setup], self.runs["off"], strict=False)
-                if s.rps]
+    def extra_headings(self) -> list[str]:
+        return ["mesh CPU µs/request (median)", f"CPU ÷ {self.baseline}, per round"]
 
-    def markdown(self) -> str:
-        lines = [f"Command: `{self.command}`  ", f"Date: {self.started:%Y-%m-%d %H:%M} UTC  ",
-                 f"Machine: {machine()}", "",
-                 "| tracing | req/s (median) | p50 ms | p99 ms | req/s ÷ off, per round "
-                 "| mesh CPU µs/request (median) | CPU ÷ off, per round |",
-                 "|---|---|---|---|---|---|---|"]
-        for setup, results in self.runs.items():
-            best = sorted(results, key=lambda r: r.rps)[len(results) // 2]
-            ratios = "—" if setup == "off" else ", ".join(f"{x:.2f}" for x in self.ratios(setup))
-            cpu = "—" if setup == "off" else ", ".join(
-                f"{x:.2f}" for x in self.cpu_ratios(setup)
-            )
-            lines.append(f"| {setup} | {best.rps:,.0f} | {best.latency.p50:.2f} | "
-                         f"{best.latency.p99:.2f} | {ratios} | "
-                         f"{statistics.median(self.cpu_us[setup]):,.0f} | {cpu} |")
-        return "\n".join(lines)
+    def extra_cells(self, setup: str) -> list[str]:
+        ratios = "—" if setup == self.baseline else ", ".join(
+            f"{x:.2f}" for x in self.cpu_ratios(setup)
+        )
+        return [f"{statistics.median(self.cpu_us[setup]):,.0f}", ratios]
 
     def to_dict(self) -> dict[str, object]:
-        return {"command": self.command, "started": self.started.isoformat(),
-                "machine": machine(),
-                "runs": {k: [r.to_dict() for r in v] for k, v in self.runs.items()},
-                "ratios": {k: self.ratios(k) for k in self.runs if k != "off"},
-                "cpu_us_per_request": self.cpu_us,
-                "cpu_ratios": {k: self.cpu_ratios(k) for k in self.runs if k != "off"}}
+        return {**super().to_dict(), "cpu_us_per_request": self.cpu_us,
+                "cpu_ratios": {k: self.cpu_ratios(k) for k in self.runs if k != self.baseline}}
 
 
 @contextmanager
@@ -153,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     started = datetime.now(UTC)
     report = TracingReport(shlex.join(["python", "-m", "bench.tracing", *(argv or sys.argv[1:])]),
-                           started)
+                           started, baseline="off", label="tracing")
     out = args.out or Path("bench/results") / f"tracing-{started:%Y-%m-%dT%H%M%SZ}.json"
     logs = out.with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)
@@ -180,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{round_}] {setup}: {result.summary_line()}, "
                       f"{report.cpu_us[setup][-1]:,.0f} CPU µs/request", flush=True)
     write_report(report, out, logs)
-    medians = {k: round(statistics.median(report.ratios(k)), 2) for k in report.runs if k != "off"}
-    print("median req/s ratios to off:", medians)
+    print("median req/s ratios to off:", report.median_ratios())
     print("median CPU-per-request ratios to off:", {
         k: round(statistics.median(report.cpu_ratios(k)), 2) for k in report.runs if k != "off"
     })

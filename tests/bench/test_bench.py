@@ -83,3 +83,25 @@ def test_wrk_summary_line_is_parsed() -> None:
     result = parse_wrk(f"noise\n{line}\n", url="u", model="mlp", concurrency=64, rows=1)
     assert result.requests == 100 and result.errors == 2
     assert result.latency.p99 == pytest.approx(5.0)
+
+
+def test_a_ratio_report_reads_each_round_against_its_baseline() -> None:
+    from bench.report import RatioReport
+    from bench.tracing import TracingReport
+
+    started = datetime(2026, 11, 23, 7, 35, tzinfo=UTC)
+    report = RatioReport("cmd", started, baseline="stable", label="rollout")
+    report.runs = {"stable": [_closed("mlp", 100.0), _closed("mlp", 200.0)],
+                   "split": [_closed("mlp", 75.0), _closed("mlp", 100.0)]}
+    assert report.ratios("split") == [0.75, 0.5]
+    assert report.median_ratios() == {"split": 0.62}
+    table = report.markdown().splitlines()
+    assert table[4] == "| rollout | req/s (median) | p50 ms | p99 ms | ÷ stable, per round |"
+    assert table[6:] == ["| stable | 200 | 1.00 | 2.00 | — |",
+                         "| split | 100 | 1.00 | 2.00 | 0.75, 0.50 |"]
+
+    tracing = TracingReport("cmd", started, baseline="off", label="tracing",
+                            runs={"off": [_closed("mlp", 100.0)], "on": [_closed("mlp", 95.0)]},
+                            cpu_us={"off": [800.0], "on": [840.0]})
+    assert tracing.markdown().splitlines()[-1] == "| on | 95 | 1.00 | 2.00 | 0.95 | 840 | 1.05 |"
+    assert tracing.to_dict()["cpu_ratios"] == {"on": [1.05]}
