@@ -79,6 +79,10 @@ def connect_client(url: str) -> aetcd.Client:
     return aetcd.Client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379, timeout=5)
 
 
+_CANCEL_TIMEOUT = 2.0
+"""Seconds to wait for etcd to confirm a watch's cancellation."""
+
+
 class ConfigCache(_LocalConfig):
     """A local, always-readable copy of every key under `prefix`, kept fresh by a watch."""
 
@@ -117,10 +121,11 @@ class ConfigCache(_LocalConfig):
         self._task = asyncio.create_task(self._watch_forever(), name="etcd-config-watch")
 
     async def aclose(self) -> None:
+        """Stop watching. Bounded: a watch whose cancel etcd never answers must not hang a
+        service's shutdown (or a test) forever."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=_CANCEL_TIMEOUT * 2)
             self._task = None
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
@@ -173,7 +178,7 @@ class ConfigCache(_LocalConfig):
                 await self._notify()
         finally:
             with contextlib.suppress(Exception):
-                await watch.cancel()
+                await asyncio.wait_for(watch.cancel(), _CANCEL_TIMEOUT)
 
     def _decode(self, raw_key: bytes, raw_value: bytes) -> tuple[str, Any] | None:
         key = raw_key.decode()[len(self._prefix) :]
