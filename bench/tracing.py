@@ -32,7 +32,7 @@ from pathlib import Path
 from bench.report import RatioReport, write_report
 from bench.run_all import closed_loop, start_launcher
 from deploy.localdeps import free_port
-from services.mesh.telemetry import DEFAULT_SAMPLE_RATIO
+from services.mesh.infra.telemetry import DEFAULT_SAMPLE_RATIO
 
 SINK = """
 import http.server, sys

@@ -33,8 +33,8 @@ from control.cli_tenants import add_limit_command, add_tenant_commands
 from control.cli_trace import add_trace_command
 from control.control_client import ControlClient, ControlError
 from control.registry_client import RegistryClient, RegistryError, register_file
-from services.mesh.tensors import DATATYPES
-from services.mesh.types import PREDICTION_LOG_POLICIES
+from services.mesh.domain.tensors import DATATYPES
+from services.mesh.domain.types import PREDICTION_LOG_POLICIES
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8200"
 

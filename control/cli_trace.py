@@ -1,10 +1,11 @@
 """`infermesh trace REQUEST_ID`: one request's waterfall from the local span files.
 
 `infermesh up` without an OTLP collector writes every service's recorded spans under
-`<state dir>/traces` (services/mesh/spanfile.py). This command finds the spans of a request (by
-its `infermesh.request_id` attribute), the rest of their trace, and the batch spans that link to
-them from another request's trace with whatever ran under those (the worker's compute), and
-prints them as a tree on one time axis: the question an SRE asks Jaeger, answered offline.
+`<state dir>/traces` (services/mesh/infra/spanfile.py). This command finds the spans of a
+request (by its `infermesh.request_id` attribute), the rest of their trace, and the batch
+spans that link to them from another request's trace with whatever ran under those (the
+worker's compute), and prints them as a tree on one time axis: the question an SRE asks
+Jaeger, answered offline.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from control.cli_common import print_result
-from services.mesh.spanfile import SpanRecord, read_spans
-from services.mesh.telemetry import DEFAULT_SAMPLE_RATIO
+from services.mesh.infra.spanfile import SpanRecord, read_spans
+from services.mesh.infra.telemetry import DEFAULT_SAMPLE_RATIO
 
 BAR_WIDTH = 32
 _HIDDEN = {"infermesh.request_id"}

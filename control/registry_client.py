@@ -11,7 +11,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from services.mesh.digests import sha256_of
+from services.mesh.infra.digests import sha256_of
 
 READ_SIZE = 1024 * 1024
 

@@ -22,10 +22,10 @@ from services.gateway.feedback_store import open_feedback_store
 from services.gateway.grpc_app import create_grpc_server
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
-from services.mesh import telemetry
-from services.mesh.catalog import ModelCatalog
-from services.mesh.runtime import MeshNode, run
-from services.mesh.settings import load_settings
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.infra import telemetry
+from services.mesh.infra.runtime import MeshNode, run
+from services.mesh.infra.settings import load_settings
 from services.router.core import Router
 from services.router.metrics import RouterMetrics
 from services.router.predlog import start_prediction_log

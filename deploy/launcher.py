@@ -33,8 +33,8 @@ from deploy.demo_tenant import ensure_demo_key
 from deploy.edge import Edge, EdgeConfig, nginx_binary, start_edge
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
 from deploy.supervisor import Supervised
-from services.mesh.db import create_pool, migrate
-from services.mesh.etcd import ConfigCache, connect_client
+from services.mesh.infra.db import create_pool, migrate
+from services.mesh.infra.etcd import ConfigCache, connect_client
 
 log = logging.getLogger("infermesh.up")
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.mesh.runtime import PARENT_PID
+from services.mesh.infra.runtime import PARENT_PID
 
 log = logging.getLogger("infermesh.up")
 

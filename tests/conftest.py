@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from deploy.localdeps import LocalEtcd, LocalPostgres, start_etcd, start_postgres
-from services.mesh import telemetry
+from services.mesh.infra import telemetry
 
 
 def pytest_asyncio_loop_factories(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.mesh.types import BatchingPolicy, ModelVersion, Rollout, Signature
+from services.mesh.domain.types import BatchingPolicy, ModelVersion, Rollout, Signature
 
 
 def model_records(

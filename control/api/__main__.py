@@ -20,11 +20,11 @@ from control.api.reports import ReportStore
 from control.api.settings import ControlSettings
 from control.api.tenants import TenantStore
 from control.guard.runner import run_guard
-from services.mesh.db import create_pool, migrate
-from services.mesh.errors import InvalidInput
-from services.mesh.health import PostgresProbe
-from services.mesh.runtime import MeshNode, run
-from services.mesh.settings import load_settings
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.infra.db import create_pool, migrate
+from services.mesh.infra.health import PostgresProbe
+from services.mesh.infra.runtime import MeshNode, run
+from services.mesh.infra.settings import load_settings
 
 log = logging.getLogger("control.api")
 

@@ -28,8 +28,8 @@ from control.api.rest import read_object as _read_object
 from control.api.tenant_routes import ROUTE_TABLES as TENANCY_ROUTES
 from control.api.tenant_routes import TENANTS
 from control.api.tenants import TenantExists, TenantStore
-from services.mesh import errors
-from services.mesh.metrics import add_metrics_route
+from services.mesh.domain import errors
+from services.mesh.transport.rest import add_metrics_route
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from control.api.settings import ControlSettings
-from services.mesh.errors import InvalidInput, Unauthenticated
+from services.mesh.domain.errors import InvalidInput, Unauthenticated
 
 AUTHOR = web.RequestKey("author", str)
 """The name of the admin token a request was made with."""

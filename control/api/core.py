@@ -7,7 +7,7 @@ Every write (`apply`, `set_rollout`, `rollback`) is one Postgres transaction:
     validate; epoch = current + 1; UPDATE rollouts; INSERT rollout_history (author, reason)
 
 then, after COMMIT, `failpoint("control.after_commit")` and a compare-and-swap publish of
-`rollouts/{model}` to etcd (`services.mesh.publishing`), which never replaces a newer epoch.
+`rollouts/{model}` to etcd (`services.mesh.infra.publishing`), which never replaces a newer epoch.
 A crash or an etcd outage between commit and publish leaves etcd behind Postgres; `reconcile()`
 (at start, then every few seconds) publishes what etcd lacks.
 """
@@ -26,10 +26,10 @@ import asyncpg
 
 from control.api import queries
 from control.api.validation import echoed_epoch, parse_reason, parse_rollout
-from services.mesh.errors import InvalidInput, NotFound, PreconditionFailed, Unavailable
-from services.mesh.failpoints import failpoint
-from services.mesh.publishing import is_older, publish_newer
-from services.mesh.types import Rollout
+from services.mesh.domain.errors import InvalidInput, NotFound, PreconditionFailed, Unavailable
+from services.mesh.domain.types import Rollout
+from services.mesh.infra.failpoints import failpoint
+from services.mesh.infra.publishing import is_older, publish_newer
 from services.registry import reads
 from services.registry.reads import ModelDetail, ModelSummary
 

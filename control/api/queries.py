@@ -1,4 +1,4 @@
-"""The control API's SQL for rollouts (tables from services/mesh/migrations/0001_registry.sql)."""
+"""The control API's SQL for rollouts (tables from services/mesh/infra/migrations/)."""
 
 LOCK_ROLLOUT = "SELECT epoch, record FROM rollouts WHERE model = $1 FOR UPDATE"
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from control.api.reports import ReportStore, parse_report_query
 from control.api.rest import json_response
-from services.mesh.errors import Unavailable
+from services.mesh.domain.errors import Unavailable
 
 REPORTS = web.AppKey("report_store", ReportStore)
 

@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 
 from services.gateway.feedback import KIND
-from services.mesh.errors import InvalidInput, NotFound
+from services.mesh.domain.errors import InvalidInput, NotFound
 from services.router.policy import BUCKETS
 
 MAX_BANDS = 100

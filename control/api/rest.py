@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from services.mesh.errors import InvalidInput
+from services.mesh.domain.errors import InvalidInput
 
 
 def json_response(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.mesh.settings import ServiceSettings
+from services.mesh.infra.settings import ServiceSettings
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -23,8 +23,8 @@ import asyncpg
 import orjson
 
 from control.api import tenant_queries as queries
-from services.mesh.errors import Unavailable
-from services.mesh.tenancy import ApiKeyRecord
+from services.mesh.domain.errors import Unavailable
+from services.mesh.domain.tenancy import ApiKeyRecord
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from services.mesh.errors import InvalidInput
-from services.mesh.tenancy import PRIORITY_CLASSES, ModelLimits, Tenant
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tenancy import PRIORITY_CLASSES, ModelLimits, Tenant
 from services.registry.validation import check_name
 
 TENANT_FIELDS = (

@@ -28,8 +28,8 @@ from control.api.tenant_validation import (
     parse_note,
     parse_tenant_update,
 )
-from services.mesh.errors import InvalidInput, NotFound
-from services.mesh.tenancy import ModelLimits, Tenant, new_key
+from services.mesh.domain.errors import InvalidInput, NotFound
+from services.mesh.domain.tenancy import ModelLimits, Tenant, new_key
 
 TenantChange = Callable[[Tenant, Collection[str]], Tenant]
 """A tenant's new record from its current one and the models that exist."""

@@ -12,8 +12,8 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from control.guard.spec import parse_guard
-from services.mesh.errors import InvalidInput
-from services.mesh.types import Rollout, Route, ShadowRoute
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.types import Rollout, Route, ShadowRoute
 
 FIELDS = ("routes", "sticky_key", "salt", "shadow", "fallback", "guard", "reason")
 ECHOED = ("model", "epoch", "updated_at")

@@ -22,7 +22,7 @@ from typing import Literal
 
 from control.guard.metrics import Buckets, VersionFigures
 from control.guard.spec import GuardSpec
-from services.mesh.types import Rollout, Route
+from services.mesh.domain.types import Rollout, Route
 
 Action = Literal["hold", "rollback", "advance"]
 

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.mesh.errors import InvalidInput
-from services.mesh.types import Rollout
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.types import Rollout
 
 _NUMBERS: dict[str, tuple[float, float, float | None]] = {
     # field: (default, lowest allowed value, highest allowed value or None)

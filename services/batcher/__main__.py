@@ -6,12 +6,12 @@ from services.batcher.app import create_app
 from services.batcher.core import Batcher
 from services.batcher.metrics import BatcherMetrics
 from services.batcher.settings import BatcherSettings
-from services.batcher.workers import LinkedWorkerPool
-from services.mesh import telemetry
-from services.mesh.catalog import ModelCatalog
-from services.mesh.peers import LinkPool
-from services.mesh.runtime import MeshNode, run
-from services.mesh.settings import load_settings
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.infra import telemetry
+from services.mesh.infra.runtime import MeshNode, run
+from services.mesh.infra.settings import load_settings
+from services.mesh.transport.linked import LinkedWorkerPool
+from services.mesh.transport.peers import LinkPool
 
 
 async def main() -> None:

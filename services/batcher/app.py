@@ -6,8 +6,8 @@ from aiohttp import web
 
 from services.batcher.core import Batcher
 from services.batcher.metrics import BatcherMetrics
-from services.mesh.hops import infer_handler
-from services.mesh.links import LinkServer, create_link_app
+from services.mesh.transport.linked import infer_handler
+from services.mesh.transport.links import LinkServer, create_link_app
 
 CORE = web.AppKey("batcher", Batcher)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from services.mesh import telemetry
-from services.mesh.hops import remaining
-from services.mesh.tensors import concat_rows
-from services.mesh.types import Batch, InferRequest
+from services.mesh.domain import tracing
+from services.mesh.domain.hops import remaining
+from services.mesh.domain.tensors import concat_rows
+from services.mesh.domain.types import Batch, InferRequest
 
 
 def build_batch(model: str, version: str, requests: list[InferRequest]) -> Batch:
@@ -17,12 +17,12 @@ def build_batch(model: str, version: str, requests: list[InferRequest]) -> Batch
 
 
 def batch_span(
-    model: str, version: str, worker: str, members: list[tuple[telemetry.HopSpan, int]],
+    model: str, version: str, worker: str, members: list[tuple[tracing.HopSpan, int]],
     rows: int,
-) -> telemetry.HopSpan:
+) -> tracing.HopSpan:
     """The batch's span, linked to its members' spans (given with their earlier attempts);
     notes each member's place in the batch on the member's span."""
-    span = telemetry.start_batch("batcher.batch", [member for member, _ in members])
+    span = tracing.start_batch("batcher.batch", [member for member, _ in members])
     span.set("infermesh.model", model)
     span.set("infermesh.version", version)
     span.set("infermesh.batch_size", rows)

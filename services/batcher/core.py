@@ -18,18 +18,18 @@ from services.batcher.fairness import FairQueue
 from services.batcher.metrics import BatcherMetrics, VersionMetrics
 from services.batcher.policy import drain_seconds, plan_batch
 from services.batcher.tenants import TenantWeights
-from services.batcher.workers import WorkerHandle, WorkerPool
-from services.mesh import telemetry
-from services.mesh.catalog import ModelCatalog
-from services.mesh.errors import (
+from services.mesh.domain import tracing
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.errors import (
     DeadlineExceeded,
     InfermeshError,
     InternalError,
     Overloaded,
     Unavailable,
 )
-from services.mesh.tensors import Tensor, split_rows
-from services.mesh.types import BatchingPolicy, InferRequest, InferResponse
+from services.mesh.domain.hops import WorkerHandle, WorkerPool
+from services.mesh.domain.tensors import Tensor, split_rows
+from services.mesh.domain.types import BatchingPolicy, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class _Pending:
     tenant: str
     lane: str
     rows: int
-    span: telemetry.HopSpan
+    span: tracing.HopSpan
     attempts: int = 0
 
 
@@ -95,7 +95,7 @@ class Batcher:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Queue one request (its version already chosen) and wait for its batch."""
-        span = telemetry.start("batcher.queue", request.trace, kind=telemetry.CONSUMER)
+        span = tracing.start("batcher.queue", request.trace, kind=tracing.CONSUMER)
         span.set("infermesh.request_id", request.request_id)
         span.set("infermesh.model", request.model)
         span.set("infermesh.version", request.version)
@@ -110,7 +110,7 @@ class Batcher:
         span.end()
         return response
 
-    async def _infer(self, request: InferRequest, span: telemetry.HopSpan) -> InferResponse:
+    async def _infer(self, request: InferRequest, span: tracing.HopSpan) -> InferResponse:
         if self._closed:
             raise Unavailable("batcher is shutting down")
         assert request.version is not None, "the router chooses the version"

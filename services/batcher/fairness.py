@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Generic
 
 from services.batcher.lanes import Lane, T
-from services.mesh.types import LANES
+from services.mesh.domain.types import LANES
 
 _LANE_INDEX = {lane: index for index, lane in enumerate(LANES)}  # LANES: highest priority first
 _REALTIME = _LANE_INDEX["realtime"]

@@ -26,7 +26,7 @@ class Queued(Protocol):
 
     @property
     def lane(self) -> str:
-        """One of `services.mesh.types.LANES`; anything else queues as realtime."""
+        """One of `services.mesh.domain.types.LANES`; anything else queues as realtime."""
 
     @property
     def rows(self) -> int: ...

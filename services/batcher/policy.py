@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.mesh.types import BatchingPolicy
+from services.mesh.domain.types import BatchingPolicy
 
 MIN_RECHECK = 0.0005
 MAX_RETRY_AFTER = 60.0

@@ -11,12 +11,12 @@ from services.gateway.feedback import FeedbackRecorder
 from services.gateway.feedback_store import open_feedback_store
 from services.gateway.grpc_app import create_grpc_server
 from services.gateway.settings import GatewaySettings
-from services.mesh import telemetry
-from services.mesh.catalog import ModelCatalog
-from services.mesh.hops import LinkedInferTarget
-from services.mesh.peers import LinkPool
-from services.mesh.runtime import MeshNode, run
-from services.mesh.settings import load_settings
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.infra import telemetry
+from services.mesh.infra.runtime import MeshNode, run
+from services.mesh.infra.settings import load_settings
+from services.mesh.transport.linked import LinkedInferTarget
+from services.mesh.transport.peers import LinkPool
 
 
 async def main() -> None:

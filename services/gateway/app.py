@@ -17,9 +17,9 @@ from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
 from services.gateway.feedback import FeedbackRecorder
 from services.gateway.feedback_routes import add_feedback_route
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
-from services.mesh import errors
-from services.mesh.metrics import add_metrics_route
-from services.mesh.types import InferResponse
+from services.mesh.domain import errors
+from services.mesh.domain.types import InferResponse
+from services.mesh.transport.rest import add_metrics_route
 
 log = logging.getLogger(__name__)
 

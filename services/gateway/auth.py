@@ -27,9 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.mesh.errors import InfermeshError, InvalidInput, PermissionDenied, Unauthenticated
-from services.mesh.etcd import ConfigView
-from services.mesh.tenancy import ApiKeyRecord, Tenant, split_key
+from services.mesh.domain.errors import (
+    InfermeshError,
+    InvalidInput,
+    PermissionDenied,
+    Unauthenticated,
+)
+from services.mesh.domain.tenancy import ApiKeyRecord, Tenant, split_key
+from services.mesh.infra.etcd import ConfigView
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.mesh.errors import InvalidInput
+from services.mesh.domain.errors import InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

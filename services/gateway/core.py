@@ -18,12 +18,12 @@ from services.gateway.auth import AuthFailure, HeaderLookup
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.quotas import Permit, Rejection
 from services.gateway.validation import validate_request
-from services.mesh import telemetry
-from services.mesh.catalog import ModelCatalog
-from services.mesh.errors import InfermeshError, InvalidInput, QuotaExceeded
-from services.mesh.hops import InferTarget
-from services.mesh.tenancy import Tenant
-from services.mesh.types import InferRequest, InferResponse, ModelVersion
+from services.mesh.domain import tracing
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.errors import InfermeshError, InvalidInput, QuotaExceeded
+from services.mesh.domain.hops import InferTarget
+from services.mesh.domain.tenancy import Tenant
+from services.mesh.domain.types import InferRequest, InferResponse, ModelVersion
 
 SERVER_NAME = "infermesh"
 SERVER_VERSION = "0.1.0"
@@ -150,8 +150,8 @@ class Gateway:
         sticky key among the request's headers (or gRPC metadata) when the request's
         parameters do not carry it.
         """
-        span = telemetry.start("gateway.infer", kind=telemetry.SERVER,
-                               traceparent=header(telemetry.TRACEPARENT) if header else None)
+        span = tracing.start("gateway.infer", kind=tracing.SERVER,
+                               traceparent=header(tracing.TRACEPARENT) if header else None)
         span.set("infermesh.request_id", request.request_id)
         span.set("infermesh.model", request.model)
         span.set("infermesh.tenant", admission.tenant)
@@ -169,7 +169,7 @@ class Gateway:
 
     async def _infer(
         self, request: InferRequest, admission: Admission, header: HeaderLookup | None,
-        span: telemetry.HopSpan,
+        span: tracing.HopSpan,
     ) -> InferResponse:
         request.tenant, request.lane = admission.tenant, admission.lane
         spec = admission.spec

@@ -26,8 +26,8 @@ import orjson
 from services.gateway.access import Access
 from services.gateway.auth import AuthFailure, HeaderLookup
 from services.gateway.metrics import GatewayMetrics
-from services.mesh.errors import InfermeshError, InvalidInput
-from services.mesh.tenancy import Tenant
+from services.mesh.domain.errors import InfermeshError, InvalidInput
+from services.mesh.domain.tenancy import Tenant
 
 KIND = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 MAX_REQUEST_ID = 128

@@ -16,8 +16,8 @@ from contextlib import asynccontextmanager
 import asyncpg
 
 from services.gateway.feedback import Feedback, FeedbackStore
-from services.mesh.db import create_pool
-from services.mesh.errors import Unavailable
+from services.mesh.domain.errors import Unavailable
+from services.mesh.infra.db import create_pool
 
 log = logging.getLogger(__name__)
 

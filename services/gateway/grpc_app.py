@@ -32,8 +32,8 @@ from services.gateway import grpc_messages
 from services.gateway.auth import HeaderLookup
 from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
-from services.mesh import errors
-from services.mesh.types import InferResponse
+from services.mesh.domain import errors
+from services.mesh.domain.types import InferResponse
 
 log = logging.getLogger(__name__)
 

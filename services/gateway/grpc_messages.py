@@ -16,9 +16,9 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from services.gateway.rest import add_served_headers
-from services.mesh.errors import InvalidInput
-from services.mesh.tensors import DATATYPES, DTYPES, Tensor, serialize_bytes
-from services.mesh.types import InferRequest, InferResponse, ModelVersion
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tensors import DATATYPES, DTYPES, Tensor, serialize_bytes
+from services.mesh.domain.types import InferRequest, InferResponse, ModelVersion
 
 # The typed `InferTensorContents` field that carries each datatype (FP16 has none: raw only).
 _CONTENTS_FIELD = {

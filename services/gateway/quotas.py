@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.mesh.tenancy import Tenant
+from services.mesh.domain.tenancy import Tenant
 
 Clock = Callable[[], float]
 

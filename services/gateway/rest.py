@@ -13,9 +13,9 @@ import numpy as np
 import orjson
 
 from services.gateway.binary import OutputFormat, binary_chunks, output_format, split_body
-from services.mesh.errors import InvalidInput
-from services.mesh.tensors import DATATYPES, DTYPES, Tensor, element_count, serialize_bytes
-from services.mesh.types import InferRequest, InferResponse, ModelVersion
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tensors import DATATYPES, DTYPES, Tensor, element_count, serialize_bytes
+from services.mesh.domain.types import InferRequest, InferResponse, ModelVersion
 
 _ORJSON_NUMPY = {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
                  "UINT64", "FP32", "FP64"}

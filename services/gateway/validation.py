@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.mesh.errors import InvalidInput
-from services.mesh.types import InferRequest, Signature, TensorSpec
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.types import InferRequest, Signature, TensorSpec
 
 
 def validate_request(request: InferRequest, signature: Signature, *, max_rows: int) -> None:

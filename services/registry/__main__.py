@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from services.mesh.db import create_pool, migrate
-from services.mesh.health import PostgresProbe
-from services.mesh.runtime import MeshNode, run
-from services.mesh.settings import load_settings
+from services.mesh.infra.db import create_pool, migrate
+from services.mesh.infra.health import PostgresProbe
+from services.mesh.infra.runtime import MeshNode, run
+from services.mesh.infra.settings import load_settings
 from services.registry.app import create_app
 from services.registry.artifacts import ArtifactStore
 from services.registry.core import Registry

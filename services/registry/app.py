@@ -10,8 +10,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from services.mesh import errors
-from services.mesh.metrics import add_metrics_route
+from services.mesh.domain import errors
+from services.mesh.transport.rest import add_metrics_route
 from services.registry.core import Registry, VersionConflict
 
 log = logging.getLogger(__name__)

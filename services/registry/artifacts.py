@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from services.mesh.errors import InvalidInput, NotFound
+from services.mesh.domain.errors import InvalidInput, NotFound
 
 WRITE_SIZE = 256 * 1024
 """Bytes handed to each thread hop: small chunks are joined so a thread hop is worth it."""

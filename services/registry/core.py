@@ -18,9 +18,9 @@ import aetcd
 import asyncpg
 import orjson
 
-from services.mesh.errors import InvalidInput, NotFound, Unavailable
-from services.mesh.publishing import publish_newer
-from services.mesh.types import ModelVersion, Rollout
+from services.mesh.domain.errors import InvalidInput, NotFound, Unavailable
+from services.mesh.domain.types import ModelVersion, Rollout
+from services.mesh.infra.publishing import publish_newer
 from services.registry import queries, reads
 from services.registry.artifacts import ArtifactInfo, ArtifactStore, check_sha256
 from services.registry.reads import ModelDetail, ModelSummary

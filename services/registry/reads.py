@@ -12,8 +12,8 @@ from typing import Any
 
 import asyncpg
 
-from services.mesh.errors import NotFound
-from services.mesh.types import ModelVersion, Rollout
+from services.mesh.domain.errors import NotFound
+from services.mesh.domain.types import ModelVersion, Rollout
 from services.registry import queries
 
 

@@ -9,8 +9,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from services.mesh.errors import InvalidInput
-from services.mesh.types import (
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.types import (
     DEVICE_POLICIES,
     PREDICTION_LOG_POLICIES,
     BatchingPolicy,

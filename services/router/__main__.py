@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from services.mesh import telemetry
-from services.mesh.catalog import ModelCatalog
-from services.mesh.hops import LinkedInferTarget
-from services.mesh.peers import LinkPool
-from services.mesh.runtime import MeshNode, run
-from services.mesh.settings import load_settings
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.infra import telemetry
+from services.mesh.infra.runtime import MeshNode, run
+from services.mesh.infra.settings import load_settings
+from services.mesh.transport.linked import LinkedInferTarget
+from services.mesh.transport.peers import LinkPool
 from services.router.app import create_app
 from services.router.core import Router
 from services.router.metrics import RouterMetrics

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.mesh.hops import infer_handler
-from services.mesh.links import LinkServer, create_link_app
+from services.mesh.transport.linked import infer_handler
+from services.mesh.transport.links import LinkServer, create_link_app
 from services.router.core import Router
 
 CORE = web.AppKey("router", Router)

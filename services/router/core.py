@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from services.mesh import telemetry
-from services.mesh.catalog import ModelCatalog
-from services.mesh.errors import InfermeshError, Unavailable
-from services.mesh.hops import InferTarget
-from services.mesh.types import InferRequest, InferResponse, Rollout
+from services.mesh.domain import tracing
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.errors import InfermeshError, Unavailable
+from services.mesh.domain.hops import InferTarget
+from services.mesh.domain.types import InferRequest, InferResponse, Rollout
 from services.router.metrics import RouterMetrics, VersionStats
 from services.router.policy import Choice, choose_version
 from services.router.predlog import PredictionLog, policy_of
@@ -44,7 +44,7 @@ class Router:
         started = time.perf_counter()
         if self._closed:
             raise Unavailable("router is closed")
-        span = telemetry.start("router.route", request.trace)
+        span = tracing.start("router.route", request.trace)
         try:
             response = await self._infer(request, span, started)
         except BaseException as exc:
@@ -58,7 +58,7 @@ class Router:
         return response
 
     async def _infer(
-        self, request: InferRequest, span: telemetry.HopSpan, started: float
+        self, request: InferRequest, span: tracing.HopSpan, started: float
     ) -> InferResponse:
         try:
             routed = self._route(request)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from services.mesh.errors import InvalidInput, NotFound
+from services.mesh.domain.errors import InvalidInput, NotFound
 
 SUCCESS, FAILURE, CLIENT_ERROR, DROPPED = "success", "failure", "client_error", "dropped"
 UNKNOWN = "_unknown"

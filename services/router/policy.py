@@ -12,8 +12,8 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.mesh.errors import Unavailable
-from services.mesh.types import Rollout
+from services.mesh.domain.errors import Unavailable
+from services.mesh.domain.types import Rollout
 
 BUCKETS = 10_000
 

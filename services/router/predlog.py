@@ -28,9 +28,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from services.mesh.catalog import ModelCatalog
-from services.mesh.errors import NotFound
-from services.mesh.types import InferRequest, InferResponse
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.errors import NotFound
+from services.mesh.domain.types import InferRequest, InferResponse
 from services.router.predmetrics import PredictionLogMetrics
 from services.router.predrows import DIGEST, NONE, PredictionRecord, Row, to_row
 from services.router.predtable import UNAVAILABLE, PredictionTable

@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
-from services.mesh.telemetry import parse_traceparent
-from services.mesh.tensors import DTYPES, Tensor, deserialize_bytes
+from services.mesh.domain.tensors import DTYPES, Tensor, deserialize_bytes
+from services.mesh.domain.tracing import parse_traceparent
 
 FULL, DIGEST, NONE = "full", "digest", "none"
 COLUMNS = (

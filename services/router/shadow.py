@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.mesh.catalog import ModelCatalog
-from services.mesh.hops import InferTarget
-from services.mesh.tensors import DTYPES, Tensor, element_count
-from services.mesh.types import InferRequest, InferResponse, Rollout
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.hops import InferTarget
+from services.mesh.domain.tensors import DTYPES, Tensor, element_count
+from services.mesh.domain.types import InferRequest, InferResponse, Rollout
 from services.router.metrics import RouterMetrics
 from services.router.policy import shadow_targets
 from services.router.predlog import PredictionLog, policy_of

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.mesh import telemetry
-from services.mesh.catalog import ModelCatalog
-from services.mesh.runtime import MeshNode, run
-from services.mesh.settings import load_settings
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.infra import telemetry
+from services.mesh.infra.runtime import MeshNode, run
+from services.mesh.infra.settings import load_settings
 from services.worker.app import create_app
 from services.worker.artifacts import ArtifactCache
 from services.worker.core import Worker

@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from services.mesh.digests import sha256_of
-from services.mesh.errors import InternalError, Unavailable
-from services.mesh.types import ModelVersion
+from services.mesh.domain.errors import InternalError, Unavailable
+from services.mesh.domain.types import ModelVersion
+from services.mesh.infra.digests import sha256_of
 
 CHUNK = 1 << 20
 

@@ -9,11 +9,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from services.mesh import telemetry
-from services.mesh.catalog import ModelCatalog
-from services.mesh.errors import InternalError, Unavailable
-from services.mesh.tensors import Tensor
-from services.mesh.types import Batch, BatchResult, ModelVersion
+from services.mesh.domain import tracing
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.errors import InternalError, Unavailable
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import Batch, BatchResult, ModelVersion
 from services.worker.artifacts import ArtifactCache
 from services.worker.backends import Backend, BackendError
 from services.worker.metrics import WorkerMetrics
@@ -107,7 +107,7 @@ class Worker:
     async def run_batch(self, batch: Batch, *, timeout: float | None = None) -> BatchResult:
         """Run one batch on its version's backend in the inference thread (one span, a child
         of the batch's span)."""
-        span = telemetry.start("worker.compute", batch.trace)
+        span = tracing.start("worker.compute", batch.trace)
         span.set("infermesh.model", batch.model)
         span.set("infermesh.version", batch.version)
         span.set("infermesh.batch_size", sum(batch.rows))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.mesh.errors import InvalidInput
-from services.mesh.types import ModelVersion
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.types import ModelVersion
 from services.worker.backends import Backend, TorchScriptBackend
 
 

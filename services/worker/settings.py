@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.mesh.settings import ServiceSettings
+from services.mesh.infra.settings import ServiceSettings
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,7 @@ import pytest
 
 from services.batcher.core import Batcher
 from services.batcher.metrics import BatcherMetrics
-from services.mesh.types import BatchingPolicy
+from services.mesh.domain.types import BatchingPolicy
 from tests.batcher.fakes import BatcherFactory, FakePool, FakeWorker, catalog_with
 
 

@@ -8,12 +8,11 @@ from collections.abc import Callable
 import numpy as np
 
 from services.batcher.core import Batcher
-from services.batcher.workers import WorkerHandle
-from services.mesh.catalog import ModelCatalog
-from services.mesh.etcd import StaticConfig
-from services.mesh.tenancy import Tenant
-from services.mesh.tensors import Tensor
-from services.mesh.types import (
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.hops import WorkerHandle
+from services.mesh.domain.tenancy import Tenant
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import (
     Batch,
     BatchingPolicy,
     BatchResult,
@@ -23,6 +22,7 @@ from services.mesh.types import (
     Signature,
     TensorSpec,
 )
+from services.mesh.infra.etcd import StaticConfig
 
 MODEL, VERSION = "m", "1"
 SIGNATURE = Signature(

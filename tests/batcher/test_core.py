@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from services.batcher.metrics import BatcherMetrics
-from services.mesh.errors import (
+from services.mesh.domain.errors import (
     DeadlineExceeded,
     InternalError,
     LinkClosed,
     Overloaded,
     Unavailable,
 )
-from services.mesh.types import BatchingPolicy
+from services.mesh.domain.types import BatchingPolicy
 from tests.batcher.fakes import (
     MODEL,
     VERSION,

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from services.batcher.metrics import BatcherMetrics
-from services.mesh.errors import Overloaded
-from services.mesh.types import Batch, BatchingPolicy, InferResponse
+from services.mesh.domain.errors import Overloaded
+from services.mesh.domain.types import Batch, BatchingPolicy, InferResponse
 from tests.batcher.fakes import (
     MODEL,
     VERSION,

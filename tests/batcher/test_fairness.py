@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from services.batcher.fairness import FairQueue
-from services.mesh.types import LANES
+from services.mesh.domain.types import LANES
 
 
 @dataclass(eq=False)

@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.batcher.metrics import BatcherMetrics
-from services.mesh.errors import DeadlineExceeded, InternalError
+from services.mesh.domain.errors import DeadlineExceeded, InternalError
 from tests.batcher.fakes import (
     MODEL,
     VERSION,

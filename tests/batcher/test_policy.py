@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.batcher.policy import Dispatch, drain_seconds, plan_batch
-from services.mesh.types import BatchingPolicy
+from services.mesh.domain.types import BatchingPolicy
 
 POLICY = BatchingPolicy(max_batch_size=8, max_queue_delay_ms=10.0)
 

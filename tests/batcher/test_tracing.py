@@ -9,8 +9,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from services.mesh import telemetry
-from services.mesh.errors import InternalError
+from services.mesh.domain.errors import InternalError
+from services.mesh.infra import telemetry
 from tests.batcher.fakes import BatcherFactory, FakePool, FakeWorker, request, submit_all
 
 SAMPLED = "00-{:032x}-00000000000000{:02x}-01"

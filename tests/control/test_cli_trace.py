@@ -9,9 +9,9 @@ import orjson
 import pytest
 
 from control.cli import main
-from services.mesh import telemetry
-from services.mesh.errors import Unavailable
-from services.mesh.spanfile import SpanFileExporter
+from services.mesh.domain.errors import Unavailable
+from services.mesh.infra import telemetry
+from services.mesh.infra.spanfile import SpanFileExporter
 
 
 def _hops(request_id: str, parent: str) -> telemetry.HopSpan:

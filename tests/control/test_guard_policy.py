@@ -7,7 +7,7 @@ import pytest
 from control.guard.metrics import Buckets, VersionFigures
 from control.guard.policy import Verdict, canary_weight, evaluate, next_rollout, p99, quantile
 from control.guard.spec import GuardSpec
-from services.mesh.types import Rollout, Route, ShadowRoute
+from services.mesh.domain.types import Rollout, Route, ShadowRoute
 
 INF = float("inf")
 SPEC = GuardSpec(canary="v2", baseline="v1", window_s=30, min_samples=50,

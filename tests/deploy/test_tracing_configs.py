@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from services.mesh import telemetry
+from services.mesh.infra import telemetry
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = (DEPLOY / "jaeger" / "docker-compose.yml").read_text()

@@ -10,15 +10,15 @@ from typing import Any
 
 from services.gateway.access import Access
 from services.gateway.core import Gateway
-from services.mesh.catalog import ModelCatalog
-from services.mesh.etcd import StaticConfig
-from services.mesh.tensors import Tensor
-from services.mesh.types import (
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import (
     InferRequest,
     InferResponse,
     Signature,
     TensorSpec,
 )
+from services.mesh.infra.etcd import StaticConfig
 from tests.fakes import model_records
 
 SIGNATURES = {

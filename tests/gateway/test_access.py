@@ -14,8 +14,8 @@ from services.gateway.access import Access
 from services.gateway.core import Gateway
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
-from services.mesh.catalog import ModelCatalog
-from services.mesh.errors import (
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.errors import (
     InfermeshError,
     NotFound,
     PermissionDenied,
@@ -23,11 +23,11 @@ from services.mesh.errors import (
     Unauthenticated,
     Unavailable,
 )
-from services.mesh.etcd import StaticConfig
-from services.mesh.settings import load_settings
-from services.mesh.tenancy import Tenant
-from services.mesh.tensors import Tensor
-from services.mesh.types import InferRequest, InferResponse
+from services.mesh.domain.tenancy import Tenant
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import InferRequest, InferResponse
+from services.mesh.infra.etcd import StaticConfig
+from services.mesh.infra.settings import load_settings
 from tests.gateway.echo import EchoRouter, echo_config
 from tests.gateway.tenancy import FakeClock, add_tenant, bearer, lookup, revoke
 

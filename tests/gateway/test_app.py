@@ -13,11 +13,10 @@ from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
 from services.gateway.metrics import GatewayMetrics
-from services.mesh.catalog import ModelCatalog
-from services.mesh.errors import InfermeshError, Overloaded
-from services.mesh.etcd import StaticConfig
-from services.mesh.tensors import Tensor
-from services.mesh.types import (
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.errors import InfermeshError, Overloaded
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import (
     BatchingPolicy,
     InferRequest,
     InferResponse,
@@ -25,6 +24,7 @@ from services.mesh.types import (
     Signature,
     TensorSpec,
 )
+from services.mesh.infra.etcd import StaticConfig
 from tests.fakes import model_records
 
 SIGNATURE = Signature(

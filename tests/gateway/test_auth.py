@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-import services.mesh.tenancy
+import services.mesh.domain.tenancy
 from services.gateway.auth import Authenticator, AuthFailure, presented_key
-from services.mesh.errors import PermissionDenied, Unauthenticated
-from services.mesh.etcd import StaticConfig
-from services.mesh.tenancy import Tenant, new_key, split_key
+from services.mesh.domain.errors import PermissionDenied, Unauthenticated
+from services.mesh.domain.tenancy import Tenant, new_key, split_key
+from services.mesh.infra.etcd import StaticConfig
 from tests.gateway.tenancy import add_key, add_tenant, lookup, revoke
 
 
@@ -111,13 +111,13 @@ def test_a_cache_hit_does_no_hashing(
 ) -> None:
     key = add_tenant(config, "acme")
     hashes: list[str] = []
-    real = services.mesh.tenancy.hash_secret
+    real = services.mesh.domain.tenancy.hash_secret
 
     def counting(salt: str, secret: str) -> str:
         hashes.append(salt)
         return real(salt, secret)
 
-    monkeypatch.setattr(services.mesh.tenancy, "hash_secret", counting)
+    monkeypatch.setattr(services.mesh.domain.tenancy, "hash_secret", counting)
     for _ in range(100):
         assert isinstance(auth.authorize(key, "m"), Tenant)
     assert len(hashes) == 1

@@ -17,9 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from services.gateway.app import create_app
 from services.gateway.binary import HEADER_LENGTH, OutputFormat, output_format, split_body
 from services.gateway.rest import decode_infer_body, encode_infer_parts
-from services.mesh.errors import InvalidInput
-from services.mesh.tensors import Tensor, deserialize_bytes, serialize_bytes
-from services.mesh.types import InferRequest, InferResponse
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tensors import Tensor, deserialize_bytes, serialize_bytes
+from services.mesh.domain.types import InferRequest, InferResponse
 from tests.gateway.echo import EchoRouter, echo_gateway
 
 FEATURES = np.array([[1.5, -2.0]], dtype=np.float32)

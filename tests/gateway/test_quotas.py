@@ -11,7 +11,7 @@ from services.gateway.quotas import (
     burst_share,
     concurrency_share,
 )
-from services.mesh.tenancy import Tenant
+from services.mesh.domain.tenancy import Tenant
 from tests.gateway.tenancy import FakeClock
 
 

@@ -9,9 +9,9 @@ import orjson
 import pytest
 
 from services.gateway.rest import decode_infer, encode_infer, parse_body
-from services.mesh.errors import InvalidInput
-from services.mesh.tensors import Tensor, deserialize_bytes
-from services.mesh.types import InferRequest, InferResponse
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tensors import Tensor, deserialize_bytes
+from services.mesh.domain.types import InferRequest, InferResponse
 
 
 def decode(*inputs: dict[str, Any], **body: Any) -> InferRequest:

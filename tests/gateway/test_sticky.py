@@ -17,10 +17,10 @@ from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
 from services.gateway.grpc_app import create_grpc_server
-from services.mesh.catalog import ModelCatalog
-from services.mesh.etcd import StaticConfig
-from services.mesh.tensors import Tensor
-from services.mesh.types import InferRequest, Rollout, Route
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import InferRequest, Rollout, Route
+from services.mesh.infra.etcd import StaticConfig
 from tests.gateway.echo import EchoRouter, echo_config
 
 STICKY = Rollout("echo", (Route("1", 100.0),), sticky_key="user", fallback="1", epoch=9)

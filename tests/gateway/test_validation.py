@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from services.gateway.validation import validate_request
-from services.mesh.errors import InvalidInput
-from services.mesh.tensors import Tensor, serialize_bytes
-from services.mesh.types import InferRequest, Signature, TensorSpec
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tensors import Tensor, serialize_bytes
+from services.mesh.domain.types import InferRequest, Signature, TensorSpec
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("features", "FP32", (-1, 4)), TensorSpec("ids", "INT64", (-1,))),

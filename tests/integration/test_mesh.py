@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from services.mesh.etcd import connect_client
+from services.mesh.infra.etcd import connect_client
 from tests.integration.conftest import RunningMesh
 from tests.integration.oip import (
     encoder_input,

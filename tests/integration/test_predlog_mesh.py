@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from deploy.localdeps import LocalEtcd, LocalPostgres
-from services.mesh.db import create_pool
+from services.mesh.infra.db import create_pool
 from tests.integration.conftest import RunningMesh, start_mesh, stop_and_check
 from tests.integration.oip import infer_body, mlp_input, output_array, post_infer
 

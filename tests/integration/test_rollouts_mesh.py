@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from control.registry_client import RegistryClient, register_file
 from deploy.localdeps import LocalEtcd, LocalPostgres
-from services.mesh.etcd import connect_client
+from services.mesh.infra.etcd import connect_client
 from services.worker.demo_models import build_demo_models
 from tests.integration.canary_models import build_failing_mlp, build_mlp_variant
 from tests.integration.conftest import RunningMesh, mesh_on_session_deps, mesh_processes

@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from bench.rawhttp import RawClient
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port
-from services.mesh.etcd import connect_client
+from services.mesh.infra.etcd import connect_client
 from tests.integration.conftest import RunningMesh, mesh_on_session_deps
 from tests.integration.oip import encoder_input, infer_body, mlp_input
 

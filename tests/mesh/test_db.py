@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.mesh.db import available_migrations, create_pool, migrate
+from services.mesh.infra.db import available_migrations, create_pool, migrate
 
 
 async def test_migrate_applies_once(database_url: str) -> None:

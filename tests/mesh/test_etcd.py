@@ -7,7 +7,7 @@ import aetcd
 import orjson
 import pytest
 
-from services.mesh.etcd import ConfigCache, Registration, StaticConfig, connect_client
+from services.mesh.infra.etcd import ConfigCache, Registration, StaticConfig, connect_client
 
 
 @pytest.fixture

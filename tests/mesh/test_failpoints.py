@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.mesh.errors import InternalError
-from services.mesh.failpoints import EXIT_CODE, failpoint, parse_failpoints, set_failpoints
+from services.mesh.domain.errors import InternalError
+from services.mesh.infra.failpoints import EXIT_CODE, failpoint, parse_failpoints, set_failpoints
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_raise_only_at_the_armed_failpoint() -> None:
 
 def test_exit_ends_the_process_at_once_with_75() -> None:
     script = (
-        "from services.mesh.failpoints import failpoint\n"
+        "from services.mesh.infra.failpoints import failpoint\n"
         "failpoint('x.other'); print('before', flush=True); failpoint('x.here'); print('after')"
     )
     result = subprocess.run(

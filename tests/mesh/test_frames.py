@@ -5,10 +5,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.mesh import frames
-from services.mesh.errors import InvalidInput
-from services.mesh.tensors import Tensor
-from services.mesh.types import Batch, BatchResult, InferRequest, InferResponse
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import Batch, BatchResult, InferRequest, InferResponse
+from services.mesh.transport import frames
 
 
 def _message(*parts: frames.Buffers) -> bytes:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.mesh.db import create_pool
-from services.mesh.etcd import ConfigCache, connect_client
-from services.mesh.health import HealthCollector, PostgresProbe
+from services.mesh.infra.db import create_pool
+from services.mesh.infra.etcd import ConfigCache, connect_client
+from services.mesh.infra.health import HealthCollector, PostgresProbe
 
 
 def _values(registry: CollectorRegistry) -> dict[str, float]:

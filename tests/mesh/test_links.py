@@ -10,15 +10,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from services.mesh import frames
-from services.mesh.errors import (
+from services.mesh.domain.errors import (
     DeadlineExceeded,
     InternalError,
     InvalidInput,
     LinkClosed,
     QuotaExceeded,
 )
-from services.mesh.links import Handler, LinkClient, LinkServer
+from services.mesh.transport import frames
+from services.mesh.transport.links import Handler, LinkClient, LinkServer
 
 
 @contextlib.asynccontextmanager

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from services.mesh.runtime import watch_parent
+from services.mesh.infra.runtime import watch_parent
 
 
 async def test_a_parent_that_is_not_ours_any_more_stops_the_service() -> None:
@@ -23,7 +23,7 @@ async def test_a_parent_that_is_not_ours_any_more_stops_the_service() -> None:
 
 _CHILD = """
 import asyncio, os, sys
-from services.mesh.runtime import watch_parent
+from services.mesh.infra.runtime import watch_parent
 async def main():
     done = asyncio.Event()
     await watch_parent(int(sys.argv[1]), done.set, interval=0.05)

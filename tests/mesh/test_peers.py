@@ -11,11 +11,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from services.mesh import frames
-from services.mesh.errors import Unavailable
-from services.mesh.etcd import ConfigCache, connect_client
-from services.mesh.links import LinkClient, LinkServer
-from services.mesh.peers import LinkPool
+from services.mesh.domain.errors import Unavailable
+from services.mesh.infra.etcd import ConfigCache, connect_client
+from services.mesh.transport import frames
+from services.mesh.transport.links import LinkClient, LinkServer
+from services.mesh.transport.peers import LinkPool
 
 
 class Peer:

@@ -8,8 +8,8 @@ import aetcd
 import orjson
 import pytest
 
-from services.mesh.etcd import connect_client
-from services.mesh.publishing import publish_newer
+from services.mesh.infra.etcd import connect_client
+from services.mesh.infra.publishing import publish_newer
 
 
 @pytest.fixture

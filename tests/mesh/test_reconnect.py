@@ -13,10 +13,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from deploy.localdeps import free_port
-from services.mesh.errors import LinkClosed
-from services.mesh.etcd import ConfigCache, connect_client
-from services.mesh.links import LinkServer, create_link_app
-from services.mesh.peers import LinkPool
+from services.mesh.domain.errors import LinkClosed
+from services.mesh.infra.etcd import ConfigCache, connect_client
+from services.mesh.transport.links import LinkServer, create_link_app
+from services.mesh.transport.peers import LinkPool
 
 
 async def _serve(port: int, release: asyncio.Event) -> web.AppRunner:

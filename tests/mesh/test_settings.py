@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from services.mesh.errors import InvalidInput
-from services.mesh.settings import ServiceSettings, load_settings
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.infra.settings import ServiceSettings, load_settings
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -9,9 +9,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from services.mesh import telemetry
-from services.mesh.errors import Unavailable
-from services.mesh.spanfile import SpanFileExporter, read_spans
+from services.mesh.domain.errors import Unavailable
+from services.mesh.infra import telemetry
+from services.mesh.infra.spanfile import SpanFileExporter, read_spans
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 

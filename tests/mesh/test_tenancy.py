@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.mesh.errors import InvalidInput
-from services.mesh.tenancy import ApiKeyRecord, ModelLimits, Tenant, new_key, split_key
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tenancy import ApiKeyRecord, ModelLimits, Tenant, new_key, split_key
 
 
 def test_a_tenant_round_trips_through_json() -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.mesh.errors import InvalidInput
-from services.mesh.tensors import (
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tensors import (
     DTYPES,
     Tensor,
     concat_rows,

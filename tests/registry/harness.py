@@ -12,8 +12,8 @@ import aetcd
 import asyncpg
 import orjson
 
-from services.mesh.db import create_pool, migrate
-from services.mesh.etcd import connect_client
+from services.mesh.infra.db import create_pool, migrate
+from services.mesh.infra.etcd import connect_client
 from services.registry.artifacts import ArtifactStore
 from services.registry.core import Registry
 

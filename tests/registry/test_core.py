@@ -7,8 +7,8 @@ import orjson
 import pytest
 from blockbuster import blockbuster_ctx
 
-from services.mesh.errors import InvalidInput, NotFound
-from services.mesh.types import ModelVersion, Rollout
+from services.mesh.domain.errors import InvalidInput, NotFound
+from services.mesh.domain.types import ModelVersion, Rollout
 from services.registry.core import VersionConflict
 from tests.registry.harness import SIGNATURE, RegistryHarness, chunks_of
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import orjson
 
-from services.mesh.types import Rollout
+from services.mesh.domain.types import Rollout
 from services.registry.artifacts import ArtifactStore
 from services.registry.core import Registry
 from tests.mesh.test_publishing import RacingEtcd

@@ -6,10 +6,9 @@ import asyncio
 
 import numpy as np
 
-from services.mesh.errors import InfermeshError
-from services.mesh.etcd import StaticConfig
-from services.mesh.tensors import Tensor
-from services.mesh.types import (
+from services.mesh.domain.errors import InfermeshError
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import (
     InferRequest,
     InferResponse,
     ModelVersion,
@@ -19,6 +18,7 @@ from services.mesh.types import (
     Signature,
     TensorSpec,
 )
+from services.mesh.infra.etcd import StaticConfig
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 2)),), outputs=(TensorSpec("x", "FP32", (-1, 2)),)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.mesh.tensors import Tensor
+from services.mesh.domain.tensors import Tensor
 from services.router.shadow import Agreement, compare_outputs
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.mesh.catalog import ModelCatalog
-from services.mesh.errors import NotFound, Unavailable
-from services.mesh.etcd import StaticConfig
-from services.mesh.tensors import Tensor
-from services.mesh.types import (
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.errors import NotFound, Unavailable
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import (
     InferRequest,
     InferResponse,
     ModelVersion,
@@ -18,6 +17,7 @@ from services.mesh.types import (
     Signature,
     TensorSpec,
 )
+from services.mesh.infra.etcd import StaticConfig
 from services.router.core import Router
 from services.router.policy import bucket_of, choose_version
 

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from services.mesh.errors import Unavailable
-from services.mesh.types import Rollout, Route, ShadowRoute
+from services.mesh.domain.errors import Unavailable
+from services.mesh.domain.types import Rollout, Route, ShadowRoute
 from services.router.policy import (
     BUCKETS,
     bucket_of,

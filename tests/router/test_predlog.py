@@ -16,11 +16,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from deploy.localdeps import LocalPostgres, free_port
-from services.mesh.catalog import ModelCatalog
-from services.mesh.db import create_pool, migrate
-from services.mesh.errors import Unavailable
-from services.mesh.tensors import Tensor
-from services.mesh.types import InferRequest, InferResponse
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.errors import Unavailable
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import InferRequest, InferResponse
+from services.mesh.infra.db import create_pool, migrate
 from services.router.core import Router
 from services.router.predlog import PredictionLog
 from services.router.predrows import EPOCH, PredictionRecord, to_row

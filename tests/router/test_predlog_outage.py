@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from deploy.localdeps import LocalPostgres, start_postgres
-from services.mesh.catalog import ModelCatalog
-from services.mesh.db import create_pool, migrate
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.infra.db import create_pool, migrate
 from services.router.core import Router
 from services.router.metrics import RouterMetrics
 from services.router.predlog import PredictionLog

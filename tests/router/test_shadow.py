@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from services.mesh.catalog import ModelCatalog
-from services.mesh.errors import InternalError, Unavailable
-from services.mesh.etcd import StaticConfig
-from services.mesh.tensors import Tensor
-from services.mesh.types import Route
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.errors import InternalError, Unavailable
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import Route
+from services.mesh.infra.etcd import StaticConfig
 from services.router.core import Router
 from services.router.metrics import RouterMetrics
 from tests.router.fakes import (

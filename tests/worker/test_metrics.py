@@ -8,9 +8,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.mesh.catalog import ModelCatalog
-from services.mesh.etcd import StaticConfig
-from services.mesh.types import Rollout
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.types import Rollout
+from services.mesh.infra.etcd import StaticConfig
 from services.worker.artifacts import ArtifactCache
 from services.worker.core import Worker
 from services.worker.demo_models import DemoModel

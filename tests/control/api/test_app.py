@@ -11,7 +11,7 @@ from control.api.app import create_app, parse_if_match
 from control.api.core import RolloutState, RolloutStore
 from control.api.openapi import openapi_document
 from control.api.tenants import TenantStore
-from services.mesh.errors import InvalidInput
+from services.mesh.domain.errors import InvalidInput
 from tests.control.api.conftest import ControlHarness, canary
 
 Client = TestClient[web.Request, web.Application]

@@ -6,8 +6,8 @@ import pytest
 
 from control.api.auth import author_of, load_tokens
 from control.api.settings import ControlSettings
-from services.mesh.errors import InvalidInput, Unauthenticated
-from services.mesh.settings import load_settings
+from services.mesh.domain.errors import InvalidInput, Unauthenticated
+from services.mesh.infra.settings import load_settings
 
 
 def test_tokens_come_from_the_environment_and_the_file(tmp_path: Path) -> None:

@@ -8,10 +8,10 @@ import orjson
 import pytest
 
 from control.api.core import RolloutStore, StaleEpoch
-from services.mesh.errors import InternalError, InvalidInput, NotFound, Unavailable
-from services.mesh.etcd import connect_client
-from services.mesh.failpoints import set_failpoints
-from services.mesh.types import Rollout
+from services.mesh.domain.errors import InternalError, InvalidInput, NotFound, Unavailable
+from services.mesh.domain.types import Rollout
+from services.mesh.infra.etcd import connect_client
+from services.mesh.infra.failpoints import set_failpoints
 from tests.control.api.conftest import ControlHarness, canary
 
 

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from deploy.localdeps import free_port
-from services.mesh.etcd import ConfigCache
-from services.mesh.failpoints import EXIT_CODE
+from services.mesh.infra.etcd import ConfigCache
+from services.mesh.infra.failpoints import EXIT_CODE
 from tests.control.api.conftest import ControlHarness, canary
 
 TOKEN = "ops-secret"

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from control.api.app import create_app
 from control.api.openapi import openapi_document
-from services.mesh.tenancy import ApiKeyRecord, split_key
+from services.mesh.domain.tenancy import ApiKeyRecord, split_key
 from tests.control.api.conftest import ControlHarness
 
 Client = TestClient[web.Request, web.Application]

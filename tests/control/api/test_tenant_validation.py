@@ -12,8 +12,8 @@ from control.api.tenant_validation import (
     parse_new_tenant,
     parse_tenant_update,
 )
-from services.mesh.errors import InvalidInput
-from services.mesh.tenancy import ModelLimits, Tenant
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tenancy import ModelLimits, Tenant
 
 MODELS = {"iris", "mlp"}
 ACME = Tenant("acme", rate=10, burst=10, max_concurrency=64)

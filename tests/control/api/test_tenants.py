@@ -9,9 +9,9 @@ import orjson
 import pytest
 
 from control.api.tenants import TenantExists, TenantStore
-from services.mesh.errors import InvalidInput, NotFound, Unavailable
-from services.mesh.etcd import ConfigCache, connect_client
-from services.mesh.tenancy import ApiKeyRecord, ModelLimits, Tenant, split_key
+from services.mesh.domain.errors import InvalidInput, NotFound, Unavailable
+from services.mesh.domain.tenancy import ApiKeyRecord, ModelLimits, Tenant, split_key
+from services.mesh.infra.etcd import ConfigCache, connect_client
 from tests.control.api.conftest import ControlHarness
 
 

@@ -5,8 +5,8 @@ from typing import Any
 import pytest
 
 from control.api.validation import parse_reason, parse_rollout
-from services.mesh.errors import InvalidInput
-from services.mesh.types import Rollout, Route, ShadowRoute
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.types import Rollout, Route, ShadowRoute
 from tests.control.api.conftest import canary
 
 CURRENT = Rollout.stable("iris", "1")

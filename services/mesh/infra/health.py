@@ -22,8 +22,8 @@ import asyncpg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.mesh.etcd import ConfigCache
-from services.mesh.peers import LinkPool
+from services.mesh.infra.etcd import ConfigCache
+from services.mesh.transport.peers import LinkPool
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from services.mesh.errors import InvalidInput
+from services.mesh.domain.errors import InvalidInput
 
 DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype("bool"),

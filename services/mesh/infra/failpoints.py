@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-from services.mesh.errors import InternalError
+from services.mesh.domain.errors import InternalError
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
-from services.mesh.errors import LinkClosed, Unavailable
-from services.mesh.etcd import ConfigCache
-from services.mesh.links import LinkClient
+from services.mesh.domain.config import ConfigView
+from services.mesh.domain.errors import LinkClosed, Unavailable
+from services.mesh.transport.links import LinkClient
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class LinkPool:
     """Open links to every live instance of `service`."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: ConfigCache, service: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, config: ConfigView, service: str) -> None:
         self._session = session
         self._config = config
         self._prefix = f"endpoints/{service}/"
@@ -74,8 +75,6 @@ class LinkPool:
 
     def pick_by_key(self, key: str) -> LinkClient:
         """The open link chosen for `key` by rendezvous hashing (stable while peers live)."""
-        from services.mesh.hops import rendezvous_score
-
         best: tuple[int, LinkClient] | None = None
         for link, record in self.links():
             score = rendezvous_score(key, str(record.get("instance", link.url)))
@@ -150,3 +149,8 @@ class LinkPool:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def rendezvous_score(key: str, instance: str) -> int:
+    """Highest-random-weight hash: stable choice of an instance for a key."""
+    return zlib.crc32(f"{key}\0{instance}".encode())

@@ -1,6 +1,6 @@
 """Postgres: connection pools and the schema migrations that apply on start.
 
-Migrations are `services/mesh/migrations/NNNN_name.sql`, shipped as package data. Each applies
+Migrations are `services/mesh/infra/migrations/NNNN_name.sql`, shipped as package data. Each applies
 in its own transaction and is recorded in `schema_migrations`; a session advisory lock makes
 several instances starting at once apply each migration exactly once.
 """
@@ -44,7 +44,7 @@ def _encode_json(value: Any) -> str:
 
 def available_migrations() -> list[tuple[str, str]]:
     """Every migration shipped with the package as (version, sql), in order."""
-    folder = resources.files("services.mesh").joinpath("migrations")
+    folder = resources.files("services.mesh.infra").joinpath("migrations")
     found = [
         (entry.name.removesuffix(".sql"), entry.read_text(encoding="utf-8"))
         for entry in folder.iterdir()

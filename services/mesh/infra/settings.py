@@ -14,7 +14,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from services.mesh.errors import InvalidInput
+from services.mesh.domain.errors import InvalidInput
 
 S = TypeVar("S")
 

@@ -29,11 +29,11 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
-from services.mesh.etcd import ConfigCache, Registration, connect_client
-from services.mesh.health import HealthCollector, PostgresProbe
-from services.mesh.metrics import REGISTRY
-from services.mesh.peers import LinkPool
-from services.mesh.settings import ServiceSettings
+from services.mesh.infra.etcd import ConfigCache, Registration, connect_client
+from services.mesh.infra.health import HealthCollector, PostgresProbe
+from services.mesh.infra.settings import ServiceSettings
+from services.mesh.transport.peers import LinkPool
+from services.mesh.transport.rest import REGISTRY
 
 log = logging.getLogger(__name__)
 

@@ -12,66 +12,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 import aetcd
 import orjson
 
+from services.mesh.domain.config import ConfigView, LocalConfig, StaticConfig
+
+__all__ = ["ConfigCache", "ConfigView", "Registration", "StaticConfig", "connect_client"]
+
 log = logging.getLogger(__name__)
-
-Listener = Callable[[], None]
-
-
-class ConfigView(Protocol):
-    """What the data plane reads config through: a ConfigCache, or a StaticConfig in tests."""
-
-    def get(self, key: str) -> Any | None: ...
-
-    def items(self, subprefix: str) -> dict[str, Any]: ...
-
-    def subscribe(self, listener: Listener) -> None: ...
-
-
-class _LocalConfig:
-    """Config values held in memory, readable at any time, with change listeners."""
-
-    def __init__(self, values: dict[str, Any] | None = None) -> None:
-        self._values: dict[str, Any] = dict(values or {})
-        self._listeners: list[Listener] = []
-
-    def get(self, key: str) -> Any | None:
-        """The decoded value at `key` (relative to the prefix), or None."""
-        return self._values.get(key)
-
-    def items(self, subprefix: str) -> dict[str, Any]:
-        """Every key under `subprefix`, relative to the prefix."""
-        return {k: v for k, v in self._values.items() if k.startswith(subprefix)}
-
-    def subscribe(self, listener: Listener) -> None:
-        """Call `listener()` after every change applied."""
-        self._listeners.append(listener)
-
-    def _call_listeners(self) -> None:
-        for listener in self._listeners:
-            try:
-                listener()
-            except Exception:
-                log.exception("config listener failed")
-
-
-class StaticConfig(_LocalConfig):
-    """An in-memory ConfigView: the fake of etcd for core unit tests and tools."""
-
-    def put(self, key: str, value: Any) -> None:
-        """Set a key and notify listeners, as a watch event would."""
-        self._values[key] = value
-        self._call_listeners()
-
-    def delete(self, key: str) -> None:
-        self._values.pop(key, None)
-        self._call_listeners()
-
 
 def connect_client(url: str) -> aetcd.Client:
     """An aetcd client for `http://host:port` (connects lazily on first use)."""
@@ -83,7 +34,7 @@ _CANCEL_TIMEOUT = 2.0
 """Seconds to wait for etcd to confirm a watch's cancellation."""
 
 
-class ConfigCache(_LocalConfig):
+class ConfigCache(LocalConfig):
     """A local, always-readable copy of every key under `prefix`, kept fresh by a watch."""
 
     def __init__(self, client: aetcd.Client, prefix: str) -> None:

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.mesh.errors import InvalidInput
-from services.mesh.tensors import DATATYPES, Tensor
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tensors import DATATYPES, Tensor
 
 LANES = ("realtime", "bulk", "shadow")
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import orjson
 
-from services.mesh.errors import InvalidInput
-from services.mesh.tensors import Tensor
-from services.mesh.types import Batch, BatchResult, InferRequest, InferResponse
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tensors import Tensor
+from services.mesh.domain.types import Batch, BatchResult, InferRequest, InferResponse
 
 HEADER = struct.Struct("<BBHIII")
 CALL, REPLY, ERROR, CANCEL = 1, 2, 3, 4

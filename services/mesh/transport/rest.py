@@ -1,4 +1,5 @@
-"""Prometheus metrics: one registry per service instance, served at `/metrics`."""
+"""What every service's aiohttp adapter shares: `/metrics` (one Prometheus registry per service
+instance)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from services.mesh.errors import InvalidInput
+from services.mesh.domain.errors import InvalidInput
 
 KEY_SCHEME = "imk"
 PRIORITY_CLASSES = ("realtime", "bulk")

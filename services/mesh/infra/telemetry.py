@@ -25,28 +25,43 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import random
-import re
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
+
+# The span model lives in the domain layer (cores use it); re-exported here for adapters.
+from services.mesh.domain.tracing import (
+    CONSUMER,
+    DEFAULT_SAMPLE_RATIO,
+    INTERNAL,
+    SERVER,
+    TRACEPARENT,
+    HopSpan,
+    Link,
+    TraceContext,
+    configure,
+    links_of,
+    parse_traceparent,
+    recording,
+    sample_ratio,
+    start,
+    start_batch,
+    trace_id_of,
+)
+
+__all__ = [
+    "CONSUMER", "DEFAULT_SAMPLE_RATIO", "INTERNAL", "SERVER", "SETTINGS", "TRACEPARENT",
+    "HopSpan", "Link", "TraceContext", "flush", "links_of", "parse_traceparent", "recording",
+    "sample_ratio", "setup_tracing", "shutdown_tracing", "start", "start_batch", "trace_id_of",
+]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SAMPLE_RATIO = 0.05
 SETTINGS = (
     "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
     "INFERMESH_TRACE_DIR", "INFERMESH_TRACE_SAMPLE_RATIO", "OTEL_TRACES_SAMPLER_ARG",
 )
 """The environment variables `setup_tracing` reads (besides the exporters' own `OTEL_*`)."""
-TRACEPARENT = "traceparent"
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
-_SAMPLED_FLAGS = frozenset(f"{flags:02x}" for flags in range(256) if flags & 1)
-
-Attribute = str | bool | int | float
 
 
 class _Sink(Protocol):
@@ -55,62 +70,14 @@ class _Sink(Protocol):
     def force_flush(self, timeout_millis: int = ...) -> bool: ...
 
 
-class TraceContext(NamedTuple):
-    """What a `traceparent` says: the trace, the parent span in it, the sampling decision.
-
-    Ids are kept as the lower-case hex a `traceparent` carries, so a hop parses and forwards
-    them without converting (a named tuple: made for every request at every hop)."""
-
-    trace_id: str
-    """32 hex digits."""
-    span_id: str
-    """16 hex digits."""
-    sampled: bool
-
-    def traceparent(self) -> str:
-        return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
-
-
-def parse_traceparent(value: str | None) -> TraceContext | None:
-    """The context in a W3C `traceparent` value; None when absent or malformed (the W3C rule:
-    an invalid header is ignored and a new trace starts)."""
-    if not value:
-        return None
-    match = _TRACEPARENT.fullmatch(value)
-    if match is None:  # rare: upper case, surrounding blanks, or not a traceparent at all
-        match = _TRACEPARENT.fullmatch(value.strip().lower())
-        if match is None:
-            return None
-    version, trace_id, span_id, flags = match.groups()
-    if version == "ff" or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
-        return None
-    return TraceContext(trace_id, span_id, flags in _SAMPLED_FLAGS)
-
-
-def trace_id_of(carrier: Mapping[str, str]) -> str | None:
-    """The 32-hex trace id in a carrier's `traceparent` (None when it has none)."""
-    context = parse_traceparent(carrier.get(TRACEPARENT))
-    return None if context is None else context.trace_id
-
-
-def _new_id(bits: int) -> str:
-    """A random non-zero id as hex (`bits` / 4 digits)."""
-    return f"{random.getrandbits(bits) or 1:0{bits // 4}x}"
-
-
 class _Tracing:
     """The process's tracing configuration: where recorded spans go and the root sampling."""
 
     def __init__(self) -> None:
         self.service = "infermesh"
-        self.ratio = DEFAULT_SAMPLE_RATIO
         self.sinks: list[_Sink] = []
         self.resource: Any = None
         self.scope: Any = None
-
-    @property
-    def recording(self) -> bool:
-        return bool(self.sinks)
 
 
 _tracing = _Tracing()
@@ -124,7 +91,8 @@ def setup_tracing(
     `sinks` adds span processors (tests pass an in-memory one)."""
     env = os.environ if env is None else env
     _tracing.service = f"infermesh-{service}"
-    _tracing.ratio = _ratio(env)
+    ratio = _ratio(env)
+    configure(ratio, None)
     new_sinks: list[_Sink] = list(sinks)
     endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -133,7 +101,7 @@ def setup_tracing(
         new_sinks.append(_batch(_otlp_exporter(env)))
     trace_dir = env.get("INFERMESH_TRACE_DIR")
     if trace_dir:
-        from services.mesh.spanfile import SpanFileExporter
+        from services.mesh.infra.spanfile import SpanFileExporter
 
         # Flushed twice a second, so `infermesh trace` finds a request just served.
         new_sinks.append(_batch(SpanFileExporter(trace_dir, service), delay_ms=500))
@@ -146,6 +114,7 @@ def setup_tracing(
     _tracing.resource = Resource.create({"service.name": _tracing.service})
     _tracing.scope = InstrumentationScope("infermesh")
     _tracing.sinks = new_sinks
+    configure(ratio, _emit)
     if not getattr(_tracing, "_atexit", False):
         atexit.register(shutdown_tracing)
         _tracing._atexit = True  # type: ignore[attr-defined]
@@ -197,6 +166,7 @@ def _batch(exporter: Any, *, delay_ms: float | None = None) -> _Sink:
 def shutdown_tracing() -> None:
     """Flush and stop the span processors (at exit, or before reconfiguring)."""
     sinks, _tracing.sinks = _tracing.sinks, []
+    configure(sample_ratio(), None)
     for sink in sinks:
         try:
             sink.shutdown()
@@ -208,112 +178,6 @@ def flush(timeout: float = 5.0) -> None:
     """Export what the span processors hold now (tests; shutdown does it too)."""
     for sink in _tracing.sinks:
         sink.force_flush(int(timeout * 1000))
-
-
-def recording() -> bool:
-    """Whether spans go anywhere in this process."""
-    return _tracing.recording
-
-
-def sample_ratio() -> float:
-    return _tracing.ratio
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    """A link from a span to another span (a batch to each of its member requests)."""
-
-    trace_id: str
-    span_id: str
-    sampled: bool
-    attributes: Mapping[str, Attribute]
-
-
-class HopSpan:
-    """One hop's span of one request (or batch): ids now, an exported span only if recorded."""
-
-    __slots__ = ("attributes", "context", "kind", "members", "name", "parent", "start_ns")
-
-    def __init__(self, name: str, context: TraceContext, parent: TraceContext | None,
-                 kind: int) -> None:
-        self.name = name
-        self.context = context
-        self.parent = parent
-        self.kind = kind
-        self.start_ns = time.time_ns()
-        self.attributes: dict[str, Attribute] = {}
-        self.members: Sequence[HopSpan] = ()
-        """For a batch span: the member requests' spans, linked when it is exported."""
-
-    @property
-    def trace_id(self) -> str:
-        """This span's trace id as 32 hex digits (what responses and logs report)."""
-        return self.context.trace_id
-
-    @property
-    def sampled(self) -> bool:
-        return self.context.sampled
-
-    def set(self, key: str, value: Attribute | None) -> None:
-        if value is not None:
-            self.attributes[key] = value
-
-    def carrier(self) -> dict[str, str]:
-        """The trace context for the next hop: this span is its parent."""
-        return {TRACEPARENT: self.context.traceparent()}
-
-    def link(self) -> Link:
-        """A link to this span (for a batch span)."""
-        return Link(self.context.trace_id, self.context.span_id, self.context.sampled,
-                    {"infermesh.request_id": str(self.attributes.get("infermesh.request_id", ""))})
-
-    def end(self, error: BaseException | None = None, *, end_ns: int | None = None) -> None:
-        """Finish the span: recorded when tracing is configured and it is sampled or failed."""
-        if not _tracing.sinks or not (self.context.sampled or error is not None):
-            return
-        _emit(self, error, end_ns or time.time_ns())
-
-
-SERVER, INTERNAL, CONSUMER = 1, 0, 4
-"""OpenTelemetry span kinds (values of `opentelemetry.trace.SpanKind`)."""
-
-
-def start(name: str, carrier: Mapping[str, str] | None = None, *, kind: int = INTERNAL,
-          traceparent: str | None = None) -> HopSpan:
-    """Open a span continuing `carrier`'s trace (or `traceparent`), else a new sampled-or-not
-    trace."""
-    raw = traceparent if traceparent is not None else (
-        carrier.get(TRACEPARENT) if carrier else None
-    )
-    parent = parse_traceparent(raw)
-    span_id = _new_id(64)
-    if parent is None:
-        sampled = _tracing.ratio >= 1.0 or random.random() < _tracing.ratio
-        context = TraceContext(_new_id(128), span_id, sampled)
-    else:
-        context = TraceContext(parent.trace_id, span_id, parent.sampled)
-    return HopSpan(name, context, parent, kind)
-
-
-def start_batch(name: str, members: Sequence[HopSpan]) -> HopSpan:
-    """A span for a batch of requests: a child of the first sampled member (so the batch and the
-    worker below it appear in that request's trace). Sampled when any member is.
-
-    Exported, it links to every member span that is recorded too: the sampled members' (every
-    member at ratio 1.0), or all of them when the batch failed (its members fail with it, and
-    failed spans are always recorded). Links are built only then: a batch of 32 would
-    otherwise make and encode 32 links for spans that are mostly never exported."""
-    sampled = [m for m in members if m.sampled]
-    parent = (sampled or list(members))[0].context
-    span = HopSpan(name, TraceContext(parent.trace_id, _new_id(64), bool(sampled)), parent,
-                   INTERNAL)
-    span.members = members
-    return span
-
-
-def links_of(hop: HopSpan, *, failed: bool) -> list[Link]:
-    """The links an exported batch span carries (see `start_batch`)."""
-    return [m.link() for m in hop.members if failed or m.context.sampled]
 
 
 def _emit(hop: HopSpan, error: BaseException | None, end_ns: int) -> None:

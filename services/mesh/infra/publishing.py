@@ -14,7 +14,7 @@ from typing import Any
 import aetcd
 import orjson
 
-from services.mesh.errors import Unavailable
+from services.mesh.domain.errors import Unavailable
 
 ATTEMPTS = 16
 """Lost races tolerated before giving up; each one means another writer published."""

@@ -25,15 +25,15 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from services.mesh import frames
-from services.mesh.errors import (
+from services.mesh.domain.errors import (
     DeadlineExceeded,
     InfermeshError,
     InternalError,
     LinkClosed,
     from_wire,
 )
-from services.mesh.metrics import add_metrics_route
+from services.mesh.transport import frames
+from services.mesh.transport.rest import add_metrics_route
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Infrastructure: etcd, Postgres, publishing, settings, telemetry, metrics, health, runtime."""

@@ -1,0 +1,2 @@
+"""The transport layer: frames, links, peers, and the link implementations of the next-hop
+protocols (`linked`)."""

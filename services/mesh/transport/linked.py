@@ -1,0 +1,110 @@
+"""The link implementations of the next-hop interfaces (services/mesh/domain/hops.py).
+
+Callers: `LinkedInferTarget` sends a request over a link to a live instance found in etcd (the
+gateway's router, the router's batcher); `LinkedWorkerPool` runs batches on workers over links.
+Servers: `infer_handler` serves an `InferTarget` on a link; `batch_handler` serves a worker
+core's `run_batch`. The in-process implementations are the cores themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.hops import InferTarget, WorkerHandle, remaining
+from services.mesh.domain.types import Batch, BatchResult, InferRequest, InferResponse
+from services.mesh.transport import frames
+from services.mesh.transport.links import Handler, LinkClient
+from services.mesh.transport.peers import LinkPool
+
+
+class LinkedInferTarget:
+    """Forwards requests over links to instances of one service.
+
+    With `affinity=True`, requests for one model go to the same instance while it lives
+    (rendezvous hashing), so a batcher sees all of a model's traffic and batches it together.
+    """
+
+    def __init__(self, pool: LinkPool, *, affinity: bool = False) -> None:
+        self._pool = pool
+        self._affinity = affinity
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        if self._affinity:
+            link = self._pool.pick_by_key(request.model)
+        else:
+            link = self._pool.pick()
+        meta, buffers = frames.encode_request(request)
+        frame = await link.call(meta, buffers, timeout=remaining(request.deadline))
+        return frames.decode_response(frame.meta, frame.payload)
+
+
+def infer_handler(target: InferTarget) -> Handler:
+    """A link handler that serves `target.infer` for `infer` frames."""
+
+    async def handle(meta: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
+        if meta.get("op") != "infer":
+            raise InvalidInput(f"unsupported link operation {meta.get('op')!r}")
+        response = await target.infer(frames.decode_request(meta, payload))
+        return frames.encode_response(response)
+
+    return handle
+
+
+class _LinkedWorker:
+    def __init__(self, link: LinkClient, instance: str) -> None:
+        self._link = link
+        self.key = instance
+
+    async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
+        meta, buffers = frames.encode_batch(batch)
+        frame = await self._link.call(meta, buffers, timeout=timeout)
+        return frames.decode_batch_result(frame.meta, frame.payload)
+
+
+class LinkedWorkerPool:
+    """Workers found in etcd (`endpoints/worker/*`) that list the version as loaded."""
+
+    def __init__(self, pool: LinkPool) -> None:
+        self._pool = pool
+        self._handles: dict[int, _LinkedWorker] = {}
+
+    def candidates(self, model: str, version: str) -> list[WorkerHandle]:
+        wanted = f"{model}/{version}"
+        found: list[WorkerHandle] = []
+        for link, record in self._pool.links():
+            if wanted in record.get("models", ()):
+                found.append(self._handle(link, record))
+        return found
+
+    def _handle(self, link: LinkClient, record: dict[str, Any]) -> _LinkedWorker:
+        handle = self._handles.get(id(link))
+        if handle is None or handle._link is not link:
+            handle = _LinkedWorker(link, str(record.get("instance", link.url)))
+            self._handles = {
+                k: h for k, h in self._handles.items() if not h._link.closed
+            }
+            self._handles[id(link)] = handle
+        return handle
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._pool.subscribe(listener)
+
+
+class BatchRunner(Protocol):
+    """What serves batches on a link: a worker core."""
+
+    def run_batch(self, batch: Batch) -> Awaitable[BatchResult]: ...
+
+
+def batch_handler(core: BatchRunner) -> Handler:
+    """Serve `batch` frames with `core.run_batch`."""
+
+    async def handle(meta: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
+        if meta.get("op") != "batch":
+            raise InvalidInput(f"unsupported link operation {meta.get('op')!r}")
+        result = await core.run_batch(frames.decode_batch(meta, payload))
+        return frames.encode_batch_result(result)
+
+    return handle
