@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.worker.backends import TorchScriptBackend, resolve_device
+from services.worker.backends.devices import resolve_device
+from services.worker.backends.torchscript import TorchScriptBackend
 from services.worker.demo_models import build_demo_models
 
 

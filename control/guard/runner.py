@@ -23,9 +23,9 @@ from control.guard.metrics import VersionFigures, VersionKey, parse_figures
 from control.guard.policy import Verdict, canary_weight, evaluate, next_rollout
 from control.guard.spec import GuardSpec, parse_guard
 from control.guard.window import EpochClock, RouterWindows
+from services.mesh.domain.config import ConfigView
 from services.mesh.domain.errors import InvalidInput, PreconditionFailed
 from services.mesh.domain.types import Rollout
-from services.mesh.infra.etcd import ConfigView
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import logging
 import math
 from typing import Any
 
+from services.mesh.domain.config import ConfigView
 from services.mesh.domain.tenancy import Tenant
-from services.mesh.infra.etcd import ConfigView
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from services.gateway.auth import (
 )
 from services.gateway.quotas import Clock, Permit, QuotaLedger, Rejection
 from services.gateway.settings import GatewaySettings
+from services.mesh.domain.config import ConfigView
 from services.mesh.domain.tenancy import ModelLimits, Tenant
-from services.mesh.infra.etcd import ConfigView
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from services.mesh.domain.config import ConfigView
 from services.mesh.domain.errors import (
     InfermeshError,
     InvalidInput,
@@ -34,7 +35,6 @@ from services.mesh.domain.errors import (
     Unauthenticated,
 )
 from services.mesh.domain.tenancy import ApiKeyRecord, Tenant, split_key
-from services.mesh.infra.etcd import ConfigView
 
 log = logging.getLogger(__name__)
 

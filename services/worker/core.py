@@ -8,19 +8,28 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
 
 from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.errors import InternalError, Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Batch, BatchResult, ModelVersion
-from services.worker.artifacts import ArtifactCache
-from services.worker.backends import Backend, BackendError
+from services.worker.backends.base import Backend, BackendError
 from services.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[ModelVersion], Backend]
+
+
+class ArtifactSource(Protocol):
+    """Where the worker gets a version's artifact: `services.worker.artifacts.ArtifactCache`."""
+
+    async def fetch(self, spec: ModelVersion) -> Path:
+        """A local path to the verified artifact of `spec`."""
+        ...
 
 
 class Worker:
@@ -29,7 +38,7 @@ class Worker:
     key = "local"
 
     def __init__(
-        self, catalog: ModelCatalog, *, models: tuple[str, ...], artifacts: ArtifactCache,
+        self, catalog: ModelCatalog, *, models: tuple[str, ...], artifacts: ArtifactSource,
         backend_factory: BackendFactory, metrics: WorkerMetrics | None = None,
     ) -> None:
         self._catalog = catalog

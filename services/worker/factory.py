@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.types import ModelVersion
-from services.worker.backends import Backend, TorchScriptBackend
+from services.worker.backends.base import Backend
+from services.worker.backends.torchscript import TorchScriptBackend
 
 
 def backend_factory(threads: int = 0) -> Callable[[ModelVersion], Backend]:

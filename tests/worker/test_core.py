@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Batch, BatchingPolicy, ModelVersion, Rollout, Signature
 from services.mesh.infra.digests import sha256_of
-from services.mesh.infra.etcd import StaticConfig
 from services.worker.artifacts import ArtifactCache
 from services.worker.core import Worker
 from services.worker.demo_models import DemoModel

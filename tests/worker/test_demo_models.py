@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.worker.backends import TorchScriptBackend
+from services.worker.backends.torchscript import TorchScriptBackend
 from services.worker.demo_models import DemoModel, build_demo_models
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")

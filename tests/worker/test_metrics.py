@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.types import Rollout
-from services.mesh.infra.etcd import StaticConfig
 from services.worker.artifacts import ArtifactCache
 from services.worker.core import Worker
 from services.worker.demo_models import DemoModel

@@ -11,12 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from services.worker.backends import (
-    BackendError,
-    DeviceUnavailable,
-    TorchScriptBackend,
-    resolve_device,
-)
+from services.worker.backends.base import BackendError, DeviceUnavailable
+from services.worker.backends.devices import resolve_device
+from services.worker.backends.torchscript import TorchScriptBackend
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 

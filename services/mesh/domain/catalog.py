@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from services.mesh.domain.config import ConfigView
 from services.mesh.domain.errors import InfermeshError, NotFound
 from services.mesh.domain.types import ModelVersion, Rollout
-from services.mesh.infra.etcd import ConfigView
 
 log = logging.getLogger(__name__)
 

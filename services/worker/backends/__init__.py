@@ -1,6 +1,4 @@
-"""Model backends: the :class:`Backend` interface and its TorchScript implementation."""
+"""Worker backends: the `Backend` protocol (base.py) and its implementations (torchscript.py).
 
-from services.worker.backends.base import Backend, BackendError, DeviceUnavailable, resolve_device
-from services.worker.backends.torchscript import TorchScriptBackend
-
-__all__ = ["Backend", "BackendError", "DeviceUnavailable", "TorchScriptBackend", "resolve_device"]
+Nothing is imported here, so that the worker core can use the protocol without importing torch.
+"""

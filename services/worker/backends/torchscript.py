@@ -21,7 +21,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from services.worker.backends.base import BackendError, resolve_device
+from services.worker.backends.base import BackendError
+from services.worker.backends.devices import resolve_device
 
 # OIP datatype -> (numpy dtype, torch dtype). BYTES has no tensor form, so it is absent.
 _TORCH_DTYPES: dict[str, tuple[np.dtype[Any], torch.dtype]] = {
@@ -80,7 +81,7 @@ class TorchScriptBackend:
     """Runs a TorchScript model described by an OIP-style signature.
 
     ``device_policy`` is resolved at construction (see
-    :func:`~services.worker.backends.base.resolve_device`). ``intra_op_threads`` sets torch's
+    :func:`~services.worker.backends.devices.resolve_device`). ``intra_op_threads`` sets torch's
     process-wide intra-op thread count when the model is loaded.
     """
 
