@@ -14,8 +14,8 @@ test: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: bootstrap
-	.venv/bin/ruff check services control deploy tests bench
-	.venv/bin/mypy --strict services control deploy tests bench
+	.venv/bin/ruff check cli services control deploy tests bench
+	.venv/bin/mypy --strict cli services control deploy tests bench
 
 bench: bootstrap
 	$(PY) -m bench.run_all $(ARGS)

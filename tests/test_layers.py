@@ -46,12 +46,13 @@ POLICIES = (
 """Pure policies: functions over a small context, fed by a core or a runner."""
 
 CORE_SIDE = {
-    "gateway": ("access", "auth", "quotas", "validation", "metrics", "settings"),
+    "gateway": ("access", "auth", "quotas", "validation", "metrics", "settings", "sticky"),
     "router": ("policy", "shadow", "metrics", "settings", "compare"),
     "batcher": ("policy", "fairness", "lanes", "batches", "metrics", "tenants", "workers",
                 "settings"),
     "worker": ("metrics", "settings", "artifacts", "backends", "backends.base"),
     "guard": ("policy", "window", "spec", "metrics"),
+    "registry": ("ports", "validation"),
 }
 """Per service, the modules a core may use beside the domain: its policies, its instruments
 (metrics), its settings object and its own next-hop helpers. Each is held to the same rule

@@ -14,6 +14,7 @@ from services.registry.app import create_app
 from services.registry.artifacts import ArtifactStore
 from services.registry.core import Registry
 from services.registry.settings import RegistrySettings
+from services.registry.store import PostgresEtcdStore
 
 
 async def main() -> None:
@@ -23,8 +24,8 @@ async def main() -> None:
         try:
             await migrate(pool)
             registry = Registry(
-                pool, node.etcd, etcd_prefix=settings.etcd_prefix,
-                artifacts=ArtifactStore(Path(settings.artifact_dir)),
+                PostgresEtcdStore(pool, node.etcd, etcd_prefix=settings.etcd_prefix),
+                ArtifactStore(Path(settings.artifact_dir)),
                 public_url=settings.public_url or node.http_url,
             )
             await registry.reconcile()

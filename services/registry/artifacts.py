@@ -11,37 +11,21 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import re
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from services.mesh.domain.errors import InvalidInput, NotFound
+from services.registry.ports import ArtifactInfo
+from services.registry.validation import check_sha256
 
 WRITE_SIZE = 256 * 1024
 """Bytes handed to each thread hop: small chunks are joined so a thread hop is worth it."""
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True, slots=True)
-class ArtifactInfo:
-    """A stored artifact: its digest (its name) and its size in bytes."""
-
-    sha256: str
-    size: int
-
-
-def check_sha256(sha256: str, *, field: str = "sha256") -> str:
-    """`sha256` if it is 64 lowercase hex digits, else InvalidInput naming `field`."""
-    if not isinstance(sha256, str) or not _SHA256.match(sha256):
-        raise InvalidInput(f"{field}: must be 64 lowercase hex digits")
-    return sha256
 
 
 class ArtifactStore:
-    """Content-addressed files under one directory."""
+    """Content-addressed files under one directory (the `Artifacts` of `ports`)."""
 
     def __init__(self, root: Path) -> None:
         self._root = root / "sha256"

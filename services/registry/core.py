@@ -1,8 +1,9 @@
-"""The registry core: models and immutable versions in Postgres, published to etcd.
+"""The registry core: models and immutable versions, saved durably, then published to etcd.
 
-Every write goes to Postgres first (durable, audited) and is then published to etcd, where the
+Every write is saved first (Postgres: durable, audited) and then published to etcd, where the
 data plane watches it. `reconcile()` republishes whatever etcd lacks, repairing a crash or an
-etcd outage between the two writes; it runs at start and then periodically.
+etcd outage between the two writes; it runs at start and then periodically. The stores are
+interfaces (`services.registry.ports`); `__main__` hands in the Postgres + etcd one.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import aetcd
-import asyncpg
-import orjson
-
-from services.mesh.domain.errors import InvalidInput, NotFound, Unavailable
+from services.mesh.domain.errors import Conflict, InvalidInput, NotFound
 from services.mesh.domain.types import ModelVersion, Rollout
-from services.mesh.infra.publishing import publish_newer
-from services.registry import queries, reads
-from services.registry.artifacts import ArtifactInfo, ArtifactStore, check_sha256
-from services.registry.reads import ModelDetail, ModelSummary
+from services.registry.ports import (
+    ArtifactInfo,
+    Artifacts,
+    ModelDetail,
+    ModelSummary,
+    RegistryStore,
+    rollout_key,
+    version_key,
+)
 from services.registry.validation import (
     check_name,
+    check_sha256,
     parse_batching,
     parse_device,
     parse_prediction_log,
@@ -37,7 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class VersionConflict(InvalidInput):
+class VersionConflict(Conflict):
     """A version exists already with different content (versions are immutable)."""
 
 
@@ -50,15 +53,10 @@ class Stored(Generic[T]):
 
 
 class Registry:
-    """Models, versions and artifacts; Postgres is the truth, etcd the published copy."""
+    """Models, versions and artifacts; the store's saved records are the truth, etcd a copy."""
 
-    def __init__(
-        self, pool: asyncpg.Pool, etcd: aetcd.Client, *, etcd_prefix: str,
-        artifacts: ArtifactStore, public_url: str,
-    ) -> None:
-        self._pool = pool
-        self._etcd = etcd
-        self._prefix = etcd_prefix
+    def __init__(self, store: RegistryStore, artifacts: Artifacts, *, public_url: str) -> None:
+        self._store = store
         self._artifacts = artifacts
         self._public_url = public_url.rstrip("/")
 
@@ -69,20 +67,16 @@ class Registry:
         check_name(name, field="name")
         if not isinstance(description, str):
             raise InvalidInput("description: must be a string")
-        async with self._pool.acquire() as conn:
-            created = await conn.fetchval(queries.INSERT_MODEL, name, description)
-        return Stored(await self._summary(name), created is not None)
+        created = await self._store.create_model(name, description)
+        return Stored(await self._store.model_summary(name), created)
 
     async def list_models(self) -> list[ModelSummary]:
         """Every model, by name."""
-        return await reads.list_models(self._pool)
+        return await self._store.list_models()
 
     async def get_model(self, name: str) -> ModelDetail:
         """A model with its versions and rollout; NotFound if unknown."""
-        return await reads.model_detail(self._pool, name)
-
-    async def _summary(self, name: str) -> ModelSummary:
-        return await reads.model_summary(self._pool, name)
+        return await self._store.model_detail(name)
 
     # -- artifacts ------------------------------------------------------------------------
 
@@ -123,11 +117,15 @@ class Registry:
             prediction_log=parse_prediction_log(prediction_log),
         )
         await self._require_artifact(artifact_sha256)
-        stored, rollout = await self._insert_version(record)
+        inserted = await self._store.insert_version(
+            record, first_rollout=Rollout.stable(record.model, record.version)
+        )
+        stored = (Stored(record, True) if inserted.existing is None
+                  else Stored(_check_same(inserted.existing, record), False))
         # An identical re-register republishes too: a retry after an etcd failure repairs it.
-        await self._publish_if_stale(f"models/{model}/{version}", stored.value.to_json())
-        if rollout is not None:
-            await self._publish_if_stale(f"rollouts/{model}", rollout.to_json())
+        await self._publish_if_stale(version_key(model, version), stored.value.to_json())
+        if inserted.rollout is not None:
+            await self._publish_if_stale(rollout_key(model), inserted.rollout.to_json())
         return stored
 
     async def _require_artifact(self, sha256: str) -> None:
@@ -138,58 +136,19 @@ class Registry:
                 f"artifact_sha256: no artifact {sha256} in the registry; upload it first"
             ) from None
 
-    async def _insert_version(
-        self, record: ModelVersion
-    ) -> tuple[Stored[ModelVersion], Rollout | None]:
-        first = Rollout.stable(record.model, record.version)
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(queries.INSERT_MODEL, record.model, "")
-            inserted = await conn.fetchval(
-                queries.INSERT_VERSION, record.model, record.version, record.to_json(),
-                record.sha256,
-            )
-            if inserted is None:
-                existing = await conn.fetchval(queries.VERSION, record.model, record.version)
-                rollout = await conn.fetchval(queries.ROLLOUT, record.model)
-                same = _check_same(ModelVersion.from_json(existing), record)
-                return Stored(same, False), None if rollout is None else Rollout.from_json(rollout)
-            made = await conn.fetchval(queries.INSERT_ROLLOUT, record.model, first.epoch,
-                                       first.to_json())
-            if made is not None:
-                await conn.execute(queries.INSERT_HISTORY, record.model, first.epoch,
-                                   first.to_json(), "registry", "first version")
-        return Stored(record, True), first if made is not None else None
-
-    # -- etcd -----------------------------------------------------------------------------
-
-    async def _publish(self, key: str, value: dict[str, Any]) -> bool:
-        """Put `value` at `key`; False when a rollout key already holds a newer epoch."""
-        full_key = (self._prefix + key).encode()
-        try:
-            if key.startswith("rollouts/"):
-                # The control API publishes rollouts too: compare-and-swap, never regress.
-                epoch = int(value.get("epoch", 1))
-                return await publish_newer(self._etcd, full_key, value, epoch=epoch)
-            await self._etcd.put(full_key, orjson.dumps(value))
-            return True
-        except Exception as exc:  # aetcd raises several unrelated types for "etcd is away"
-            raise _unpublished(key, exc) from exc
+    # -- publishing -----------------------------------------------------------------------
 
     async def reconcile(self) -> int:
-        """Republish every version and rollout record from Postgres that etcd lacks or has stale.
+        """Republish every saved version and rollout record that etcd lacks or has stale.
 
-        Returns the number of keys written. A rollout in etcd with a higher epoch than in
-        Postgres is left alone (a newer write is on its way to Postgres' view of the world).
+        Returns the number of keys written. A rollout in etcd with a higher epoch than the
+        saved one is left alone (a newer write is on its way to the saved view of the world).
         """
-        async with self._pool.acquire() as conn:
-            versions = await conn.fetch(queries.ALL_VERSIONS)
-            rollouts = await conn.fetch(queries.ALL_ROLLOUTS)
-        published = await self._published()
-        desired = {f"models/{r['model']}/{r['version']}": r["record"] for r in versions}
-        desired |= {f"rollouts/{r['model']}": r["record"] for r in rollouts}
+        saved = await self._store.saved_records()
+        published = await self._store.published_records()
         written = 0
-        for key, record in desired.items():
-            if _stale(published.get(key), record) and await self._publish(key, record):
+        for key, record in saved.items():
+            if _stale(published.get(key), record) and await self._store.publish(key, record):
                 written += 1
         if written:
             log.info("reconcile republished %d etcd keys", written)
@@ -204,36 +163,13 @@ class Registry:
             except Exception as exc:
                 log.warning("reconcile failed (%r); retrying in %.0fs", exc, interval)
 
-    async def _publish_if_stale(self, key: str, value: dict[str, Any]) -> None:
-        try:
-            current = await self._etcd.get((self._prefix + key).encode())
-            published = None if current is None else orjson.loads(current.value)
-        except orjson.JSONDecodeError:
-            published = None
-        except Exception as exc:
-            raise _unpublished(key, exc) from exc
-        if _stale(published, value):
-            await self._publish(key, value)
-
-    async def _published(self) -> dict[str, Any]:
-        current: dict[str, Any] = {}
-        for sub in ("models/", "rollouts/"):
-            for kv in await self._etcd.get_prefix((self._prefix + sub).encode()):
-                try:
-                    current[kv.key.decode()[len(self._prefix):]] = orjson.loads(kv.value)
-                except orjson.JSONDecodeError:
-                    continue  # garbage in etcd: reconcile overwrites it
-        return current
-
-
-def _unpublished(key: str, exc: Exception) -> Unavailable:
-    return Unavailable(
-        f"saved, but publishing {key} to etcd failed ({exc!r}); the registry's reconcile "
-        "loop will republish it, or retry"
-    )
+    async def _publish_if_stale(self, key: str, record: dict[str, Any]) -> None:
+        if _stale(await self._store.published_record(key), record):
+            await self._store.publish(key, record)
 
 
 def _stale(published: Any, record: dict[str, Any]) -> bool:
+    """Whether `record` should replace what etcd holds; a newer rollout epoch there wins."""
     if published == record:
         return False
     if isinstance(published, dict) and "routes" in record:

@@ -1,13 +1,13 @@
 """Read-only model queries, shared by the registry and the control API (same data, same JSON).
 
 Both services answer `GET /v1/models` and `GET /v1/models/{model}` from these functions, so a
-client sees one shape whichever it asks.
+client sees one shape whichever it asks. The records themselves live in the pure
+`services.registry.ports` (the core returns them); they are re-exported here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -15,41 +15,8 @@ import asyncpg
 from services.mesh.domain.errors import NotFound
 from services.mesh.domain.types import ModelVersion, Rollout
 from services.registry import queries
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSummary:
-    """One row of the model list."""
-
-    name: str
-    description: str
-    created_at: str
-    versions: int
-    latest: str | None
-    serving: str | None
-    """The rollout's primary version, if the model has a rollout."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "description": self.description, "created_at": self.created_at,
-            "versions": self.versions, "latest": self.latest, "serving": self.serving,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ModelDetail:
-    """A model with all its versions (oldest first) and its current rollout."""
-
-    summary: ModelSummary
-    versions: list[ModelVersion]
-    rollout: Rollout | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            **self.summary.to_json(),
-            "versions": [v.to_json() for v in self.versions],
-            "rollout": None if self.rollout is None else self.rollout.to_json(),
-        }
+from services.registry.ports import ModelDetail as ModelDetail
+from services.registry.ports import ModelSummary as ModelSummary
 
 
 async def list_models(pool: asyncpg.Pool) -> list[ModelSummary]:

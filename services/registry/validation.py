@@ -1,4 +1,5 @@
-"""Validation of what callers send the registry: names, signatures, batching, device, logging.
+"""Validation of what callers send the registry: names, digests, signatures, batching, device,
+logging.
 
 Every failure is an InvalidInput whose message starts with the offending field.
 """
@@ -18,6 +19,7 @@ from services.mesh.domain.types import (
 )
 
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def check_name(value: Any, *, field: str) -> str:
@@ -28,6 +30,13 @@ def check_name(value: Any, *, field: str) -> str:
             "starting with a letter or digit"
         )
     return value
+
+
+def check_sha256(sha256: str, *, field: str = "sha256") -> str:
+    """`sha256` if it is 64 lowercase hex digits, else InvalidInput naming `field`."""
+    if not isinstance(sha256, str) or not _SHA256.match(sha256):
+        raise InvalidInput(f"{field}: must be 64 lowercase hex digits")
+    return sha256
 
 
 def parse_signature(raw: Any) -> Signature:

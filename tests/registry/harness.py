@@ -16,6 +16,7 @@ from services.mesh.infra.db import create_pool, migrate
 from services.mesh.infra.etcd import connect_client
 from services.registry.artifacts import ArtifactStore
 from services.registry.core import Registry
+from services.registry.store import PostgresEtcdStore
 
 SIGNATURE: dict[str, Any] = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
@@ -47,7 +48,7 @@ async def open_registry(
     try:
         await migrate(pool)
         registry = Registry(
-            pool, etcd, etcd_prefix=etcd_prefix, artifacts=ArtifactStore(artifact_dir),
+            PostgresEtcdStore(pool, etcd, etcd_prefix=etcd_prefix), ArtifactStore(artifact_dir),
             public_url=public_url,
         )
         yield RegistryHarness(registry, pool, etcd, etcd_prefix)

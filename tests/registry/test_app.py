@@ -57,7 +57,7 @@ async def test_malformed_json_is_400_with_a_message(client: Client) -> None:
         "/v1/models", data=b'{"name": ', headers={"Content-Type": "application/json"}
     )
     assert response.status == 400
-    assert (await response.json())["error"].startswith("malformed JSON body")
+    assert (await response.json())["error"].startswith("body: malformed JSON")
     missing = await client.put("/v1/models/iris/versions/1", json={"signature": SIGNATURE})
     assert missing.status == 400
     assert await missing.json() == {"error": "missing field 'artifact_sha256'"}

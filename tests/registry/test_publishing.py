@@ -7,6 +7,7 @@ import orjson
 from services.mesh.domain.types import Rollout
 from services.registry.artifacts import ArtifactStore
 from services.registry.core import Registry
+from services.registry.store import PostgresEtcdStore
 from tests.mesh.test_publishing import RacingEtcd
 from tests.registry.harness import SIGNATURE, RegistryHarness, chunks_of
 
@@ -24,8 +25,8 @@ async def test_reconcile_never_overwrites_a_rollout_published_meanwhile(
     newer = Rollout.stable("iris", "1", epoch=5).to_json()
     racing = RacingEtcd(harness.etcd, key, competitor=newer)
     registry = Registry(
-        harness.pool, racing, etcd_prefix=harness.prefix,
-        artifacts=ArtifactStore(tmp_path / "artifacts"), public_url="http://registry.test",
+        PostgresEtcdStore(harness.pool, racing, etcd_prefix=harness.prefix),
+        ArtifactStore(tmp_path / "artifacts"), public_url="http://registry.test",
     )
     assert await registry.reconcile() == 0
     assert orjson.loads((await harness.etcd.get(key)).value) == newer
