@@ -1,14 +1,18 @@
 """The batcher's in-process next hop: worker cores called directly (fused mode, tests).
 
 The protocols are in services/mesh/domain/hops.py; the link implementation is
-`services.mesh.transport.linked.LinkedWorkerPool`.
+`services.mesh.transport.linked.LinkedWorkerPool`. Both hold a batch to its `timeout`: a worker
+core computes until done, so the in-process handle stops waiting at the deadline just as a link
+call does (tests/contract runs the same cases against both).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
+from services.mesh.domain.errors import DeadlineExceeded
 from services.mesh.domain.hops import WorkerHandle, WorkerPool
 from services.mesh.domain.types import Batch, BatchResult
 
@@ -28,15 +32,40 @@ class LocalWorker(Protocol):
     async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult: ...
 
 
+class _LocalHandle:
+    """A worker core as a `WorkerHandle`: gives up on a batch at its deadline."""
+
+    def __init__(self, worker: LocalWorker) -> None:
+        self._worker = worker
+
+    @property
+    def key(self) -> str:
+        return self._worker.key
+
+    async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
+        if timeout is None:
+            return await self._worker.run_batch(batch, timeout=None)
+        if timeout <= 0:
+            raise DeadlineExceeded(f"deadline exceeded before calling worker {self.key}")
+        scope = asyncio.timeout(timeout)
+        try:
+            async with scope:
+                return await self._worker.run_batch(batch, timeout=timeout)
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise
+            raise DeadlineExceeded(f"deadline exceeded waiting for worker {self.key}") from exc
+
+
 class LocalWorkerPool:
     """In-process workers: the same core the worker service runs, called directly."""
 
     def __init__(self, *workers: LocalWorker) -> None:
-        self._workers = workers
+        self._handles = [(worker, _LocalHandle(worker)) for worker in workers]
 
     def candidates(self, model: str, version: str) -> list[WorkerHandle]:
-        return [w for w in self._workers if w.is_ready(model, version)]
+        return [handle for worker, handle in self._handles if worker.is_ready(model, version)]
 
     def subscribe(self, listener: Callable[[], None]) -> None:
-        for worker in self._workers:
+        for worker, _ in self._handles:
             worker.subscribe(listener)

@@ -183,6 +183,9 @@ class LinkClient:
         """Send one call and wait for its reply; raises the peer's error as our own."""
         if self._closed.is_set() or self._outbox is None:
             raise LinkClosed(f"link to {self.peer} is closed")
+        if timeout is not None and timeout <= 0:
+            # Never start work the caller can no longer use.
+            raise DeadlineExceeded(f"deadline exceeded before calling {self.peer}")
         call_id = next(self._ids) & 0xFFFFFFFF
         future: asyncio.Future[frames.Frame] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
