@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from control.api.app import create_app
 from control.api.auth import load_tokens
 from control.api.core import RolloutStore, reconcile_forever
-from control.api.reports import ReportStore
+from control.api.reports.store import ReportStore
 from control.api.settings import ControlSettings
-from control.api.tenants import TenantStore
+from control.api.tenants.store import TenantStore
 from control.guard.runner import run_guard
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.infra.db import create_pool, migrate

@@ -24,10 +24,10 @@ from typing import Any, NoReturn
 import aetcd
 import asyncpg
 
-from control.api import queries
-from control.api.validation import echoed_epoch, parse_reason, parse_rollout
+from control.api.rollouts import queries
+from control.api.rollouts.validation import echoed_epoch, parse_reason, parse_rollout
 from services.mesh.domain.errors import InvalidInput, NotFound, PreconditionFailed, Unavailable
-from services.mesh.domain.types import Rollout
+from services.mesh.domain.types import Rollout, Signature
 from services.mesh.infra.failpoints import failpoint
 from services.mesh.infra.publishing import is_older, publish_newer
 from services.registry import reads
@@ -130,8 +130,12 @@ class RolloutStore:
         if_match = echoed_epoch(body, if_match)
         async with self._pool.acquire() as conn, conn.transaction():
             current = await _lock(conn, model, if_match)
-            versions = {row["version"] for row in await conn.fetch(queries.VERSION_NAMES, model)}
-            rollout = parse_rollout(model, body, current=current, versions=versions)
+            signatures = {
+                row["version"]: Signature.from_json(row["signature"])
+                for row in await conn.fetch(queries.VERSION_SIGNATURES, model)
+            }
+            rollout = parse_rollout(model, body, current=current, versions=signatures,
+                                    signatures=signatures)
             await _save(conn, rollout, author=author, reason=reason)
         await self._publish_saved(rollout)
         return rollout

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import orjson
@@ -19,34 +17,16 @@ from services.gateway.feedback_routes import add_feedback_route
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.mesh.domain import errors
 from services.mesh.domain.types import InferResponse
-from services.mesh.transport.rest import add_metrics_route
-
-log = logging.getLogger(__name__)
+from services.mesh.transport.rest import (
+    JSON,
+    add_metrics_route,
+    error_middleware,
+    json_response,
+    status_of,
+)
 
 CORE = web.AppKey("gateway", Gateway)
 REQUEST_ID = "X-Request-Id"
-JSON = "application/json"
-
-# The one table from the error tree to HTTP statuses.
-STATUS: dict[type[errors.InfermeshError], int] = {
-    errors.InvalidInput: 400,
-    errors.Unauthenticated: 401,
-    errors.PermissionDenied: 403,
-    errors.NotFound: 404,
-    errors.QuotaExceeded: 429,
-    errors.Overloaded: 503,
-    errors.Unavailable: 503,
-    errors.DeadlineExceeded: 504,
-    errors.InternalError: 500,
-}
-
-
-def status_of(error: errors.InfermeshError) -> int:
-    for cls in type(error).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 500
-
 
 HIDDEN_MODEL_CODES = frozenset({401, 403, 404})
 """Statuses of requests refused before their model was known to be real and theirs to use."""
@@ -78,38 +58,9 @@ def track(metrics: GatewayMetrics, model: str) -> Iterator[None]:
                         seconds=time.perf_counter() - started)
 
 
-def _error_response(
-    message: str, status: int, *, retry_after: float | None = None, trace_id: str | None = None
-) -> web.Response:
-    body: dict[str, object] = {"error": message}
-    headers: dict[str, str] = {}
-    if trace_id is not None:
-        headers["Infermesh-Trace-Id"] = trace_id
-    if retry_after is not None:
-        body["retry_after"] = retry_after
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="infermesh"'
-    return web.Response(body=orjson.dumps(body), status=status, content_type=JSON,
-                        headers=headers)
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except errors.InfermeshError as exc:
-        return _error_response(exc.message, status_of(exc), retry_after=exc.retry_after,
-                               trace_id=exc.trace_id)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _error_response(exc.text or exc.reason, exc.status)
-    except Exception:
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        return _error_response("internal error", 500)
+def _http_text(exc: web.HTTPException) -> str:
+    """aiohttp's own wording of an HTTP error: a 413 names the limit and the size sent."""
+    return exc.text or exc.reason
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -129,8 +80,7 @@ async def model_metadata(request: web.Request) -> web.Response:
     core, model = request.app[CORE], request.match_info["model"]
     spec = core.model_metadata(model, request.match_info.get("version"),
                                header=request.headers.get)
-    body = rest.model_metadata(spec, core.model_versions(model))
-    return web.Response(body=orjson.dumps(body), content_type=JSON)
+    return json_response(rest.model_metadata(spec, core.model_versions(model)))
 
 
 async def model_ready(request: web.Request) -> web.Response:
@@ -177,7 +127,8 @@ def create_app(
     server health, server metadata and /metrics stay open for probes and scrapers. With
     `feedback`, `POST /v1/feedback` takes feedback on predictions (same API keys).
     """
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+    errors_as_json = error_middleware(challenge='Bearer realm="infermesh"', http_text=_http_text)
+    app = web.Application(middlewares=[errors_as_json], client_max_size=max_body_bytes)
     app[CORE] = core
     add_metrics_route(app, core.metrics.registry)
     app.router.add_get("/v2", server_metadata)

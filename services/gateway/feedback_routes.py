@@ -1,11 +1,12 @@
-"""`POST /v1/feedback`: the REST adapter of the FeedbackRecorder. Errors map in app.py's table."""
+"""`POST /v1/feedback`: the REST adapter of the FeedbackRecorder. Errors are answered by app.py's
+error middleware (services/mesh/transport/rest.py holds the one table)."""
 
 from __future__ import annotations
 
-import orjson
 from aiohttp import web
 
 from services.gateway.feedback import FeedbackRecorder
+from services.mesh.transport.rest import json_response
 
 FEEDBACK = web.AppKey("feedback", FeedbackRecorder)
 PATH = "/v1/feedback"
@@ -22,7 +23,7 @@ async def post_feedback(request: web.Request) -> web.Response:
         raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, max(size, len(raw)))
     feedback = await recorder.record(tenant, raw)
     body = {"request_id": feedback.request_id, "kind": feedback.kind, "stored": True}
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return json_response(body)
 
 
 def add_feedback_route(app: web.Application, recorder: FeedbackRecorder) -> None:

@@ -16,20 +16,10 @@ from services.gateway.binary import OutputFormat, binary_chunks, output_format, 
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.tensors import DATATYPES, DTYPES, Tensor, element_count, serialize_bytes
 from services.mesh.domain.types import InferRequest, InferResponse, ModelVersion
+from services.mesh.transport.rest import parse_json_object
 
 _ORJSON_NUMPY = {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
                  "UINT64", "FP32", "FP64"}
-
-
-def parse_body(body: bytes | memoryview) -> dict[str, Any]:
-    """The JSON object of a request body; InvalidInput when it is not one."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return parsed
 
 
 def decode_infer_body(
@@ -38,7 +28,7 @@ def decode_infer_body(
     """The InferRequest in a whole request body (JSON, or JSON then binary tensor data) and
     the output format it asks for; `header_length` is its Inference-Header-Content-Length."""
     header, tail = split_body(body, header_length)
-    parsed = parse_body(header)
+    parsed = parse_json_object(header)
     request = decode_infer(parsed, model=model, version=version, request_id=request_id,
                            binary=tail)
     return request, output_format(parsed)

@@ -13,10 +13,10 @@ from aiohttp import web
 
 from control.guard.runner import Guard, run_guard
 from deploy.localdeps import free_port
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import PreconditionFailed
 from services.mesh.domain.types import Rollout, Route, ShadowRoute
 from services.mesh.infra.db import create_pool
-from services.mesh.infra.etcd import StaticConfig
 from tests.control.test_guard_metrics import RouterMetrics
 
 

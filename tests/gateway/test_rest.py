@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 import pytest
 
-from services.gateway.rest import decode_infer, encode_infer, parse_body
+from services.gateway.rest import decode_infer, decode_infer_body, encode_infer
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.tensors import Tensor, deserialize_bytes
 from services.mesh.domain.types import InferRequest, InferResponse
@@ -88,9 +88,9 @@ def test_a_bytes_count_mismatch_is_named() -> None:
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]"])
-def test_parse_body_rejects_what_is_not_a_json_object(body: bytes) -> None:
-    with pytest.raises(InvalidInput, match="request body"):
-        parse_body(body)
+def test_a_body_that_is_not_a_json_object_is_refused_naming_the_body(body: bytes) -> None:
+    with pytest.raises(InvalidInput, match="^body: "):
+        decode_infer_body(body, header_length=None, model="m", version=None, request_id="r")
 
 
 def test_encode_infer_writes_the_oip_response() -> None:

@@ -2,6 +2,7 @@
 
     InfermeshError
     ├── InvalidInput          the caller sent something wrong (names the field)
+    │   └── Conflict          it names something that exists already, differently
     ├── NotFound              unknown model or version
     ├── Unauthenticated       missing or unknown credentials
     ├── PermissionDenied      credentials valid, action not allowed
@@ -44,6 +45,10 @@ class InfermeshError(Exception):
 
 class InvalidInput(InfermeshError):
     code = "invalid_input"
+
+
+class Conflict(InvalidInput):
+    code = "conflict"
 
 
 class NotFound(InfermeshError):
@@ -89,7 +94,7 @@ class InternalError(InfermeshError):
 _BY_CODE: dict[str, type[InfermeshError]] = {
     cls.code: cls
     for cls in (
-        InvalidInput, NotFound, Unauthenticated, PermissionDenied, PreconditionFailed,
+        InvalidInput, Conflict, NotFound, Unauthenticated, PermissionDenied, PreconditionFailed,
         Overloaded, QuotaExceeded, DeadlineExceeded, Unavailable, LinkClosed, InternalError,
     )
 }

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from control.api.core import RolloutStore
-from control.api.tenants import TenantStore
+from control.api.tenants.store import TenantStore
 from tests.registry.harness import SIGNATURE, RegistryHarness, chunks_of, open_registry
 
 VERSIONS = ("1", "2", "3")

@@ -7,10 +7,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from control.api.app import create_app, parse_if_match
+from control.api.app import create_app
 from control.api.core import RolloutState, RolloutStore
 from control.api.openapi import openapi_document
-from control.api.tenants import TenantStore
+from control.api.rollouts.routes import parse_if_match
+from control.api.tenants.store import TenantStore
 from services.mesh.domain.errors import InvalidInput
 from tests.control.api.conftest import ControlHarness, canary
 

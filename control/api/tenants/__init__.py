@@ -1,0 +1,2 @@
+"""Tenants, API keys and model limits over REST: routes, validation, the store (Postgres) with
+its SQL, the publisher (etcd), and their OpenAPI part."""
