@@ -1,94 +1,107 @@
 """`python -m deploy.fused`: gateway, router, batcher and worker in one process.
 
-The same cores as the mesh, wired with the in-process next-hop implementations instead of
-links: same code, same API, no links. The registry and etcd/Postgres stay outside.
+The same cores as the mesh, built by the same wiring functions as each `python -m
+services.<name>` from the same settings objects (`INFERMESH_<SERVICE>_*`), wired with the
+in-process next hops instead of links: same code, same API, no links. The registry and
+etcd/Postgres stay outside.
+
+One process is one mesh node: where to reach etcd, where to listen (the gateway's REST port)
+and how long to drain come from the gateway's settings; every other setting of each service
+is its own (tests/deploy/test_fused_settings.py checks that each one reaches its service).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
+import aiohttp
 from prometheus_client import CollectorRegistry
 
-from services.batcher.core import Batcher
-from services.batcher.metrics import BatcherMetrics
+from services.batcher.settings import BatcherSettings
+from services.batcher.wiring import BatcherService, build_batcher
 from services.batcher.workers import LocalWorkerPool
-from services.gateway.access import Access
-from services.gateway.app import create_app
-from services.gateway.core import Gateway
-from services.gateway.feedback import FeedbackRecorder
-from services.gateway.feedback_store import open_feedback_store
-from services.gateway.grpc_app import create_grpc_server
-from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
+from services.gateway.wiring import GatewayService, build_gateway
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.infra import telemetry
 from services.mesh.infra.runtime import MeshNode, run
 from services.mesh.infra.settings import load_settings
-from services.router.core import Router
-from services.router.metrics import RouterMetrics
-from services.router.predlog import start_prediction_log
 from services.router.settings import RouterSettings
-from services.worker.artifacts import ArtifactCache
-from services.worker.core import Worker
-from services.worker.factory import backend_factory
-from services.worker.metrics import WorkerMetrics
+from services.router.wiring import RouterService, build_router
 from services.worker.settings import WorkerSettings
+from services.worker.wiring import WorkerService, build_worker
+
+
+@dataclass(frozen=True, slots=True)
+class FusedSettings:
+    """The settings of each service of the fused data plane, read as each service reads them."""
+
+    gateway: GatewaySettings
+    router: RouterSettings
+    batcher: BatcherSettings
+    worker: WorkerSettings
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> FusedSettings:
+        """Each service's settings from `env` (default: the process environment)."""
+        gateway = load_settings(GatewaySettings, "gateway", env)
+        return cls(
+            gateway=dataclasses.replace(gateway, port=gateway.http_port),
+            router=load_settings(RouterSettings, "router", env),
+            batcher=load_settings(BatcherSettings, "batcher", env),
+            worker=load_settings(WorkerSettings, "worker", env),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FusedMesh:
+    """The four services of one fused process, each calling the next in-process."""
+
+    gateway: GatewayService
+    router: RouterService
+    batcher: BatcherService
+    worker: WorkerService
+
+
+async def build_fused(
+    settings: FusedSettings, stack: contextlib.AsyncExitStack, *, catalog: ModelCatalog,
+    session: aiohttp.ClientSession, publish_models: Callable[[list[str]], None],
+) -> FusedMesh:
+    """Build worker, batcher, router and gateway (in that order; they close in reverse through
+    `stack`), each handed the next as its in-process next hop, metrics in one registry."""
+    registry = CollectorRegistry()
+    worker = await build_worker(settings.worker, stack, catalog=catalog, session=session,
+                                publish_models=publish_models, registry=registry)
+    batcher = await build_batcher(settings.batcher, stack, catalog=catalog,
+                                  workers=LocalWorkerPool(worker.core), registry=registry)
+    router = await build_router(settings.router, stack, catalog=catalog, batcher=batcher.core,
+                                registry=registry)
+    gateway = await build_gateway(settings.gateway, stack, catalog=catalog, router=router.core,
+                                  registry=registry)
+    return FusedMesh(gateway, router, batcher, worker)
 
 
 async def main() -> None:
-    settings = load_settings(GatewaySettings, "gateway")
-    settings = dataclasses.replace(settings, port=settings.http_port)
-    worker_settings = load_settings(WorkerSettings, "worker")
-    router_settings = load_settings(RouterSettings, "router")
+    settings = FusedSettings.load()
     telemetry.setup_tracing("fused")
-    async with MeshNode(settings, service="gateway") as node:
+    async with (
+        MeshNode(settings.gateway, service="gateway") as node,
+        contextlib.AsyncExitStack() as stack,
+    ):
         assert node.session is not None
-        catalog = ModelCatalog(node.config)
-        registry = CollectorRegistry()
-        worker = Worker(
-            catalog, models=worker_settings.models,
-            artifacts=ArtifactCache(node.session, Path(worker_settings.cache_dir)),
-            backend_factory=backend_factory(worker_settings.threads),
-            metrics=WorkerMetrics(registry),
+        fused = await build_fused(
+            settings, stack, catalog=ModelCatalog(node.config), session=node.session,
+            publish_models=lambda ready: node.update_record("worker", models=ready),
         )
-        batcher = Batcher(catalog, LocalWorkerPool(worker), metrics=BatcherMetrics(registry))
-        predictions = await start_prediction_log(router_settings, registry)
-        router = Router(catalog, batcher, metrics=RouterMetrics(registry),
-                        prediction_log=predictions)
-        access = Access.from_settings(node.config, settings)
-        gateway = Gateway(
-            catalog, router, access=access,
-            metrics=GatewayMetrics(registry), default_timeout=settings.default_timeout,
-        )
-        worker.subscribe(lambda: node.update_record("worker", models=worker.ready_versions()))
-        batcher.start()
-        worker.start()
-        grpc_server, grpc_port = create_grpc_server(
-            gateway, host=settings.host, port=settings.grpc_port,
-            compression=settings.grpc_compression, max_message_bytes=settings.max_body_bytes,
-        )
-        await grpc_server.start()
-        try:
-            async with open_feedback_store(settings.database_url,
-                                           timeout=settings.database_timeout) as store:
-                feedback = FeedbackRecorder(access, store, metrics=gateway.metrics)
-                app = create_app(gateway, max_body_bytes=settings.max_body_bytes,
-                                 feedback=feedback)
-                await node.serve(app, roles={
-                    "gateway": {"fused": True, "grpc": f"{settings.host}:{grpc_port}"},
-                    # No link: listed so the rollout guard finds this router's /metrics.
-                    "router": {"fused": True},
-                    "worker": {"fused": True, "models": []},
-                })
-        finally:
-            await grpc_server.stop(grace=settings.drain_timeout)
-            await router.aclose()
-            if predictions is not None:
-                await predictions.aclose()
-            await batcher.aclose()
-            await worker.aclose()
+        await node.serve(fused.gateway.app, roles={
+            "gateway": {"fused": True, "grpc": fused.gateway.grpc_address},
+            # No link: listed so the rollout guard finds this router's /metrics.
+            "router": {"fused": True},
+            "worker": {"fused": True, "models": []},
+        })
 
 
 if __name__ == "__main__":

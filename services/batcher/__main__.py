@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from services.batcher.app import create_app
-from services.batcher.core import Batcher
-from services.batcher.metrics import BatcherMetrics
+import contextlib
+
 from services.batcher.settings import BatcherSettings
+from services.batcher.wiring import build_batcher
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.infra import telemetry
 from services.mesh.infra.runtime import MeshNode, run
@@ -17,26 +17,16 @@ from services.mesh.transport.peers import LinkPool
 async def main() -> None:
     settings = load_settings(BatcherSettings, "batcher")
     telemetry.setup_tracing("batcher")
-    async with MeshNode(settings, service="batcher") as node:
+    async with MeshNode(settings, service="batcher") as node, contextlib.AsyncExitStack() as stack:
         assert node.session is not None
         workers = LinkPool(node.session, node.config, "worker")
         workers.start()
+        stack.push_async_callback(workers.aclose)
         node.watch_health(pools=[workers])
-        metrics = BatcherMetrics()
-        core = Batcher(
-            ModelCatalog(node.config), LinkedWorkerPool(workers), metrics=metrics,
-            pipeline_depth=settings.pipeline_depth, no_worker_grace=settings.no_worker_grace,
-            bulk_max_wait=settings.bulk_max_wait,
+        batcher = await build_batcher(
+            settings, stack, catalog=ModelCatalog(node.config), workers=LinkedWorkerPool(workers),
         )
-        core.start()
-        try:
-            await node.serve(
-                create_app(core, metrics, drain_timeout=settings.drain_timeout),
-                roles={"batcher": {"link": node.link_url}},
-            )
-        finally:
-            await core.aclose()
-            await workers.aclose()
+        await node.serve(batcher.link_app(), roles={"batcher": {"link": node.link_url}})
 
 
 if __name__ == "__main__":

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
-from services.gateway.access import Access
-from services.gateway.app import create_app
-from services.gateway.core import Gateway
-from services.gateway.feedback import FeedbackRecorder
-from services.gateway.feedback_store import open_feedback_store
-from services.gateway.grpc_app import create_grpc_server
 from services.gateway.settings import GatewaySettings
+from services.gateway.wiring import build_gateway
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.infra import telemetry
 from services.mesh.infra.runtime import MeshNode, run
@@ -23,30 +19,16 @@ async def main() -> None:
     settings = load_settings(GatewaySettings, "gateway")
     settings = dataclasses.replace(settings, port=settings.http_port)
     telemetry.setup_tracing("gateway")
-    async with MeshNode(settings, service="gateway") as node:
+    async with MeshNode(settings, service="gateway") as node, contextlib.AsyncExitStack() as stack:
         assert node.session is not None
         routers = LinkPool(node.session, node.config, "router")
         routers.start()
+        stack.push_async_callback(routers.aclose)
         node.watch_health(pools=[routers])
-        access = Access.from_settings(node.config, settings)
-        core = Gateway(
-            ModelCatalog(node.config), LinkedInferTarget(routers), access=access,
-            default_timeout=settings.default_timeout,
+        gateway = await build_gateway(
+            settings, stack, catalog=ModelCatalog(node.config), router=LinkedInferTarget(routers),
         )
-        grpc_server, grpc_port = create_grpc_server(
-            core, host=settings.host, port=settings.grpc_port,
-            compression=settings.grpc_compression, max_message_bytes=settings.max_body_bytes,
-        )
-        await grpc_server.start()
-        try:
-            async with open_feedback_store(settings.database_url,
-                                           timeout=settings.database_timeout) as store:
-                feedback = FeedbackRecorder(access, store, metrics=core.metrics)
-                app = create_app(core, max_body_bytes=settings.max_body_bytes, feedback=feedback)
-                await node.serve(app, roles={"gateway": {"grpc": f"{settings.host}:{grpc_port}"}})
-        finally:
-            await grpc_server.stop(grace=settings.drain_timeout)
-            await routers.aclose()
+        await node.serve(gateway.app, roles={"gateway": {"grpc": gateway.grpc_address}})
 
 
 if __name__ == "__main__":

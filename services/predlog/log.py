@@ -5,8 +5,8 @@ buffer; it never blocks, never raises and never waits for Postgres. When the buf
 record is dropped and counted (`infermesh_prediction_log_dropped_total{reason="buffer_full"}`).
 
 A background task (`start()`) takes the buffer every `flush_interval` seconds, or as soon as
-`flush_rows` records wait, turns records into rows (`predrows`; in a thread when the batch is
-heavy) and writes them with COPY (`predtable`). When Postgres is unreachable the rows go to the
+`flush_rows` records wait, turns records into rows (`rows`; in a thread when the batch is
+heavy) and writes them with COPY (`table`). When Postgres is unreachable the rows go to the
 instance's spool on local disk (`spool`) instead, Postgres is probed every `probe_interval`
 seconds, and once it answers again the spool is replayed in chunks, oldest first, between
 flushes of new records. A spool left by an earlier run is replayed the same way. Writes are
@@ -28,14 +28,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from services.mesh.domain.catalog import ModelCatalog
-from services.mesh.domain.errors import NotFound
+from services.mesh.domain.predictions import NONE
 from services.mesh.domain.types import InferRequest, InferResponse
-from services.router.predmetrics import PredictionLogMetrics
-from services.router.predrows import DIGEST, NONE, PredictionRecord, Row, to_row
-from services.router.predtable import UNAVAILABLE, PredictionTable
-from services.router.settings import RouterSettings
-from services.router.spool import Spool
+from services.predlog.metrics import PredictionLogMetrics
+from services.predlog.rows import PredictionRecord, Row, to_row
+from services.predlog.spool import Spool
+from services.predlog.table import UNAVAILABLE, PredictionTable
 
 log = logging.getLogger(__name__)
 
@@ -278,31 +276,25 @@ class PredictionLog:
                 await self._spill(await asyncio.to_thread(self._to_rows, records))
 
 
-def policy_of(catalog: ModelCatalog, model: str, version: str) -> str:
-    """The `prediction_log` policy of a version; digest if it left the catalog meanwhile."""
-    try:
-        return catalog.version(model, version).prediction_log
-    except NotFound:
-        return DIGEST
-
-
 async def start_prediction_log(
-    settings: RouterSettings, registry: CollectorRegistry
+    database_url: str, *, registry: CollectorRegistry, instance: str, spool_root: str = "",
+    max_buffered: int = 10_000, spill_max_bytes: int = 1 << 30,
 ) -> PredictionLog | None:
-    """The router's prediction log per `settings`, started; None (logged) without a database.
+    """A prediction log writing to `database_url`, started; None (logged) without one.
 
-    Postgres need not be up: rows spill until it is.
+    Postgres need not be up: rows spill under `<spool_root>/<instance>/` (`spool_root` empty:
+    `<tmp>/infermesh-spool`) until it is. The caller closes it (`aclose`).
     """
-    if not settings.database_url:
+    if not database_url:
         log.warning("prediction log off: no database URL (INFERMESH_DATABASE_URL)")
         return None
-    root = settings.prediction_log_spool or str(
+    root = spool_root or str(
         Path(await asyncio.to_thread(tempfile.gettempdir)) / "infermesh-spool"
     )
     prediction_log = PredictionLog(
-        PredictionTable(settings.database_url),
-        Spool(Path(root), settings.instance_id, max_bytes=settings.prediction_log_spill_max_bytes),
-        registry=registry, max_buffered=settings.prediction_log_buffer,
+        PredictionTable(database_url),
+        Spool(Path(root), instance, max_bytes=spill_max_bytes),
+        registry=registry, max_buffered=max_buffered,
     )
     await prediction_log.start()
     log.info("prediction log on; spool %s", prediction_log.spool_directory)

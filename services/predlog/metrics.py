@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-log = logging.getLogger("services.router.predlog")
+log = logging.getLogger("services.predlog.log")
 
 DROP_REASONS = ("buffer_full", "spill_full", "spill_error", "rejected", "corrupt", "error",
                 "closed")

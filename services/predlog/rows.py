@@ -28,10 +28,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
+from services.mesh.domain.predictions import FULL, NONE
 from services.mesh.domain.tensors import DTYPES, Tensor, deserialize_bytes
 from services.mesh.domain.tracing import parse_traceparent
 
-FULL, DIGEST, NONE = "full", "digest", "none"
 COLUMNS = (
     "ts", "request_id", "tenant", "model", "version", "bucket", "shadow", "latency_ms",
     "trace_id", "label", "inputs", "outputs",

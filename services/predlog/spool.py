@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.router.predrows import Row, decode_row, encode_rows
+from services.predlog.rows import Row, decode_row, encode_rows
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from datetime import date
 
 import asyncpg
 
-from services.router.predrows import COLUMNS, Row
+from services.predlog.rows import COLUMNS, Row
 
 _STAGING = "predictions_staging"
 _CREATE_STAGING = (

@@ -2,45 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.infra import telemetry
 from services.mesh.infra.runtime import MeshNode, run
 from services.mesh.infra.settings import load_settings
 from services.mesh.transport.linked import LinkedInferTarget
 from services.mesh.transport.peers import LinkPool
-from services.router.app import create_app
-from services.router.core import Router
-from services.router.metrics import RouterMetrics
-from services.router.predlog import start_prediction_log
 from services.router.settings import RouterSettings
+from services.router.wiring import build_router
 
 
 async def main() -> None:
     settings = load_settings(RouterSettings, "router")
     telemetry.setup_tracing("router")
-    async with MeshNode(settings, service="router") as node:
+    async with MeshNode(settings, service="router") as node, contextlib.AsyncExitStack() as stack:
         assert node.session is not None
         batchers = LinkPool(node.session, node.config, "batcher")
         batchers.start()
+        stack.push_async_callback(batchers.aclose)
         node.watch_health(pools=[batchers])
-        metrics = RouterMetrics()
-        # Postgres need not be up: the log spills to disk until it is.
-        predictions = await start_prediction_log(settings, metrics.registry)
-        core = Router(
-            ModelCatalog(node.config), LinkedInferTarget(batchers, affinity=True),
-            metrics=metrics, shadow_max_inflight=settings.shadow_max_inflight,
-            prediction_log=predictions,
+        router = await build_router(
+            settings, stack, catalog=ModelCatalog(node.config),
+            batcher=LinkedInferTarget(batchers, affinity=True),
         )
-        try:
-            await node.serve(
-                create_app(core, drain_timeout=settings.drain_timeout),
-                roles={"router": {"link": node.link_url}},
-            )
-        finally:
-            await core.aclose()
-            if predictions is not None:
-                await predictions.aclose()
-            await batchers.aclose()
+        await node.serve(router.link_app(), roles={"router": {"link": node.link_url}})
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.errors import InfermeshError, Unavailable
 from services.mesh.domain.hops import InferTarget
+from services.mesh.domain.predictions import PredictionRecorder, policy_of
+from services.mesh.domain.signatures import request_misfit, require_fit
 from services.mesh.domain.types import InferRequest, InferResponse, Rollout
 from services.router.metrics import RouterMetrics, VersionStats
 from services.router.policy import Choice, choose_version
-from services.router.predlog import PredictionLog, policy_of
 from services.router.shadow import ShadowMirror
 
 
@@ -27,7 +28,7 @@ class Router:
     def __init__(
         self, catalog: ModelCatalog, batcher: InferTarget, *,
         metrics: RouterMetrics | None = None, shadow_max_inflight: int = 64,
-        prediction_log: PredictionLog | None = None,
+        prediction_log: PredictionRecorder | None = None,
     ) -> None:
         self._catalog = catalog
         self._batcher = batcher
@@ -84,7 +85,7 @@ class Router:
         return response
 
     def _log_prediction(
-        self, predictions: PredictionLog, request: InferRequest, response: InferResponse,
+        self, predictions: PredictionRecorder, request: InferRequest, response: InferResponse,
         started: float,
     ) -> None:
         """Hand a served request to the prediction log (a buffer append, nothing more)."""
@@ -104,6 +105,7 @@ class Router:
             rollout, self._sticky_value(request, rollout.sticky_key),
             is_ready=lambda v: self._catalog.ready_workers(request.model, v) > 0,
         )
+        require_fit(request, self._catalog.version(request.model, choice.version))
         request.version, request.bucket = choice.version, choice.bucket
         if choice.fallback:
             self.metrics.fallback(request.model, choice.routed, choice.version)
@@ -132,6 +134,8 @@ class Router:
             self._catalog.ready_workers(request.model, fallback)
         ):
             raise exc
+        if request_misfit(request, self._catalog.version(request.model, fallback).signature):
+            raise exc  # the fallback cannot run this request: the routed version's error stands
         self.metrics.fallback(request.model, str(request.version), fallback)
         request.version = fallback
         return rollout, dataclasses.replace(choice, version=fallback, fallback=True,
@@ -153,6 +157,8 @@ class Router:
     def _sticky_value(request: InferRequest, sticky_key: str | None) -> str:
         if sticky_key:
             value = request.parameters.get(sticky_key)
+            if value is None:  # the gateway forwards headers under their lower-cased names
+                value = request.parameters.get(sticky_key.lower())
             if value is not None:
                 return str(value)
         return request.request_id

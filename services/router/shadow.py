@@ -20,11 +20,11 @@ import numpy as np
 
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.hops import InferTarget
+from services.mesh.domain.predictions import PredictionRecorder, policy_of
 from services.mesh.domain.tensors import DTYPES, Tensor, element_count
 from services.mesh.domain.types import InferRequest, InferResponse, Rollout
 from services.router.metrics import RouterMetrics
 from services.router.policy import shadow_targets
-from services.router.predlog import PredictionLog, policy_of
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class ShadowMirror:
 
     def __init__(
         self, catalog: ModelCatalog, batcher: InferTarget, metrics: RouterMetrics, *,
-        max_inflight: int, prediction_log: PredictionLog | None = None,
+        max_inflight: int, prediction_log: PredictionRecorder | None = None,
     ) -> None:
         self._catalog = catalog
         self._batcher = batcher
@@ -152,7 +152,7 @@ class ShadowMirror:
             self._record(request.model, served, request.version, agreement)
 
     def _log_prediction(
-        self, predictions: PredictionLog, request: InferRequest, response: InferResponse,
+        self, predictions: PredictionRecorder, request: InferRequest, response: InferResponse,
         sent: float, started: float,
     ) -> None:
         predictions.record(

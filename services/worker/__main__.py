@@ -2,40 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import contextlib
 
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.infra import telemetry
 from services.mesh.infra.runtime import MeshNode, run
 from services.mesh.infra.settings import load_settings
-from services.worker.app import create_app
-from services.worker.artifacts import ArtifactCache
-from services.worker.core import Worker
-from services.worker.factory import backend_factory
-from services.worker.metrics import WorkerMetrics
 from services.worker.settings import WorkerSettings
+from services.worker.wiring import build_worker
 
 
 async def main() -> None:
     settings = load_settings(WorkerSettings, "worker")
     telemetry.setup_tracing("worker")
-    async with MeshNode(settings, service="worker") as node:
+    async with MeshNode(settings, service="worker") as node, contextlib.AsyncExitStack() as stack:
         assert node.session is not None
-        metrics = WorkerMetrics()
-        core = Worker(
-            ModelCatalog(node.config), models=settings.models,
-            artifacts=ArtifactCache(node.session, Path(settings.cache_dir)),
-            backend_factory=backend_factory(settings.threads), metrics=metrics,
+        worker = await build_worker(
+            settings, stack, catalog=ModelCatalog(node.config), session=node.session,
+            publish_models=lambda ready: node.update_record(models=ready),
         )
-        core.subscribe(lambda: node.update_record(models=core.ready_versions()))
-        core.start()
-        try:
-            await node.serve(
-                create_app(core, metrics, drain_timeout=settings.drain_timeout),
-                roles={"worker": {"link": node.link_url, "models": core.ready_versions()}},
-            )
-        finally:
-            await core.aclose()
+        await node.serve(worker.link_app(), roles={
+            "worker": {"link": node.link_url, "models": worker.core.ready_versions()},
+        })
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ from services.mesh.domain.errors import Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import InferRequest, InferResponse
 from services.mesh.infra.db import create_pool, migrate
+from services.predlog.log import PredictionLog
+from services.predlog.rows import EPOCH, PredictionRecord, to_row
+from services.predlog.spool import Spool
+from services.predlog.table import PredictionTable
 from services.router.core import Router
-from services.router.predlog import PredictionLog
-from services.router.predrows import EPOCH, PredictionRecord, to_row
-from services.router.predtable import PredictionTable
-from services.router.spool import Spool
+from tests.predlog.pgproxy import Gate
 from tests.router.fakes import FakeBatcher, make_config, request, rollout
-from tests.router.pgproxy import Gate
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE}-00f067aa0ba902b7-01"

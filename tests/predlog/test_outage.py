@@ -14,12 +14,13 @@ import pytest
 from deploy.localdeps import LocalPostgres, start_postgres
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.infra.db import create_pool, migrate
+from services.predlog.log import PredictionLog
+from services.predlog.spool import Spool
+from services.predlog.table import PredictionTable
 from services.router.core import Router
 from services.router.metrics import RouterMetrics
-from services.router.predlog import PredictionLog
-from services.router.predtable import PredictionTable
-from services.router.spool import Spool
 from tests.router.fakes import FakeBatcher, make_config, request, rollout
+from tests.waiting import wait_for
 
 WAVE = 50
 
@@ -110,19 +111,20 @@ async def test_a_postgres_outage_loses_no_prediction_and_no_log_row(
 
 async def rows_once_settled(log: PredictionLog, dsn: str, *,
                             expected: int) -> tuple[int, int]:
-    """(rows, distinct request ids) once `expected` rows are in, or after 30 s."""
+    """(rows, distinct request ids) once `expected` rows are in; fails after 30 s."""
     pool = await create_pool(dsn)
+
+    async def counts() -> tuple[int, int]:
+        await log.flush()  # probes Postgres, replays the spool, writes the buffer
+        row = await pool.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT request_id) AS ids FROM predictions"
+        )
+        assert row is not None
+        return int(row["n"]), int(row["ids"])
+
     try:
-        async with asyncio.timeout(30):
-            while True:
-                await log.flush()  # probes Postgres, replays the spool, writes the buffer
-                row = await pool.fetchrow(
-                    "SELECT count(*) AS n, count(DISTINCT request_id) AS ids FROM predictions"
-                )
-                assert row is not None
-                if row["n"] >= expected:
-                    return int(row["n"]), int(row["ids"])
-                await asyncio.sleep(0.2)  # Postgres still starting up
+        return await wait_for(counts, lambda seen: seen[0] >= expected, timeout=30,
+                              what=f"{expected} prediction rows in Postgres", interval=0.2)
     finally:
         await pool.close()
 

@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import InfermeshError
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import (
@@ -18,7 +19,6 @@ from services.mesh.domain.types import (
     Signature,
     TensorSpec,
 )
-from services.mesh.infra.etcd import StaticConfig
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 2)),), outputs=(TensorSpec("x", "FP32", (-1, 2)),)

@@ -10,9 +10,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import InternalError, InvalidInput, NotFound
 from services.mesh.domain.types import InferRequest, InferResponse, Rollout, Route
-from services.mesh.infra.etcd import StaticConfig
 from services.router.app import create_app
 from services.router.core import Router
 from tests.router.fakes import make_config, request

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import NotFound, Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import (
@@ -17,7 +18,6 @@ from services.mesh.domain.types import (
     Signature,
     TensorSpec,
 )
-from services.mesh.infra.etcd import StaticConfig
 from services.router.core import Router
 from services.router.policy import bucket_of, choose_version
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import InternalError, Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Route
-from services.mesh.infra.etcd import StaticConfig
 from services.router.core import Router
 from services.router.metrics import RouterMetrics
 from tests.router.fakes import (

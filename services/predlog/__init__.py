@@ -1,0 +1,12 @@
+"""The prediction log: every prediction a router serves, kept in Postgres.
+
+    log.py      PredictionLog (the buffer and its writer task) and start_prediction_log
+    rows.py     what is kept of a prediction (PredictionRecord) and the row it becomes
+    table.py    the writer into the day-partitioned `predictions` table (asyncpg)
+    spool.py    rows spilled to local disk while Postgres is unavailable, replayed later
+    metrics.py  its counters and gauges, and its rate-limited log lines
+
+The router sees none of this: its core calls `record()` on a
+`services.mesh.domain.predictions.PredictionRecorder`, and the router's wiring
+(`services/router/wiring.py`) starts a PredictionLog and hands it in.
+"""

@@ -1,0 +1,58 @@
+"""Building a router from its settings: `python -m services.router` and fused mode both call
+`build_router`, and differ only in the batcher they hand it (a link pool, or the in-process
+batcher core)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.hops import InferTarget
+from services.predlog.log import start_prediction_log
+from services.router.app import create_app
+from services.router.core import Router
+from services.router.metrics import RouterMetrics
+from services.router.settings import RouterSettings
+
+
+@dataclass(frozen=True, slots=True)
+class RouterService:
+    """A built router: its core, and the app that serves it to gateways over links."""
+
+    core: Router
+    settings: RouterSettings
+
+    def link_app(self) -> web.Application:
+        """Serve the core over links (`/link`, `/metrics`, `/healthz`); not in fused mode."""
+        return create_app(self.core, drain_timeout=self.settings.drain_timeout)
+
+
+async def build_router(
+    settings: RouterSettings, stack: contextlib.AsyncExitStack, *, catalog: ModelCatalog,
+    batcher: InferTarget, registry: CollectorRegistry | None = None,
+) -> RouterService:
+    """The router per `settings`, forwarding to `batcher`, its metrics in `registry` (its own
+    when None), with its prediction log when `settings.database_url` names one.
+
+    What it starts closes through `stack`: the core first, then the prediction log (which
+    writes, or spills, what the core handed it).
+    """
+    metrics = RouterMetrics(registry)
+    # Postgres need not be up: the log spills to disk until it is.
+    predictions = await start_prediction_log(
+        settings.database_url, registry=metrics.registry, instance=settings.instance_id,
+        spool_root=settings.prediction_log_spool, max_buffered=settings.prediction_log_buffer,
+        spill_max_bytes=settings.prediction_log_spill_max_bytes,
+    )
+    if predictions is not None:
+        stack.push_async_callback(predictions.aclose)
+    core = Router(
+        catalog, batcher, metrics=metrics, shadow_max_inflight=settings.shadow_max_inflight,
+        prediction_log=predictions,
+    )
+    stack.push_async_callback(core.aclose)
+    return RouterService(core, settings)
