@@ -13,7 +13,19 @@ def build_batch(model: str, version: str, requests: list[InferRequest]) -> Batch
     names = [t.name for t in requests[0].inputs]
     by_name = [{t.name: t for t in r.inputs} for r in requests]
     inputs = [concat_rows([tensors[name] for tensors in by_name]) for name in names]
-    return Batch(model, version, inputs, [r.rows for r in requests])
+    return Batch(model, version, inputs, [r.rows for r in requests],
+                 outputs=wanted_outputs(requests))
+
+
+def wanted_outputs(requests: list[InferRequest]) -> list[str] | None:
+    """The union of the outputs the requests name, in first-asked order; None when any asks
+    for all of them."""
+    wanted: dict[str, None] = {}
+    for request in requests:
+        if request.outputs is None:
+            return None
+        wanted.update(dict.fromkeys(request.outputs))
+    return list(wanted)
 
 
 def batch_span(

@@ -327,10 +327,12 @@ class Batcher:
         for index, pending in enumerate(members):
             if pending.future.done():
                 continue
+            wanted = pending.request.outputs
             pending.future.set_result(InferResponse(
                 model=queue.model, version=queue.version,
                 request_id=pending.request.request_id,
-                outputs=[per_output[index] for per_output in pieces],
+                outputs=[per_output[index] for per_output in pieces
+                         if wanted is None or per_output[index].name in wanted],
             ))
 
     async def aclose(self) -> None:

@@ -17,6 +17,11 @@ from services.gateway.access import Access
 from services.gateway.auth import AuthFailure, HeaderLookup
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.quotas import Permit, Rejection
+from services.gateway.sticky import (
+    DEFAULT_STICKY_HEADERS,
+    forward_sticky_headers,
+    sticky_header_names,
+)
 from services.gateway.validation import validate_request
 from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
@@ -73,12 +78,16 @@ class Gateway:
     def __init__(
         self, catalog: ModelCatalog, router: InferTarget, *, access: Access,
         metrics: GatewayMetrics | None = None, default_timeout: float = 30.0,
+        sticky_headers: tuple[str, ...] = DEFAULT_STICKY_HEADERS,
     ) -> None:
         self._catalog = catalog
         self._router = router
         self._access = access
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         self._default_timeout = default_timeout
+        self._sticky_headers = sticky_headers
+        self._sticky_keys: frozenset[str] | None = None
+        self._sticky_names: tuple[str, ...] = ()
 
     @staticmethod
     def new_request_id() -> str:
@@ -189,11 +198,13 @@ class Gateway:
         return response
 
     def _sticky_from_header(self, request: InferRequest, header: HeaderLookup) -> None:
-        sticky_key = self._catalog.rollout(request.model).sticky_key
-        if sticky_key and sticky_key not in request.parameters:
-            value = header(sticky_key)
-            if value is not None:
-                request.parameters[sticky_key] = value
+        """Forward every header that could be a sticky key: the router, whose rollout copy
+        picks the version, picks the key too (see `services.gateway.sticky`)."""
+        keys = self._catalog.sticky_keys()
+        if keys is not self._sticky_keys:
+            self._sticky_keys = keys
+            self._sticky_names = sticky_header_names(self._sticky_headers, keys)
+        forward_sticky_headers(request.parameters, header, self._sticky_names)
 
     def _stamp_deadline(self, request: InferRequest) -> None:
         timeout = request.parameters.get("timeout")

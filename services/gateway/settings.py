@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.gateway.sticky import DEFAULT_STICKY_HEADERS
 from services.mesh.infra.settings import ServiceSettings
 
 
@@ -20,6 +21,11 @@ class GatewaySettings(ServiceSettings):
     """Largest request body accepted; larger gets a 413 naming the limit."""
     default_timeout: float = 30.0
     """Deadline given to a request that names none (parameter `timeout`, seconds)."""
+    sticky_headers: tuple[str, ...] = DEFAULT_STICKY_HEADERS
+    """Request headers always forwarded to the router as sticky-key candidates (comma
+    separated), besides the sticky key of every rollout the gateway knows. List every header a
+    rollout may name as `sticky_key`: then users stay on one version even while this gateway's
+    copy of a changed rollout lags the router's."""
     auth: bool = True
     """Require an API key (`Authorization: Bearer <key>`) on inference and model endpoints.
     `INFERMESH_GATEWAY_AUTH=0` is dev mode: no keys, every request is tenant `anonymous` with

@@ -142,8 +142,10 @@ class Worker:
         except BackendError as exc:
             raise InternalError(f"model {batch.model}/{batch.version} failed: {exc}") from exc
         self._metrics.observe(batch, backend.device, time.perf_counter() - started)
+        wanted = None if batch.outputs is None else set(batch.outputs)
         return BatchResult(
-            [Tensor.from_array(name, array) for name, array in outputs.items()],
+            [Tensor.from_array(name, array) for name, array in outputs.items()
+             if wanted is None or name in wanted],  # nobody asked for the others: no copy back
             device=backend.device,
         )
 

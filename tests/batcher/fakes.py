@@ -9,6 +9,7 @@ import numpy as np
 
 from services.batcher.core import Batcher
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.hops import WorkerHandle
 from services.mesh.domain.tenancy import Tenant
 from services.mesh.domain.tensors import Tensor
@@ -22,7 +23,6 @@ from services.mesh.domain.types import (
     Signature,
     TensorSpec,
 )
-from services.mesh.infra.etcd import StaticConfig
 
 MODEL, VERSION = "m", "1"
 SIGNATURE = Signature(

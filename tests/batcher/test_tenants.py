@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from services.batcher.tenants import TenantWeights
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.tenancy import Tenant
-from services.mesh.infra.etcd import StaticConfig
 
 
 def record(name: str, weight: float) -> dict[str, object]:

@@ -11,6 +11,7 @@ from typing import Any
 from services.gateway.access import Access
 from services.gateway.core import Gateway
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import (
     InferRequest,
@@ -18,7 +19,6 @@ from services.mesh.domain.types import (
     Signature,
     TensorSpec,
 )
-from services.mesh.infra.etcd import StaticConfig
 from tests.fakes import model_records
 
 SIGNATURES = {

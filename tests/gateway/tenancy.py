@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from services.gateway.auth import HeaderLookup
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.tenancy import Tenant, new_key, split_key
-from services.mesh.infra.etcd import StaticConfig
 
 
 class FakeClock:

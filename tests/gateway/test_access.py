@@ -15,6 +15,7 @@ from services.gateway.core import Gateway
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import (
     InfermeshError,
     NotFound,
@@ -26,7 +27,6 @@ from services.mesh.domain.errors import (
 from services.mesh.domain.tenancy import Tenant
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import InferRequest, InferResponse
-from services.mesh.infra.etcd import StaticConfig
 from services.mesh.infra.settings import load_settings
 from tests.gateway.echo import EchoRouter, echo_config
 from tests.gateway.tenancy import FakeClock, add_tenant, bearer, lookup, revoke

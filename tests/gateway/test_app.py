@@ -14,6 +14,7 @@ from services.gateway.app import create_app
 from services.gateway.core import Gateway
 from services.gateway.metrics import GatewayMetrics
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import InfermeshError, Overloaded
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import (
@@ -24,7 +25,6 @@ from services.mesh.domain.types import (
     Signature,
     TensorSpec,
 )
-from services.mesh.infra.etcd import StaticConfig
 from tests.fakes import model_records
 
 SIGNATURE = Signature(

@@ -6,9 +6,9 @@ import pytest
 
 import services.mesh.domain.tenancy
 from services.gateway.auth import Authenticator, AuthFailure, presented_key
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import PermissionDenied, Unauthenticated
 from services.mesh.domain.tenancy import Tenant, new_key, split_key
-from services.mesh.infra.etcd import StaticConfig
 from tests.gateway.tenancy import add_key, add_tenant, lookup, revoke
 
 

@@ -24,8 +24,8 @@ from services.gateway.feedback import FeedbackRecorder
 from services.gateway.feedback_store import open_feedback_store
 from services.gateway.metrics import GatewayMetrics
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.infra.db import create_pool, migrate
-from services.mesh.infra.etcd import StaticConfig
 from tests.gateway.echo import EchoRouter, echo_config
 from tests.gateway.tenancy import add_tenant, bearer, revoke
 

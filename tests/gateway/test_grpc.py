@@ -21,6 +21,7 @@ from services.gateway.access import Access
 from services.gateway.core import Gateway
 from services.gateway.grpc_app import create_grpc_server
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import InfermeshError, Overloaded, QuotaExceeded, Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import (
@@ -29,7 +30,6 @@ from services.mesh.domain.types import (
     Signature,
     TensorSpec,
 )
-from services.mesh.infra.etcd import StaticConfig
 from tests.fakes import model_records
 
 SIGNATURE = Signature(

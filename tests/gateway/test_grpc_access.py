@@ -20,7 +20,7 @@ from services.gateway.core import Gateway
 from services.gateway.grpc_app import create_grpc_server
 from services.gateway.metrics import GatewayMetrics
 from services.mesh.domain.catalog import ModelCatalog
-from services.mesh.infra.etcd import StaticConfig
+from services.mesh.domain.config import StaticConfig
 from tests.gateway.echo import EchoRouter, echo_config
 from tests.gateway.tenancy import FakeClock, add_tenant
 

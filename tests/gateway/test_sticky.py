@@ -18,9 +18,9 @@ from services.gateway.app import create_app
 from services.gateway.core import Gateway
 from services.gateway.grpc_app import create_grpc_server
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import InferRequest, Rollout, Route
-from services.mesh.infra.etcd import StaticConfig
 from tests.gateway.echo import EchoRouter, echo_config
 
 STICKY = Rollout("echo", (Route("1", 100.0),), sticky_key="user", fallback="1", epoch=9)
@@ -100,19 +100,38 @@ async def test_the_core_takes_the_sticky_key_from_a_header(
     lookups = Lookups({"user": "alice"})
     await infer(gateway, infer_request(), lookups)
     assert router.seen[0].parameters["user"] == "alice"
-    assert [name for name in lookups.asked if name != "traceparent"] == ["user"]
+    assert [name for name in lookups.asked if name != "traceparent"] == [
+        "x-user-id", "x-session-id", "user"
+    ]
 
 
-async def test_no_lookup_without_a_sticky_key_or_for_a_pinned_version(
-    config: StaticConfig, gateway: Gateway, router: EchoRouter
+async def test_no_lookup_for_a_pinned_version_nor_for_a_parameter_the_request_set(
+    gateway: Gateway, router: EchoRouter
 ) -> None:
-    lookups = Lookups({"user": "alice"})
+    lookups = Lookups({"user": "alice", "x-user-id": "u1"})
     await infer(gateway, infer_request(version="1"), lookups)
     await infer(gateway, infer_request(user="bob"), lookups)
+    assert [name for name in lookups.asked if name != "traceparent"] == [
+        "x-user-id", "x-session-id"
+    ]
+    assert [r.parameters for r in router.seen] == [{}, {"user": "bob", "x-user-id": "u1"}]
+
+
+async def test_configured_headers_are_forwarded_whatever_the_gateways_rollout_says(
+    config: StaticConfig, router: EchoRouter
+) -> None:
+    """The router's rollout may already name a header this gateway's copy does not: the
+    router, not the gateway, decides which forwarded value it hashes."""
     config.put("rollouts/echo", Rollout.stable("echo", "1").to_json())
+    gateway = Gateway(ModelCatalog(config), router, access=Access(config, auth=False),
+                      sticky_headers=("X-Team",))
+    lookups = Lookups({"x-team": "blue", "user": "alice"})
     await infer(gateway, infer_request(), lookups)
-    assert [name for name in lookups.asked if name != "traceparent"] == []
-    assert [r.parameters.get("user") for r in router.seen] == [None, "bob", None]
+    assert router.seen[0].parameters == {"x-team": "blue"}
+    config.put("rollouts/echo", STICKY.to_json())
+    lookups.headers["x-team"] = "t" * 1000
+    await infer(gateway, infer_request(), lookups)
+    assert router.seen[1].parameters == {"x-team": "t" * 256, "user": "alice"}
 
 
 async def test_rest_takes_the_sticky_key_from_a_header_of_any_case(

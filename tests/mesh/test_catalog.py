@@ -5,9 +5,9 @@ from typing import Any
 import pytest
 
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import NotFound
 from services.mesh.domain.types import Rollout, Route
-from services.mesh.infra.etcd import StaticConfig
 
 SIGNATURE: dict[str, Any] = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],

@@ -40,6 +40,7 @@ class ModelCatalog:
                 model, _, version = str(served).partition("/")
                 ready[(model, version)] = ready.get((model, version), 0) + 1
         self._versions, self._rollouts, self._ready = versions, rollouts, ready
+        self._sticky_keys = frozenset(r.sticky_key for r in rollouts.values() if r.sticky_key)
 
     def models(self) -> list[str]:
         """Names of every model with at least one version or a rollout."""
@@ -62,6 +63,10 @@ class ModelCatalog:
     def rollouts(self) -> list[Rollout]:
         """Every rollout record, by model name."""
         return [self._rollouts[m] for m in sorted(self._rollouts)]
+
+    def sticky_keys(self) -> frozenset[str]:
+        """The sticky key of every rollout (a new set after each config refresh)."""
+        return self._sticky_keys
 
     def rollout(self, model: str) -> Rollout:
         found = self._rollouts.get(model)

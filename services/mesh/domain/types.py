@@ -65,6 +65,8 @@ class Batch:
     """Rows contributed by each member request, in order."""
     trace: dict[str, str] = field(default_factory=dict)
     """W3C trace context of the batch's span (the worker's compute span is its child)."""
+    outputs: list[str] | None = None
+    """The outputs any member asked for (None: all); the worker drops the rest."""
 
 
 @dataclass(slots=True)

@@ -121,7 +121,7 @@ def encode_batch(batch: Batch) -> tuple[dict[str, Any], Buffers]:
     descriptors, buffers = _describe(batch.inputs)
     meta = {
         "op": "batch", "model": batch.model, "version": batch.version, "rows": batch.rows,
-        "trace": batch.trace, "tensors": descriptors,
+        "trace": batch.trace, "outputs": batch.outputs, "tensors": descriptors,
     }
     return meta, buffers
 
@@ -130,6 +130,7 @@ def decode_batch(meta: dict[str, Any], payload: memoryview) -> Batch:
     return Batch(
         model=meta["model"], version=meta["version"],
         inputs=_tensors(meta["tensors"], payload), rows=meta["rows"], trace=meta["trace"],
+        outputs=meta.get("outputs"),
     )
 
 
