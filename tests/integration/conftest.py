@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port
+from tests.waiting import wait_for_sync
 
 
 @dataclass
@@ -88,7 +88,7 @@ def start_mesh(state_dir: Path, *, fused: bool, env: dict[str, str]) -> RunningM
         "INFERMESH_REGISTRY_PORT": str(registry_port), "INFERMESH_TEST_MARKER": prefix,
         "INFERMESH_CONTROL_PORT": str(control_port),
     }
-    args = [sys.executable, "-m", "control.cli", "up", "--state-dir", str(state_dir)]
+    args = [sys.executable, "-m", "cli", "up", "--state-dir", str(state_dir)]
     process = subprocess.Popen(
         [*args, *(["--fused"] if fused else [])], env=full_env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -115,10 +115,8 @@ def _pump(mesh: RunningMesh, up: threading.Event) -> None:
 def stop_and_check(mesh: RunningMesh) -> None:
     """Ctrl-C must stop everything the launcher started."""
     assert mesh.stop() == 0, "".join(mesh.output[-40:])
-    deadline = time.monotonic() + 10
-    while mesh_processes(mesh.prefix) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert mesh_processes(mesh.prefix) == []
+    wait_for_sync(lambda: mesh_processes(mesh.prefix), lambda left: left == [], timeout=10,
+                  what="every process of the mesh to exit (observed: pids left)")
 
 
 @contextmanager

@@ -7,7 +7,6 @@ the HTTP/2 edge), and the control API's report and `infermesh report` showing th
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,10 +16,11 @@ import httpx
 import orjson
 import pytest
 
-from control.cli import main
+from cli.main import main
 from deploy.localdeps import LocalEtcd, LocalPostgres
 from tests.integration.conftest import RunningMesh, mesh_on_session_deps
 from tests.integration.oip import infer_body, mlp_input, output_array, post_infer
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,14 +62,11 @@ async def _totals(session: aiohttp.ClientSession, mesh: RunningMesh) -> dict[str
 async def _wait_for_report(
     session: aiohttp.ClientSession, mesh: RunningMesh, wanted: dict[str, int]
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + REPORT_WAIT
-    while True:
-        totals = await _totals(session, mesh)
-        if all(totals[key] >= count for key, count in wanted.items()):
-            return totals
-        if time.monotonic() > deadline:
-            pytest.fail(f"within {REPORT_WAIT:.0f} s the report showed {totals}, not {wanted}")
-        await asyncio.sleep(0.25)
+    return await wait_for(
+        lambda: _totals(session, mesh),
+        lambda totals: all(totals[key] >= count for key, count in wanted.items()),
+        timeout=REPORT_WAIT, what=f"the report to show {wanted}",
+    )
 
 
 def _weighted(rows: list[dict[str, Any]], field: str, weight: str) -> float:

@@ -25,6 +25,7 @@ from tests.integration.oip import (
     post_infer,
     reference,
 )
+from tests.waiting import wait_for
 
 
 async def test_mlp_matches_the_model_called_in_process(mesh: RunningMesh) -> None:
@@ -146,7 +147,7 @@ BAD_REQUESTS = [
             b'"data": [1, 2, 3]}]}', 400, "3 elements"),
     ("mlp", b'{"inputs": [{"name": "feature", "datatype": "FP32", "shape": [1, 32], '
             b'"data": [' + b",".join([b"1"] * 32) + b"]}]}", 400, "unexpected input 'feature'"),
-    ("mlp", b'{"inputs": [{"name": ', 400, "not valid JSON"),
+    ("mlp", b'{"inputs": [{"name": ', 400, "body: malformed JSON"),
 ]
 
 
@@ -173,7 +174,7 @@ async def test_oversize_body_is_rejected_with_413(mesh: RunningMesh) -> None:
 
 def _register(mesh: RunningMesh, name: str, version: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "control.cli", "models", "register", name, "--version", version,
+        [sys.executable, "-m", "cli", "models", "register", name, "--version", version,
          "--artifact", str(mesh.state_dir / "demo-models" / "mlp.pt"),
          "--input", "features:FP32:-1,32", "--output", "probs:FP32:-1,2",
          "--registry", mesh.registry],
@@ -183,14 +184,12 @@ def _register(mesh: RunningMesh, name: str, version: str) -> subprocess.Complete
 
 async def _infer_until_served(mesh: RunningMesh, path: str, timeout: float = 60) -> dict:  # type: ignore[type-arg]
     features = mlp_input(1)
-    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
-        while True:
-            status, body, _ = await post_infer(
-                session, f"{mesh.gateway}{path}", infer_body("features", features)
-            )
-            if status == 200:
-                return body
-            await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession() as session:
+        status, body, _ = await wait_for(
+            lambda: post_infer(session, f"{mesh.gateway}{path}", infer_body("features", features)),
+            lambda answer: answer[0] == 200, timeout=timeout, what=f"a 200 from POST {path}",
+        )
+    return body
 
 
 async def test_a_version_registered_by_the_cli_becomes_servable(mesh: RunningMesh) -> None:
@@ -240,7 +239,7 @@ async def test_infermesh_trace_prints_a_served_requests_waterfall(mesh: RunningM
     assert status == 200, body
     shown = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "control.cli", "trace", body["id"],
+        [sys.executable, "-m", "cli", "trace", body["id"],
          "--state-dir", str(mesh.state_dir), "--wait", "15"],
         capture_output=True, text=True, timeout=60,
     )

@@ -15,6 +15,7 @@ from deploy.localdeps import LocalEtcd, LocalPostgres
 from services.mesh.infra.db import create_pool
 from tests.integration.conftest import RunningMesh, start_mesh, stop_and_check
 from tests.integration.oip import infer_body, mlp_input, output_array, post_infer
+from tests.waiting import wait_for
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 
@@ -80,14 +81,13 @@ async def logged_rows(mesh: RunningMesh, ids: list[str], *, timeout: float) -> l
     """The rows of `ids` once all are there (the log flushes every half second)."""
     pool = await create_pool(mesh.env["INFERMESH_DATABASE_URL"])
     try:
-        async with asyncio.timeout(timeout):
-            while True:
-                rows = await pool.fetch(
-                    "SELECT * FROM predictions WHERE request_id = ANY($1::text[])", ids
-                )
-                if len(rows) >= len(ids):
-                    return list(rows)
-                await asyncio.sleep(0.2)
+        rows = await wait_for(
+            lambda: pool.fetch("SELECT * FROM predictions WHERE request_id = ANY($1::text[])",
+                               ids),
+            lambda found: len(found) >= len(ids), timeout=timeout,
+            what=f"{len(ids)} rows in predictions",
+        )
+        return list(rows)
     finally:
         await pool.close()
 

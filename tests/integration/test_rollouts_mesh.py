@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import math
 import os
 import random
 import signal
@@ -29,10 +30,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from control.registry_client import RegistryClient, register_file
 from deploy.localdeps import LocalEtcd, LocalPostgres
+from services.mesh.domain.types import Rollout
 from services.mesh.infra.etcd import connect_client
+from services.router.policy import shadow_targets
 from services.worker.demo_models import build_demo_models
 from tests.integration.canary_models import build_failing_mlp, build_mlp_variant
 from tests.integration.conftest import RunningMesh, mesh_on_session_deps, mesh_processes
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -67,12 +71,11 @@ async def _register_canaries(mesh: RunningMesh, artifacts: Path) -> None:
 
 async def _wait_status(session: aiohttp.ClientSession, url: str, timeout: float = 120, *,
                        headers: dict[str, str] | None = None) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            async with session.get(url, headers=headers) as response:
-                if response.status == 200:
-                    return
-            await asyncio.sleep(0.2)
+    async def status() -> int:
+        async with session.get(url, headers=headers) as response:
+            return response.status
+
+    await wait_for(status, lambda got: got == 200, timeout=timeout, what=f"200 from GET {url}")
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Answer:
     """One client-visible outcome."""
 
     sent: float
+    done: float
+    """When the answer had arrived (time.monotonic(), as `sent`)."""
     status: int
     version: str
     parameters: dict[str, Any]
@@ -112,7 +117,7 @@ class Client:
             headers={"Content-Type": "application/json", **headers},
         ) as response:
             answer = orjson.loads(await response.read())
-        return Answer(sent, response.status, answer.get("model_version", ""),
+        return Answer(sent, time.monotonic(), response.status, answer.get("model_version", ""),
                       answer.get("parameters", {}), answer)
 
     async def put_rollout(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -151,9 +156,10 @@ async def load(client: Client, count: int, *, concurrency: int = 24,
     return answers
 
 
-async def load_until(client: Client, stop: asyncio.Event, *, concurrency: int = 8) -> list[Answer]:
-    """Requests with random sticky keys until `stop` is set."""
-    answers: list[Answer] = []
+async def load_until(client: Client, stop: asyncio.Event, answers: list[Answer], *,
+                     concurrency: int = 8) -> list[Answer]:
+    """Requests with random sticky keys until `stop` is set, each answer appended to
+    `answers` as it arrives (a test watches them there)."""
 
     async def loop() -> None:
         while not stop.is_set():
@@ -195,17 +201,19 @@ async def wait_worker_serving(mesh: RunningMesh, version: str) -> None:
     until its lease expires, while its replacement is still loading.
     """
     etcd = connect_client(mesh.env["INFERMESH_ETCD_URL"])
+
+    async def live_and_registered() -> tuple[set[str], set[str]]:
+        """(pids of live mlp/`version` workers, pids in records serving mlp/`version`)"""
+        live = {str(pid) for pid in service_pids(mesh, "services.worker", models=f"mlp/{version}")}
+        records = await etcd.get_prefix(f"{mesh.prefix}endpoints/worker/".encode())
+        serving = {orjson.loads(kv.value)["instance"].rsplit("-", 1)[-1] for kv in records
+                   if f"mlp/{version}" in orjson.loads(kv.value).get("models", [])}
+        return live, serving
+
     try:
-        async with asyncio.timeout(120):
-            while True:
-                live = {str(pid) for pid in
-                        service_pids(mesh, "services.worker", models=f"mlp/{version}")}
-                records = await etcd.get_prefix(f"{mesh.prefix}endpoints/worker/".encode())
-                if any(f"mlp/{version}" in orjson.loads(kv.value).get("models", [])
-                       and orjson.loads(kv.value)["instance"].rsplit("-", 1)[-1] in live
-                       for kv in records):
-                    return
-                await asyncio.sleep(0.2)
+        await wait_for(live_and_registered, lambda seen: bool(seen[0] & seen[1]), timeout=120,
+                       what=f"a live worker registered as serving mlp/{version} "
+                            "(observed: live pids, registered pids)")
     finally:
         await etcd.close()
 
@@ -256,6 +264,8 @@ async def test_a_90_10_split_is_sticky_across_replicas_and_restarts(
     await asyncio.gather(*(one_user_loop() for _ in range(24)))
     assert all(len(versions) == 1 for versions in seen.values())
     share = sum(1 for v in seen.values() if v == {"2"}) / len(users)
+    # Version 2 owns exactly 10 % of the buckets and random users hash uniformly into them:
+    # binomial, sd = sqrt(0.1 * 0.9 / 5000) = 0.0042; 0.02 is 4.7 sd (P(outside) ~ 3e-6).
     assert 0.08 <= share <= 0.12
 
     routers = service_pids(rollout_mesh, "services.router")
@@ -271,13 +281,18 @@ async def test_a_90_10_split_is_sticky_across_replicas_and_restarts(
 
 
 async def _wait_for_new_routers(mesh: RunningMesh, *, old: set[int]) -> None:
-    async with asyncio.timeout(90):
-        while True:
-            pids = set(service_pids(mesh, "services.router"))
-            instances = await router_urls(mesh)
-            if len(pids) == 2 and not pids & old and len(instances) == 2:
-                return
-            await asyncio.sleep(0.2)
+    async def routers() -> tuple[set[int], list[str]]:
+        return set(service_pids(mesh, "services.router")), await router_urls(mesh)
+
+    await wait_for(
+        routers, lambda seen: len(seen[0]) == 2 and not seen[0] & old and len(seen[1]) == 2,
+        timeout=90, what=f"two new router processes (not {old}), two router records",
+    )
+
+
+def sent_after(answers: list[Answer], moment: float) -> list[Answer]:
+    """The answers, so far, to requests sent at `moment` or later."""
+    return [a for a in list(answers) if a.sent >= moment]
 
 
 async def test_a_weight_change_and_a_rollback_apply_within_a_second_without_errors(
@@ -286,28 +301,42 @@ async def test_a_weight_change_and_a_rollback_apply_within_a_second_without_erro
     first = await client.put_rollout({"routes": [{"version": "1", "weight": 100}],
                                       "reason": "baseline"})
     stop = asyncio.Event()
-    traffic = asyncio.create_task(load_until(client, stop))
-    await asyncio.sleep(1.0)
-    changed_at = time.monotonic()
-    changed = await client.put_rollout({"routes": [{"version": "1", "weight": 50},
-                                                   {"version": "2", "weight": 50}],
-                                        "reason": "canary at 50"})
-    await asyncio.sleep(2.0)
-    rolled_at = time.monotonic()
-    rolled = await client.control("POST", "/v1/rollouts/mlp/rollback",
-                                  json={"reason": "too risky"})
-    await asyncio.sleep(2.0)
-    stop.set()
-    answers = await traffic
+    answers: list[Answer] = []
+    traffic = asyncio.create_task(load_until(client, stop, answers))
+    # Enough answers to see both versions after the change: at 50/50, 40 answers all of one
+    # version has probability 2 * 0.5**40.
+    enough = 40
+    try:
+        await wait_for(lambda: [a.parameters.get("rollout_epoch") for a in answers],
+                       lambda epochs: first["epoch"] in epochs, timeout=60,
+                       what="traffic served under the baseline")
+        changed = await client.put_rollout({"routes": [{"version": "1", "weight": 50},
+                                                       {"version": "2", "weight": 50}],
+                                            "reason": "canary at 50"})
+        changed_at = time.monotonic()  # acknowledged: the second starts now
+        await wait_for(lambda: len(sent_after(answers, changed_at + 1.0)),
+                       lambda count: count >= enough, timeout=60,
+                       what=f"{enough} answers to requests sent a second after the change")
+        rolled_at = time.monotonic()
+        rolled = await client.control("POST", "/v1/rollouts/mlp/rollback",
+                                      json={"reason": "too risky"})
+        rollback_acked = time.monotonic()
+        await wait_for(lambda: len(sent_after(answers, rollback_acked + 1.0)),
+                       lambda count: count >= enough, timeout=60,
+                       what=f"{enough} answers to requests sent a second after the rollback")
+    finally:
+        stop.set()
+        await traffic
 
     assert [a for a in answers if a.status != 200] == []
     assert changed["epoch"] == first["epoch"] + 1 and rolled["epoch"] == changed["epoch"] + 1
     assert rolled["routes"] == first["routes"]
-    # Every request sent a second after a change was routed by it, on both routers.
-    # (A request sent just before the rollback may reach a router after it: leave those out.)
-    after_change = [a for a in answers if changed_at + 1.0 <= a.sent < rolled_at - 0.5]
-    after_rollback = [a for a in answers if a.sent >= rolled_at + 1.0]
-    assert after_change and after_rollback
+    # Every request sent a second after a change was acknowledged was routed by it, on both
+    # routers. Between the change and the rollback, only requests answered before the
+    # rollback was even sent count: a later one may have been routed by the rollback.
+    after_change = [a for a in answers if a.sent >= changed_at + 1.0 and a.done < rolled_at]
+    after_rollback = sent_after(answers, rollback_acked + 1.0)
+    assert len(after_change) >= enough and len(after_rollback) >= enough
     assert {a.parameters["rollout_epoch"] for a in after_change} == {changed["epoch"]}
     assert {a.version for a in after_change} == {"1", "2"}
     assert {a.parameters["rollout_epoch"] for a in after_rollback} == {rolled["epoch"]}
@@ -324,22 +353,46 @@ async def test_a_weight_change_and_a_rollback_apply_within_a_second_without_erro
 async def test_shadow_gets_its_fraction_and_never_touches_client_responses(
     client: Client, rollout_mesh: RunningMesh
 ) -> None:
-    await client.put_rollout({"routes": [{"version": "1", "weight": 100}],
-                              "shadow": [{"version": "2", "fraction": 0.25}]})
-    pinned = await client.infer(version="1")
+    put = await client.put_rollout({"routes": [{"version": "1", "weight": 100}],
+                                    "shadow": [{"version": "2", "fraction": 0.25}]})
+    rollout = Rollout.from_json(put)
+    pinned = await client.infer(version="1")  # pinned: never mirrored
     before = await shadow_counts(client.session, rollout_mesh)
-    answers = await load(client, 2000)
-    await asyncio.sleep(0.5)  # mirrors finish off the response path
-    after = await shadow_counts(client.session, rollout_mesh)
+    probes: list[Answer] = []
+
+    async def probe() -> Answer:
+        probes.append(await client.infer())
+        return probes[-1]
+
+    await wait_for(probe, lambda a: a.parameters.get("rollout_epoch") == put["epoch"],
+                   timeout=60, what="an answer routed by the shadow rollout")
+    answers = probes + await load(client, 2000)
 
     assert {a.status for a in answers} == {200}
     assert {a.version for a in answers} == {"1"}
     assert all(a.body["outputs"] == pinned.body["outputs"] for a in answers)
-    primary = after["primary"] - before["primary"]
-    mirrored = sum(after[k] - before[k] for k in after if k.startswith("shadow_"))
-    assert primary >= 2000
-    assert 0.22 <= mirrored / primary <= 0.28
+    # Which requests the rollout mirrors is a hash of their ids (the answers name them), so
+    # the mirrors to expect are known exactly; they finish off the response path, later.
+    routed = [a for a in answers if a.parameters["rollout_epoch"] == put["epoch"]]
+    expected = sum(1 for a in routed if shadow_targets(rollout, a.body["id"]))
+
+    def mirrored(counts: Counter[str]) -> int:
+        """Mirrors finished since `before`: answered, failed or dropped."""
+        return sum(counts[k] - before[k] for k in counts if k.startswith("shadow_"))
+
+    after = await wait_for(
+        lambda: shadow_counts(client.session, rollout_mesh),
+        lambda counts: mirrored(counts) >= expected, timeout=60,
+        what=f"{expected} mirrors counted in the routers' infermesh_shadow_requests_total",
+    )
+    assert mirrored(after) == expected
+    assert after["primary"] - before["primary"] >= len(answers)
     assert after["shadow_failure"] == before["shadow_failure"]
+    # Ids hashed at fraction 0.25 are binomial: sd = sqrt(0.25 * 0.75 / n), 0.0097 for
+    # n = 2000; within 5 sd (P(outside) ~ 6e-7).
+    assert len(routed) >= 1000, f"only {len(routed)} requests were routed by the rollout"
+    margin = 5 * math.sqrt(0.25 * 0.75 / len(routed))
+    assert abs(expected / len(routed) - 0.25) <= margin, (expected, len(routed))
 
     for pid in service_pids(rollout_mesh, "services.worker", models="mlp/2"):
         os.kill(pid, signal.SIGKILL)
@@ -353,16 +406,21 @@ async def test_a_canary_whose_worker_is_down_sends_its_traffic_to_the_fallback(
     client: Client, rollout_mesh: RunningMesh
 ) -> None:
     await wait_worker_serving(rollout_mesh, "2")
-    await client.put_rollout({"routes": [{"version": "1", "weight": 50},
-                                         {"version": "2", "weight": 50}], "fallback": "1"})
+    put = await client.put_rollout({"routes": [{"version": "1", "weight": 50},
+                                               {"version": "2", "weight": 50}], "fallback": "1"})
     stop = asyncio.Event()
-    traffic = asyncio.create_task(load_until(client, stop))
-    await asyncio.sleep(0.5)
-    for pid in service_pids(rollout_mesh, "services.worker", models="mlp/2"):
-        os.kill(pid, signal.SIGTERM)
-    await keep_down(rollout_mesh, "mlp/2", seconds=6.0)  # longer than the batcher's grace
-    stop.set()
-    answers = await traffic
+    answers: list[Answer] = []
+    traffic = asyncio.create_task(load_until(client, stop, answers))
+    try:
+        await wait_for(lambda: [(a.version, a.parameters.get("rollout_epoch")) for a in answers],
+                       lambda seen: ("2", put["epoch"]) in seen, timeout=60,
+                       what="version 2 serving its half of the split")
+        for pid in service_pids(rollout_mesh, "services.worker", models="mlp/2"):
+            os.kill(pid, signal.SIGTERM)
+        await keep_down(rollout_mesh, "mlp/2", seconds=6.0)  # longer than the batcher's grace
+    finally:
+        stop.set()
+        await traffic
     assert [a.body for a in answers if a.status != 200] == []
     assert any(a.parameters.get("fallback") for a in answers)
     await wait_worker_serving(rollout_mesh, "2")
@@ -375,14 +433,11 @@ async def test_the_guard_rolls_back_a_failing_canary_and_says_why(client: Client
         "guard": {"window_s": 10, "min_samples": 20, "max_error_rate_delta": 0.05},
     })
     stop = asyncio.Event()
-    traffic = asyncio.create_task(load_until(client, stop, concurrency=4))
+    traffic = asyncio.create_task(load_until(client, stop, [], concurrency=4))
     try:
-        async with asyncio.timeout(60):
-            while True:
-                current = await client.control("GET", "/v1/rollouts/mlp")
-                if current["epoch"] > put["epoch"]:
-                    break
-                await asyncio.sleep(0.25)
+        current = await wait_for(lambda: client.control("GET", "/v1/rollouts/mlp"),
+                                 lambda now: now["epoch"] > put["epoch"], timeout=60,
+                                 what="the guard to write a newer epoch", interval=0.25)
     finally:
         stop.set()
         await traffic
@@ -399,7 +454,7 @@ def test_the_cli_sets_shows_and_rolls_back(rollout_mesh: RunningMesh) -> None:
            "INFERMESH_CONTROL_TOKEN": rollout_mesh.control_token()}
 
     def cli(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "control.cli", *args], env=env,
+        done = subprocess.run([sys.executable, "-m", "cli", *args], env=env,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         return done.stdout

@@ -5,8 +5,8 @@ spans linking their requests; failed requests traced even when not sampled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port
 from tests.integration.conftest import RunningMesh, mesh_on_session_deps
 from tests.integration.oip import infer_body, mlp_input, post_infer
+from tests.waiting import wait_for
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -66,16 +67,16 @@ class Collector:
         with self.lock:
             self.spans.extend(found)
 
+    def received(self) -> list[Received]:
+        with self.lock:
+            return list(self.spans)
+
     async def wait_for(
-        self, check: Callable[[list[Received]], bool], timeout: float = 20
+        self, check: Callable[[list[Received]], bool], timeout: float = 20, *,
+        what: str = "the spans the test needs",
     ) -> list[Received]:
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.lock:
-                spans = list(self.spans)
-            if check(spans) or time.monotonic() > deadline:
-                return spans
-            await asyncio.sleep(0.1)
+        """The spans received, once `check` holds for them; AssertionError after `timeout`."""
+        return await wait_for(self.received, check, timeout=timeout, what=what, interval=0.1)
 
 
 def _value(value: Any) -> Any:
@@ -142,7 +143,7 @@ async def test_one_request_is_one_trace_across_every_hop_under_the_clients_span(
         )
     assert status == 200, body
     assert headers["infermesh-trace-id"] == CLIENT_TRACE == body["parameters"]["trace_id"]
-    spans = await collector.wait_for(_in_trace(CLIENT_TRACE))
+    spans = await collector.wait_for(_in_trace(CLIENT_TRACE), what="spans of every hop")
     mine = {s.name: s for s in spans if s.trace_id == CLIENT_TRACE}
     assert {"gateway.infer", "router.route", "batcher.queue", "batcher.batch",
             "worker.compute"} <= set(mine), sorted(mine)
@@ -163,22 +164,26 @@ async def test_a_batch_span_links_to_each_of_its_requests(
     traced_mesh: RunningMesh, collector: Collector
 ) -> None:
     url = f"{traced_mesh.gateway}/v2/models/mlp/infer"
+
+    def batched(spans: list[Received]) -> bool:
+        return any(s.name == "batcher.batch" and len(s.links) >= 2 for s in spans)
+
+    shared = "a batcher.batch span linking two or more requests"
     async with aiohttp.ClientSession() as session:
-        for _ in range(5):
+        for _ in range(5):  # rounds of 32 concurrent rows, until two of them share a batch
             answers = await asyncio.gather(*(
                 post_infer(session, url, infer_body("features", mlp_input(1, seed)))
                 for seed in range(32)
             ))
             assert {status for status, _, _ in answers} == {200}
-            spans = await collector.wait_for(lambda s: any(
-                x.name == "batcher.batch" and len(x.links) >= 2 for x in s
-            ), timeout=3)
-            if any(s.name == "batcher.batch" and len(s.links) >= 2 for s in spans):
+            with contextlib.suppress(AssertionError):  # none yet: another round
+                await collector.wait_for(batched, timeout=3, what=shared)
                 break
+    spans = await collector.wait_for(batched, what=shared)  # a last round's, exported late
     batch = next(s for s in spans if s.name == "batcher.batch" and len(s.links) >= 2)
     spans = await collector.wait_for(lambda s: {x.span_id for x in s} >= {
         span_id for _, span_id in batch.links
-    })
+    }, what="the queue span of every request the batch links")
     queued = {(s.trace_id, s.span_id): s for s in spans if s.name == "batcher.queue"}
     members = [queued[link] for link in batch.links]  # every link names a request's span
     assert len({m.attributes["infermesh.request_id"] for m in members}) == len(batch.links)
@@ -200,7 +205,8 @@ async def test_a_failed_request_is_traced_even_when_its_trace_is_not_sampled(
         )
     assert status == 400, body
     assert headers["infermesh-trace-id"] == trace_id  # the error names its trace too
-    spans = await collector.wait_for(lambda s: any(x.trace_id == trace_id for x in s))
+    spans = await collector.wait_for(lambda s: any(x.trace_id == trace_id for x in s),
+                                     what="the failed request's span")
     (failed,) = [s for s in spans if s.trace_id == trace_id]
     assert (failed.name, failed.error, failed.parent_id) == ("gateway.infer", True, CLIENT_SPAN)
     assert failed.attributes["error.type"] == "invalid_input"

@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from services.mesh.infra.runtime import watch_parent
+from tests.waiting import wait_for_sync
 
 
 async def test_a_parent_that_is_not_ours_any_more_stops_the_service() -> None:
@@ -26,6 +26,7 @@ import asyncio, os, sys
 from services.mesh.infra.runtime import watch_parent
 async def main():
     done = asyncio.Event()
+    print("watching", flush=True)  # the first check of its parent runs before any await
     await watch_parent(int(sys.argv[1]), done.set, interval=0.05)
     print("stopped", flush=True)
 asyncio.run(main())
@@ -35,7 +36,7 @@ _LAUNCHER = """
 import subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(__import__("os").getpid())])
 print(child.pid, flush=True)
-time.sleep(60)
+time.sleep(60)  # alive until the test SIGKILLs it (the bound only spares a stray launcher)
 """
 
 
@@ -44,17 +45,19 @@ def test_a_service_outlives_its_sigkilled_launcher_by_moments_only() -> None:
     launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _CHILD],
                                 stdout=subprocess.PIPE, text=True)
     assert launcher.stdout is not None
-    child = int(launcher.stdout.readline())
-    time.sleep(0.3)  # the child is watching
+    # The launcher prints the child's pid, the child "watching" once it watches: either may
+    # come first (the pytest timeout bounds these reads).
+    lines = {launcher.stdout.readline().strip(), launcher.stdout.readline().strip()}
+    assert "watching" in lines, lines
+    [child] = [int(line) for line in lines if line.isdigit()]
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if _gone(child):
-            return
-        time.sleep(0.05)
-    os.kill(child, signal.SIGKILL)
-    pytest.fail("the child kept running after its launcher was killed")
+    try:
+        wait_for_sync(lambda: _gone(child), timeout=10,
+                      what="the child to stop after its launcher was SIGKILLed")
+    except AssertionError:
+        os.kill(child, signal.SIGKILL)
+        raise
 
 
 def _gone(pid: int) -> bool:
