@@ -1,8 +1,9 @@
 """Rollouts against the running mesh: weighted sticky split, live weight changes, rollback,
 shadow, fallback and the guard, driven through the control API of `infermesh up`.
 
-One mesh (two router replicas) serves every test here; each test writes the rollout it needs.
-Version 2 of mlp has other weights than version 1; version 3 fails every real request.
+One mesh (two router replicas, tests/integration/rollouts/conftest.py) serves every test here;
+each test writes the rollout it needs. Version 2 of mlp has other weights than version 1;
+version 3 fails every real request.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,118 +27,14 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from control.registry_client import RegistryClient, register_file
-from deploy.localdeps import LocalEtcd, LocalPostgres
 from services.mesh.domain.types import Rollout
 from services.mesh.infra.etcd import connect_client
 from services.router.policy import shadow_targets
-from services.worker.demo_models import build_demo_models
-from tests.integration.canary_models import build_failing_mlp, build_mlp_variant
-from tests.integration.conftest import RunningMesh, mesh_on_session_deps, mesh_processes
+from tests.integration.conftest import RunningMesh, mesh_processes
+from tests.integration.rollouts.conftest import Answer, Client
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
-
-FEATURES = [0.25] * 32
-
-
-@pytest.fixture(scope="module")
-def rollout_mesh(
-    local_etcd: LocalEtcd, local_postgres: LocalPostgres,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[RunningMesh]:
-    """The mesh with two routers, and mlp versions 2 (other weights) and 3 (fails) registered."""
-    with mesh_on_session_deps("rollouts", local_etcd, local_postgres, tmp_path_factory,
-                              INFERMESH_ROUTER_REPLICAS="2", INFERMESH_EDGE="0") as mesh:
-        asyncio.run(_register_canaries(mesh, tmp_path_factory.mktemp("canaries")))
-        yield mesh
-
-
-async def _register_canaries(mesh: RunningMesh, artifacts: Path) -> None:
-    [mlp] = [m for m in build_demo_models(artifacts / "demo") if m.name == "mlp"]
-    files = {"2": build_mlp_variant(artifacts / "mlp-2.pt", seed=1),
-             "3": build_failing_mlp(artifacts / "mlp-3.pt")}
-    async with aiohttp.ClientSession() as session:
-        registry = RegistryClient(session, mesh.registry)
-        for version, path in files.items():
-            await register_file(registry, "mlp", version, path, mlp.signature,
-                                batching=mlp.batching, device="cpu")
-        for version in files:
-            await _wait_status(session, f"{mesh.gateway}/v2/models/mlp/versions/{version}/ready",
-                               headers=mesh.auth())
-
-
-async def _wait_status(session: aiohttp.ClientSession, url: str, timeout: float = 120, *,
-                       headers: dict[str, str] | None = None) -> None:
-    async def status() -> int:
-        async with session.get(url, headers=headers) as response:
-            return response.status
-
-    await wait_for(status, lambda got: got == 200, timeout=timeout, what=f"200 from GET {url}")
-
-
-@dataclass
-class Answer:
-    """One client-visible outcome."""
-
-    sent: float
-    done: float
-    """When the answer had arrived (time.monotonic(), as `sent`)."""
-    status: int
-    version: str
-    parameters: dict[str, Any]
-    body: dict[str, Any]
-
-
-class Client:
-    """The gateway and the control API, as a test drives them."""
-
-    def __init__(self, session: aiohttp.ClientSession, mesh: RunningMesh) -> None:
-        self.session = session
-        self.mesh = mesh
-        self.admin = {"Authorization": f"Bearer {mesh.control_token()}"}
-
-    async def infer(
-        self, *, user: str | None = None, header: bool = False, version: str | None = None
-    ) -> Answer:
-        body: dict[str, Any] = {"inputs": [
-            {"name": "features", "datatype": "FP32", "shape": [1, 32], "data": FEATURES}
-        ]}
-        headers = self.mesh.auth()
-        if user is not None and header:
-            headers["user"] = user
-        elif user is not None:
-            body["parameters"] = {"user": user}
-        path = f"/versions/{version}" if version else ""
-        sent = time.monotonic()
-        async with self.session.post(
-            f"{self.mesh.gateway}/v2/models/mlp{path}/infer", data=orjson.dumps(body),
-            headers={"Content-Type": "application/json", **headers},
-        ) as response:
-            answer = orjson.loads(await response.read())
-        return Answer(sent, time.monotonic(), response.status, answer.get("model_version", ""),
-                      answer.get("parameters", {}), answer)
-
-    async def put_rollout(self, record: dict[str, Any]) -> dict[str, Any]:
-        async with self.session.put(f"{self.mesh.control}/v1/rollouts/mlp", json=record,
-                                    headers=self.admin) as response:
-            body: dict[str, Any] = await response.json()
-            assert response.status == 200, body
-            return body
-
-    async def control(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        async with self.session.request(method, f"{self.mesh.control}{path}",
-                                        headers=self.admin, **kwargs) as response:
-            body: dict[str, Any] = await response.json()
-            assert response.status == 200, body
-            return body
-
-
-@pytest.fixture
-async def client(rollout_mesh: RunningMesh) -> AsyncIterator[Client]:
-    connector = aiohttp.TCPConnector(limit=64)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        yield Client(session, rollout_mesh)
 
 
 async def load(client: Client, count: int, *, concurrency: int = 24,
