@@ -9,7 +9,7 @@ core's `run_batch`. The in-process implementations are the cores themselves.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.hops import InferTarget, WorkerHandle, remaining
@@ -17,6 +17,9 @@ from services.mesh.domain.types import Batch, BatchResult, InferRequest, InferRe
 from services.mesh.transport import frames
 from services.mesh.transport.links import Handler, LinkClient
 from services.mesh.transport.peers import LinkPool
+
+Q = TypeVar("Q")
+A = TypeVar("A")
 
 
 class LinkedInferTarget:
@@ -42,12 +45,19 @@ class LinkedInferTarget:
 
 def infer_handler(target: InferTarget) -> Handler:
     """A link handler that serves `target.infer` for `infer` frames."""
+    return _serve("infer", frames.decode_request, target.infer, frames.encode_response)
+
+
+def _serve(
+    op: str, decode: Callable[[dict[str, Any], memoryview], Q],
+    call: Callable[[Q], Awaitable[A]], encode: Callable[[A], tuple[dict[str, Any], Any]],
+) -> Handler:
+    """A link handler for `op` frames: decode, one call, encode; other operations refused."""
 
     async def handle(meta: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
-        if meta.get("op") != "infer":
+        if meta.get("op") != op:
             raise InvalidInput(f"unsupported link operation {meta.get('op')!r}")
-        response = await target.infer(frames.decode_request(meta, payload))
-        return frames.encode_response(response)
+        return encode(await call(decode(meta, payload)))
 
     return handle
 
@@ -100,11 +110,4 @@ class BatchRunner(Protocol):
 
 def batch_handler(core: BatchRunner) -> Handler:
     """Serve `batch` frames with `core.run_batch`."""
-
-    async def handle(meta: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
-        if meta.get("op") != "batch":
-            raise InvalidInput(f"unsupported link operation {meta.get('op')!r}")
-        result = await core.run_batch(frames.decode_batch(meta, payload))
-        return frames.encode_batch_result(result)
-
-    return handle
+    return _serve("batch", frames.decode_batch, core.run_batch, frames.encode_batch_result)
