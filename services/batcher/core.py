@@ -24,6 +24,7 @@ from services.mesh.domain.errors import (
     DeadlineExceeded,
     InfermeshError,
     InternalError,
+    InvalidInput,
     Overloaded,
     Unavailable,
 )
@@ -114,6 +115,7 @@ class Batcher:
         if self._closed:
             raise Unavailable("batcher is shutting down")
         assert request.version is not None, "the router chooses the version"
+        _require_rows(request)
         queue = self._queue(request.model, request.version)
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
         pending = _Pending(
@@ -345,6 +347,15 @@ class Batcher:
                 _fail(pending, Unavailable("batcher is shutting down"))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=10.0)
+
+
+def _require_rows(request: InferRequest) -> None:
+    # The gateway refuses these; one that gets here anyway (over a link, a bug upstream) would
+    # never leave the queue: the batch window sees 0 queued rows and re-arms itself at 0 s.
+    if request.rows < 1:
+        raise InvalidInput(
+            f"request {request.request_id!r} has 0 rows; a request carries at least one row"
+        )
 
 
 def _fail(pending: _Pending, error: InfermeshError) -> None:

@@ -21,6 +21,7 @@ def validate_request(request: InferRequest, signature: Signature, *, max_rows: i
             raise InvalidInput(f"input '{tensor.name}' is given more than once")
         seen.add(tensor.name)
         _check_spec(tensor.name, tensor.datatype, tensor.shape, spec)
+        _check_not_empty(tensor.name, tensor.shape)
         tensor.check_size()
     missing = sorted(set(declared) - seen)
     if missing:
@@ -41,6 +42,15 @@ def _check_spec(name: str, datatype: str, shape: tuple[int, ...], spec: TensorSp
         raise InvalidInput(
             f"input '{name}': shape {list(shape)} does not match the model's {list(spec.shape)}"
         )
+
+
+def _check_not_empty(name: str, shape: tuple[int, ...]) -> None:
+    # Refused (400) rather than answered with empty outputs: an empty input is almost always a
+    # client bug, and the batcher's row accounting assumes every request carries >= 1 row.
+    if shape and shape[0] == 0:
+        raise InvalidInput(f"input '{name}': 0 rows; a request carries at least one row")
+    if 0 in shape:
+        raise InvalidInput(f"input '{name}': shape {list(shape)} has no elements")
 
 
 def _check_rows(request: InferRequest, *, max_rows: int) -> None:

@@ -13,10 +13,12 @@ from services.batcher.metrics import BatcherMetrics
 from services.mesh.domain.errors import (
     DeadlineExceeded,
     InternalError,
+    InvalidInput,
     LinkClosed,
     Overloaded,
     Unavailable,
 )
+from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import BatchingPolicy
 from tests.batcher.fakes import (
     MODEL,
@@ -255,3 +257,17 @@ async def test_requests_that_cannot_be_joined_fail_rather_than_hang(
     errors = await errors_of(tasks)
     assert all(isinstance(e, InternalError) for e in errors)
     assert (await results([asyncio.create_task(batcher.infer(request(3.0)))]))[0]
+
+
+async def test_a_zero_row_request_fails_at_once_and_the_next_is_served(
+    make_batcher: BatcherFactory, worker: FakeWorker
+) -> None:
+    # The gateway refuses zero rows; one arriving anyway (a link, a bug) must not spin the loop.
+    batcher = make_batcher(FakePool(worker))
+    empty = request(0.0)
+    empty.inputs = [Tensor("x", "FP32", (0, 2), b"")]
+    with pytest.raises(InvalidInput, match="0 rows"):
+        await asyncio.wait_for(batcher.infer(empty), timeout=1)
+    response = await asyncio.wait_for(batcher.infer(request(1.0)), timeout=1)
+    assert response.request_id == "r1.0"
+    assert [b.rows for b in worker.batches] == [[1]]

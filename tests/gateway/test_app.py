@@ -205,6 +205,16 @@ async def test_wrong_shape_is_400_naming_the_input(
     assert router.seen == []
 
 
+async def test_a_zero_row_input_is_400_naming_the_input(
+    client: TestClient[Any, Any], router: FakeRouter
+) -> None:
+    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [0, 2], "data": []}]}
+    response = await client.post("/v2/models/m/infer", json=body)
+    assert response.status == 400
+    assert "input 'features': 0 rows" in (await response.json())["error"]
+    assert router.seen == []
+
+
 async def test_an_oversize_body_is_413_with_a_json_error(make_client: ClientFactory) -> None:
     client = await make_client(max_body_bytes=1000)
     data = list(range(600))

@@ -66,6 +66,21 @@ def test_a_wrong_fixed_dimension_is_named() -> None:
         validate(features(width=3), ids())
 
 
+def test_a_zero_row_input_is_named() -> None:
+    with pytest.raises(InvalidInput, match="input 'features': 0 rows; a request carries at least"):
+        validate(Tensor("features", "FP32", (0, 4), b""), Tensor("ids", "INT64", (0,), b""))
+
+
+def test_a_zero_element_input_is_named() -> None:
+    signature = Signature(
+        inputs=(TensorSpec("x", "FP32", (-1, -1)),), outputs=(TensorSpec("y", "FP32", (-1,)),)
+    )
+    empty = Tensor("x", "FP32", (2, 0), b"")
+    request = InferRequest(model="m", inputs=[empty], request_id="r")
+    with pytest.raises(InvalidInput, match=r"input 'x': shape \[2, 0\] has no elements"):
+        validate_request(request, signature, max_rows=8)
+
+
 def test_an_element_count_mismatch_is_named() -> None:
     short = Tensor("features", "FP32", (2, 4), b"\0" * 12)
     with pytest.raises(InvalidInput, match="input 'features': 12 bytes"):
