@@ -4,6 +4,7 @@
     rows.py     what is kept of a prediction (PredictionRecord) and the row it becomes
     table.py    the writer into the day-partitioned `predictions` table (asyncpg)
     spool.py    rows spilled to local disk while Postgres is unavailable, replayed later
+    rejects.py  rows Postgres refused, set aside beside the spool
     metrics.py  its counters and gauges, and its rate-limited log lines
 
 The router sees none of this: its core calls `record()` on a

@@ -12,6 +12,10 @@ seconds, and once it answers again the spool is replayed in chunks, oldest first
 flushes of new records. A spool left by an earlier run is replayed the same way. Writes are
 idempotent (the table's primary key), so a row replayed twice is stored once.
 
+A batch Postgres refuses (a value or index entry it will not take) is split until the rows it
+refuses are found: those are set aside in the spool directory's `rejected.jsonl` (`rejects`)
+and counted (`infermesh_prediction_log_rows_rejected_total`); their neighbours are written.
+
     record() ──▶ buffer ──▶ rows ──▶ Postgres (COPY via staging, ON CONFLICT DO NOTHING)
                                  └─▶ spool (down) ──▶ replayed when Postgres is back
 """
@@ -31,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from services.mesh.domain.predictions import NONE
 from services.mesh.domain.types import InferRequest, InferResponse
 from services.predlog.metrics import PredictionLogMetrics
+from services.predlog.rejects import RejectedRows
 from services.predlog.rows import PredictionRecord, Row, to_row
 from services.predlog.spool import Spool
 from services.predlog.table import UNAVAILABLE, PredictionTable
@@ -52,10 +57,11 @@ class PredictionLog:
     def __init__(
         self, table: PredictionTable, spool: Spool, *, registry: CollectorRegistry,
         max_buffered: int = 10_000, flush_interval: float = 0.5, flush_rows: int = 500,
-        probe_interval: float = 1.0,
+        probe_interval: float = 1.0, rejected_max_bytes: int = 64 << 20,
     ) -> None:
         self._table = table
         self._spool = spool
+        self._rejects = RejectedRows(spool.directory, max_bytes=rejected_max_bytes)
         self._max_buffered = max_buffered
         self._flush_interval = flush_interval
         self._flush_rows = flush_rows
@@ -228,14 +234,28 @@ class PredictionLog:
             return
         if self._table.connected:
             try:
-                self.metrics.written.inc(await self._table.write(rows))
-                return
+                written = await self._table.write_apart(rows)
             except UNAVAILABLE as exc:
                 self.metrics.went_down(exc)
             except Exception as exc:
                 self.metrics.dropped("rejected", len(rows), reason_detail=repr(exc))
                 return
+            else:
+                self.metrics.written.inc(written.new)
+                await self._set_aside(written.refused)
+                return
         await self._spill(rows)
+
+    async def _set_aside(self, refused: list[tuple[Row, str]]) -> None:
+        """Count the rows Postgres refused and keep them in the rejected file."""
+        if not refused:
+            return
+        self.metrics.rejected(len(refused), refused[0][1])
+        try:
+            await self._rejects.append(refused)
+        except OSError as exc:
+            log.warning("prediction log: cannot keep %d refused row(s) in %s: %r",
+                        len(refused), self._rejects.path, exc)
 
     async def _spill(self, rows: list[Row]) -> None:
         try:
@@ -253,7 +273,7 @@ class PredictionLog:
             return
         if chunk.rows:
             try:
-                self.metrics.written.inc(await self._table.write(chunk.rows))
+                written = await self._table.write_apart(chunk.rows)
             except Exception as exc:
                 if isinstance(exc, UNAVAILABLE):
                     self.metrics.went_down(exc)
@@ -262,7 +282,9 @@ class PredictionLog:
                     return
                 self.metrics.dropped("rejected", len(chunk.rows), reason_detail=repr(exc))
             else:
-                self.metrics.replayed.inc(len(chunk.rows))
+                self.metrics.written.inc(written.new)
+                self.metrics.replayed.inc(len(chunk.rows) - len(written.refused))
+                await self._set_aside(written.refused)
         self._replay_failures = 0
         self.metrics.dropped("corrupt", chunk.corrupt)
         await self._spool.consume(chunk)

@@ -4,6 +4,7 @@ buffer must not flood the log).
     infermesh_prediction_log_written_total         rows committed to Postgres (new rows only)
     infermesh_prediction_log_spilled_total         rows appended to the spool on local disk
     infermesh_prediction_log_replayed_total        spilled rows written back to Postgres
+    infermesh_prediction_log_rows_rejected_total   rows Postgres refused, set aside (rejects)
     infermesh_prediction_log_dropped_total{reason} records lost, by reason (DROP_REASONS)
     infermesh_prediction_log_buffered              records waiting in memory
     infermesh_prediction_log_spool_bytes           bytes of spool files on disk
@@ -22,7 +23,9 @@ log = logging.getLogger("services.predlog.log")
 DROP_REASONS = ("buffer_full", "spill_full", "spill_error", "rejected", "corrupt", "error",
                 "closed")
 """buffer_full: the in-memory buffer was full; spill_full: the spool reached its size bound;
-spill_error: the spool could not be written; rejected: Postgres refused the rows; corrupt:
+spill_error: the spool could not be written; rejected: a batch failed with an error that is
+neither an outage nor a refusal of particular rows (those are set aside and counted in
+`rows_rejected_total`), or a spool chunk kept failing; corrupt:
 unreadable spool lines; error: a record could not be converted; closed: recorded after close."""
 WARN_EVERY = 10.0
 """Seconds between two log lines about the same trouble."""
@@ -47,6 +50,11 @@ class PredictionLogMetrics:
             "infermesh_prediction_log_replayed_total",
             "Spilled prediction rows written back to Postgres", registry=registry,
         )
+        self._rejected = Counter(
+            "infermesh_prediction_log_rows_rejected_total",
+            "Prediction rows Postgres refused, set aside in the spool's rejected file",
+            registry=registry,
+        )
         self._dropped = Counter(
             "infermesh_prediction_log_dropped_total", "Prediction records lost, by reason",
             ["reason"], registry=registry,
@@ -70,6 +78,14 @@ class PredictionLogMetrics:
             detail = f" ({reason_detail})" if reason_detail else ""
             log.warning("prediction log: dropped %d record(s), reason %s%s; %d so far",
                         count, reason, detail, self._totals[reason])
+
+    def rejected(self, count: int, error: str) -> None:
+        """Count `count` rows Postgres refused; warn (at most every WARN_EVERY seconds)."""
+        self._rejected.inc(count)
+        self._totals["refused"] = self._totals.get("refused", 0) + count
+        if self._due("refused"):
+            log.warning("prediction log: Postgres refused %d row(s), set aside (%s); %d so far",
+                        count, error, self._totals["refused"])
 
     def went_down(self, error: BaseException) -> None:
         """Postgres did not answer: rows spill from now on."""

@@ -14,6 +14,13 @@ last axis when it is a 2-D float tensor with at least two columns (class scores)
 value itself when there is one per row (a 1-D tensor or one column); several rows are joined
 with commas. Anything else (higher rank, no rows) has no label.
 
+Every row fits what the table and its indexes accept, whatever the client sent: `request_id`,
+`tenant`, `model` and `version` are at most `MAX_KEY_CHARS` characters and `label` at most
+`MAX_LABEL_CHARS` (a longer value keeps its head, then `#` and the first 16 hex digits of the
+sha256 of the whole value, so distinct long values stay distinct and a cut one is recognisable);
+`inputs` or `outputs` whose `full` JSON passes `MAX_FULL_JSON_CHARS` are stored as their digest
+instead (an object, where `full` is a list). Text holds no NUL and no lone surrogate.
+
 A row's `ts` is an aware UTC datetime at microsecond precision (what timestamptz keeps), so a
 row spilled to disk (`encode_rows`, as epoch microseconds) reads back (`decode_row`) equal.
 """
@@ -45,6 +52,17 @@ Row = tuple[
 """One table row; inputs and outputs are JSON text."""
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+MAX_KEY_CHARS = 256
+"""Most characters kept of request_id, tenant, model and version: indexed columns, and a btree
+entry must stay under ~2.7 kB (at most 4 UTF-8 bytes a character: four keys fit)."""
+MAX_LABEL_CHARS = 4096
+"""Most characters kept of a label (not indexed: bounded so one row stays small)."""
+MAX_FULL_JSON_CHARS = 1 << 20
+"""Most characters of `full` inputs (or outputs) JSON; beyond it they are stored as digests."""
+_CUT_MARK_CHARS = 17
+"""`#` and 16 hex digits, what a cut value ends with."""
+
 class PredictionRecord(NamedTuple):
     """One served prediction as the router saw it; tensors are referenced, not copied.
 
@@ -76,20 +94,38 @@ def to_row(record: PredictionRecord) -> Row:
     inputs: str | None
     outputs: str | None
     if record.policy == FULL:
-        inputs, outputs = full_json(record.inputs), full_json(record.outputs)
+        inputs, outputs = _bounded_full(record.inputs), _bounded_full(record.outputs)
     elif record.policy == NONE:
         inputs = outputs = None
     else:
         inputs, outputs = digest_json(record.inputs), digest_json(record.outputs)
     bucket = record.bucket if type(record.bucket) is int else None
+    label = None if record.policy == NONE else label_of(record.outputs)
     return (
         EPOCH + timedelta(microseconds=round(record.ts * 1_000_000)),
-        _clean(record.request_id), _clean(record.tenant), _clean(record.model),
-        _clean(record.version), bucket, record.shadow, float(record.latency_ms),
+        _key(record.request_id), _key(record.tenant), _key(record.model),
+        _key(record.version), bucket, record.shadow, float(record.latency_ms),
         trace_id_of(record.traceparent),
-        None if record.policy == NONE else label_of(record.outputs),
+        None if label is None else _bounded(label, MAX_LABEL_CHARS),
         inputs, outputs,
     )
+
+
+def _key(text: str) -> str:
+    return _bounded(_clean(text), MAX_KEY_CHARS)
+
+
+def _bounded(text: str, limit: int) -> str:
+    """`text` if it has at most `limit` characters, else its head, `#` and a digest of it."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:_CUT_MARK_CHARS - 1]
+    return f"{text[:limit - _CUT_MARK_CHARS]}#{digest}"
+
+
+def _bounded_full(tensors: Sequence[Tensor]) -> str:
+    text = full_json(tensors)
+    return text if len(text) <= MAX_FULL_JSON_CHARS else digest_json(tensors)
 
 
 def full_json(tensors: Sequence[Tensor]) -> str:
@@ -107,14 +143,14 @@ def _tensor_json(tensor: Tensor) -> dict[str, Any]:
         data = np.frombuffer(tensor.data, dtype=DTYPES[tensor.datatype])
         if not data.dtype.isnative:
             data = data.astype(data.dtype.newbyteorder("="))
-    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
-            "data": data}
+    return {"name": _clean(tensor.name), "datatype": tensor.datatype,
+            "shape": list(tensor.shape), "data": data}
 
 
 def digest_json(tensors: Sequence[Tensor]) -> str:
     """{tensor name: "sha256:<hex>"} of each tensor's raw bytes, as JSON text."""
     return orjson.dumps(
-        {t.name: "sha256:" + hashlib.sha256(t.data).hexdigest() for t in tensors}
+        {_clean(t.name): "sha256:" + hashlib.sha256(t.data).hexdigest() for t in tensors}
     ).decode()
 
 

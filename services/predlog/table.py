@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import date
+from typing import NamedTuple
 
 import asyncpg
 
@@ -36,6 +37,25 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 """Errors meaning "Postgres cannot take rows now" (spill and retry), as opposed to a refusal of
 these rows (any other PostgresError)."""
+
+REFUSED: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,  # class 22: a value the column type will not take
+    asyncpg.exceptions.IntegrityConstraintViolationError,  # class 23: NOT NULL, CHECK, ...
+    asyncpg.exceptions.ProgramLimitExceededError,  # class 54: an index row too big
+    asyncpg.exceptions._base.DataError,  # asyncpg could not encode a value
+)
+"""Errors meaning "Postgres refused some of these rows": the rest of the batch can be written
+without them (`PredictionLog` splits the batch to find them). Checked before `UNAVAILABLE`,
+which holds asyncpg's encoding error as an InterfaceError."""
+
+
+class Written(NamedTuple):
+    """What `PredictionTable.write_apart` did with a batch."""
+
+    new: int
+    """Rows written that were not in the table yet."""
+    refused: list[tuple[Row, str]]
+    """The rows Postgres refused, each with its error; not written."""
 
 
 class PredictionTable:
@@ -66,8 +86,9 @@ class PredictionTable:
     async def write(self, rows: Sequence[Row]) -> int:
         """Insert the rows not already in the table; returns how many were new.
 
-        Raises an `UNAVAILABLE` error when Postgres went away (the connection is then dropped),
-        another PostgresError when it refused the rows.
+        Raises a `REFUSED` error when Postgres refused one of the rows (nothing is written),
+        an `UNAVAILABLE` error when Postgres went away (the connection is then dropped),
+        another PostgresError when it failed otherwise.
         """
         conn = self._conn
         if conn is None or conn.is_closed():
@@ -76,9 +97,27 @@ class PredictionTable:
             async with asyncio.timeout(self._write_timeout):
                 return await self._write(conn, rows)
         except BaseException as exc:
+            if isinstance(exc, REFUSED):
+                raise  # the transaction rolled back; the connection is fine
             if isinstance(exc, (*UNAVAILABLE, asyncio.CancelledError)):
                 self.drop()  # its state is unknown: never reuse it
             raise
+
+    async def write_apart(self, rows: Sequence[Row]) -> Written:
+        """Like `write`, but a batch Postgres refuses is split in halves until the rows it
+        refuses are found: those are returned, every other row is written.
+
+        Costs about two writes per refused row per halving (log2 of the batch size).
+        """
+        try:
+            return Written(await self.write(rows), [])
+        except REFUSED as exc:
+            if len(rows) <= 1:
+                return Written(0, [(row, f"{type(exc).__name__}: {exc}") for row in rows])
+        half = len(rows) // 2
+        first = await self.write_apart(rows[:half])
+        second = await self.write_apart(rows[half:])
+        return Written(first.new + second.new, first.refused + second.refused)
 
     async def _write(self, conn: asyncpg.Connection, rows: Sequence[Row]) -> int:
         for day in sorted({row[0].date() for row in rows} - self._days):
