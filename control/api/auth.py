@@ -16,6 +16,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from control.api.settings import ControlSettings
 from services.mesh.domain.errors import InvalidInput, Unauthenticated
+from services.mesh.domain.ids import is_printable_ascii
 
 AUTHOR = web.RequestKey("author", str)
 """The name of the admin token a request was made with."""
@@ -74,6 +75,9 @@ def author_of(authorization: str | None, tokens: Mapping[bytes, str]) -> str:
     scheme, _, secret = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthenticated("missing admin token: send Authorization: Bearer <token>")
+    if not is_printable_ascii(secret):
+        # Undecodable bytes arrive as lone surrogates, which cannot be compared as bytes.
+        raise Unauthenticated("malformed Authorization header: a token is printable ASCII")
     given = secret.strip().encode()
     author = None
     for known, name in tokens.items():  # no early exit: every secret is compared

@@ -16,6 +16,7 @@ from services.gateway.feedback import FeedbackRecorder
 from services.gateway.feedback_routes import add_feedback_route
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.mesh.domain import errors
+from services.mesh.domain.ids import check_request_id
 from services.mesh.domain.types import InferResponse
 from services.mesh.transport.rest import (
     JSON,
@@ -95,14 +96,22 @@ async def infer(request: web.Request) -> web.Response:
     version, header = request.match_info.get("version"), request.headers.get
     # Access (401, 403, 404, 429) is settled before the body is read.
     with track(core.metrics, model), core.admit(model, version, header=header) as admission:
+        request_id = _request_id(header(REQUEST_ID), core)
         # aiohttp has already undone any Content-Encoding, within client_max_size.
         infer_request, output_format = rest.decode_infer_body(
             await request.read(), header_length=header(binary.HEADER_LENGTH),
-            model=model, version=version, request_id=header(REQUEST_ID) or core.new_request_id(),
+            model=model, version=version, request_id=request_id,
         )
         response = await core.infer(infer_request, admission=admission, header=header)
         body, header_length = rest.encode_infer_parts(response, output_format)
         return _infer_response(body, header_length, response)
+
+
+def _request_id(client_id: str | None, core: Gateway) -> str:
+    """The client's X-Request-Id, checked before the body is read, or a new id."""
+    if not client_id:
+        return core.new_request_id()
+    return check_request_id(client_id, field=f"{REQUEST_ID} header")
 
 
 def _infer_response(

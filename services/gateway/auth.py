@@ -10,6 +10,7 @@ watch delivers it, even for cached keys.
 Failures, and the metric reason of each:
 
     no key, or a header that is not `Bearer <key>`      401   missing / invalid
+    a key that is not printable ASCII (raw bytes)       401   invalid
     unknown key id, wrong secret, tenant record gone    401   invalid
     key revoked while this gateway had it cached         401   revoked
     tenant disabled                                      403   disabled
@@ -34,6 +35,7 @@ from services.mesh.domain.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from services.mesh.domain.ids import is_printable_ascii
 from services.mesh.domain.tenancy import ApiKeyRecord, Tenant, split_key
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class AuthFailure:
 REASONS = ("missing", "invalid", "revoked", "disabled", "forbidden_model")
 MISSING = AuthFailure("missing", "missing API key: send 'Authorization: Bearer <key>'")
 MALFORMED = AuthFailure("invalid", "malformed Authorization header: expected 'Bearer <key>'")
+UNREADABLE = "malformed {header} header: a key is printable ASCII (imk_<id>_<secret>)"
 INVALID = AuthFailure("invalid", "invalid or revoked API key")
 REVOKED = AuthFailure("revoked", INVALID.message)
 
@@ -71,12 +74,19 @@ def presented_key(header: HeaderLookup) -> str | AuthFailure:
     authorization = header("authorization")
     if authorization is None:
         bare = header("x-api-key")
-        return MISSING if not bare else bare.strip()
+        return MISSING if not bare else _readable(bare.strip(), "x-api-key")
     scheme, _, key = authorization.strip().partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         return MALFORMED
-    return key
+    return _readable(key, "Authorization")
+
+
+def _readable(key: str, header: str) -> str | AuthFailure:
+    # Undecodable bytes reach us as lone surrogates, which no hash or cache lookup may see.
+    if is_printable_ascii(key):
+        return key
+    return AuthFailure("invalid", UNREADABLE.format(header=header))
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from services.gateway.auth import HeaderLookup
 from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.mesh.domain import errors
+from services.mesh.domain.ids import check_request_id
 from services.mesh.domain.types import InferResponse
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         version = request.model_version or None
         # Access (auth, model, quotas) is settled before the tensors are decoded.
         with track(core.metrics, model), core.admit(model, version, header=header) as admission:
+            if request.id:
+                check_request_id(request.id, field="id")
             infer_request = grpc_messages.decode_infer(
                 request, request_id=request.id or core.new_request_id(),
                 deadline=deadline_of(context),

@@ -14,6 +14,7 @@ import orjson
 
 from services.gateway.binary import OutputFormat, binary_chunks, output_format, split_body
 from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.ids import check_request_id
 from services.mesh.domain.tensors import DATATYPES, DTYPES, Tensor, element_count, serialize_bytes
 from services.mesh.domain.types import InferRequest, InferResponse, ModelVersion
 from services.mesh.transport.rest import parse_json_object
@@ -38,7 +39,16 @@ def decode_infer(
     body: dict[str, Any], *, model: str, version: str | None, request_id: str,
     binary: memoryview | None = None,
 ) -> InferRequest:
-    """An InferRequest from an OIP inference request object and its binary tail, if any."""
+    """An InferRequest from an OIP inference request object and its binary tail, if any.
+
+    The body's `id`, when it has one, is the request's id (checked first, before any tensor
+    is decoded); otherwise `request_id`.
+    """
+    client_id = body.get("id")
+    if client_id is not None and not isinstance(client_id, str):
+        raise InvalidInput("'id' must be a string")
+    if client_id:
+        check_request_id(client_id, field="id")
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("'inputs' must be a non-empty list")
@@ -48,9 +58,6 @@ def decode_infer(
     # How outputs are encoded is this adapter's business, not the model's.
     parameters = {k: v for k, v in parameters.items() if k != "binary_data_output"}
     chunks = binary_chunks(inputs, binary if binary is not None else memoryview(b""))
-    client_id = body.get("id")
-    if client_id is not None and not isinstance(client_id, str):
-        raise InvalidInput("'id' must be a string")
     return InferRequest(
         model=model, version=version, request_id=client_id or request_id,
         inputs=[_decode_input(raw, index, chunk) for index, (raw, chunk)

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
-from control.api.auth import author_of, load_tokens
+from control.api.auth import auth_middleware, author_of, load_tokens
 from control.api.settings import ControlSettings
 from services.mesh.domain.errors import InvalidInput, Unauthenticated
 from services.mesh.infra.settings import load_settings
+from services.mesh.transport.rest import error_middleware
 
 
 def test_tokens_come_from_the_environment_and_the_file(tmp_path: Path) -> None:
@@ -60,3 +65,24 @@ def test_author_of_a_bearer_token() -> None:
     for header in (None, "", "Bearer", "Bearer a-secre", "Token a-secret", "Bearer a-secret2"):
         with pytest.raises(Unauthenticated):
             author_of(header, tokens)
+
+
+async def _rollouts(request: web.Request) -> web.Response:
+    return web.json_response([])
+
+
+async def test_a_token_of_raw_bytes_is_401_naming_the_header() -> None:
+    # aiohttp's client sends only UTF-8 headers, so the bytes go over a plain socket.
+    errors_as_json = error_middleware(challenge="Bearer")
+    app = web.Application(middlewares=[errors_as_json, auth_middleware({"a-secret": "alice"})])
+    app.router.add_get("/v1/rollouts", _rollouts)
+    async with TestClient(TestServer(app)) as client:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(b"GET /v1/rollouts HTTP/1.1\r\nHost: control\r\nConnection: close\r\n"
+                     b"Authorization: Bearer a-\xff\xfe\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ")
+    assert orjson.loads(body)["error"].startswith("malformed Authorization header")
