@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import orjson
 
 from services.gateway.binary import OutputFormat, binary_chunks, output_format, split_body
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.ids import check_request_id
-from services.mesh.domain.tensors import DATATYPES, DTYPES, Tensor, element_count, serialize_bytes
+from services.mesh.domain.tensors import (
+    DATATYPES,
+    Tensor,
+    array_from_json,
+    element_count,
+    serialize_bytes,
+)
 from services.mesh.domain.types import InferRequest, InferResponse, ModelVersion
 from services.mesh.transport.rest import parse_json_object
 
@@ -91,10 +96,7 @@ def _to_bytes(name: str, datatype: str, data: Any, expected: int) -> bytes:
         if len(items) != expected:
             raise _count_error(name, len(items), expected)
         return serialize_bytes([i.encode() if isinstance(i, str) else i for i in items])
-    try:
-        array = np.asarray(data, dtype=DTYPES[datatype])
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidInput(f"input '{name}': data is not valid {datatype}: {exc}") from None
+    array = array_from_json(name, datatype, data)
     if array.size != expected:
         raise _count_error(name, array.size, expected)
     return array.tobytes()

@@ -51,7 +51,7 @@ def test_a_bad_datatype_is_named() -> None:
 
 
 def test_non_numeric_data_is_named() -> None:
-    with pytest.raises(InvalidInput, match="input 'x': data is not valid FP32"):
+    with pytest.raises(InvalidInput, match=r"input 'x': data\[0\] is \"a\", FP32 takes numbers"):
         decode({"name": "x", "datatype": "FP32", "shape": [2], "data": ["a", "b"]})
 
 

@@ -7,6 +7,7 @@ from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.tensors import (
     DTYPES,
     Tensor,
+    array_from_json,
     concat_rows,
     datatype_of,
     deserialize_bytes,
@@ -142,3 +143,53 @@ def test_single_part_concat_and_split_return_the_tensor_unchanged() -> None:
     tensor = Tensor.from_array("x", np.ones((2, 2), dtype=np.int16))
     assert concat_rows([tensor]) is tensor
     assert split_rows(tensor, [2]) == [tensor]
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "offence"),
+    [
+        ("FP32", [1, 2, 3, "1.5"], 'data[3] is "1.5", FP32 takes numbers'),
+        ("FP32", [None], "data[0] is null, FP32 takes numbers"),
+        ("FP32", [[1.0, 2.0], [3.0, True]], "data[3] is true, FP32 takes numbers"),
+        ("FP32", [1e39], r"data[0] is 1e+39, FP32 takes numbers within"),
+        ("FP16", [70000.0], "data[0] is 70000.0, FP16 takes numbers within"),
+        ("INT64", [0.5], "data[0] is 0.5, INT64 takes integers"),
+        ("INT64", [1, 2**63], "data[1] is 9223372036854775808, INT64 takes integers"),
+        ("INT8", [127, 128], "data[1] is 128, INT8 takes integers from -128 to 127"),
+        ("UINT8", [-1], "data[0] is -1, UINT8 takes integers from 0 to 255"),
+        ("UINT32", [[1], ["2"]], 'data[1] is "2", UINT32 takes integers'),
+        ("BOOL", [True, 1], "data[1] is 1, BOOL takes true or false"),
+        ("BOOL", ["true"], 'data[0] is "true", BOOL takes true or false'),
+    ],
+)
+def test_json_data_is_strict_and_names_the_input_and_first_offending_element(
+    datatype: str, data: list[object], offence: str
+) -> None:
+    with pytest.raises(InvalidInput) as raised:
+        array_from_json("features", datatype, data)
+    assert str(raised.value).startswith(f"input 'features': {offence}")
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "expected"),
+    [
+        ("FP32", [[1, 2.5], [-3e38, 0]], [1.0, 2.5, -3e38, 0.0]),
+        ("FP64", [1e300, -2], [1e300, -2.0]),
+        ("INT64", [-(2**63), 2**63 - 1], [-(2**63), 2**63 - 1]),
+        ("INT32", [1.0, 2], [1, 2]),
+        ("UINT64", [2**64 - 1], [2**64 - 1]),
+        ("BOOL", [[True], [False]], [True, False]),
+        ("FP32", [], []),
+    ],
+)
+def test_valid_json_data_becomes_a_flat_array_of_the_datatype(
+    datatype: str, data: list[object], expected: list[object]
+) -> None:
+    array = array_from_json("features", datatype, data)
+    assert array.dtype == DTYPES[datatype]
+    np.testing.assert_array_equal(array, np.asarray(expected, dtype=DTYPES[datatype]))
+
+
+def test_ragged_json_data_is_invalid_input_naming_the_input() -> None:
+    with pytest.raises(InvalidInput, match="input 'features': data is not valid FP32"):
+        array_from_json("features", "FP32", [[1.0, 2.0], [3.0]])

@@ -7,9 +7,12 @@ A `Tensor` never copies its buffer: `array()` is a view over `data`.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -32,6 +35,13 @@ DTYPES: dict[str, np.dtype[Any]] = {
 }
 DATATYPES = (*DTYPES, "BYTES")
 _OIP_OF_KIND = {(dt.kind, dt.itemsize): name for name, dt in DTYPES.items()}
+# The Python types JSON elements may have, by numpy kind; anything else takes the slow path.
+_JSON_TYPES: dict[str, frozenset[type]] = {
+    "b": frozenset({bool}),
+    "i": frozenset({int}),
+    "u": frozenset({int}),
+    "f": frozenset({int, float}),
+}
 
 
 def element_count(shape: tuple[int, ...]) -> int:
@@ -101,6 +111,102 @@ class Tensor:
                 f"input '{self.name}': {len(self.data)} bytes of data for shape "
                 f"{list(self.shape)} and datatype {self.datatype} ({expected_bytes} expected)"
             )
+
+
+def array_from_json(name: str, datatype: str, data: Any) -> np.ndarray:
+    """The JSON `data` (flat or nested lists) of a numeric or BOOL input as a flat array.
+
+    Strict, as JSON datatypes are: numbers in FP tensors (finite, within the type's range),
+    integers in range in integer tensors (an integral float such as 2.0 counts), true/false
+    in BOOL. InvalidInput names the input and the first offending element, by flat index.
+    """
+    wanted = DTYPES[datatype]
+    try:
+        array = _convert(data, wanted)
+    except (ValueError, TypeError, OverflowError) as exc:
+        return _array_from_json_slowly(name, datatype, data, reason=str(exc))
+    # numpy turns "1.5", null and true into numbers; only a look at the types tells.
+    if not _JSON_TYPES[wanted.kind].issuperset(map(type, _leaves(data, array.ndim))):
+        return _array_from_json_slowly(name, datatype, data, reason="")
+    if wanted.kind == "f" and not np.isfinite(array).all():
+        return _array_from_json_slowly(name, datatype, data, reason="")
+    return array.reshape(-1)
+
+
+def _convert(data: Any, wanted: np.dtype[Any]) -> np.ndarray:
+    if wanted.kind == "f" and wanted.itemsize < 8:
+        # Overflow to inf is then caught, with the element named; the cast warning is noise.
+        with np.errstate(over="ignore"):
+            return np.asarray(data, dtype=wanted)
+    return np.asarray(data, dtype=wanted)
+
+
+def _leaves(data: Any, ndim: int) -> Iterable[Any]:
+    if ndim == 0:
+        return (data,)
+    items: Iterable[Any] = data
+    for _ in range(ndim - 1):
+        items = chain.from_iterable(items)
+    return items
+
+
+def _array_from_json_slowly(name: str, datatype: str, data: Any, *, reason: str) -> np.ndarray:
+    """Name the first offending element, or convert integral floats of integer tensors."""
+    for index, value in enumerate(_walk(data)):
+        expected = _element_fault(value, datatype)
+        if expected is not None:
+            raise InvalidInput(
+                f"input '{name}': data[{index}] is {_as_json(value)}, {datatype} takes {expected}"
+            )
+    try:
+        exact = _map_leaves(int, data) if DTYPES[datatype].kind in "iu" else data
+        return np.asarray(exact, dtype=DTYPES[datatype]).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(
+            f"input '{name}': data is not valid {datatype}: {reason or exc}"
+        ) from None
+
+
+def _element_fault(value: Any, datatype: str) -> str | None:
+    """What `datatype` takes, when `value` is not one of them."""
+    dtype = DTYPES[datatype]
+    if dtype.kind == "b":
+        return None if type(value) is bool else "true or false"
+    if type(value) not in (int, float):
+        return "numbers" if dtype.kind == "f" else "integers"
+    if dtype.kind == "f":
+        try:
+            with np.errstate(over="ignore"):
+                in_range = bool(np.isfinite(dtype.type(value)))
+        except OverflowError:
+            in_range = False
+        return None if in_range else f"numbers within ±{float(np.finfo(dtype).max):g}"
+    info = np.iinfo(dtype)
+    if (type(value) is float and not value.is_integer()) or not info.min <= value <= info.max:
+        return f"integers from {info.min} to {info.max}"
+    return None
+
+
+def _walk(data: Any) -> Iterable[Any]:
+    if isinstance(data, list):
+        for item in data:
+            yield from _walk(item)
+    else:
+        yield data
+
+
+def _map_leaves(convert: Callable[[Any], Any], data: Any) -> Any:
+    if isinstance(data, list):
+        return [_map_leaves(convert, item) for item in data]
+    return convert(data)
+
+
+def _as_json(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def serialize_bytes(items: list[Any]) -> bytes:
