@@ -37,6 +37,12 @@ def test_from_array_and_array_round_trip_every_datatype(datatype: str) -> None:
     assert bytes(tensor.data) == original.astype(DTYPES[datatype]).tobytes()
 
 
+def test_from_array_takes_an_empty_array() -> None:
+    """A model may return zero rows; wrapping them must not fail on the memoryview cast."""
+    tensor = Tensor.from_array("y", np.zeros((0, 2), dtype=np.float32))
+    assert (tensor.shape, tensor.data, tensor.array().shape) == ((0, 2), b"", (0, 2))
+
+
 def test_from_array_accepts_non_contiguous_and_big_endian_arrays() -> None:
     transposed = np.arange(6, dtype=">i4").reshape(2, 3).T
     tensor = Tensor.from_array("x", transposed)

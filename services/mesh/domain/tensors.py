@@ -88,6 +88,8 @@ class Tensor:
             return cls(name, datatype, tuple(array.shape), data)
         wanted = DTYPES[datatype]
         contiguous = np.ascontiguousarray(array, dtype=wanted)
+        if contiguous.size == 0:  # a memoryview with a zero in its shape cannot be cast
+            return cls(name, datatype, tuple(array.shape), b"")
         return cls(name, datatype, tuple(array.shape), contiguous.data.cast("B"))
 
     def check_size(self) -> None:
