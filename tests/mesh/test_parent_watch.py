@@ -33,10 +33,10 @@ asyncio.run(main())
 """
 
 _LAUNCHER = """
-import subprocess, sys, time
+import subprocess, sys
 child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(__import__("os").getpid())])
 print(child.pid, flush=True)
-time.sleep(60)  # alive until the test SIGKILLs it (the bound only spares a stray launcher)
+child.wait(timeout=60)  # alive until the test SIGKILLs it (the bound spares a stray one)
 """
 
 
