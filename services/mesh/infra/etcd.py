@@ -33,6 +33,9 @@ def connect_client(url: str) -> aetcd.Client:
 _CANCEL_TIMEOUT = 2.0
 """Seconds to wait for etcd to confirm a watch's cancellation."""
 
+_RETRY_FIRST, _RETRY_MAX = 0.2, 1.0
+"""Seconds between a registration's tries while etcd does not answer: doubling, capped."""
+
 
 class ConfigCache(LocalConfig):
     """A local, always-readable copy of every key under `prefix`, kept fresh by a watch."""
@@ -147,7 +150,15 @@ class ConfigCache(LocalConfig):
 
 
 class Registration:
-    """One leased key (`endpoints/{service}/{instance}`) kept alive while this instance runs."""
+    """One leased key (`endpoints/{service}/{instance}`) kept alive while this instance runs.
+
+    The lease is refreshed every third of its TTL. It can lapse while the instance lives: etcd
+    paused or unreachable for longer than the TTL expires it when it answers again and deletes
+    the key. The registration then puts the record back at once: it watches its own key and
+    re-publishes on a delete it did not cause, retries a failed refresh within a second
+    (`_RETRY_FIRST` doubling to `_RETRY_MAX`) instead of a third of the TTL later, and grants
+    a new lease as soon as etcd says the old one is gone. One warning per lapse.
+    """
 
     def __init__(self, client: aetcd.Client, key: str, record: dict[str, Any], *, ttl: int = 10):
         self._client = client
@@ -155,14 +166,19 @@ class Registration:
         self.record = dict(record)
         self._ttl = ttl
         self._lease: Any = None
-        self._task: asyncio.Task[None] | None = None
+        self._put_revision = 0
+        self._lapsed = False
+        self._tasks: list[asyncio.Task[None]] = []
         self._dirty: asyncio.Event | None = None
 
     async def start(self) -> None:
         """Grant the lease and publish the record."""
         self._dirty = asyncio.Event()
         await self._publish()
-        self._task = asyncio.create_task(self._keep_alive(), name="etcd-registration")
+        self._tasks = [
+            asyncio.create_task(self._keep_alive(), name="etcd-registration"),
+            asyncio.create_task(self._watch_key(), name="etcd-registration-watch"),
+        ]
 
     def update(self, **changes: Any) -> None:
         """Change fields of the record; published within a moment."""
@@ -172,11 +188,12 @@ class Registration:
 
     async def aclose(self) -> None:
         """Deregister: stop refreshing and revoke the lease (which deletes the key)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        # Bounded, like ConfigCache.aclose: a watch cancel etcd never answers must not hang.
+        if tasks:
+            await asyncio.wait(tasks, timeout=_CANCEL_TIMEOUT * 2)
         if self._lease is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._client.revoke_lease(self._lease.id), 2)
@@ -185,23 +202,61 @@ class Registration:
     async def _publish(self) -> None:
         if self._lease is None:
             self._lease = await self._client.lease(self._ttl)
-        await self._client.put(self._key, orjson.dumps(self.record), lease=self._lease)
+        put = await self._client.put(self._key, orjson.dumps(self.record), lease=self._lease)
+        self._put_revision = max(self._put_revision, put.header.revision)
 
     async def _keep_alive(self) -> None:
         assert self._dirty is not None
+        retry: float | None = None  # after a failure: seconds until the next try
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), self._ttl / 3)
-            changed = self._dirty.is_set()
+                await asyncio.wait_for(self._dirty.wait(), retry or self._ttl / 3)
+            republish = self._dirty.is_set() or retry is not None
             self._dirty.clear()
             try:
-                if self._lease is not None:
-                    reply = await self._client.refresh_lease(self._lease.id)
-                    if reply is None or reply.TTL <= 0:
-                        self._lease = None  # expired while etcd was away: grant a new one
-                if self._lease is None or changed:
-                    await self._publish()
+                await self._refresh(republish=republish)
             except Exception as exc:
-                log.warning("endpoint registration refresh failed (%r); retrying", exc)
-                self._dirty.set()
-                await asyncio.sleep(0.5)
+                self._lapse(f"refreshing it failed ({exc!r})")
+                retry = _RETRY_FIRST if retry is None else min(retry * 2, _RETRY_MAX)
+                continue
+            retry = None
+            if self._lapsed:
+                self._lapsed = False
+                log.info("endpoint %s registered again", self._key.decode())
+
+    async def _refresh(self, *, republish: bool) -> None:
+        if self._lease is not None:
+            reply = await self._client.refresh_lease(self._lease.id)
+            if reply is None or reply.TTL <= 0:
+                self._lapse("its lease expired")
+                self._lease = None
+        if self._lease is None or republish:
+            await self._publish()
+
+    async def _watch_key(self) -> None:
+        """Wake the keep-alive loop when the key is deleted behind this registration's back."""
+        assert self._dirty is not None
+        backoff = _RETRY_FIRST
+        while True:
+            try:
+                watch = await self._client.watch(self._key, start_revision=self._put_revision + 1)
+                try:
+                    async for event in watch:
+                        backoff = _RETRY_FIRST
+                        if event.kind == "DELETE" and event.kv.mod_revision > self._put_revision:
+                            self._lapse("its key was deleted")
+                            self._dirty.set()
+                finally:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(watch.cancel(), _CANCEL_TIMEOUT)
+            except aetcd.exceptions.RevisionCompactedError:
+                self._dirty.set()  # a delete may hide in the compacted history: put anyway
+            except Exception as exc:  # etcd away: watch again from the last put
+                log.debug("watch on %s broke (%r)", self._key.decode(), exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _RETRY_MAX)
+
+    def _lapse(self, why: str) -> None:
+        if not self._lapsed:
+            self._lapsed = True
+            log.warning("endpoint %s lapsed: %s; registering again", self._key.decode(), why)
