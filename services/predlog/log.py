@@ -1,29 +1,32 @@
-"""The prediction log: every prediction a router serves, written to Postgres off the hot path.
+"""The prediction log: every prediction a router serves, on local disk before it is answered,
+then in Postgres.
 
-`record()` is what the request path pays: one small object appended to a bounded in-memory
-buffer; it never blocks, never raises and never waits for Postgres. When the buffer is full the
-record is dropped and counted (`infermesh_prediction_log_dropped_total{reason="buffer_full"}`).
+`record()` is what the request path pays: one small object added to the current group of the
+journal (`journal`), and a future the router awaits before it sends the answer. The group is
+converted, encoded and appended to the instance's spool with one write per group (once per loop
+turn under load), so a router killed at any moment has lost no prediction it answered. `record()`
+never raises; when too many records wait it drops and counts
+(`infermesh_prediction_log_dropped_total{reason="buffer_full"}`) and returns None.
 
-A background task (`start()`) takes the buffer every `flush_interval` seconds, or as soon as
-`flush_rows` records wait, turns records into rows (`rows`; in a thread when the batch is
-heavy) and writes them with COPY (`table`). When Postgres is unreachable the rows go to the
-instance's spool on local disk (`spool`) instead, Postgres is probed every `probe_interval`
-seconds, and once it answers again the spool is replayed in chunks, oldest first, between
-flushes of new records. A spool left by an earlier run is replayed the same way. Writes are
-idempotent (the table's primary key), so a row replayed twice is stored once.
+A background task (`start()`) takes the journaled rows every `flush_interval` seconds, or as
+soon as `flush_rows` wait, and writes them with COPY (`table`), then marks them replayed in the
+spool. When Postgres is unreachable the rows simply stay in the spool (fsynced), Postgres is
+probed every `probe_interval` seconds, and once it answers again the spool is replayed in chunks,
+oldest first. A spool (or journal) left by an earlier or killed run is replayed the same way.
+Writes are idempotent (the table's primary key), so a row replayed twice is stored once.
 
 A batch Postgres refuses (a value or index entry it will not take) is split until the rows it
 refuses are found: those are set aside in the spool directory's `rejected.jsonl` (`rejects`)
 and counted (`infermesh_prediction_log_rows_rejected_total`); their neighbours are written.
 
-    record() ──▶ buffer ──▶ rows ──▶ Postgres (COPY via staging, ON CONFLICT DO NOTHING)
-                                 └─▶ spool (down) ──▶ replayed when Postgres is back
+    record() ──▶ journal (one write per group) ──▶ Postgres (COPY via staging, ON CONFLICT DO
+                   │                                  NOTHING), then the spool is consumed
+                   └─ rows it cannot take ──▶ memory ──▶ Postgres, or spilled if it is down
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import tempfile
@@ -34,25 +37,23 @@ from prometheus_client import CollectorRegistry
 
 from services.mesh.domain.predictions import NONE
 from services.mesh.domain.types import InferRequest, InferResponse
+from services.predlog.journal import Journal
 from services.predlog.metrics import PredictionLogMetrics
 from services.predlog.rejects import RejectedRows
-from services.predlog.rows import PredictionRecord, Row, to_row
-from services.predlog.spool import Spool
+from services.predlog.rows import PredictionRecord, Row
+from services.predlog.spool import Mark, Spool
 from services.predlog.table import UNAVAILABLE, PredictionTable
 
 log = logging.getLogger(__name__)
 
 _BATCH_ROWS = 5000
-"""Most records converted and written per step (and rows per replayed chunk)."""
-_INLINE_BYTES = 64 << 10
-"""Batches holding less tensor data than this (and few records) convert on the event loop."""
-_INLINE_RECORDS = 64
+"""Most rows written per step (and per replayed chunk)."""
 _REPLAY_ATTEMPTS = 5
 """A spool chunk that fails this many times in a row while Postgres answers is dropped."""
 
 
 class PredictionLog:
-    """Buffers prediction records and writes them to Postgres, spilling to disk meanwhile."""
+    """Journals prediction records to local disk and writes them to Postgres."""
 
     def __init__(
         self, table: PredictionTable, spool: Spool, *, registry: CollectorRegistry,
@@ -66,11 +67,14 @@ class PredictionLog:
         self._flush_interval = flush_interval
         self._flush_rows = flush_rows
         self._probe_interval = probe_interval
-        self._buffer: collections.deque[PredictionRecord] = collections.deque()
-        self._inflight: list[PredictionRecord] = []
         self.metrics = PredictionLogMetrics(
-            registry, buffered=lambda: len(self._buffer), spool_bytes=lambda: spool.size
+            registry, buffered=self._buffered, spool_bytes=lambda: spool.size
         )
+        self._journal = Journal(
+            spool, self.metrics, max_mirrored=max_buffered, flush_rows=flush_rows,
+            wake_writer=self._wake_up, connected=lambda: table.connected,
+        )
+        self._inflight: list[Row] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
@@ -81,7 +85,7 @@ class PredictionLog:
 
     @property
     def spool_directory(self) -> Path:
-        """Where this instance spills rows while Postgres is unavailable."""
+        """Where this instance journals rows and spills them while Postgres is unavailable."""
         return self._spool.directory
 
     async def start(self) -> None:
@@ -90,39 +94,45 @@ class PredictionLog:
             raise RuntimeError("prediction log already started or closed")
         await self._spool.open()
         self._wake = asyncio.Event()
+        self._journal.start()
         self._task = asyncio.create_task(self._run(), name="prediction-log")
 
     def record(
         self, request: InferRequest, response: InferResponse, *, received: float,
         latency: float, policy: str, shadow: bool = False, request_id: str | None = None,
-    ) -> None:
-        """Log one served prediction (O(1), never blocks or raises).
+    ) -> asyncio.Future[None] | None:
+        """Log one served prediction (O(1), never blocks or raises); await the future it
+        returns before sending the answer: it is done once the record is on local disk.
 
         `received` is the wall-clock time the router received the request, `latency` the
         seconds it took to answer, `policy` the served version's `prediction_log`; a shadow
-        answer passes `shadow=True` and the primary request's id as `request_id`.
+        answer passes `shadow=True` and the primary request's id as `request_id`. None when
+        the record was dropped (counted): there is nothing to wait for.
         """
-        buffer = self._buffer
-        if self._closed or len(buffer) >= self._max_buffered:
+        journal = self._journal
+        if self._closed or (
+            len(journal.group) + journal.committing + len(journal.unjournaled)
+            >= self._max_buffered
+        ):
             self.metrics.dropped("closed" if self._closed else "buffer_full")
-            return
+            return None
         try:
             kept = policy != NONE
-            buffer.append(PredictionRecord(
+            record = PredictionRecord(
                 received, request_id or request.request_id, request.tenant, request.model,
                 response.version, response.parameters.get("bucket"), shadow, latency * 1000.0,
                 request.trace.get("traceparent"), policy,
                 request.inputs if kept else (), response.outputs if kept else (),
-            ))
+            )
         except Exception:  # a malformed request must not fail its answer
             self.metrics.dropped("error")
-            return
-        if len(buffer) >= self._flush_rows and self._wake is not None:
-            self._wake.set()
+            return None
+        return journal.add(record)
 
     async def flush(self) -> None:
-        """Wait until the buffer is empty: written to Postgres, or spilled if it is down (one
+        """Wait until what was recorded is written to Postgres, or on disk if it is down (one
         probe is tried first); when Postgres answers, until the spool is replayed too."""
+        await self._journal.committed()
         if self._task is None or self._task.done():
             return
         waiter = asyncio.get_running_loop().create_future()
@@ -131,18 +141,22 @@ class PredictionLog:
         await waiter
 
     async def aclose(self, timeout: float = 10.0) -> None:
-        """Stop accepting records; write (or spill) everything accepted, within `timeout`."""
-        self._closed = self._closing = True
+        """Stop accepting records; journal what was recorded and write it to Postgres (what
+        cannot be written within `timeout` stays on disk for the next run)."""
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        await self._journal.aclose(timeout)
+        self._closing = True
         task, self._task = self._task, None
         if task is not None:
             self._wake_up()
-            done, _ = await asyncio.wait({task}, timeout=timeout)
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
                 await self._spill_remaining()
-        for waiter in self._waiters:  # everything is written or spilled now
+        for waiter in self._waiters:  # everything is written or on disk now
             if not waiter.done():
                 waiter.set_result(None)
         self._waiters.clear()
@@ -152,6 +166,11 @@ class PredictionLog:
     def _wake_up(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def _buffered(self) -> int:
+        journal = self._journal
+        return (len(journal.group) + journal.committing + len(journal.unjournaled)
+                + journal.mirror_rows + len(self._inflight))
 
     # -- the writer task ---------------------------------------------------------------------
 
@@ -170,8 +189,9 @@ class PredictionLog:
                 log.exception("prediction log: writer step failed")
                 self.metrics.dropped("error", len(self._inflight))
                 self._inflight = []
+                self._journal.drop_mirror()  # on disk: replayed from there
                 await asyncio.sleep(self._flush_interval)
-            if closing and not self._buffer:
+            if closing and self._done_closing():
                 return
             if self._waiters and self._settled():
                 for waiter in self._waiters:
@@ -180,24 +200,46 @@ class PredictionLog:
                 self._waiters.clear()
 
     def _urgent(self) -> bool:
+        journal = self._journal
         return (
-            self._closing or bool(self._waiters) or len(self._buffer) >= self._flush_rows
-            or (self._table.connected and self._spool.pending)
+            self._closing or bool(self._waiters) or len(journal.unjournaled) >= self._flush_rows
+            or journal.mirror_rows >= self._flush_rows or self._backlog()
         )
 
+    def _backlog(self) -> bool:
+        """Rows on disk to replay from there (not mirrored in memory) while Postgres answers."""
+        return self._table.connected and not self._journal.mirrored and self._spool.pending
+
     def _settled(self) -> bool:
-        return not self._buffer and not (self._table.connected and self._spool.pending)
+        journal = self._journal
+        return not journal.unjournaled and not self._backlog() and not (
+            self._table.connected and journal.mirror_rows
+        )
+
+    def _done_closing(self) -> bool:
+        """Closing: this run's rows are written, or on disk because Postgres is unavailable
+        (a backlog from disk is left for the next run)."""
+        journal = self._journal
+        return not journal.unjournaled and not (self._table.connected and journal.mirror_rows)
 
     async def _step(self) -> None:
+        journal = self._journal
         if not self._table.connected:
             await self._probe(force=bool(self._waiters) or self._closing)
-        if self._buffer:
-            self._inflight = [self._buffer.popleft()
-                              for _ in range(min(len(self._buffer), _BATCH_ROWS))]
-            rows = await self._convert(self._inflight)
-            await self._deliver(rows)
+        if not self._table.connected:
+            self.metrics.spilled.inc(journal.drop_mirror())  # on disk: replayed once it is back
+            await self._spool.sync()
+        if journal.unjournaled:
+            self._inflight = journal.unjournaled[:_BATCH_ROWS]
+            del journal.unjournaled[:_BATCH_ROWS]
+            await self._deliver(self._inflight)
             self._inflight = []
-        if self._table.connected and self._spool.pending and not self._closing:
+        if not self._table.connected:
+            return
+        taken = journal.take_mirror(_BATCH_ROWS) if journal.mirrored else None
+        if taken is not None:
+            await self._write_journaled(*taken)
+        elif self._backlog() and not self._closing:
             await self._replay_chunk()
 
     async def _probe(self, *, force: bool) -> None:
@@ -212,24 +254,24 @@ class PredictionLog:
             return
         self.metrics.came_back(self._spool.size)
 
-    async def _convert(self, records: list[PredictionRecord]) -> list[Row]:
-        if len(records) <= _INLINE_RECORDS and (
-            sum(r.tensor_bytes for r in records) <= _INLINE_BYTES
-        ):
-            return self._to_rows(records)
-        return await asyncio.to_thread(self._to_rows, records)
-
-    def _to_rows(self, records: list[PredictionRecord]) -> list[Row]:
-        rows = []
-        for record in records:
-            try:
-                rows.append(to_row(record))
-            except Exception as exc:  # a tensor whose bytes do not match its shape
-                self.metrics.dropped("error", reason_detail=repr(exc))
-        return rows
+    async def _write_journaled(self, rows: list[Row], mark: Mark) -> None:
+        """Write journaled rows to Postgres, then consume the spool up to them."""
+        try:
+            written = await self._table.write_apart(rows)
+        except UNAVAILABLE as exc:
+            self.metrics.went_down(exc)
+            self.metrics.spilled.inc(len(rows) + self._journal.drop_mirror())
+            await self._spool.sync()
+            return
+        except Exception as exc:
+            self.metrics.dropped("rejected", len(rows), reason_detail=repr(exc))
+        else:
+            self.metrics.written.inc(written.new)
+            await self._set_aside(written.refused)
+        await self._spool.consume_to(mark)
 
     async def _deliver(self, rows: list[Row]) -> None:
-        """Write `rows` to Postgres, or spill them when it is unavailable."""
+        """Write rows the journal did not take to Postgres, or spill them when it is down."""
         if not rows:
             return
         if self._table.connected:
@@ -290,12 +332,12 @@ class PredictionLog:
         await self._spool.consume(chunk)
 
     async def _spill_remaining(self) -> None:
-        """After a forced stop: spill what the writer had in hand and what is buffered."""
-        records = [*self._inflight, *self._buffer]
-        self._inflight, self._buffer = [], collections.deque()
-        if records:
+        """After a forced stop: spill the rows that are in memory only."""
+        rows = [*self._inflight, *self._journal.unjournaled]
+        self._inflight, self._journal.unjournaled = [], []
+        if rows:
             with contextlib.suppress(Exception):
-                await self._spill(await asyncio.to_thread(self._to_rows, records))
+                await self._spill(rows)
 
 
 async def start_prediction_log(

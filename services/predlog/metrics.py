@@ -2,12 +2,15 @@
 buffer must not flood the log).
 
     infermesh_prediction_log_written_total         rows committed to Postgres (new rows only)
+    infermesh_prediction_log_journaled_total       rows in the journal before their answer left
+    infermesh_prediction_log_journal_writes_total  group commits (one write each) of the journal
+    infermesh_prediction_log_unjournaled_total{reason}  rows kept in memory only (JOURNAL_MISSES)
     infermesh_prediction_log_spilled_total         rows appended to the spool on local disk
     infermesh_prediction_log_replayed_total        spilled rows written back to Postgres
     infermesh_prediction_log_rows_rejected_total   rows Postgres refused, set aside (rejects)
     infermesh_prediction_log_dropped_total{reason} records lost, by reason (DROP_REASONS)
     infermesh_prediction_log_buffered              records waiting in memory
-    infermesh_prediction_log_spool_bytes           bytes of spool files on disk
+    infermesh_prediction_log_spool_bytes           bytes of spool (and journal) files on disk
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ spill_error: the spool could not be written; rejected: a batch failed with an er
 neither an outage nor a refusal of particular rows (those are set aside and counted in
 `rows_rejected_total`), or a spool chunk kept failing; corrupt:
 unreadable spool lines; error: a record could not be converted; closed: recorded after close."""
+JOURNAL_MISSES = ("spill_full", "spill_error")
+"""Why rows were not journaled (kept in memory, lost if the router is killed): spill_full, the
+spool reached its size bound; spill_error, the journal could not be written (disk full)."""
 WARN_EVERY = 10.0
 """Seconds between two log lines about the same trouble."""
 
@@ -41,6 +47,22 @@ class PredictionLogMetrics:
             "infermesh_prediction_log_written_total", "Prediction rows committed to Postgres",
             registry=registry,
         )
+        self.journaled = Counter(
+            "infermesh_prediction_log_journaled_total",
+            "Prediction rows written to the local journal before their answers were sent",
+            registry=registry,
+        )
+        self.journal_writes = Counter(
+            "infermesh_prediction_log_journal_writes_total",
+            "Group commits of the journal: one write for the predictions of one loop turn",
+            registry=registry,
+        )
+        self._unjournaled = Counter(
+            "infermesh_prediction_log_unjournaled_total",
+            "Prediction rows answered without reaching the journal (kept in memory), by reason",
+            ["reason"], registry=registry,
+        )
+        self._misses = {reason: self._unjournaled.labels(reason) for reason in JOURNAL_MISSES}
         self.spilled = Counter(
             "infermesh_prediction_log_spilled_total",
             "Prediction rows spilled to local disk while Postgres was unavailable",
@@ -62,7 +84,8 @@ class PredictionLogMetrics:
         self._drops = {reason: self._dropped.labels(reason) for reason in DROP_REASONS}
         Gauge("infermesh_prediction_log_buffered", "Prediction records waiting in memory",
               registry=registry).set_function(buffered)
-        Gauge("infermesh_prediction_log_spool_bytes", "Bytes of spilled prediction rows on disk",
+        Gauge("infermesh_prediction_log_spool_bytes",
+              "Bytes of journaled or spilled prediction rows on disk",
               registry=registry).set_function(spool_bytes)
         self._totals: dict[str, int] = {}
         self._warned: dict[str, float] = {}
@@ -78,6 +101,18 @@ class PredictionLogMetrics:
             detail = f" ({reason_detail})" if reason_detail else ""
             log.warning("prediction log: dropped %d record(s), reason %s%s; %d so far",
                         count, reason, detail, self._totals[reason])
+
+    def unjournaled(self, count: int, reason: str, *, reason_detail: str = "") -> None:
+        """Count `count` rows the journal did not take; warn (at most every WARN_EVERY s)."""
+        if count <= 0:
+            return
+        self._misses[reason].inc(count)
+        key = f"unjournaled:{reason}"
+        self._totals[key] = self._totals.get(key, 0) + count
+        if self._due(key):
+            detail = f" ({reason_detail})" if reason_detail else ""
+            log.warning("prediction log: %d row(s) not journaled, reason %s%s (kept in memory "
+                        "until written); %d so far", count, reason, detail, self._totals[key])
 
     def rejected(self, count: int, error: str) -> None:
         """Count `count` rows Postgres refused; warn (at most every WARN_EVERY seconds)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Awaitable
 
 from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
@@ -81,16 +82,19 @@ class Router:
             stats = self.metrics.version(request.model, response.version)
         stats.succeeded(time.perf_counter() - started)
         if self._predictions is not None:
-            self._log_prediction(self._predictions, request, response, started)
+            durable = self._log_prediction(self._predictions, request, response, started)
+            if durable is not None:
+                await durable  # on the log's local disk before the answer leaves (issue 13)
         return response
 
     def _log_prediction(
         self, predictions: PredictionRecorder, request: InferRequest, response: InferResponse,
         started: float,
-    ) -> None:
-        """Hand a served request to the prediction log (a buffer append, nothing more)."""
+    ) -> Awaitable[None] | None:
+        """Hand a served request to the prediction log; what it returns is done once the
+        prediction is durable (one journal write per group of answers)."""
         latency = time.perf_counter() - started
-        predictions.record(
+        return predictions.record(
             request, response, received=time.time() - latency, latency=latency,
             policy=policy_of(self._catalog, request.model, response.version),
         )

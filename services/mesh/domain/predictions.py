@@ -8,6 +8,7 @@ version's tensors to keep, one of `PREDICTION_LOG_POLICIES` (`FULL`, `DIGEST`, `
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol
 
 from services.mesh.domain.catalog import ModelCatalog
@@ -24,12 +25,14 @@ class PredictionRecorder(Protocol):
     def record(
         self, request: InferRequest, response: InferResponse, *, received: float,
         latency: float, policy: str, shadow: bool = False, request_id: str | None = None,
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """Log one served prediction; must return at once and never raise.
 
         `received` is the wall-clock time the router received the request, `latency` the
         seconds it took to answer, `policy` the served version's policy (`policy_of`); a shadow
-        answer passes `shadow=True` and the primary request's id as `request_id`.
+        answer passes `shadow=True` and the primary request's id as `request_id`. What it
+        returns, when not None, is done once the prediction is durable (on local disk): the
+        router awaits it before it answers, so a killed router has lost nothing it answered.
         """
         ...
 
