@@ -40,8 +40,9 @@ FORBIDDEN_IN_CORES = ("aiohttp", "grpc", "aetcd", "asyncpg", "torch")
 
 POLICIES = (
     "services.batcher.policy", "services.batcher.fairness", "services.batcher.lanes",
-    "services.batcher.batches", "services.router.policy", "services.gateway.quotas",
-    "services.gateway.validation", "control.guard.policy", "control.guard.window",
+    "services.batcher.batches", "services.batcher.bisection", "services.router.policy",
+    "services.gateway.quotas", "services.gateway.validation", "control.guard.policy",
+    "control.guard.window",
 )
 """Pure policies: functions over a small context, fed by a core or a runner."""
 
@@ -49,7 +50,7 @@ CORE_SIDE = {
     "gateway": ("access", "auth", "quotas", "validation", "metrics", "settings", "sticky"),
     "router": ("policy", "shadow", "metrics", "settings", "compare"),
     "batcher": ("policy", "fairness", "lanes", "batches", "metrics", "tenants", "workers",
-                "settings"),
+                "settings", "bisection"),
     "worker": ("metrics", "settings", "artifacts", "backends", "backends.base"),
     "guard": ("policy", "window", "spec", "metrics"),
     "registry": ("ports", "validation"),

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from services.batcher.batches import batch_span, batch_timeout, build_batch
+from services.batcher.bisection import Outcome, bisect, lone_failure
 from services.batcher.fairness import FairQueue
 from services.batcher.metrics import BatcherMetrics, VersionMetrics
 from services.batcher.policy import drain_seconds, plan_batch
@@ -210,7 +212,8 @@ class Batcher:
         return best if self._inflight.get(best.key, 0) < self._depth else None
 
     def _await_worker(self, queue: _Queue) -> None:
-        """No worker serves this version: fail what waited past the grace period."""
+        """No worker serves this version: fail what waited past the grace period, or past its
+        deadline, whichever comes first; look again when the next of those is due."""
         now = self._clock()
         if queue.no_worker_since is None:
             queue.no_worker_since = now
@@ -220,7 +223,8 @@ class Batcher:
                 f"after {self._grace:.1f}s"
             ))
         if queue.pending:
-            self._arm(queue, self._grace - (now - queue.pending.oldest_enqueued))
+            wait = self._grace - (now - queue.pending.oldest_enqueued)
+            self._arm(queue, min(wait, _fail_overdue(queue.pending)))
 
     def _arm(self, queue: _Queue, wait: float) -> None:
         """Look at `queue` again after `wait` seconds (or sooner if already due sooner)."""
@@ -268,38 +272,76 @@ class Batcher:
 
     async def _run(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
         dispatched = self._clock()
-        rows = sum(m.request.rows for m in members)
         span = batch_span(queue.model, queue.version, worker.key,
-                          [(m.span, m.attempts) for m in members], rows)
-        error: BaseException | None = None
+                          [(m.span, m.attempts) for m in members], sum(m.rows for m in members))
+        errors: list[InfermeshError] = []
+
+        async def attempt(piece: list[_Pending]) -> InfermeshError | None:
+            error = await self._attempt(queue, worker, span, piece)
+            if error is not None:
+                errors.append(error)
+            return error
+
         try:
-            # Inside the try: requests whose tensors cannot be joined fail, never hang.
-            batch = build_batch(queue.model, queue.version, [m.request for m in members])
-            batch.trace = span.carrier()
-            queue.metrics.batch_rows.observe(rows)
-            timeout = batch_timeout([m.request.deadline for m in members])
-            result = await worker.run_batch(batch, timeout=timeout)
-        except Unavailable as exc:
-            error = exc
-            self._retry(queue, members, exc)
-        except InfermeshError as exc:
-            error = exc
-            for pending in members:
-                _fail(pending, exc)
-        except Exception as exc:  # a bug in a worker handle must not leave callers hanging
-            log.exception("batch of %s/%s failed", queue.model, queue.version)
-            error = InternalError(f"batch failed: {type(exc).__name__}: {exc}")
-            for pending in members:
-                _fail(pending, error)
-        else:
-            queue.metrics.executed(rows)
-            self._deliver(queue, members, result.outputs)
-            span.set("infermesh.device", result.device)
+            outcome = await bisect(members, attempt, due=self._due)
+            self._settle(queue, members, outcome)
+            if outcome.splits:
+                queue.metrics.splits.inc(outcome.splits)
+                span.set("infermesh.batch_splits", outcome.splits)
         finally:
-            span.end(error)
+            span.end(errors[0] if errors else None)
             queue.inflight -= len(members)
             self._finished(queue, worker.key, dispatched)
             self._pump_all()
+
+    async def _attempt(
+        self, queue: _Queue, worker: WorkerHandle, span: tracing.HopSpan, piece: list[_Pending]
+    ) -> InfermeshError | None:
+        """Run `piece` as one batch and deliver its outputs; or return the batch's error,
+        leaving its members unanswered."""
+        rows = sum(m.rows for m in piece)
+        try:
+            # Inside the try: requests whose tensors cannot be joined fail, never hang.
+            batch = build_batch(queue.model, queue.version, [m.request for m in piece])
+            batch.trace = span.carrier()
+            queue.metrics.batch_rows.observe(rows)
+            timeout = batch_timeout([m.request.deadline for m in piece])
+            result = await worker.run_batch(batch, timeout=timeout)
+        except InfermeshError as exc:
+            return exc
+        except Exception as exc:  # a bug in a worker handle must not leave callers hanging
+            log.exception("batch of %s/%s failed", queue.model, queue.version)
+            return InternalError(f"batch failed: {type(exc).__name__}: {exc}")
+        queue.metrics.executed(rows)
+        self._deliver(queue, piece, result.outputs)
+        span.set("infermesh.device", result.device)
+        return None
+
+    def _due(self, piece: list[_Pending]) -> list[_Pending]:
+        """The members of a batch about to be (re-)run that still wait for it; fails those
+        whose deadline passed (a re-run of a failed batch never runs past a deadline)."""
+        wall = time.time()
+        due: list[_Pending] = []
+        for pending in piece:
+            deadline = pending.request.deadline
+            if deadline is not None and deadline <= wall:
+                _fail(pending, DeadlineExceeded("deadline exceeded before the batch could run"))
+            elif not pending.future.done():
+                due.append(pending)
+        return due
+
+    def _settle(self, queue: _Queue, members: list[_Pending], outcome: Outcome[_Pending]) -> None:
+        """Answer what a batch's runs left unanswered (see `bisection.lone_failure`)."""
+        for piece, error in outcome.unsplit:
+            if isinstance(error, Unavailable):
+                self._retry(queue, piece, error)
+            else:
+                for pending in piece:
+                    _fail(pending, error)
+        ran = [m for m in members if m.future.done() and not m.future.cancelled()
+               and m.future.exception() is None]
+        for pending, error in outcome.lone:
+            _fail(pending, lone_failure(pending.request.request_id, error, others_ok=bool(ran)))
 
     def _finished(self, queue: _Queue, key: str, dispatched: float) -> None:
         """Book a batch's end: worker load, and the version's moving batch time."""
@@ -356,6 +398,21 @@ def _require_rows(request: InferRequest) -> None:
         raise InvalidInput(
             f"request {request.request_id!r} has 0 rows; a request carries at least one row"
         )
+
+
+def _fail_overdue(queued: Iterable[_Pending]) -> float:
+    """Fail the queued requests whose deadline has passed (they stay queued, answered, until
+    dispatch or the grace skips them); seconds until the next deadline (inf: none)."""
+    wall, soonest = time.time(), math.inf
+    for pending in queued:
+        deadline = pending.request.deadline
+        if deadline is None or pending.future.done():
+            continue
+        if deadline <= wall:
+            _fail(pending, DeadlineExceeded("deadline exceeded while waiting for a worker"))
+        else:
+            soonest = min(soonest, deadline - wall)
+    return soonest
 
 
 def _fail(pending: _Pending, error: InfermeshError) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Generic
 
 from services.batcher.lanes import Lane, T
@@ -64,6 +64,12 @@ class FairQueue(Generic[T]):
         if self._solo:
             return self._solo[0].enqueued
         return min(lane.oldest_enqueued for lane in self._lanes)
+
+    def __iter__(self) -> Iterator[T]:
+        """Every queued item, left in place (no dispatch order promised)."""
+        if self._solo:
+            return iter(self._solo)
+        return (item for lane in self._lanes for item in lane)
 
     def rows_by_lane(self) -> dict[str, int]:
         found = {lane: self._lanes[index].rows for index, lane in enumerate(LANES)}

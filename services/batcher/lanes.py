@@ -88,6 +88,10 @@ class Lane(Generic[T]):
             oldest = min(oldest, sub.items[0].enqueued)
         return oldest
 
+    def __iter__(self) -> Iterator[T]:
+        """Every queued item (no dispatch order promised)."""
+        return (item for sub in self._order for item in sub.items)
+
     def tenants(self) -> Iterator[str]:
         """Tenants with queued items."""
         return (sub.tenant for sub in self._order)

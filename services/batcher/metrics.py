@@ -28,7 +28,7 @@ class VersionMetrics:
     """The label children of one (model, version), looked up once and kept by the core."""
 
     __slots__ = ("_failure", "_labels", "batch_rows", "exec_count", "inference_count",
-                 "queue_duration", "success")
+                 "queue_duration", "splits", "success")
 
     def __init__(self, metrics: BatcherMetrics, model: str, version: str) -> None:
         self.batch_rows = metrics.batch_rows.labels(model, version)
@@ -36,6 +36,7 @@ class VersionMetrics:
         self.inference_count = metrics.inference_count.labels(model, version)
         self.exec_count = metrics.exec_count.labels(model, version)
         self.queue_duration = metrics.queue_duration.labels(model, version)
+        self.splits = metrics.batch_splits.labels(model, version)
         self._failure: dict[str, Counter] = {}
         self._labels = (metrics.request_failure, model, version)
 
@@ -104,6 +105,12 @@ class BatcherMetrics:
             "Time from a request's arrival to its first dispatch in a batch "
             "(nv_inference_queue_duration_us)",
             ["model", "version"], buckets=QUEUE_BUCKETS, registry=self.registry,
+        )
+        self.batch_splits = Counter(
+            "infermesh_batcher_batch_splits",
+            "Failed batches split in halves and re-run to find the requests the model rejects "
+            "(a batch of n requests splits at most n - 1 times)",
+            ["model", "version"], registry=self.registry,
         )
         self._depth = _QueueDepth()
         self._tenant_rows = _TenantRows()

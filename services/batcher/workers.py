@@ -3,20 +3,25 @@
 The protocols are in services/mesh/domain/hops.py; the link implementation is
 `services.mesh.transport.linked.LinkedWorkerPool`. Both hold a batch to its `timeout`: a worker
 core computes until done, so the in-process handle stops waiting at the deadline just as a link
-call does (tests/contract runs the same cases against both).
+call does (tests/contract runs the same cases against both). Both surface the worker's own
+errors (`InvalidInput` for a rejected input, `ModelFailed`) by type, and anything else as an
+`InternalError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from services.mesh.domain.errors import DeadlineExceeded
+from services.mesh.domain.errors import DeadlineExceeded, InfermeshError, InternalError
 from services.mesh.domain.hops import WorkerHandle, WorkerPool
 from services.mesh.domain.types import Batch, BatchResult
 
 __all__ = ["LocalWorker", "LocalWorkerPool", "WorkerHandle", "WorkerPool"]
+
+log = logging.getLogger(__name__)
 
 
 class LocalWorker(Protocol):
@@ -43,6 +48,17 @@ class _LocalHandle:
         return self._worker.key
 
     async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
+        try:
+            return await self._run_batch(batch, timeout)
+        except InfermeshError:
+            raise
+        except Exception as exc:
+            # What a link answers for a call that raised: the error tree, never the raw text.
+            log.exception("worker %s failed a batch of %s/%s", self.key, batch.model,
+                          batch.version)
+            raise InternalError(f"worker {self.key} failed: {type(exc).__name__}") from exc
+
+    async def _run_batch(self, batch: Batch, timeout: float | None) -> BatchResult:
         if timeout is None:
             return await self._worker.run_batch(batch, timeout=None)
         if timeout <= 0:

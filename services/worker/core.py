@@ -13,10 +13,16 @@ from typing import Protocol
 
 from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
-from services.mesh.domain.errors import InternalError, Unavailable
+from services.mesh.domain.errors import InternalError, InvalidInput, ModelFailed, Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Batch, BatchResult, ModelVersion
-from services.worker.backends.base import Backend, BackendError
+from services.worker.backends.base import (
+    Backend,
+    BackendError,
+    InputRejected,
+    ModelCallFailed,
+    model_call_failed,
+)
 from services.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -139,8 +145,8 @@ class Worker:
             outputs = await asyncio.get_running_loop().run_in_executor(
                 self._executor, backend.run_batch, inputs
             )
-        except BackendError as exc:
-            raise InternalError(f"model {batch.model}/{batch.version} failed: {exc}") from exc
+        except Exception as exc:
+            raise _batch_error(batch, exc) from exc
         self._metrics.observe(batch, backend.device, time.perf_counter() - started)
         wanted = None if batch.outputs is None else set(batch.outputs)
         return BatchResult(
@@ -159,3 +165,17 @@ class Worker:
         for backend in self._backends.values():
             await asyncio.to_thread(backend.unload)
         self._backends.clear()
+
+
+def _batch_error(batch: Batch, exc: Exception) -> InternalError | InvalidInput:
+    """What a caller is told when running `batch` raised `exc`: the model's error line only,
+    no traceback or path (the whole traceback goes to the log)."""
+    log.warning("%s/%s failed on a batch of %d rows", batch.model, batch.version,
+                sum(batch.rows), exc_info=exc)
+    if not isinstance(exc, BackendError):  # another backend's raw error: never its text as is
+        exc = model_call_failed(exc)
+    if isinstance(exc, InputRejected):
+        return InvalidInput(f"the model rejected the input: {exc}")
+    if isinstance(exc, ModelCallFailed):
+        return ModelFailed(f"the model failed: {exc}")
+    return InternalError(f"model {batch.model} version {batch.version} failed: {exc}")

@@ -10,6 +10,7 @@ import numpy as np
 from services.batcher.core import Batcher
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.config import StaticConfig
+from services.mesh.domain.errors import InfermeshError, InvalidInput
 from services.mesh.domain.hops import WorkerHandle
 from services.mesh.domain.tenancy import Tenant
 from services.mesh.domain.tensors import Tensor
@@ -66,6 +67,31 @@ class FakeWorker:
     async def next_batch(self) -> Batch:
         async with asyncio.timeout(5):
             return await self.arrivals.get()
+
+
+class RejectingWorker(FakeWorker):
+    """Like `FakeWorker`, but fails every batch that holds a negative value (a marked request),
+    as a model call fails a whole batch over one token id past its vocabulary; with
+    `everything`, fails every batch (a broken model). Failing batches wait at the gate too."""
+
+    def __init__(
+        self, key: str = "w1", *, error: Callable[[], InfermeshError] | None = None,
+        everything: bool = False,
+    ) -> None:
+        super().__init__(key)
+        self.error = error or (lambda: InvalidInput("the model rejected the input"))
+        self.everything = everything
+
+    def rejects(self, batch: Batch) -> bool:
+        return self.everything or any(bool((t.array() < 0).any()) for t in batch.inputs)
+
+    async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
+        if not self.rejects(batch):
+            return await super().run_batch(batch, timeout=timeout)
+        self.batches.append(batch)
+        self.arrivals.put_nowait(batch)
+        await self.gate.wait()
+        raise self.error()
 
 
 class FakePool:

@@ -13,6 +13,7 @@
     ├── Unavailable           no ready peer or worker right now
     │   └── LinkClosed        a link broke with the request in flight
     └── InternalError         a bug or a model failure; the message is safe to show
+        └── ModelFailed       the model call raised on a batch; no one input is to blame
 
 Each adapter maps these to status codes in exactly one table. Errors cross links as a `code`
 and a `message` and are rebuilt on the other side by `from_wire`.
@@ -91,11 +92,19 @@ class InternalError(InfermeshError):
     code = "internal"
 
 
+class ModelFailed(InternalError):
+    """The model call raised on a batch. The batcher re-runs the batch in halves to find the
+    requests at fault; the message is the model's error, sanitised (no traceback, no paths)."""
+
+    code = "model_failed"
+
+
 _BY_CODE: dict[str, type[InfermeshError]] = {
     cls.code: cls
     for cls in (
         InvalidInput, Conflict, NotFound, Unauthenticated, PermissionDenied, PreconditionFailed,
         Overloaded, QuotaExceeded, DeadlineExceeded, Unavailable, LinkClosed, InternalError,
+        ModelFailed,
     )
 }
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
@@ -38,6 +39,7 @@ STATUS: Mapping[type[errors.InfermeshError], int] = {
     errors.Overloaded: 503,
     errors.DeadlineExceeded: 504,
     errors.Unavailable: 503,
+    errors.ModelFailed: 500,
     errors.InternalError: 500,
     errors.InfermeshError: 500,
 }
@@ -76,16 +78,58 @@ def parse_json_object(raw: bytes | memoryview) -> dict[str, Any]:
     """The JSON object `raw` holds; InvalidInput naming the body when it holds anything else."""
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+    except orjson.JSONDecodeError as exc:  # also nesting deeper than orjson's 1024 levels
         raise errors.InvalidInput(f"body: malformed JSON ({exc})") from None
     if not isinstance(body, dict):
         raise errors.InvalidInput("body: must be a JSON object")
     return body
 
 
+CONTENT_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate", "br"})
+"""The Content-Encodings aiohttp undoes for us; anything else would reach us still encoded."""
+
+
+async def read_body(request: web.Request, *, limit: int | None = None) -> bytes:
+    """The request's body, decoded from its Content-Encoding, at most `limit` bytes (decoded)
+    and at most the app's `client_max_size`.
+
+    A larger body is refused with 413 as soon as its Content-Length, or the bytes read so
+    far, say so: the rest is never read. An encoding aiohttp does not undo, or a body that
+    does not decode (corrupt gzip, garbage brotli), is InvalidInput naming the header.
+    """
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in CONTENT_ENCODINGS:
+        raise errors.InvalidInput(
+            f"Content-Encoding header: {encoding[:40]!r} is not supported "
+            f"(use identity, gzip, deflate or br)"
+        )
+    cap = request.client_max_size if limit is None else min(limit, request.client_max_size)
+    size = request.content_length
+    if size is not None and size > cap:
+        raise web.HTTPRequestEntityTooLarge(cap, size)
+    body = bytearray()
+    try:
+        while chunk := await request.content.readany():
+            body.extend(chunk)
+            if len(body) > cap:
+                raise web.HTTPRequestEntityTooLarge(cap, len(body))
+    except web.RequestPayloadError as exc:
+        raise errors.InvalidInput(f"body: {payload_problem(exc)}") from None
+    return bytes(body)
+
+
+def payload_problem(exc: web.RequestPayloadError) -> str:
+    """What aiohttp found wrong with a request body, in words ("Can not decode
+    content-encoding: br")."""
+    cause = exc.__cause__
+    if isinstance(cause, HttpProcessingError) and cause.message:
+        return cause.message
+    return str(exc) or "could not be read"
+
+
 async def read_json_object(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
     """The request's JSON object body; with `optional`, `{}` for an empty body."""
-    raw = await request.read()
+    raw = await read_body(request)
     if optional and not raw.strip():
         return {}
     return parse_json_object(raw)
@@ -109,16 +153,31 @@ def error_middleware(
             return await handler(request)
         except errors.InfermeshError as exc:
             status = status_of(exc)
-            return json_response(body(exc), status, _error_headers(exc, status, challenge))
+            response = json_response(body(exc), status, _error_headers(exc, status, challenge))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return json_response({"error": http_text(exc)}, exc.status)
+            response = json_response({"error": http_text(exc)}, exc.status)
+        except web.RequestPayloadError as exc:  # a handler that read the body itself
+            response = json_response({"error": f"body: {payload_problem(exc)}"}, 400)
         except Exception:
             log.exception("unhandled error serving %s %s", request.method, request.path)
             return json_response({"error": "internal error"}, 500)
+        return _unread_body_closes(request, response)
 
     return middleware
+
+
+def _unread_body_closes(request: web.Request, response: web.Response) -> web.Response:
+    """Close the connection after a body that failed to decode, or one refused as too large:
+    aiohttp would otherwise read (and fail reading, or discard) the rest to keep the
+    connection alive."""
+    if request.content.exception() is not None:
+        request.content.feed_eof()  # nothing more to read: aiohttp must not try (and log)
+        response.force_close()
+    elif response.status == 413:
+        response.force_close()
+    return response
 
 
 def _error_headers(

@@ -14,11 +14,18 @@ the batch dim.
 Errors::
 
     BackendError            the model could not be loaded or run
-     └── DeviceUnavailable  the device policy asks for hardware this host lacks
+     ├── DeviceUnavailable  the device policy asks for hardware this host lacks
+     └── ModelCallFailed    the model itself raised on a batch (message sanitised)
+          └── InputRejected the model raised because of the batch's input (an index out of range)
+
+A model's own exception text can carry a TorchScript traceback with the server's file paths;
+:func:`model_call_failed` keeps one meaningful line of it, so it is safe to send to a caller.
+The full exception stays chained (``__cause__``) for the server's log.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +41,49 @@ class BackendError(Exception):
 
 class DeviceUnavailable(BackendError):
     """The device policy requires hardware (CUDA) that this host does not have."""
+
+
+class ModelCallFailed(BackendError):
+    """The model raised while running a batch; the message is one sanitised line."""
+
+
+class InputRejected(ModelCallFailed):
+    """The model raised because of the batch's input, e.g. a token id past the vocabulary."""
+
+
+# Errors that name the input as the cause: an index (a token id, a gather position) outside
+# the table it indexes. Anything else the model raises is the model's failure.
+_INPUT_FAULTS = re.compile(
+    r"index (-?\d+ )?(is )?out of (range|bounds)|out of bounds for (axis|dimension)"
+    r"|index -?\d+ is out of bounds",
+    re.IGNORECASE,
+)
+# Lines of a (TorchScript) traceback rather than the error itself.
+_FRAME_LINE = re.compile(r"^(Traceback|File |The following operation failed|def |~|.*<--- HERE|\s)")
+# A file path (two or more separators) or a Python file name.
+_PATH = re.compile(r"(?:[A-Za-z]:)?[\w.@+-]*(?:[\\/][\w.@+-]+){2,}[\\/]?|[\w.-]+\.py\b")
+_ERROR_NAME = re.compile(r"^\w+(Error|Exception)\b")
+_MAX_REASON = 200
+
+
+def model_call_failed(exc: BaseException) -> ModelCallFailed:
+    """The error to raise for the model's own exception `exc`: `InputRejected` when the text
+    says an index was out of range, else `ModelCallFailed`; one line, no frames, no paths."""
+    reason = sanitised_reason(exc)
+    cls = InputRejected if _INPUT_FAULTS.search(reason) else ModelCallFailed
+    return cls(reason)
+
+
+def sanitised_reason(exc: BaseException) -> str:
+    """The meaningful line of `exc`'s message (TorchScript puts it last, after the frames),
+    with anything path-like replaced, named by its type, at most 200 characters."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    kept = [line.strip() for line in lines if not _FRAME_LINE.match(line)]
+    line = (kept[-1] if len(kept) < len(lines) else kept[0]) if kept else ""
+    line = _PATH.sub("<path>", line)
+    if not _ERROR_NAME.match(line):
+        line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return line[:_MAX_REASON]
 
 
 class Backend(Protocol):

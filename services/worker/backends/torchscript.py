@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from services.worker.backends.base import BackendError
+from services.worker.backends.base import BackendError, model_call_failed
 from services.worker.backends.devices import resolve_device
 
 # OIP datatype -> (numpy dtype, torch dtype). BYTES has no tensor form, so it is absent.
@@ -133,7 +133,9 @@ class TorchScriptBackend:
                 self.run_batch({spec.name: spec.dummy(batch_size) for spec in self._inputs})
 
     def run_batch(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        """Run one batch; see :meth:`Backend.run_batch`. Raises :class:`BackendError`."""
+        """Run one batch; see :meth:`Backend.run_batch`. Raises :class:`BackendError`:
+        :class:`~services.worker.backends.base.InputRejected` when the model raised because of
+        the input, :class:`~services.worker.backends.base.ModelCallFailed` for its other errors."""
         module = self._loaded_module()
         self._configure_thread()
         arrays = [_input_array(spec, inputs) for spec in self._inputs]
@@ -146,8 +148,8 @@ class TorchScriptBackend:
                 outputs = {name: _to_numpy(t) for name, t in self._match_outputs(raw).items()}
         except BackendError:
             raise
-        except Exception as exc:
-            raise BackendError(f"model failed: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # the model's own error: one safe line, the rest chained
+            raise model_call_failed(exc) from exc
         for spec in self._outputs:
             spec.check_output(outputs[spec.name], batch_size)
         return outputs
