@@ -37,7 +37,8 @@ def banner(facts: BannerFacts) -> str:
     key = facts.state_dir / KEY_FILE
     credentials = f"-H \"Authorization: Bearer $(cat {key})\" " if facts.auth else ""
     return "\n".join([
-        f"infermesh is up ({'fused' if facts.fused else 'mesh'} mode); Ctrl-C stops it.",
+        f"infermesh is up ({'fused' if facts.fused else 'mesh'} mode); Ctrl-C stops it"
+        + ("." if facts.fused else "; SIGHUP restarts its workers one at a time."),
         *_auth_lines(facts.auth, key),
         f"  gateway (OIP v2 REST)  {gateway}",
         f"  gateway (OIP v2 gRPC)  127.0.0.1:{facts.grpc_port}",

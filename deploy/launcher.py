@@ -4,6 +4,11 @@ Starts private etcd and Postgres under the state dir (unless `INFERMESH_ETCD_URL
 `INFERMESH_DATABASE_URL` are given), applies migrations, starts the registry, gateway, router,
 batcher (or the fused data plane) and a worker per registered model, registers the demo
 models, prints the endpoints and a curl line, and stops everything on Ctrl-C or SIGTERM.
+
+Workers are replaced, never just stopped: a worker that gets SIGTERM marks its endpoint record
+`draining` and the launcher starts its replacement at once (the old one exits once the new one
+is ready); `replace_worker` does the same in the other order (start, wait until ready, then
+SIGTERM the old one), and SIGHUP to the launcher runs it for every worker, one at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from deploy.demo_tenant import ensure_demo_key
 from deploy.edge import Edge, EdgeConfig, nginx_binary, start_edge
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
 from deploy.supervisor import Supervised
+from deploy.workers import WorkerFleet, handoff_bound
 from services.mesh.infra.db import create_pool, migrate
 from services.mesh.infra.etcd import ConfigCache, connect_client
 
@@ -58,7 +64,7 @@ class Launcher:
         self._etcd: LocalEtcd | None = None
         self._postgres: LocalPostgres | None = None
         self._children: list[Supervised] = []
-        self._workers: dict[tuple[str, str], Supervised] = {}
+        self._fleet: WorkerFleet[Supervised] | None = None
         self._env: dict[str, str] = {}
 
     def start_dependencies(self) -> None:
@@ -99,6 +105,8 @@ class Launcher:
         child = Supervised(name, ["-m", module], env={**self._env, **env},
                            log_dir=self.state_dir / "logs")
         child.start()
+        # Drained (retired) workers that have exited leave the list.
+        self._children = [c for c in self._children if not c.finished]
         self._children.append(child)
         return child
 
@@ -124,14 +132,18 @@ class Launcher:
         try:
             await config.start()
             if not self.fused:
-                config.subscribe(lambda: self._ensure_workers(config))
-                self._ensure_workers(config)
+                fleet = self._fleet = WorkerFleet(self._spawn_worker, config,
+                                                  handoff_bound=handoff_bound(self._env))
+                config.subscribe(fleet.ensure)
+                fleet.ensure()
             await self._start_edge()
             async with aiohttp.ClientSession() as session:
                 models = await self._register_demo_models(session) if self.demo else []
                 await self._wait_ready(session, stop, models)
             await stop.wait()
         finally:
+            if self._fleet is not None:
+                await self._fleet.aclose()
             await config.aclose()
             await etcd.close()
             if self._edge is not None:
@@ -151,22 +163,26 @@ class Launcher:
         await asyncio.to_thread(prefix.chmod, 0o755)
         self._edge = await asyncio.to_thread(start_edge, self.edge, prefix)
 
-    def _ensure_workers(self, config: ConfigCache) -> None:
-        """One worker process per registered (model, version): the local actuator's floor.
-
-        Separate processes per version let a canary's worker fail (or be stopped) alone.
-        """
-        for key in config.items("models/"):
-            _, model, version = key.split("/", 2)
-            if (model, version) not in self._workers:
-                self._workers[model, version] = self._spawn(
-                    f"worker-{model}-{version}", "services.worker",
-                    INFERMESH_WORKER_MODELS=f"{model}/{version}",
-                )
+    def _spawn_worker(self, model: str, version: str) -> Supervised:
+        return self._spawn(f"worker-{model}-{version}", "services.worker",
+                           INFERMESH_WORKER_MODELS=f"{model}/{version}")
 
     def worker(self, model: str, version: str) -> Supervised | None:
         """The supervised worker process of (model, version), if one was started."""
-        return self._workers.get((model, version))
+        return self._fleet.worker(model, version) if self._fleet is not None else None
+
+    async def replace_worker(self, model: str, version: str, *, timeout: float = 300.0) -> None:
+        """Start a new worker for (model, version), wait until it is ready, then SIGTERM the
+        old one (which drains and exits); see `WorkerFleet.replace`."""
+        assert self._fleet is not None, "workers run once the launcher runs, in mesh mode"
+        await self._fleet.replace(model, version, timeout=timeout)
+
+    def rolling_restart(self) -> None:
+        """SIGHUP: replace every worker, one at a time (mesh mode; fused has none)."""
+        if self._fleet is None:
+            log.info("SIGHUP: no separate worker processes to restart")
+            return
+        self._fleet.rolling_restart()
 
     async def _register_demo_models(self, session: aiohttp.ClientSession) -> list[str]:
         from services.worker.demo_models import build_demo_models
@@ -226,7 +242,8 @@ class Launcher:
     async def stop_children(self) -> None:
         """Stop services in reverse order of start: data plane first, registry last."""
         for child in reversed(self._children):
-            await child.stop()
+            # Workers stop now (SIGINT): at shutdown no replacement is coming.
+            await child.stop(now=child.name.startswith("worker-"))
         self._children.clear()
 
 
@@ -311,4 +328,5 @@ async def _main(launcher: Launcher) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, launcher.rolling_restart)
     await launcher.run(stop)

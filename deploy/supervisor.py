@@ -1,4 +1,9 @@
-"""Supervised child processes: started, restarted with backoff when they crash, stopped.
+"""Supervised child processes: started, restarted when they crash, stopped.
+
+The first crash is restarted at once (a killed worker's requests are waiting in the batcher);
+a crash loop backs off, 0.5 s doubling to 10 s, reset once a process has lived 30 s. A process
+that was asked to go (`stop`) or said it is going (`retire`: a worker handing off to its
+replacement) is not restarted.
 
 Children are spawned with `subprocess.Popen` (vfork/posix_spawn, so no fork handlers run) and
 waited for through a pidfd on the event loop (no thread parked per child: the default executor
@@ -73,29 +78,40 @@ class Supervised:
                 start_new_session=True,
             )
 
+    @property
+    def finished(self) -> bool:
+        """True once the supervision is over: stopped or retired, and the process gone."""
+        return self._task is not None and self._task.done()
+
+    def retire(self) -> None:
+        """The process is leaving on its own (a drained worker): let it exit, never restart."""
+        self._stopping = True
+
     async def _run(self) -> None:
-        backoff = 0.5
+        backoff = 0.0
         while not self._stopping:
             started = time.monotonic()
             self._process = await asyncio.to_thread(self._spawn)
             code = await wait_exit(self._process)
             if self._stopping:
+                log.info("%s pid %d exited with %s", self.name, self._process.pid, code)
                 return
             if time.monotonic() - started > 30:
-                backoff = 0.5
+                backoff = 0.0
             log.warning("%s exited with %s; restarting in %.1fs (log: %s)",
                         self.name, code, backoff, self._log_path)
             self.restarts += 1
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+            backoff = min(max(backoff * 2, 0.5), 10.0)
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (drain and exit), then SIGKILL after `timeout`."""
+    async def stop(self, timeout: float = 10.0, *, now: bool = False) -> None:
+        """SIGTERM (hand off, drain and exit), or with `now` SIGINT (drain and exit, no
+        handoff); then SIGKILL after `timeout`."""
         self._stopping = True
         process = self._process
         if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(signal.SIGINT if now else signal.SIGTERM)
             try:
                 await asyncio.wait_for(wait_exit(process), timeout)
             except TimeoutError:

@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.config import ConfigView
 from services.worker.app import create_app
 from services.worker.artifacts import ArtifactCache
 from services.worker.core import Worker
@@ -55,3 +58,51 @@ async def build_worker(
     core.start()
     stack.push_async_callback(core.aclose)
     return WorkerService(core, metrics, settings)
+
+
+async def await_replacement(
+    config: ConfigView, session: aiohttp.ClientSession, *, instance: str,
+    versions: Iterable[str], poll: float = 0.5,
+) -> None:
+    """Return once another live, ready, non-draining worker (not `instance`) serves each of
+    `versions` (`model/version`).
+
+    The endpoint records in `config` name the candidates; each must also answer its
+    `/healthz`: the record of a worker killed a moment ago stays in etcd until its lease
+    expires (10 s), and handing off to it would leave the version with no worker at all.
+    """
+    wanted = set(versions)
+    changed = asyncio.Event()
+    config.subscribe(changed.set)
+    while not await _covered(session, config.items("endpoints/worker/"),
+                             instance=instance, wanted=wanted):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), poll)
+        changed.clear()
+
+
+async def _covered(
+    session: aiohttp.ClientSession, records: Mapping[str, Any], *, instance: str,
+    wanted: set[str],
+) -> bool:
+    candidates = [
+        record for record in records.values()
+        if isinstance(record, dict) and record.get("instance") != instance
+        and not record.get("draining") and wanted & set(record.get("models", ()))
+        and isinstance(record.get("http"), str)
+    ]
+    live = await asyncio.gather(*(_answers(session, record["http"]) for record in candidates))
+    serving: set[str] = set()
+    for record, alive in zip(candidates, live, strict=True):
+        if alive:
+            serving.update(record.get("models", ()))
+    return wanted <= serving
+
+
+async def _answers(session: aiohttp.ClientSession, base_url: str) -> bool:
+    try:
+        async with session.get(f"{base_url}/healthz",
+                               timeout=aiohttp.ClientTimeout(total=1.0)) as response:
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False

@@ -8,7 +8,13 @@
 
 `serve` publishes the leased endpoint key(s), runs until SIGTERM or SIGINT, then deregisters
 first (peers stop sending), lets the app drain its in-flight work and closes everything in
-reverse order of creation.
+reverse order of creation. A service that can hand its work off (a worker) passes `handoff`:
+on SIGTERM its records are marked `draining: true` first, and it keeps serving until
+`handoff()` returns (a replacement is ready) or `handoff_timeout` passes. SIGINT (and a
+vanished parent) skip the handoff: stop now.
+
+A client that goes away cancels its handler (`handler_cancellation`), so whatever the request
+held (a tenant's concurrency slot, a queued call downstream) is given back at once.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -97,6 +103,7 @@ class MeshNode:
         self._registrations: dict[str, Registration] = {}
         self._changes: dict[str, dict[str, Any]] = {}
         self._stop: asyncio.Event | None = None
+        self._hurry: asyncio.Event | None = None
         self._pools: list[LinkPool] = []
         self._probes: list[PostgresProbe] = []
 
@@ -111,7 +118,7 @@ class MeshNode:
         return self.http_url.replace("http://", "ws://", 1) + "/link"
 
     async def __aenter__(self) -> MeshNode:
-        self._stop = asyncio.Event()
+        self._stop, self._hurry = asyncio.Event(), asyncio.Event()
         await self.config.start()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
@@ -154,10 +161,17 @@ class MeshNode:
         for registration in registrations.values():
             await registration.aclose()
 
-    def stop(self) -> None:
-        """Ask `serve` to shut down (what SIGTERM does)."""
-        if self._stop is not None:
-            self._stop.set()
+    def stop(self, *, hand_off: bool = False) -> None:
+        """Ask `serve` to shut down: at once (SIGINT), or after handing its work off (SIGTERM,
+        when `serve` was given a `handoff`)."""
+        if self._stop is None or self._hurry is None:
+            return
+        if not hand_off:
+            self._hurry.set()
+        self._stop.set()
+
+    def _hand_off_on_sigterm(self) -> None:
+        self.stop(hand_off=True)
 
     def watch_health(self, *, pools: Iterable[LinkPool] = (),
                      postgres: Iterable[PostgresProbe] = ()) -> None:
@@ -166,16 +180,18 @@ class MeshNode:
         self._probes.extend(postgres)
 
     async def serve(
-        self, app: web.Application, *, roles: dict[str, dict[str, Any]] | None = None
+        self, app: web.Application, *, roles: dict[str, dict[str, Any]] | None = None,
+        handoff: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Serve `app` until stopped; `roles` maps endpoint roles to their records."""
+        """Serve `app` until stopped; `roles` maps endpoint roles to their records.
+
+        With `handoff`, SIGTERM marks the records draining and waits for `handoff()` (at most
+        `handoff_timeout` seconds) before deregistering and draining.
+        """
         assert self.sock is not None and self._stop is not None
         if REGISTRY in app:
             app[REGISTRY].register(HealthCollector(self.config, self._pools, self._probes))
-        runner = web.AppRunner(
-            app, handle_signals=False, shutdown_timeout=self.settings.drain_timeout,
-            access_log=None,
-        )
+        runner = app_runner(app, drain_timeout=self.settings.drain_timeout)
         await runner.setup()
         await web.SockSite(runner, self.sock).start()
         # What exists now (modules, clients, caches) lives as long as the process: move it out
@@ -184,8 +200,8 @@ class MeshNode:
         # per request through those rescans, until this freeze (docs/PERFORMANCE.md).
         gc.freeze()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGTERM, self._hand_off_on_sigterm)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
         parent = os.environ.get(PARENT_PID)
         watcher = asyncio.create_task(watch_parent(int(parent), self.stop)) if parent else None
         try:
@@ -193,6 +209,8 @@ class MeshNode:
                 await self.register(role, record)
             log.info("%s %s serving on %s", self.service, self.instance, self.http_url)
             await self._stop.wait()
+            if handoff is not None:
+                await self._hand_off(handoff)
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -201,3 +219,45 @@ class MeshNode:
             await runner.cleanup()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+
+    async def _hand_off(self, handoff: Callable[[], Awaitable[None]]) -> None:
+        """Mark every record draining (peers stop sending new work here) and keep serving
+        until `handoff()` returns, `handoff_timeout` passes or a stop-now arrives."""
+        assert self._hurry is not None
+        if self._hurry.is_set():
+            return
+        for role in list(self._registrations):
+            self.update_record(role, draining=True)
+        log.info("%s %s draining: waiting up to %.0fs for a replacement", self.service,
+                 self.instance, self.settings.handoff_timeout)
+        waiter = asyncio.ensure_future(handoff())
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, hurry}, timeout=self.settings.handoff_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (waiter, hurry):
+                task.cancel()
+            await asyncio.gather(waiter, hurry, return_exceptions=True)
+        if waiter in done and waiter.exception() is None:
+            log.info("%s %s handed off", self.service, self.instance)
+        elif waiter in done:
+            log.warning("%s %s handoff failed: %r", self.service, self.instance,
+                        waiter.exception())
+        else:
+            log.warning("%s %s: no replacement within %.0fs; stopping anyway", self.service,
+                        self.instance, self.settings.handoff_timeout)
+
+
+def app_runner(app: web.Application, *, drain_timeout: float) -> web.AppRunner:
+    """The runner every service serves its app with.
+
+    `handler_cancellation`: a client that closes its connection cancels its handler, so a
+    request whose client gave up stops holding what it holds (quota slots, a place in a
+    queue downstream: the cancellation travels down the links) instead of running on to its
+    deadline.
+    """
+    return web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=drain_timeout, access_log=None,
+        handler_cancellation=True,
+    )

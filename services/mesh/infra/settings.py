@@ -35,6 +35,9 @@ class ServiceSettings:
     """Instance id in `endpoints/{service}/{instance}`; defaults to host-pid."""
     drain_timeout: float = 10.0
     """Seconds to wait for in-flight requests on SIGTERM."""
+    handoff_timeout: float = 30.0
+    """Seconds a draining worker (SIGTERM) waits for a ready replacement of each of its
+    versions before it deregisters anyway; the launcher starts one at once."""
 
     @property
     def instance_id(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.errors import InternalError, InvalidInput
 from services.mesh.domain.hops import InferTarget, WorkerHandle, remaining
 from services.mesh.domain.types import Batch, BatchResult, InferRequest, InferResponse
 from services.mesh.transport import frames
@@ -40,7 +40,17 @@ class LinkedInferTarget:
             link = self._pool.pick()
         meta, buffers = frames.encode_request(request)
         frame = await link.call(meta, buffers, timeout=remaining(request.deadline))
-        return frames.decode_response(frame.meta, frame.payload)
+        return _reply(frames.decode_response, frame.meta, frame.payload)
+
+
+def _reply(decode: Callable[[dict[str, Any], memoryview], A], meta: dict[str, Any],
+           payload: memoryview) -> A:
+    """Decode a peer's answer. One that does not decode is the peer's fault (a bug or a
+    corrupt frame), never the caller's input: an InternalError, not the decoder's 400."""
+    try:
+        return decode(meta, payload)
+    except InvalidInput as exc:
+        raise InternalError(f"malformed reply over the link: {exc}") from exc
 
 
 def infer_handler(target: InferTarget) -> Handler:
@@ -70,11 +80,12 @@ class _LinkedWorker:
     async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
         meta, buffers = frames.encode_batch(batch)
         frame = await self._link.call(meta, buffers, timeout=timeout)
-        return frames.decode_batch_result(frame.meta, frame.payload)
+        return _reply(frames.decode_batch_result, frame.meta, frame.payload)
 
 
 class LinkedWorkerPool:
-    """Workers found in etcd (`endpoints/worker/*`) that list the version as loaded."""
+    """Workers found in etcd (`endpoints/worker/*`) that list the version as loaded; those
+    draining only while no other has it."""
 
     def __init__(self, pool: LinkPool) -> None:
         self._pool = pool
@@ -83,10 +94,14 @@ class LinkedWorkerPool:
     def candidates(self, model: str, version: str) -> list[WorkerHandle]:
         wanted = f"{model}/{version}"
         found: list[WorkerHandle] = []
+        draining: list[WorkerHandle] = []
         for link, record in self._pool.links():
             if wanted in record.get("models", ()):
-                found.append(self._handle(link, record))
-        return found
+                (draining if record.get("draining") else found).append(
+                    self._handle(link, record))
+        # A draining worker (SIGTERM) gets new batches only while no other worker has the
+        # version: it serves on until its replacement is ready, then takes nothing new.
+        return found or draining
 
     def _handle(self, link: LinkClient, record: dict[str, Any]) -> _LinkedWorker:
         handle = self._handles.get(id(link))
