@@ -15,6 +15,8 @@ from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
 from services.gateway.feedback import FeedbackRecorder
 from services.gateway.feedback_routes import add_feedback_route
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+from services.gateway.openapi import add_openapi_route
+from services.gateway.validation import max_body_bytes
 from services.mesh.domain import errors
 from services.mesh.domain.ids import check_request_id
 from services.mesh.domain.types import InferResponse
@@ -23,6 +25,7 @@ from services.mesh.transport.rest import (
     add_metrics_route,
     error_middleware,
     json_response,
+    read_body,
     status_of,
 )
 
@@ -97,11 +100,17 @@ async def infer(request: web.Request) -> web.Response:
     # Access (401, 403, 404, 429) is settled before the body is read.
     with track(core.metrics, model), core.admit(model, version, header=header) as admission:
         request_id = _request_id(header(REQUEST_ID), core)
-        # aiohttp has already undone any Content-Encoding, within client_max_size.
-        infer_request, output_format = rest.decode_infer_body(
-            await request.read(), header_length=header(binary.HEADER_LENGTH),
-            model=model, version=version, request_id=request_id,
-        )
+        # Bounded by what a valid request could need (413 past it, the rest never read).
+        body = await read_body(request, limit=max_body_bytes(admission.spec))
+        try:
+            infer_request, output_format = rest.decode_infer_body(
+                body, header_length=header(binary.HEADER_LENGTH),
+                model=model, version=version, request_id=request_id, spec=admission.spec,
+            )
+        except errors.InfermeshError as exc:
+            core.trace_refusal(exc, model=model, request_id=request_id, admission=admission,
+                               header=header)
+            raise
         response = await core.infer(infer_request, admission=admission, header=header)
         body, header_length = rest.encode_infer_parts(response, output_format)
         return _infer_response(body, header_length, response)
@@ -149,4 +158,5 @@ def create_app(
         app.router.add_post(f"{base}/infer", infer)
     if feedback is not None:
         add_feedback_route(app, feedback)
+    add_openapi_route(app)
     return app

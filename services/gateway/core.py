@@ -159,11 +159,7 @@ class Gateway:
         sticky key among the request's headers (or gRPC metadata) when the request's
         parameters do not carry it.
         """
-        span = tracing.start("gateway.infer", kind=tracing.SERVER,
-                               traceparent=header(tracing.TRACEPARENT) if header else None)
-        span.set("infermesh.request_id", request.request_id)
-        span.set("infermesh.model", request.model)
-        span.set("infermesh.tenant", admission.tenant)
+        span = _infer_span(request.model, request.request_id, admission, header)
         try:
             response = await self._infer(request, admission, header, span)
         except BaseException as exc:
@@ -175,6 +171,17 @@ class Gateway:
         span.set("infermesh.bucket", response.parameters.get("bucket"))
         span.end()
         return response
+
+    def trace_refusal(
+        self, error: InfermeshError, *, model: str, request_id: str, admission: Admission,
+        header: HeaderLookup | None = None,
+    ) -> None:
+        """Trace a request refused before it became an `InferRequest` (its body did not
+        decode, or its tensors do not fit the signature) like any failed request: one errored
+        span, and the error names its trace."""
+        span = _infer_span(model, request_id, admission, header)
+        span.end(error)
+        error.trace_id = span.trace_id
 
     async def _infer(
         self, request: InferRequest, admission: Admission, header: HeaderLookup | None,
@@ -213,3 +220,15 @@ class Gateway:
                 raise InvalidInput("parameter 'timeout': must be a positive number of seconds")
         deadline = time.time() + float(timeout or self._default_timeout)
         request.deadline = deadline if request.deadline is None else min(request.deadline, deadline)
+
+
+def _infer_span(
+    model: str, request_id: str, admission: Admission, header: HeaderLookup | None
+) -> tracing.HopSpan:
+    """The gateway's span of one inference request, continuing the caller's `traceparent`."""
+    span = tracing.start("gateway.infer", kind=tracing.SERVER,
+                         traceparent=header(tracing.TRACEPARENT) if header else None)
+    span.set("infermesh.request_id", request_id)
+    span.set("infermesh.model", model)
+    span.set("infermesh.tenant", admission.tenant)
+    return span

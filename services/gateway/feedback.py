@@ -27,10 +27,10 @@ from services.gateway.access import Access
 from services.gateway.auth import AuthFailure, HeaderLookup
 from services.gateway.metrics import GatewayMetrics
 from services.mesh.domain.errors import InfermeshError, InvalidInput
+from services.mesh.domain.ids import MAX_REQUEST_ID, check_request_id
 from services.mesh.domain.tenancy import Tenant
 
 KIND = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
-MAX_REQUEST_ID = 128
 MAX_LABEL = 1024
 FIELDS = ("request_id", "label", "score", "kind")
 STORED = "stored"
@@ -81,13 +81,12 @@ def parse_feedback(raw: bytes) -> Feedback:
 
 
 def _request_id(value: Any) -> str:
+    # The same rule as the ids the gateway serves: anything else was never served.
     if value is None:
         raise InvalidInput("request_id: required")
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_REQUEST_ID:
         raise InvalidInput(f"request_id: must be a string of 1 to {MAX_REQUEST_ID} characters")
-    if "\x00" in value:
-        raise InvalidInput("request_id: must not contain NUL characters")
-    return value
+    return check_request_id(value, field="request_id")
 
 
 def _label(value: Any) -> str:

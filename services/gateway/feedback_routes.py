@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.gateway.feedback import FeedbackRecorder
-from services.mesh.transport.rest import json_response
+from services.mesh.transport.rest import json_response, read_body
 
 FEEDBACK = web.AppKey("feedback", FeedbackRecorder)
 PATH = "/v1/feedback"
@@ -17,10 +17,7 @@ MAX_BODY_BYTES = 16 << 10
 async def post_feedback(request: web.Request) -> web.Response:
     recorder = request.app[FEEDBACK]
     tenant = recorder.authenticate(request.headers.get)  # 401/403 before the body is read
-    size = request.content_length or 0
-    raw = b"" if size > MAX_BODY_BYTES else await request.read()
-    if max(size, len(raw)) > MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, max(size, len(raw)))
+    raw = await read_body(request, limit=MAX_BODY_BYTES)
     feedback = await recorder.record(tenant, raw)
     body = {"request_id": feedback.request_id, "kind": feedback.kind, "stored": True}
     return json_response(body)

@@ -48,6 +48,7 @@ STATUS: dict[type[errors.InfermeshError], grpc.StatusCode] = {
     errors.Overloaded: grpc.StatusCode.UNAVAILABLE,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ModelFailed: grpc.StatusCode.INTERNAL,
     errors.InternalError: grpc.StatusCode.INTERNAL,
 }
 COMPRESSION = {
@@ -186,10 +187,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         with track(core.metrics, model), core.admit(model, version, header=header) as admission:
             if request.id:
                 check_request_id(request.id, field="id")
-            infer_request = grpc_messages.decode_infer(
-                request, request_id=request.id or core.new_request_id(),
-                deadline=deadline_of(context),
-            )
+            request_id = request.id or core.new_request_id()
+            try:
+                infer_request = grpc_messages.decode_infer(
+                    request, request_id=request_id, deadline=deadline_of(context),
+                )
+            except errors.InfermeshError as exc:
+                core.trace_refusal(exc, model=model, request_id=request_id,
+                                   admission=admission, header=header)
+                raise
             return await core.infer(infer_request, admission=admission, header=header)
 
 

@@ -29,6 +29,7 @@ even spread (round-robin balancing) gets all of r. While the replica set changes
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,15 @@ CONCURRENCY_RETRY_AFTER = 0.1
 """Retry-After for a concurrency rejection: an estimate, as no one knows when a slot frees."""
 _EPSILON = 1e-9
 """Float slack, so a token refilled in many small steps counts as a whole one."""
+MAX_RETRY_AFTER = 86_400.0
+"""The longest wait a rate rejection names (a tiny rate would otherwise ask for years)."""
+
+
+def rate_limited(rate: float) -> bool:
+    """Whether a stored rate limits at all: a finite rate > 0. The control API allows
+    nothing else, but a hand-written record may hold 0 (no limit), inf or NaN, which must
+    never reach the bucket's arithmetic (inf * 0 is NaN); both are taken as no limit."""
+    return math.isfinite(rate) and rate > 0
 
 
 def rate_share(rate: float, replicas: int) -> float:
@@ -48,7 +58,7 @@ def rate_share(rate: float, replicas: int) -> float:
 
 
 def burst_share(burst: int, replicas: int) -> float:
-    return max(1.0, burst / replicas)
+    return max(1.0, min(burst, 1 << 53) / replicas)  # a huge int never overflows a float
 
 
 def concurrency_share(cap: int, replicas: int) -> int:
@@ -79,7 +89,7 @@ class TokenBucket:
         self.refill(now)
         if self.tokens + _EPSILON >= 1.0:
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return min(MAX_RETRY_AFTER, (1.0 - self.tokens) / self.rate)
 
     def take(self) -> None:
         self.tokens -= 1.0
@@ -124,7 +134,7 @@ class _TenantAccount:
 
     @staticmethod
     def _new_bucket(tenant: Tenant, replicas: int, now: float) -> TokenBucket | None:
-        if tenant.rate <= 0:
+        if not rate_limited(tenant.rate):
             return None
         rate, capacity = rate_share(tenant.rate, replicas), burst_share(tenant.burst, replicas)
         return TokenBucket.full(rate, capacity, now)
@@ -133,7 +143,7 @@ class _TenantAccount:
         """Follow the tenant's record and the replica count; the token level carries over."""
         self.tenant = tenant
         self.cap = concurrency_share(tenant.max_concurrency, replicas)
-        if tenant.rate <= 0 or self.bucket is None:
+        if not rate_limited(tenant.rate) or self.bucket is None:
             self.bucket = self._new_bucket(tenant, replicas, now)
         else:
             rate, capacity = rate_share(tenant.rate, replicas), burst_share(tenant.burst, replicas)

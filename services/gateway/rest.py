@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from services.gateway.binary import OutputFormat, binary_chunks, output_format, split_body
+from services.gateway.validation import check_input
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.ids import check_request_id
 from services.mesh.domain.tensors import (
@@ -29,25 +30,28 @@ _ORJSON_NUMPY = {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "
 
 
 def decode_infer_body(
-    body: bytes, *, header_length: str | None, model: str, version: str | None, request_id: str
+    body: bytes, *, header_length: str | None, model: str, version: str | None, request_id: str,
+    spec: ModelVersion | None = None,
 ) -> tuple[InferRequest, OutputFormat]:
     """The InferRequest in a whole request body (JSON, or JSON then binary tensor data) and
-    the output format it asks for; `header_length` is its Inference-Header-Content-Length."""
+    the output format it asks for; `header_length` is its Inference-Header-Content-Length.
+    With `spec`, each input is checked against its signature before its data is decoded."""
     header, tail = split_body(body, header_length)
     parsed = parse_json_object(header)
     request = decode_infer(parsed, model=model, version=version, request_id=request_id,
-                           binary=tail)
+                           binary=tail, spec=spec)
     return request, output_format(parsed)
 
 
 def decode_infer(
     body: dict[str, Any], *, model: str, version: str | None, request_id: str,
-    binary: memoryview | None = None,
+    binary: memoryview | None = None, spec: ModelVersion | None = None,
 ) -> InferRequest:
     """An InferRequest from an OIP inference request object and its binary tail, if any.
 
     The body's `id`, when it has one, is the request's id (checked first, before any tensor
-    is decoded); otherwise `request_id`.
+    is decoded); otherwise `request_id`. With `spec`, each input's name, datatype and shape
+    are checked against the signature (and `max_batch_size`) before its data is converted.
     """
     client_id = body.get("id")
     if client_id is not None and not isinstance(client_id, str):
@@ -65,13 +69,15 @@ def decode_infer(
     chunks = binary_chunks(inputs, binary if binary is not None else memoryview(b""))
     return InferRequest(
         model=model, version=version, request_id=client_id or request_id,
-        inputs=[_decode_input(raw, index, chunk) for index, (raw, chunk)
+        inputs=[_decode_input(raw, index, chunk, spec) for index, (raw, chunk)
                 in enumerate(zip(inputs, chunks, strict=True))],
         outputs=_decode_outputs(body.get("outputs")), parameters=parameters,
     )
 
 
-def _decode_input(raw: Any, index: int, chunk: memoryview | None) -> Tensor:
+def _decode_input(
+    raw: Any, index: int, chunk: memoryview | None, spec: ModelVersion | None
+) -> Tensor:
     if not isinstance(raw, dict):
         raise InvalidInput(f"inputs[{index}] must be an object")
     name = raw.get("name")
@@ -82,17 +88,22 @@ def _decode_input(raw: Any, index: int, chunk: memoryview | None) -> Tensor:
         raise InvalidInput(f"input '{name}': unknown datatype {datatype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers")
+    if spec is not None:
+        check_input(name, datatype, tuple(shape), spec)
     if chunk is not None:
         return Tensor(name, datatype, tuple(shape), chunk)
     if "data" not in raw:
         raise InvalidInput(f"input '{name}': 'data' is missing")
-    data = _to_bytes(name, datatype, raw["data"], element_count(tuple(shape)))
+    data = _to_bytes(name, datatype, raw["data"], tuple(shape))
     return Tensor(name, datatype, tuple(shape), data)
 
 
-def _to_bytes(name: str, datatype: str, data: Any, expected: int) -> bytes:
+def _to_bytes(name: str, datatype: str, data: Any, shape: tuple[int, ...]) -> bytes:
+    expected = element_count(shape)
+    if isinstance(data, list) and len(data) > expected:  # flat or nested: never more items
+        raise _count_error(name, len(data), expected)
     if datatype == "BYTES":
-        items = _flatten(data)
+        items = _flatten(name, data, rank=len(shape))
         if len(items) != expected:
             raise _count_error(name, len(items), expected)
         return serialize_bytes([i.encode() if isinstance(i, str) else i for i in items])
@@ -102,13 +113,19 @@ def _to_bytes(name: str, datatype: str, data: Any, expected: int) -> bytes:
     return array.tobytes()
 
 
-def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
-    flat: list[Any] = []
-    for item in data:
-        flat.extend(_flatten(item))
-    return flat
+def _flatten(name: str, data: Any, *, rank: int) -> list[Any]:
+    """The elements of flat or nested `data`, nested at most `rank` lists deep; a level at a
+    time, so no nesting depth can exhaust the stack."""
+    items = [data]
+    for _ in range(max(rank, 1)):
+        items = [item for level in items
+                 for item in (level if isinstance(level, list) else (level,))]
+    if any(isinstance(item, list) for item in items):
+        raise InvalidInput(
+            f"input '{name}': data is nested deeper than its shape's {max(rank, 1)} "
+            f"dimension(s)"
+        )
+    return items
 
 
 def _count_error(name: str, got: int, expected: int) -> InvalidInput:

@@ -110,11 +110,12 @@ _HISTORY_ENTRY = {"type": "object", "properties": {
     "epoch": {"type": "integer"}, "author": {"type": "string"}, "reason": {"type": "string"},
     "created_at": {"type": "string", "format": "date-time"}, "record": _ref("Rollout"),
 }}
-_SUMMARY = {"type": "object", "properties": {
+_MODEL_FIELDS: dict[str, Any] = {
     "name": {"type": "string"}, "description": {"type": "string"},
-    "created_at": {"type": "string", "format": "date-time"}, "versions": {"type": "integer"},
+    "created_at": {"type": "string", "format": "date-time"},
     "latest": {"type": ["string", "null"]}, "serving": {"type": ["string", "null"]},
-}}
+}
+_SUMMARY = {"type": "object", "properties": {**_MODEL_FIELDS, "versions": {"type": "integer"}}}
 
 ROLLOUT_SCHEMAS: dict[str, Any] = {
     "StaleEpoch": {"type": "object", "required": ["error", "epoch"], "properties": {
@@ -134,8 +135,10 @@ ROLLOUT_SCHEMAS: dict[str, Any] = {
     "ModelSummary": _SUMMARY,
     "ModelList": {"type": "object", "properties": {
         "models": {"type": "array", "items": _ref("ModelSummary")}}},
-    "ModelDetail": {"allOf": [_ref("ModelSummary"), {"type": "object", "properties": {
+    # Not allOf ModelSummary: there `versions` counts them, here it lists them.
+    "ModelDetail": {"type": "object", "properties": {
+        **_MODEL_FIELDS,
         "versions": {"type": "array", "items": {"type": "object"}},
-        "rollout": {"oneOf": [_ref("Rollout"), {"type": "null"}]}}}]},
+        "rollout": {"oneOf": [_ref("Rollout"), {"type": "null"}]}}},
 }
 

@@ -89,13 +89,15 @@ TENANCY_PATHS: dict[str, Any] = {
 }
 
 _TENANT_FIELDS: dict[str, Any] = {
-    "rate": {"type": "number", "exclusiveMinimum": 0, "description": "Requests per second"},
-    "burst": {"type": "integer", "minimum": 1, "description": "Default: ceil(rate)"},
-    "max_concurrency": {"type": "integer", "minimum": 1, "default": 64},
+    "rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1_000_000,
+             "description": "Requests per second"},
+    "burst": {"type": "integer", "minimum": 1, "maximum": 1_000_000,
+              "description": "Default: ceil(rate)"},
+    "max_concurrency": {"type": "integer", "minimum": 1, "maximum": 1_000_000, "default": 64},
     "allowed_models": {"type": ["array", "null"], "items": {"type": "string"},
                        "description": "Existing models; null (the default) for every model"},
     "priority_class": {"enum": ["realtime", "bulk"], "default": "realtime"},
-    "weight": {"type": "number", "exclusiveMinimum": 0, "default": 1},
+    "weight": {"type": "number", "exclusiveMinimum": 0, "maximum": 1_000, "default": 1},
     "disabled": {"type": "boolean", "default": False},
 }
 _NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
@@ -129,7 +131,8 @@ TENANCY_SCHEMAS: dict[str, Any] = {
                                                           "items": _ref("KeyInfo")}}},
     "ModelLimitsWrite": {"type": "object", "required": ["max_concurrency"],
                          "additionalProperties": False, "properties": {
-                             "max_concurrency": {"type": "integer", "minimum": 1},
+                             "max_concurrency": {"type": "integer", "minimum": 1,
+                                                 "maximum": 1_000_000},
                              "model": {"type": "string", "description": "Must be the path's"}}},
     "ModelLimits": {"type": "object", "properties": {
         "model": {"type": "string"},

@@ -23,6 +23,11 @@ ECHOED = ("created_at", "updated_at")
 """Fields of a GET that a GET-edit-PATCH round trip sends back; they are ignored."""
 DEFAULT_MAX_CONCURRENCY = 64
 MAX_NOTE = 200
+MAX_RATE = 1_000_000.0
+"""Requests per second: beyond any fleet this runs, and far from float overflow."""
+MAX_COUNT = 1_000_000
+"""The most a burst or concurrency cap may be."""
+MAX_WEIGHT = 1_000.0
 
 
 def parse_new_tenant(body: Mapping[str, Any], *, models: Collection[str]) -> Tenant:
@@ -36,7 +41,7 @@ def parse_new_tenant(body: Mapping[str, Any], *, models: Collection[str]) -> Ten
     name = check_name(body["name"], field="name")
     if "rate" not in body:
         raise InvalidInput("rate: required, requests per second (> 0)")
-    rate = _positive(body["rate"], where="rate")
+    rate = _positive(body["rate"], where="rate", most=MAX_RATE)
     base = Tenant(name=name, rate=rate, burst=max(1, math.ceil(rate)),
                   max_concurrency=DEFAULT_MAX_CONCURRENCY)
     return _changed(base, body, models)
@@ -80,7 +85,7 @@ def parse_note(raw: Any) -> str:
 def _changed(tenant: Tenant, body: Mapping[str, Any], models: Collection[str]) -> Tenant:
     changes: dict[str, Any] = {}
     if "rate" in body:
-        changes["rate"] = _positive(body["rate"], where="rate")
+        changes["rate"] = _positive(body["rate"], where="rate", most=MAX_RATE)
     for field in ("burst", "max_concurrency"):
         if field in body:
             changes[field] = _count(body[field], where=field)
@@ -89,7 +94,7 @@ def _changed(tenant: Tenant, body: Mapping[str, Any], models: Collection[str]) -
     if "priority_class" in body:
         changes["priority_class"] = _priority_class(body["priority_class"])
     if "weight" in body:
-        changes["weight"] = _positive(body["weight"], where="weight")
+        changes["weight"] = _positive(body["weight"], where="weight", most=MAX_WEIGHT)
     if "disabled" in body:
         if not isinstance(body["disabled"], bool):
             raise InvalidInput("disabled: must be true or false")
@@ -104,17 +109,23 @@ def _known(body: Mapping[str, Any], fields: tuple[str, ...]) -> None:
         raise InvalidInput(f"{unknown[0]}: unknown field (allowed: {allowed})")
 
 
-def _positive(raw: Any, *, where: str) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
-        raise InvalidInput(f"{where}: must be a number > 0")
-    if raw <= 0:
-        raise InvalidInput(f"{where}: must be > 0, got {raw:g}")
-    return float(raw)
+def _positive(raw: Any, *, where: str, most: float) -> float:
+    allowed = f"a number > 0 and <= {most:g}"
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise InvalidInput(f"{where}: must be {allowed}")
+    try:
+        value = float(raw)
+    except OverflowError:  # an integer past float range
+        value = math.inf if raw > 0 else -math.inf
+    if not math.isfinite(value) or not 0 < value <= most:
+        raise InvalidInput(f"{where}: must be {allowed}, got {value:g}")
+    return value
 
 
 def _count(raw: Any, *, where: str) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
-        raise InvalidInput(f"{where}: must be an integer >= 1, got {raw!r}")
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_COUNT:
+        shown = repr(raw) if len(repr(raw)) <= 40 else f"{repr(raw)[:37]}..."
+        raise InvalidInput(f"{where}: must be an integer from 1 to {MAX_COUNT}, got {shown}")
     return raw
 
 

@@ -154,6 +154,8 @@ def _leaves(data: Any, ndim: int) -> Iterable[Any]:
 
 def _array_from_json_slowly(name: str, datatype: str, data: Any, *, reason: str) -> np.ndarray:
     """Name the first offending element, or convert integral floats of integer tensors."""
+    if _nested_deeper_than(data, _MAX_DIMS):  # before the recursive walks below
+        raise InvalidInput(f"input '{name}': data is nested more than {_MAX_DIMS} lists deep")
     for index, value in enumerate(_walk(data)):
         expected = _element_fault(value, datatype)
         if expected is not None:
@@ -187,6 +189,21 @@ def _element_fault(value: Any, datatype: str) -> str | None:
     if (type(value) is float and not value.is_integer()) or not info.min <= value <= info.max:
         return f"integers from {info.min} to {info.max}"
     return None
+
+
+_MAX_DIMS = 64
+"""numpy's most dimensions: data nested deeper is never an array."""
+
+
+def _nested_deeper_than(data: Any, depth: int) -> bool:
+    """Whether `data` holds items in lists nested more than `depth` deep; a level at a time,
+    so no nesting exhausts the stack."""
+    level = [data]
+    for _ in range(depth + 1):
+        level = [item for value in level if isinstance(value, list) for item in value]
+        if not level:
+            return False
+    return True
 
 
 def _walk(data: Any) -> Iterable[Any]:
