@@ -258,13 +258,16 @@ class PredictionLog:
         """Write journaled rows to Postgres, then consume the spool up to them."""
         try:
             written = await self._table.write_apart(rows)
-        except UNAVAILABLE as exc:
+        except Exception as exc:
+            # Postgres went away, or an error that is not a refusal of these rows (those
+            # write_apart sets aside): the rows stay in the spool, replayed later (a chunk that
+            # keeps failing is given up after _REPLAY_ATTEMPTS).
+            if not isinstance(exc, UNAVAILABLE):
+                self._table.drop()
             self.metrics.went_down(exc)
             self.metrics.spilled.inc(len(rows) + self._journal.drop_mirror())
             await self._spool.sync()
             return
-        except Exception as exc:
-            self.metrics.dropped("rejected", len(rows), reason_detail=repr(exc))
         else:
             self.metrics.written.inc(written.new)
             await self._set_aside(written.refused)
@@ -280,8 +283,11 @@ class PredictionLog:
             except UNAVAILABLE as exc:
                 self.metrics.went_down(exc)
             except Exception as exc:
-                self.metrics.dropped("rejected", len(rows), reason_detail=repr(exc))
-                return
+                # Not a refusal of these rows (write_apart sets those aside): an error we do
+                # not know. Spill and retry rather than lose answered predictions; a chunk
+                # that keeps failing is given up after _REPLAY_ATTEMPTS.
+                self._table.drop()
+                self.metrics.went_down(exc)
             else:
                 self.metrics.written.inc(written.new)
                 await self._set_aside(written.refused)
