@@ -128,33 +128,65 @@ class Signature:
         }
 
 
+ADMISSION_MODES = ("predictive", "off")
+"""How a batcher admits a request: refuse at once one its latency model says cannot finish
+before its deadline (`predictive`), or queue everything the queue bound takes (`off`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class BatchingPolicy:
-    """How the batcher forms batches for one version."""
+    """How the batcher forms batches and admits requests for one version (its queue policy).
+
+    `preferred_batch_sizes`: sizes a batch is formed at when it cannot be full (empty: any).
+    `default_timeout_ms`: the deadline of a request that names none (None: no deadline).
+    `admission`: one of `ADMISSION_MODES`.
+    """
 
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 4096
+    preferred_batch_sizes: tuple[int, ...] = ()
+    default_timeout_ms: float | None = None
+    admission: str = "predictive"
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> BatchingPolicy:
         default = cls()
         try:
+            timeout = raw.get("default_timeout_ms", default.default_timeout_ms)
+            preferred = raw.get("preferred_batch_sizes", default.preferred_batch_sizes)
+            if not isinstance(preferred, list | tuple):
+                raise ValueError("'preferred_batch_sizes' must be a list of integers")
             policy = cls(
                 max_batch_size=int(raw.get("max_batch_size", default.max_batch_size)),
                 max_queue_delay_ms=float(
                     raw.get("max_queue_delay_ms", default.max_queue_delay_ms)
                 ),
                 max_queue_size=int(raw.get("max_queue_size", default.max_queue_size)),
+                preferred_batch_sizes=tuple(sorted({int(size) for size in preferred})),
+                default_timeout_ms=None if timeout is None else float(timeout),
+                admission=str(raw.get("admission", default.admission)),
             )
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"batching: {exc}") from None
         if policy.max_batch_size < 1:
             raise InvalidInput("batching: 'max_batch_size' must be >= 1")
-        if policy.max_queue_delay_ms < 0:
-            raise InvalidInput("batching: 'max_queue_delay_ms' must be >= 0")
+        if not 0 <= policy.max_queue_delay_ms <= 60_000:
+            raise InvalidInput("batching: 'max_queue_delay_ms' must be within 0..60000")
         if policy.max_queue_size < 1:
             raise InvalidInput("batching: 'max_queue_size' must be >= 1")
+        if any(not 1 <= size <= policy.max_batch_size for size in policy.preferred_batch_sizes):
+            raise InvalidInput(
+                "batching: 'preferred_batch_sizes' must lie within 1..max_batch_size"
+            )
+        if policy.default_timeout_ms is not None and not (
+            0 < policy.default_timeout_ms <= 3_600_000
+        ):
+            raise InvalidInput("batching: 'default_timeout_ms' must be within (0, 3600000]")
+        if policy.admission not in ADMISSION_MODES:
+            raise InvalidInput(
+                f"batching: 'admission' must be one of {', '.join(ADMISSION_MODES)}"
+            )
         return policy
 
     def to_json(self) -> dict[str, Any]:
@@ -162,6 +194,9 @@ class BatchingPolicy:
             "max_batch_size": self.max_batch_size,
             "max_queue_delay_ms": self.max_queue_delay_ms,
             "max_queue_size": self.max_queue_size,
+            "preferred_batch_sizes": list(self.preferred_batch_sizes),
+            "default_timeout_ms": self.default_timeout_ms,
+            "admission": self.admission,
         }
 
 
