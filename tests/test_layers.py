@@ -40,7 +40,9 @@ FORBIDDEN_IN_CORES = ("aiohttp", "grpc", "aetcd", "asyncpg", "torch")
 
 POLICIES = (
     "services.batcher.policy", "services.batcher.fairness", "services.batcher.lanes",
-    "services.batcher.batches", "services.batcher.bisection", "services.router.policy",
+    "services.batcher.batches", "services.batcher.bisection", "services.batcher.latency",
+    "services.batcher.admission", "services.batcher.dispatch", "services.batcher.deadlines",
+    "services.router.policy",
     "services.gateway.quotas", "services.gateway.validation", "control.guard.policy",
     "control.guard.window",
 )
@@ -50,7 +52,7 @@ CORE_SIDE = {
     "gateway": ("access", "auth", "quotas", "validation", "metrics", "settings", "sticky"),
     "router": ("policy", "shadow", "metrics", "settings", "compare"),
     "batcher": ("policy", "fairness", "lanes", "batches", "metrics", "tenants", "workers",
-                "settings", "bisection"),
+                "settings", "bisection", "latency", "admission", "dispatch", "deadlines"),
     "worker": ("metrics", "settings", "artifacts", "backends", "backends.base"),
     "guard": ("policy", "window", "spec", "metrics"),
     "registry": ("ports", "validation"),

@@ -17,6 +17,14 @@ def build_batch(model: str, version: str, requests: list[InferRequest]) -> Batch
                  outputs=wanted_outputs(requests))
 
 
+def shape_key(request: InferRequest) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """What must match for requests to join one batch: each input's datatype and non-batch
+    dimensions, in the order of the input names (the names themselves are the gateway's to
+    check: a request naming another input still joins, and fails the batch, not hangs)."""
+    ordered = sorted(request.inputs, key=lambda t: t.name)
+    return tuple((t.datatype, tuple(t.shape[1:])) for t in ordered)
+
+
 def wanted_outputs(requests: list[InferRequest]) -> list[str] | None:
     """The union of the outputs the requests name, in first-asked order; None when any asks
     for all of them."""

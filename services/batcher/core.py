@@ -2,23 +2,30 @@
 
 Which requests wait, which are refused and which go next is the queue's business
 (`fairness.FairQueue`: lanes, tenant weights, bounds); when a batch leaves is the batch window's
-(`policy.plan_batch`). This class feeds both and runs their decisions on the workers.
+(`policy.plan_batch`); whether a request is admitted at all is `admission.refusal`'s, from the
+latency model (`latency.VersionLatency`) the core feeds with every batch's execution time.
+This class feeds them and runs their decisions on the workers (`dispatch.WorkerBook`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from services.batcher.batches import batch_span, batch_timeout, build_batch
+from services.batcher.admission import Backlog, refusal
+from services.batcher.batches import batch_span, batch_timeout, build_batch, shape_key
 from services.batcher.bisection import Outcome, bisect, lone_failure
+from services.batcher.deadlines import EarliestDeadline
+from services.batcher.dispatch import WorkerBook
 from services.batcher.fairness import FairQueue
+from services.batcher.latency import VersionLatency
 from services.batcher.metrics import BatcherMetrics, VersionMetrics
-from services.batcher.policy import drain_seconds, plan_batch
+from services.batcher.policy import Dispatch, drain_seconds, plan_batch
 from services.batcher.tenants import TenantWeights
 from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
@@ -47,6 +54,7 @@ class _Pending:
     rows: int
     span: tracing.HopSpan
     attempts: int = 0
+    queued: bool = True
 
 
 @dataclass(slots=True)
@@ -56,6 +64,8 @@ class _Queue:
     policy: BatchingPolicy
     pending: FairQueue[_Pending]
     metrics: VersionMetrics
+    latency: VersionLatency
+    deadlines: EarliestDeadline[_Pending]
     inflight: int = 0
     """Requests in batches on workers (for the pending-request gauge)."""
     timer: asyncio.TimerHandle | None = None
@@ -64,6 +74,8 @@ class _Queue:
     timer_due: float = 0.0
     """Loop time at which `timer` fires (uvloop's handles do not expose it)."""
     no_worker_since: float | None = None
+    seeded: set[str] | None = None
+    """Workers whose warm-up timings seeded `latency`."""
 
 
 class Batcher:
@@ -86,15 +98,15 @@ class Batcher:
         self._clock = clock
         self._weights = tenant_weights or TenantWeights(catalog.config)
         self._queues: dict[tuple[str, str], _Queue] = {}
-        self._inflight: dict[str, int] = {}
-        self._running_since: dict[str, float] = {}
-        self._last_done: dict[str, float] = {}
+        self._book = WorkerBook(clock)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def start(self) -> None:
-        """Re-check every queue whenever the set of workers changes."""
+        """Re-check every queue whenever the set of workers changes; apply a version's queue
+        policy whenever the registry changes it."""
         self._workers.subscribe(self._pump_all)
+        self._catalog.config.subscribe(self._refresh_policies)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Queue one request (its version already chosen) and wait for its batch."""
@@ -119,6 +131,7 @@ class Batcher:
         assert request.version is not None, "the router chooses the version"
         _require_rows(request)
         queue = self._queue(request.model, request.version)
+        self._refuse_unmeetable(queue, request)
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
         pending = _Pending(
             request, future, self._clock(), request.tenant, request.lane, request.rows, span
@@ -126,9 +139,11 @@ class Batcher:
         evicted = queue.pending.admit(pending)
         if evicted is None:
             self._metrics.count_refused(request.model, request.version)
+            queue.metrics.refused("queue_full")
             error = self._full(queue, f"queue for {request.model}/{request.version} is full")
             queue.metrics.failed(error.code)
             raise error
+        queue.deadlines.push(request.deadline, pending)
         if evicted:
             self._evict(queue, evicted)
         self._pump(queue)
@@ -148,9 +163,78 @@ class Batcher:
                 policy.max_queue_size, self._weights, bulk_max_wait=self._bulk_max_wait
             )
             queue = self._queues[(model, version)] = _Queue(
-                model, version, policy, pending, self._metrics.version(model, version)
+                model, version, policy, pending, self._metrics.version(model, version),
+                VersionLatency(), EarliestDeadline(_still_queued),
             )
         return queue
+
+    def _refresh_policies(self) -> None:
+        """A version's queue policy changed in etcd (the registry's PATCH): its queue uses the
+        new one from its next decision on, without a restart. (The catalog, subscribed first,
+        has parsed the change already.)"""
+        for queue in list(self._queues.values()):
+            try:
+                policy = self._catalog.version(queue.model, queue.version).batching
+            except InfermeshError:
+                continue  # the version is gone: its queue drains under the last policy
+            if policy != queue.policy:
+                queue.policy = policy
+                queue.pending.bound = policy.max_queue_size
+                self._pump(queue)
+
+    def _refuse_unmeetable(self, queue: _Queue, request: InferRequest) -> None:
+        """Refuse at once (Overloaded, with Retry-After) a request the latency model says
+        cannot finish before its deadline, see `admission.refusal`; fail one already past it."""
+        if request.deadline is None:
+            return
+        slack = request.deadline - time.time()
+        if slack <= 0:  # expired on arrival: a 504, never queued
+            queue.metrics.missed("arrival")
+            queue.metrics.failed(DeadlineExceeded.code)
+            raise DeadlineExceeded("deadline exceeded before the request was queued")
+        if queue.policy.admission == "off":
+            return
+        workers = self._workers.candidates(queue.model, queue.version)
+        self._seed(queue, workers)
+        backlog = self._backlog(queue, workers)
+        ahead = min(backlog.queued_rows + request.rows, queue.policy.max_batch_size)
+        retry_after = refusal(
+            backlog=backlog, execution=queue.latency.predict(None, ahead), slack=slack,
+        )
+        if retry_after is not None:
+            queue.metrics.refused("deadline_unmeetable")
+            queue.metrics.failed(Overloaded.code)
+            raise Overloaded(
+                f"{queue.model}/{queue.version} cannot answer before the deadline: "
+                f"its backlog clears in {retry_after:.3f}s", retry_after=retry_after,
+            )
+
+    def _backlog(self, queue: _Queue, workers: list[WorkerHandle]) -> Backlog:
+        """Rows ahead of an arriving request (queued, and batches formed but not running),
+        the workers' throughput and when the soonest of them is free."""
+        book, latency = self._book, queue.latency
+        keys = [w.key for w in workers]
+        formed = sum(book.outstanding(key) - book.running_rows(key) for key in keys)
+        running_left = min(
+            (book.free_in(key, latency.predict(key, book.running_rows(key))) for key in keys),
+            default=0.0,
+        )
+        return Backlog(
+            queue.pending.rows + formed,
+            latency.throughput(keys, queue.policy.max_batch_size), running_left,
+        )
+
+    def _seed(self, queue: _Queue, workers: list[WorkerHandle]) -> None:
+        """Seed the latency model from each new worker's warm-up timings, if it offers them."""
+        seeded = queue.seeded if queue.seeded is not None else set()
+        queue.seeded = seeded
+        for worker in workers:
+            if worker.key in seeded:
+                continue
+            seeded.add(worker.key)
+            timings = getattr(worker, "warmup_timings", None)
+            if callable(timings):
+                queue.latency.seed(worker.key, timings(queue.model, queue.version))
 
     def _full(self, queue: _Queue, message: str) -> Overloaded:
         """The error for a full queue, with the time its workers need to drain it."""
@@ -166,6 +250,7 @@ class Batcher:
         self._metrics.count_evicted(queue.model, len(evicted))
         error = self._full(queue, f"dropped from the full queue for {queue.model}/{queue.version}")
         for pending in evicted:
+            pending.queued = False
             _fail(pending, error)
 
     def _depths(self) -> Iterator[tuple[str, str, str, int]]:
@@ -187,14 +272,7 @@ class Batcher:
             if worker is None:
                 return
             now = self._clock()
-            idle = self._inflight.get(worker.key, 0) == 0
-            free_in = 0.0 if idle else max(
-                0.0, self._running_since.get(worker.key, now) + queue.batch_seconds - now
-            )
-            decision = plan_batch(
-                queued_rows=queue.pending.rows, oldest_wait=now - queue.pending.oldest_enqueued,
-                worker_idle=idle, policy=queue.policy, free_in=free_in,
-            )
+            decision = self._plan(queue, worker, now)
             if decision.rows == 0:
                 self._arm(queue, decision.wait or 0.0)
                 return
@@ -202,14 +280,28 @@ class Batcher:
             if members:
                 self._launch(queue, worker, members)
 
+    def _plan(self, queue: _Queue, worker: WorkerHandle, now: float) -> Dispatch:
+        """The batch window's decision for `worker`, from the queue and the latency model."""
+        key, latency = worker.key, queue.latency
+        idle = self._book.inflight(key) == 0
+        running = latency.predict(key, self._book.running_rows(key))
+        earliest = queue.deadlines.earliest(len(queue.pending))
+        return plan_batch(
+            queued_rows=queue.pending.rows, oldest_wait=now - queue.pending.oldest_enqueued,
+            worker_idle=idle, policy=queue.policy,
+            free_in=0.0 if idle else self._book.free_in(key, running or queue.batch_seconds),
+            slack=None if earliest is None else earliest - time.time(),
+            predict=functools.partial(latency.predict, key),
+        )
+
     def _free_worker(self, queue: _Queue) -> WorkerHandle | None:
         candidates = self._workers.candidates(queue.model, queue.version)
         if not candidates:
             self._await_worker(queue)
             return None
         queue.no_worker_since = None
-        best = min(candidates, key=lambda w: self._inflight.get(w.key, 0))
-        return best if self._inflight.get(best.key, 0) < self._depth else None
+        self._seed(queue, candidates)
+        return self._book.pick(candidates, self._depth)
 
     def _await_worker(self, queue: _Queue) -> None:
         """No worker serves this version: fail what waited past the grace period, or past its
@@ -218,6 +310,7 @@ class Batcher:
         if queue.no_worker_since is None:
             queue.no_worker_since = now
         for pending in queue.pending.expire(now - self._grace):
+            pending.queued = False
             _fail(pending, Unavailable(
                 f"no ready worker for {queue.model}/{queue.version} "
                 f"after {self._grace:.1f}s"
@@ -245,11 +338,13 @@ class Batcher:
         members: list[_Pending] = []
         rows_by_tenant: dict[str, int] = {}
         wall = time.time()
-        for pending in queue.pending.take(rows, now):
+        for pending in self._compatible(queue, queue.pending.take(rows, now)):
+            pending.queued = False
             if pending.future.done():
                 continue  # the caller gave up (deadline, disconnect)
             deadline = pending.request.deadline
             if deadline is not None and deadline <= wall:
+                queue.metrics.missed("take")
                 _fail(pending, DeadlineExceeded("deadline exceeded while queued"))
                 continue
             self._metrics.queue_delay.observe(now - pending.enqueued)
@@ -261,10 +356,21 @@ class Batcher:
         self._metrics.count_tenant_rows(queue.model, rows_by_tenant)
         return members
 
+    @staticmethod
+    def _compatible(queue: _Queue, taken: list[_Pending]) -> list[_Pending]:
+        """The taken requests whose tensors join with the first one's (same non-batch
+        dimensions); the others go back to the front of the queue for a batch of their own."""
+        key = shape_key(taken[0].request) if taken else None
+        keep: list[_Pending] = []
+        back: list[_Pending] = []
+        for pending in taken:
+            (keep if shape_key(pending.request) == key else back).append(pending)
+        for pending in reversed(back):
+            queue.pending.requeue(pending)
+        return keep
+
     def _launch(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
-        if not self._inflight.get(worker.key):
-            self._running_since[worker.key] = self._clock()
-        self._inflight[worker.key] = self._inflight.get(worker.key, 0) + 1
+        self._book.launched(worker.key, sum(m.rows for m in members))
         queue.inflight += len(members)
         task = asyncio.create_task(self._run(queue, worker, members))
         self._tasks.add(task)
@@ -284,14 +390,14 @@ class Batcher:
 
         try:
             outcome = await bisect(members, attempt, due=self._due)
-            self._settle(queue, members, outcome)
+            self._settle(queue, worker.key, members, outcome)
             if outcome.splits:
                 queue.metrics.splits.inc(outcome.splits)
                 span.set("infermesh.batch_splits", outcome.splits)
         finally:
             span.end(errors[0] if errors else None)
             queue.inflight -= len(members)
-            self._finished(queue, worker.key, dispatched)
+            self._finished(queue, worker.key, dispatched, sum(m.rows for m in members))
             self._pump_all()
 
     async def _attempt(
@@ -306,7 +412,9 @@ class Batcher:
             batch.trace = span.carrier()
             queue.metrics.batch_rows.observe(rows)
             timeout = batch_timeout([m.request.deadline for m in piece])
+            called = self._clock()
             result = await worker.run_batch(batch, timeout=timeout)
+            self._timed(queue, worker.key, rows, called)
         except InfermeshError as exc:
             return exc
         except Exception as exc:  # a bug in a worker handle must not leave callers hanging
@@ -330,11 +438,14 @@ class Batcher:
                 due.append(pending)
         return due
 
-    def _settle(self, queue: _Queue, members: list[_Pending], outcome: Outcome[_Pending]) -> None:
+    def _settle(
+        self, queue: _Queue, worker_key: str, members: list[_Pending],
+        outcome: Outcome[_Pending],
+    ) -> None:
         """Answer what a batch's runs left unanswered (see `bisection.lone_failure`)."""
         for piece, error in outcome.unsplit:
             if isinstance(error, Unavailable):
-                self._retry(queue, piece, error)
+                self._redispatch(queue, worker_key, piece, error)
             else:
                 for pending in piece:
                     _fail(pending, error)
@@ -343,34 +454,62 @@ class Batcher:
         for pending, error in outcome.lone:
             _fail(pending, lone_failure(pending.request.request_id, error, others_ok=bool(ran)))
 
-    def _finished(self, queue: _Queue, key: str, dispatched: float) -> None:
-        """Book a batch's end: worker load, and the version's moving batch time."""
-        done = self._clock()
-        started = max(dispatched, self._last_done.get(key, dispatched))
-        queue.batch_seconds = 0.8 * queue.batch_seconds + 0.2 * (done - started)
-        self._inflight[key] -= 1
-        if self._inflight[key]:
-            self._running_since[key] = self._last_done[key] = done  # the next one starts now
-        else:
-            for books in (self._inflight, self._running_since, self._last_done):
-                books.pop(key, None)
+    def _timed(self, queue: _Queue, key: str, rows: int, called: float) -> None:
+        """Feed a batch's execution time to the latency model; export the model's error."""
+        actual = self._clock() - self._book.started(key, called)
+        queue.metrics.timed(queue.latency.predict(key, rows), actual)
+        queue.latency.observe(key, rows, actual)
 
-    def _retry(self, queue: _Queue, members: list[_Pending], error: InfermeshError) -> None:
-        """A worker died with the batch: re-dispatch it once, then give up."""
-        log.warning("batch of %s/%s failed on its worker: %s", queue.model, queue.version, error)
-        for pending in reversed(members):
+    def _finished(self, queue: _Queue, key: str, dispatched: float, rows: int) -> None:
+        """Book a batch's end: worker load, and the version's moving batch time."""
+        started = self._book.started(key, dispatched)
+        done = self._book.finished(key, rows)
+        queue.batch_seconds = 0.8 * queue.batch_seconds + 0.2 * (done - started)
+
+    def _redispatch(
+        self, queue: _Queue, dead: str, members: list[_Pending], error: InfermeshError
+    ) -> None:
+        """A worker died with the batch: re-run it once on another worker (or, with none,
+        from the queue) if its members' deadlines allow; fail the others now (503)."""
+        log.warning("batch of %s/%s failed on worker %s: %s", queue.model, queue.version,
+                    dead, error)
+        self._book.suspect(dead)
+        target = self._book.pick(
+            self._workers.candidates(queue.model, queue.version), 0, exclude=dead)
+        execution = queue.latency.predict(target.key if target else dead,
+                                          sum(m.rows for m in members))
+        wall, again = time.time(), []
+        for pending in members:
+            deadline = pending.request.deadline
             if pending.attempts >= 1 or self._closed:
                 _fail(pending, error)
-                continue
-            pending.attempts += 1
+            elif deadline is not None and wall + (execution or 0.0) > deadline:
+                queue.metrics.missed("redispatch")
+                _fail(pending, Unavailable(
+                    f"{error.message}; no time left to re-run the batch before the deadline"))
+            elif not pending.future.done():
+                pending.attempts += 1
+                again.append(pending)
+        if again and target is not None:
+            self._launch(queue, target, again)  # bounded: each request is re-run once
+            return
+        for pending in reversed(again):
+            pending.queued = True
             queue.pending.requeue(pending)
+            queue.deadlines.push(pending.request.deadline, pending)
 
     def _deliver(self, queue: _Queue, members: list[_Pending], outputs: list[Tensor]) -> None:
         rows = [m.rows for m in members]
         pieces = [split_rows(tensor, rows) for tensor in outputs]
+        wall = time.time()
         for index, pending in enumerate(members):
             if pending.future.done():
                 continue
+            deadline = pending.request.deadline
+            if deadline is None or wall <= deadline:
+                queue.metrics.goodput.inc()
+            else:
+                queue.metrics.missed("late")
             wanted = pending.request.outputs
             pending.future.set_result(InferResponse(
                 model=queue.model, version=queue.version,
@@ -386,6 +525,7 @@ class Batcher:
             if queue.timer is not None:
                 queue.timer.cancel()
             for pending in queue.pending.drain():
+                pending.queued = False
                 _fail(pending, Unavailable("batcher is shutting down"))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=10.0)
@@ -413,6 +553,10 @@ def _fail_overdue(queued: Iterable[_Pending]) -> float:
         else:
             soonest = min(soonest, deadline - wall)
     return soonest
+
+
+def _still_queued(pending: _Pending) -> bool:
+    return pending.queued and not pending.future.done()
 
 
 def _fail(pending: _Pending, error: InfermeshError) -> None:

@@ -21,13 +21,16 @@ DepthSource = Callable[[], Iterable[tuple[str, str, str, int]]]
 PendingSource = Callable[[], Iterable[tuple[str, str, int]]]
 """Yields (model, version, requests queued or in flight)."""
 
+ERROR_BUCKETS = (-0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
 QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 2.5, 5)
 
 
 class VersionMetrics:
     """The label children of one (model, version), looked up once and kept by the core."""
 
-    __slots__ = ("_failure", "_labels", "batch_rows", "exec_count", "inference_count",
+    __slots__ = ("_failure", "_labels", "_misses", "_refusals", "batch_rows", "exec_count",
+                 "exec_seconds", "goodput", "inference_count", "prediction_error",
                  "queue_duration", "splits", "success")
 
     def __init__(self, metrics: BatcherMetrics, model: str, version: str) -> None:
@@ -37,16 +40,45 @@ class VersionMetrics:
         self.exec_count = metrics.exec_count.labels(model, version)
         self.queue_duration = metrics.queue_duration.labels(model, version)
         self.splits = metrics.batch_splits.labels(model, version)
+        self.goodput = metrics.goodput.labels(model, version)
+        self.exec_seconds = metrics.exec_seconds.labels(model, version)
+        self.prediction_error = metrics.prediction_error.labels(model, version)
         self._failure: dict[str, Counter] = {}
-        self._labels = (metrics.request_failure, model, version)
+        self._refusals: dict[str, Counter] = {}
+        self._misses: dict[str, Counter] = {}
+        self._labels = (metrics, model, version)
 
     def failed(self, reason: str) -> None:
         """One request answered with an error; `reason` is its `InfermeshError.code`."""
         child = self._failure.get(reason)
         if child is None:
-            family, model, version = self._labels
-            child = self._failure[reason] = family.labels(model, version, reason)
+            metrics, model, version = self._labels
+            child = self._failure[reason] = metrics.request_failure.labels(model, version, reason)
         child.inc()
+
+    def refused(self, reason: str) -> None:
+        """One request refused on arrival: `queue_full` or `deadline_unmeetable`."""
+        child = self._refusals.get(reason)
+        if child is None:
+            metrics, model, version = self._labels
+            child = self._refusals[reason] = metrics.admissions_refused.labels(
+                model, version, reason)
+        child.inc()
+
+    def missed(self, where: str, count: int = 1) -> None:
+        """Requests that missed their deadline at the batcher: expired on `arrival`, dropped
+        at `take`, not re-run after a worker died (`redispatch`), or answered `late`."""
+        child = self._misses.get(where)
+        if child is None:
+            metrics, model, version = self._labels
+            child = self._misses[where] = metrics.deadline_misses.labels(model, version, where)
+        child.inc(count)
+
+    def timed(self, predicted: float | None, actual: float) -> None:
+        """One batch's execution time, and the latency model's prediction of it."""
+        self.exec_seconds.observe(actual)
+        if predicted is not None and predicted > 0:
+            self.prediction_error.observe((actual - predicted) / predicted)
 
     def executed(self, rows: int) -> None:
         """One batch of `rows` inferences came back from a worker."""
@@ -111,6 +143,35 @@ class BatcherMetrics:
             "Failed batches split in halves and re-run to find the requests the model rejects "
             "(a batch of n requests splits at most n - 1 times)",
             ["model", "version"], registry=self.registry,
+        )
+        self.admissions_refused = Counter(
+            "infermesh_batcher_admissions_refused",
+            "Requests refused on arrival, by reason: queue_full, or deadline_unmeetable "
+            "(the latency model predicts completion after the deadline)",
+            ["model", "version", "reason"], registry=self.registry,
+        )
+        self.deadline_misses = Counter(
+            "infermesh_batcher_deadline_misses",
+            "Requests that missed their deadline at the batcher: expired on arrival (arrival), "
+            "dropped when taken for a batch (take), not re-run after their worker died "
+            "(redispatch), answered late (late)",
+            ["model", "version", "where"], registry=self.registry,
+        )
+        self.goodput = Counter(
+            "infermesh_batcher_goodput",
+            "Responses the batcher delivered before their deadline (or with none)",
+            ["model", "version"], registry=self.registry,
+        )
+        self.exec_seconds = Histogram(
+            "infermesh_batcher_execution_seconds",
+            "Execution time of one batch on its worker (from the end of the worker's previous "
+            "batch, so time queued in the worker is left out)",
+            ["model", "version"], buckets=QUEUE_BUCKETS, registry=self.registry,
+        )
+        self.prediction_error = Histogram(
+            "infermesh_batcher_prediction_error",
+            "The latency model's relative error per batch: (actual - predicted) / predicted",
+            ["model", "version"], buckets=ERROR_BUCKETS, registry=self.registry,
         )
         self._depth = _QueueDepth()
         self._tenant_rows = _TenantRows()

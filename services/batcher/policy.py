@@ -7,10 +7,20 @@ ends) as soon as it is full, or once its oldest request has waited `max_queue_de
 running batch is expected to finish within that window. Sending a partial batch earlier would
 only park it in the worker's queue while requests that could have joined it keep arriving:
 for a model whose batches take far longer than the window (the encoder) that halves the batch.
+
+With a latency model (`predict`: rows → seconds) and the earliest deadline among the queued
+(`slack`, seconds from now), two rules bend the window (issue 14):
+
+- early dispatch: a busy worker stops waiting for a fuller batch once waiting longer would make
+  the earliest deadline miss (the batch would start after `slack - predict(rows)`);
+- sizing: a batch takes the largest size whose predicted execution, from when it would start,
+  still meets that deadline (none does: the full size, the earliest is lost either way); a
+  batch that cannot be full is rounded down to the largest preferred size (Triton's rule).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.mesh.domain.types import BatchingPolicy
@@ -27,24 +37,69 @@ class Dispatch:
     wait: float | None = None
 
 
+Predictor = Callable[[int], float | None]
+"""Predicted execution seconds of a batch of n rows (None: unknown)."""
+
+
 def plan_batch(
     *, queued_rows: int, oldest_wait: float, worker_idle: bool, policy: BatchingPolicy,
-    free_in: float = 0.0,
+    free_in: float = 0.0, slack: float | None = None, predict: Predictor | None = None,
 ) -> Dispatch:
     """Decide for one queue and the least-loaded worker with a free pipeline slot.
 
-    `free_in` is the expected time (seconds) until the worker's running batch finishes.
+    `free_in` is the expected time (seconds) until the worker's running batch finishes;
+    `slack` the seconds until the earliest deadline queued (None: none).
     """
     if queued_rows <= 0:
         return Dispatch(0)
     take = min(queued_rows, policy.max_batch_size)
+    start = 0.0 if worker_idle else free_in
     if worker_idle or queued_rows >= policy.max_batch_size:
-        return Dispatch(take)
+        return Dispatch(size_batch(take, start=start, slack=slack, predict=predict,
+                                   policy=policy))
     delay = policy.max_queue_delay_ms / 1000.0
-    if oldest_wait >= delay and free_in <= delay:
-        return Dispatch(take)
     wait = max(delay - oldest_wait, free_in - delay)
+    execution = predict(take) if predict is not None and slack is not None else None
+    if execution is not None and slack is not None:
+        if max(wait, free_in) + execution > slack:
+            wait = 0.0  # early dispatch: waiting longer would miss the earliest deadline
+    if (oldest_wait >= delay and free_in <= delay) or wait <= 0.0:
+        return Dispatch(size_batch(take, start=start, slack=slack, predict=predict,
+                                   policy=policy))
     return Dispatch(0, wait=max(wait, MIN_RECHECK))
+
+
+def size_batch(
+    take: int, *, start: float, slack: float | None, predict: Predictor | None,
+    policy: BatchingPolicy,
+) -> int:
+    """Rows for a batch of at most `take` rows starting `start` seconds from now: the largest
+    size that meets the earliest deadline (`slack`), rounded down to a preferred size when
+    it cannot be full."""
+    rows = take
+    if slack is not None and predict is not None:
+        rows = _largest_meeting(take, budget=slack - start, predict=predict) or take
+    if rows < policy.max_batch_size:
+        preferred = [size for size in policy.preferred_batch_sizes if size <= rows]
+        if preferred:
+            rows = max(preferred)
+    return rows
+
+
+def _largest_meeting(take: int, *, budget: float, predict: Predictor) -> int:
+    """The largest n in 1..take with predict(n) <= budget (0: none, or nothing known);
+    a binary search, predictions growing with n."""
+    low, high = 0, take
+    while low < high:
+        middle = (low + high + 1) // 2
+        seconds = predict(middle)
+        if seconds is None:
+            return 0
+        if seconds <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def drain_seconds(

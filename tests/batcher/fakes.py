@@ -10,7 +10,7 @@ import numpy as np
 from services.batcher.core import Batcher
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.config import StaticConfig
-from services.mesh.domain.errors import InfermeshError, InvalidInput
+from services.mesh.domain.errors import InfermeshError, InvalidInput, LinkClosed
 from services.mesh.domain.hops import WorkerHandle
 from services.mesh.domain.tenancy import Tenant
 from services.mesh.domain.tensors import Tensor
@@ -67,6 +67,9 @@ class FakeWorker:
     async def next_batch(self) -> Batch:
         async with asyncio.timeout(5):
             return await self.arrivals.get()
+
+    def warmup_timings(self, model: str, version: str) -> dict[int, float]:
+        return {}
 
 
 class RejectingWorker(FakeWorker):
@@ -166,3 +169,36 @@ async def errors_of(tasks: list[asyncio.Task[InferResponse]]) -> list[BaseExcept
     async with asyncio.timeout(5):
         done = await asyncio.gather(*tasks, return_exceptions=True)
     return [r if isinstance(r, BaseException) else None for r in done]
+
+
+class TimedWorker(FakeWorker):
+    """A worker of known speed: a batch of n rows takes `per_row * n + fixed` seconds, one
+    batch at a time (pipelined batches wait their turn, as on a device). With `dead`, every
+    batch fails with `LinkClosed` once it has arrived and passed the gate (a worker killed
+    mid-batch). `warmup` are the timings it reports for the warm-up sweep."""
+
+    def __init__(
+        self, key: str = "w1", *, per_row: float = 0.001, fixed: float = 0.002,
+        warmup: dict[int, float] | None = None,
+    ) -> None:
+        super().__init__(key)
+        self.per_row, self.fixed = per_row, fixed
+        self.warmup = warmup or {}
+        self.dead = False
+        self.rows_run = 0
+        self._device = asyncio.Lock()
+
+    def warmup_timings(self, model: str, version: str) -> dict[int, float]:
+        return dict(self.warmup)
+
+    async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
+        self.batches.append(batch)
+        self.arrivals.put_nowait(batch)
+        await self.gate.wait()
+        if self.dead:
+            raise LinkClosed(f"worker {self.key} went away")
+        async with self._device:
+            # A load pattern (the model's compute time), not a wait for something to happen.
+            await asyncio.sleep(self.per_row * sum(batch.rows) + self.fixed)
+        self.rows_run += sum(batch.rows)
+        return BatchResult([Tensor("y", t.datatype, t.shape, bytes(t.data)) for t in batch.inputs])

@@ -1,0 +1,52 @@
+"""Admission by predicted latency: refuse at once what cannot finish before its deadline.
+
+Clockwork's rule (OSDI 2020), on one version's queue: a request arriving behind
+`queued_rows` rows completes, at the earliest, once the version's workers have worked those
+rows off at their full-batch throughput, the running batch has ended and its own batch has
+run. If that passes its deadline it is refused now, with the time the backlog needs to clear
+as its Retry-After, instead of queuing until the deadline and answering 504 late. A pure
+function: the core measures the inputs (`latency.VersionLatency`) and passes them in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.batcher.policy import MAX_RETRY_AFTER, MIN_RECHECK
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What stands between an arriving request and its batch.
+
+    `queued_rows`: rows ahead of it (queued, and formed batches not yet running);
+    `throughput`: rows per second the version's workers sustain together (None: unknown);
+    `running_left`: seconds until the soonest worker is free.
+    """
+
+    queued_rows: int
+    throughput: float | None
+    running_left: float = 0.0
+
+    def clears_in(self) -> float | None:
+        """Seconds until the backlog is worked off (None: no model yet)."""
+        if self.throughput is None:
+            return None
+        return self.running_left + self.queued_rows / self.throughput
+
+
+def refusal(*, backlog: Backlog, execution: float | None, slack: float | None,
+            enabled: bool = True) -> float | None:
+    """None to admit; else the Retry-After (seconds) of a refusal.
+
+    `execution`: predicted seconds of the request's own batch; `slack`: seconds until its
+    deadline (None: no deadline). Admits whenever admission is off, there is no deadline or
+    nothing is known yet; refuses when the predicted completion is later than the deadline
+    (a completion exactly at the deadline is admitted).
+    """
+    if not enabled or slack is None or execution is None:
+        return None
+    clears = backlog.clears_in()
+    if clears is None or clears + execution <= slack:
+        return None
+    return min(max(clears, MIN_RECHECK), MAX_RETRY_AFTER)
