@@ -25,3 +25,8 @@ def auth_headers(url: str) -> dict[str, str]:
         if url.startswith(base):
             return {"Authorization": f"Bearer {key}"}
     return {}
+
+
+def remember_key(base_url: str, key: str) -> None:
+    """Send `key` on every request under `base_url` (instead of the demo tenant's)."""
+    _KEYS[base_url.rstrip("/")] = key

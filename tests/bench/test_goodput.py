@@ -1,0 +1,167 @@
+"""bench.goodput's pure parts: h2load logs and schedules, goodput, attainment, late answers."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+
+from bench.goodput import slo_body
+from bench.goodput_report import GoodputReport
+from bench.goodput_stats import Measurement, Outcome, Window, tally, window_of
+from bench.h2load import H2LOAD, Arrivals, Response, parse_log, run_together, started_requests
+
+LOG = (
+    "1700000000000000\t200\t40000\n"  # on time for 50 ms
+    "1700000000100000\t200\t60000\n"  # late for 50 ms, on time for 250 ms
+    "1700000000200000\t503\t900\n"
+    "1700000000300000\t504\t50100\n"
+    "1700000000400000\t-1\t0\n"
+    "1700000005000000\t200\t1000\n"  # outside the window
+)
+WINDOW = Window(1_700_000_000.0, 1_700_000_001.0)
+
+
+def test_parse_log_reads_start_status_and_latency() -> None:
+    responses = parse_log(LOG + "\n")
+    assert len(responses) == 6
+    assert responses[0] == Response(1_700_000_000.0, 200, 0.04)
+    assert responses[4].status == -1
+
+
+def test_tally_splits_on_time_late_refused_expired_and_failed() -> None:
+    outcome = tally(parse_log(LOG), 0.05, WINDOW)
+    assert (outcome.sent, outcome.on_time, outcome.late) == (5, 1, 1)
+    assert (outcome.refused, outcome.expired, outcome.failed) == (1, 1, 1)
+    assert outcome.max_late_ms == pytest.approx(10.0)
+    # Admitted: everything but the 503; a failed stream has no latency to report.
+    assert outcome.attainment == pytest.approx(1 / 4)
+    assert sorted(outcome.admitted_latencies) == pytest.approx([0.04, 0.0501, 0.06])
+
+
+def test_a_looser_deadline_turns_the_late_answer_on_time() -> None:
+    outcome = tally(parse_log(LOG), 0.25, WINDOW)
+    assert (outcome.on_time, outcome.late, outcome.max_late_ms) == (2, 0, 0.0)
+
+
+def test_measurement_combines_classes_into_goodput_per_second() -> None:
+    responses = parse_log(LOG)
+    run = Measurement("bursty", 1.5, "predictive", 0, WINDOW.seconds,
+                      {0.05: tally(responses, 0.05, WINDOW),
+                       0.25: tally(responses, 0.25, WINDOW)})  # fmt: skip
+    assert run.goodput == pytest.approx(3.0)  # 1 + 2 on time in one second
+    assert run.offered == pytest.approx(10.0)
+    assert run.total.late == 1
+    assert run.total.attainment == pytest.approx(3 / 8)
+    assert run.to_dict()["refused_share"] == pytest.approx(0.2)
+
+
+def test_nothing_admitted_has_no_attainment() -> None:
+    refused = [Response(WINDOW.start, 503, 0.001)] * 3
+    outcome = tally(refused, 0.05, WINDOW)
+    assert outcome.attainment is None and outcome.share(outcome.refused) == 1.0
+
+
+def test_window_starts_warmup_after_the_first_request_of_any_log() -> None:
+    first = [Response(10.0, 200, 0.01)]
+    second = [Response(9.5, 200, 0.01), Response(20.0, 200, 0.01)]
+    assert window_of([first, second], warmup=1.0, duration=5.0) == Window(10.5, 15.5)
+
+
+@pytest.mark.parametrize("rate", [0.4, 3.0, 250.0, 457.5, 1050.0, 1500.0, 4321.0])
+@pytest.mark.parametrize("duty", [1.0, 0.25])
+def test_arrivals_offer_the_asked_mean_rate_within_the_on_phase(rate: float, duty: float) -> None:
+    arrivals = Arrivals.plan(rate, period_ms=1000, duty=duty, seconds=10.0)
+    # Whole clients in whole milliseconds: the period absorbs the rounding.
+    assert arrivals.rate == pytest.approx(rate, rel=2e-3)
+    assert arrivals.cycles * arrivals.period_ms >= 10_000
+    # Every client starts within the on-phase (the whole period if uniform, its first quarter
+    # if bursty: 4x the mean rate while on). h2load starts clients per whole-ms tick, so the
+    # on-phase may end a little early; a tenth of it at most at these rates.
+    on_ms = arrivals.period_ms * duty
+    assert 0.9 * on_ms <= arrivals.spread_ms <= on_ms + arrivals.tick_ms
+
+
+def test_uniform_arrivals_fill_the_period_evenly() -> None:
+    arrivals = Arrivals.plan(1500.0, period_ms=1000, duty=1.0, seconds=2.0)
+    assert (arrivals.per_tick, arrivals.tick_ms, arrivals.clients) == (3, 2, 1500)
+    slow = Arrivals.plan(2.0, period_ms=1000, duty=1.0, seconds=2.0)
+    assert (slow.per_tick, slow.tick_ms, slow.clients, slow.spread_ms) == (1, 500, 2, 1000)
+
+
+def test_timing_script_sends_once_per_period() -> None:
+    arrivals = Arrivals.plan(10.0, period_ms=500, duty=0.25, seconds=1.2)
+    assert arrivals.timing_script("http://x/infer").splitlines() == [
+        "0.0\thttp://x/infer", "500.0\thttp://x/infer", "1000.0\thttp://x/infer",
+    ]  # fmt: skip
+
+
+def test_slo_body_carries_the_deadline_as_the_oip_timeout_parameter() -> None:
+    body = orjson.loads(slo_body("mlp", 0.05))
+    assert body["parameters"] == {"timeout": 0.05}
+    assert body["inputs"][0]["shape"] == [1, 32]
+
+
+def test_started_requests_reads_h2load_summary() -> None:
+    summary = "finished in 1.01s\nrequests: 4 total, 2 started, 0 done, 0 succeeded, 4 failed\n"
+    assert started_requests(summary) == 2
+    with pytest.raises(RuntimeError):
+        started_requests("h2load: connection refused")
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    """Answers every POST at once."""
+
+    async def infer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"outputs": []})
+
+    app = web.Application()
+    app.router.add_post("/infer", infer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}/infer"
+    await runner.cleanup()
+
+
+@pytest.mark.skipif(shutil.which(H2LOAD) is None, reason="h2load (nghttp2-client) not installed")
+async def test_h2load_plays_the_schedule_and_logs_every_request(
+    server: str, tmp_path: Path
+) -> None:
+    arrivals = Arrivals.plan(200.0, period_ms=500, duty=1.0, seconds=1.0)
+    script, body, log = tmp_path / "script", tmp_path / "body.json", tmp_path / "log.tsv"
+    script.write_text(arrivals.timing_script(server))
+    body.write_bytes(slo_body("mlp", 0.25))
+    command = arrivals.command(script, body, log, ["Content-Type: application/json"], idle_s=30)
+    summary = tmp_path / "h2load.out"
+    cpu = await asyncio.to_thread(run_together, [command], [summary], 60.0)
+    responses = parse_log(log.read_text())
+    assert len(responses) == started_requests(summary.read_text()) == 200
+    assert {r.status for r in responses} == {200}
+    assert cpu >= 0.0
+    # 100 clients, one every 5 ms, each sending twice 500 ms apart: the first sends span the
+    # whole first period, not one instant (h2load times each client from its own start). A busy
+    # machine only stretches the span, so the bound holds under load.
+    starts = sorted(r.start_s for r in responses)
+    assert starts[99] - starts[0] >= 0.4
+
+
+def test_report_compares_modes_within_each_round() -> None:
+    report = GoodputReport("python -m bench.goodput", datetime.now(UTC), model="mlp",
+                           setup="mesh", deadlines=(0.05, 0.25))  # fmt: skip
+    for round_, (predictive, static) in enumerate([(90, 60), (80, 40)]):
+        for mode, on_time in (("static", static), ("predictive", predictive)):
+            outcome = Outcome(sent=100, on_time=on_time, admitted_latencies=[0.01])
+            report.runs.append(Measurement("bursty", 2.0, mode, round_, 1.0, {0.05: outcome}))
+    assert report.ratios() == {"bursty 2x": [1.5, 2.0]}
+    assert "| bursty 2x | 1.50, 2.00 |" in report.markdown()
