@@ -2,9 +2,9 @@
 
 Each subcommand is one small `_cmd_*` function taking the parsed arguments and returning an
 exit status: 0 done, 1 the operation failed (one line on stderr), 2 bad usage. `models
-register` talks to the registry; everything else to the control API (rollouts.py has the
-rollout commands, tenants.py tenants, keys and model limits, report.py `report`, trace.py
-`trace`, common.py what they share).
+register` and `models batching` (batching.py) talk to the registry; everything else to the
+control API (rollouts.py has the rollout commands, tenants.py tenants, keys and model limits,
+report.py `report`, trace.py `trace`, common.py what they share).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from cli.batching import add_batching_command
 from cli.common import (
     Parser,
     control_error_text,
@@ -192,6 +193,7 @@ def _add_models(commands: Any) -> None:
         help="what the prediction log keeps of each request's tensors (default %(default)s)",
     )
     register.set_defaults(run=_with_registry(_cmd_models_register))
+    add_batching_command(models, common, _with_registry)
     control = control_options()
     listing = models.add_parser("list", parents=[control], help="list models")
     listing.set_defaults(run=with_control(_cmd_models_list))

@@ -73,6 +73,17 @@ class RegistryClient:
         path = f"/v1/models/{quote(model, safe='')}/versions/{quote(version, safe='')}"
         return await self._call("PUT", path, json=body)
 
+    async def change_batching(
+        self, model: str, version: str, batching: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Change fields of a version's queue policy (the rest stay); returns its record.
+
+        The data plane applies the new policy without a restart.
+        """
+        path = (f"/v1/models/{quote(model, safe='')}/versions/{quote(version, safe='')}"
+                "/batching")
+        return await self._call("PATCH", path, json=dict(batching))
+
     async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         if "json" in kwargs:
             kwargs["data"] = orjson.dumps(kwargs.pop("json"))

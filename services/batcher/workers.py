@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from services.mesh.domain.errors import DeadlineExceeded, InfermeshError, InternalError
@@ -36,6 +36,8 @@ class LocalWorker(Protocol):
 
     async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult: ...
 
+    def warmup_timings(self, model: str, version: str) -> Mapping[int, float]: ...
+
 
 class _LocalHandle:
     """A worker core as a `WorkerHandle`: gives up on a batch at its deadline."""
@@ -46,6 +48,9 @@ class _LocalHandle:
     @property
     def key(self) -> str:
         return self._worker.key
+
+    def warmup_timings(self, model: str, version: str) -> Mapping[int, float]:
+        return self._worker.warmup_timings(model, version)
 
     async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
         try:

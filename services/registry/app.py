@@ -77,6 +77,14 @@ async def register_version(request: web.Request) -> web.Response:
     return json_response(stored.value.to_json(), 201 if stored.created else 200)
 
 
+async def change_batching(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    record = await request.app[REGISTRY].change_batching(
+        request.match_info["name"], request.match_info["version"], body
+    )
+    return json_response(record.to_json())
+
+
 async def live(request: web.Request) -> web.Response:
     return json_response({"live": True})
 
@@ -97,6 +105,7 @@ def create_app(registry: Registry) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{name}", get_model)
     app.router.add_put("/v1/models/{name}/versions/{version}", register_version)
+    app.router.add_patch("/v1/models/{name}/versions/{version}/batching", change_batching)
     app.router.add_put("/v1/artifacts", put_artifact)
     app.router.add_get("/v1/artifacts/{sha256}", get_artifact)
     return app

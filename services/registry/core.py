@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -30,6 +30,7 @@ from services.registry.validation import (
     check_name,
     check_sha256,
     parse_batching,
+    parse_batching_change,
     parse_device,
     parse_prediction_log,
     parse_signature,
@@ -104,6 +105,8 @@ class Registry:
         """Register an immutable version (creating the model and its first rollout if needed).
 
         Re-registering identical content is a no-op; different content raises VersionConflict.
+        The queue policy is not part of that content: a saved version keeps its own (changed
+        through `change_batching`), whatever a re-registration sends.
         """
         record = ModelVersion(
             model=check_name(model, field="model"),
@@ -127,6 +130,25 @@ class Registry:
         if inserted.rollout is not None:
             await self._publish_if_stale(rollout_key(model), inserted.rollout.to_json())
         return stored
+
+    async def change_batching(
+        self, model: str, version: str, batching: Mapping[str, Any]
+    ) -> ModelVersion:
+        """Merge a partial batching object over a version's queue policy, save and publish it.
+
+        The data plane watches the record and applies the policy without a restart; the
+        artifact and signature stay (only the queue policy of a version may change).
+        """
+        check_name(model, field="model")
+        check_name(version, field="version")
+        record = await self._store.update_version(
+            model, version,
+            lambda current: replace(
+                current, batching=parse_batching_change(current.batching, batching)
+            ),
+        )
+        await self._publish_if_stale(version_key(model, version), record.to_json())
+        return record
 
     async def _require_artifact(self, sha256: str) -> None:
         try:
@@ -178,9 +200,12 @@ def _stale(published: Any, record: dict[str, Any]) -> bool:
 
 
 def _check_same(existing: ModelVersion, wanted: ModelVersion) -> ModelVersion:
-    # artifact_uri is derived from the registry's public URL, which may change between runs.
+    # artifact_uri is derived from the registry's public URL, which may change between runs;
+    # the queue policy may have been changed since (`change_batching`): the saved one stands,
+    # so re-running a registration script after such a change is still a no-op.
     def content(v: ModelVersion) -> dict[str, Any]:
-        return {k: val for k, val in v.to_json().items() if k != "artifact_uri"}
+        return {k: val for k, val in v.to_json().items()
+                if k not in ("artifact_uri", "batching")}
 
     if content(existing) != content(wanted):
         raise VersionConflict(

@@ -10,7 +10,7 @@ Imports the domain layer and the standard library only: the core imports this mo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,6 +110,16 @@ class RegistryStore(Protocol):
         """Save `record` (and its model) unless the version exists, in one transaction.
 
         `first_rollout` is saved, with its history row, if the model has no rollout yet.
+        """
+        ...
+
+    async def update_version(
+        self, model: str, version: str, change: Callable[[ModelVersion], ModelVersion]
+    ) -> ModelVersion:
+        """Replace a saved version record with `change(record)`, read and written in one
+        transaction (concurrent changes apply one after the other); returns the new record.
+
+        NotFound if the version is unknown; whatever `change` raises propagates, nothing saved.
         """
         ...
 

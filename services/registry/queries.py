@@ -24,6 +24,10 @@ SELECT record FROM model_versions WHERE model = $1 ORDER BY created_at, version
 
 VERSION = "SELECT record FROM model_versions WHERE model = $1 AND version = $2"
 
+VERSION_FOR_UPDATE = VERSION + " FOR UPDATE"
+
+UPDATE_VERSION = "UPDATE model_versions SET record = $3 WHERE model = $1 AND version = $2"
+
 INSERT_VERSION = """
 INSERT INTO model_versions (model, version, record, sha256) VALUES ($1, $2, $3, $4)
 ON CONFLICT (model, version) DO NOTHING RETURNING version

@@ -7,13 +7,14 @@ etcd failures become Unavailable; Postgres errors propagate as asyncpg raises th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import aetcd
 import asyncpg
 import orjson
 
-from services.mesh.domain.errors import Unavailable
+from services.mesh.domain.errors import NotFound, Unavailable
 from services.mesh.domain.types import ModelVersion, Rollout
 from services.mesh.infra.publishing import publish_newer
 from services.registry import queries, reads
@@ -81,6 +82,18 @@ class PostgresEtcdStore:
                 await conn.execute(queries.INSERT_HISTORY, record.model, first.epoch,
                                    first.to_json(), HISTORY_AUTHOR, "first version")
         return VersionInsert(None, first if made is not None else None)
+
+    async def update_version(
+        self, model: str, version: str, change: Callable[[ModelVersion], ModelVersion]
+    ) -> ModelVersion:
+        """Replace a saved version record with `change(record)` under a row lock."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            current = await conn.fetchval(queries.VERSION_FOR_UPDATE, model, version)
+            if current is None:
+                raise NotFound(f"unknown version '{version}' of model '{model}'")
+            record = change(ModelVersion.from_json(current))
+            await conn.execute(queries.UPDATE_VERSION, model, version, record.to_json())
+        return record
 
     async def saved_records(self) -> dict[str, dict[str, Any]]:
         """Every saved version and rollout record, as JSON, by the key it is published at."""

@@ -7,7 +7,7 @@ Every failure is an InvalidInput whose message starts with the offending field.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from services.mesh.domain.errors import InvalidInput
@@ -61,6 +61,47 @@ def parse_batching(raw: Any) -> BatchingPolicy:
         return BatchingPolicy.from_json({**BatchingPolicy().to_json(), **raw})
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"batching: {exc}") from None
+
+
+def parse_batching_change(current: BatchingPolicy, raw: Any) -> BatchingPolicy:
+    """`current` with the fields of a partial batching object `raw` replaced, validated as a
+    whole (a smaller `max_batch_size` must still hold every preferred size)."""
+    if not isinstance(raw, Mapping):
+        raise InvalidInput("batching: must be an object")
+    fields = current.to_json()
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise InvalidInput(
+            f"batching: unknown field '{unknown[0]}' (fields: {', '.join(fields)})"
+        )
+    if not raw:
+        raise InvalidInput(f"batching: name at least one field to change ({', '.join(fields)})")
+    for field, value in raw.items():
+        _check_batching_type(field, value)
+    return BatchingPolicy.from_json({**fields, **raw})
+
+
+def _check_batching_type(field: str, value: Any) -> None:
+    """InvalidInput naming `field` when `value` is not of its JSON type (the ranges are
+    BatchingPolicy's to check)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    expected: dict[str, tuple[str, Callable[[Any], bool]]] = {
+        "max_batch_size": ("an integer", integer),
+        "max_queue_size": ("an integer", integer),
+        "max_queue_delay_ms": ("a number", number),
+        "default_timeout_ms": ("a number or null", lambda v: v is None or number(v)),
+        "preferred_batch_sizes": (
+            "a list of integers", lambda v: isinstance(v, list) and all(map(integer, v))
+        ),
+        "admission": ("a string", lambda v: isinstance(v, str)),
+    }
+    if field in expected and not expected[field][1](value):
+        raise InvalidInput(f"batching: '{field}' must be {expected[field][0]}")
 
 
 def parse_device(raw: Any) -> str:

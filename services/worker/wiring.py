@@ -41,12 +41,15 @@ async def build_worker(
     settings: WorkerSettings, stack: contextlib.AsyncExitStack, *, catalog: ModelCatalog,
     session: aiohttp.ClientSession, publish_models: Callable[[list[str]], None],
     registry: CollectorRegistry | None = None,
+    publish_warmup: Callable[[dict[str, dict[str, float]]], None] | None = None,
 ) -> WorkerService:
     """The worker per `settings`, downloading artifacts with `session`, its metrics in
     `registry` (its own when None); started, and closed through `stack`.
 
     `publish_models(ready)` is called with the ready `model/version`s whenever they change,
-    from the first load on (to update this worker's endpoint record).
+    from the first load on (to update this worker's endpoint record); `publish_warmup` just
+    before it, with the warm-up timings (`Worker.warmup_records`), so a batcher that sees a
+    version ready sees its timings too.
     """
     metrics = WorkerMetrics(registry)
     core = Worker(
@@ -54,7 +57,13 @@ async def build_worker(
         artifacts=ArtifactCache(session, Path(settings.cache_dir)),
         backend_factory=backend_factory(settings.threads), metrics=metrics,
     )
-    core.subscribe(lambda: publish_models(core.ready_versions()))
+
+    def publish() -> None:
+        if publish_warmup is not None:
+            publish_warmup(core.warmup_records())
+        publish_models(core.ready_versions())
+
+    core.subscribe(publish)
     core.start()
     stack.push_async_callback(core.aclose)
     return WorkerService(core, metrics, settings)

@@ -19,6 +19,7 @@ from tests.contract.hops import (
     IMPLEMENTATIONS,
     MODEL,
     VERSION,
+    WARMUP,
     InferHop,
     ScriptedWorker,
     WorkerHop,
@@ -65,7 +66,8 @@ async def worker_hop(request: pytest.FixtureRequest) -> AsyncIterator[WorkerHop]
             yield WorkerHop(LocalWorkerPool(worker), worker, crash, lambda: 0)
         else:
             async with served(batch_handler(worker)) as (url, kill), linked_pool(
-                "worker", {"instance": worker.key, "link": url, "models": [f"{MODEL}/{VERSION}"]}
+                "worker", {"instance": worker.key, "link": url, "models": [f"{MODEL}/{VERSION}"],
+                           "warmup": {f"{MODEL}/{VERSION}": {str(k): v for k, v in WARMUP.items()}}}
             ) as pool:
                 yield WorkerHop(LinkedWorkerPool(pool), worker, kill, inflight_of(pool))
     finally:

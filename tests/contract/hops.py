@@ -35,6 +35,8 @@ REJECTION = "input 'bad': the model takes one input named 'x'"
 DEVICE = "fake:0"
 IMPLEMENTATIONS = ("in-process", "link")
 PENDING = "infermesh_inference_pending_request_count"
+WARMUP = {1: 0.001, 2: 0.0015, 4: 0.0025}
+"""The scripted worker's warm-up timings (rows -> seconds); its endpoint record lists them."""
 
 
 class ScriptedWorker:
@@ -73,6 +75,9 @@ class ScriptedWorker:
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
+
+    def warmup_timings(self, model: str, version: str) -> dict[int, float]:
+        return dict(WARMUP) if (model, version) == (MODEL, VERSION) else {}
 
     async def run_batch(self, batch: Batch, *, timeout: float | None = None) -> BatchResult:
         # Like the real worker core, it ignores `timeout`: holding a batch to its deadline is

@@ -38,7 +38,16 @@ from services.mesh.domain.errors import DeadlineExceeded, InvalidInput, Unavaila
 from services.mesh.domain.hops import WorkerHandle
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Batch, InferRequest, InferResponse
-from tests.contract.hops import DEVICE, MODEL, REJECTION, VERSION, InferHop, WorkerHop, rows
+from tests.contract.hops import (
+    DEVICE,
+    MODEL,
+    REJECTION,
+    VERSION,
+    WARMUP,
+    InferHop,
+    WorkerHop,
+    rows,
+)
 
 WAIT = 5.0
 PROMPT = 2.0
@@ -165,6 +174,15 @@ async def test_worker_pool_lists_the_worker_and_round_trips_a_batch(
     [seen] = worker_hop.worker.batches
     assert (seen.model, seen.version, seen.rows) == (MODEL, VERSION, [2])
     assert_tensor(seen.inputs[0], "x", values)
+
+
+def test_a_worker_handle_gives_the_warm_up_timings_of_its_worker(
+    worker_hop: WorkerHop,
+) -> None:
+    # In-process straight from the worker core; over a link from its endpoint record.
+    handle = only_candidate(worker_hop)
+    assert handle.warmup_timings(MODEL, VERSION) == WARMUP
+    assert handle.warmup_timings(MODEL, "2") == {}
 
 
 async def test_worker_pool_passes_invalid_input_through_as_itself(

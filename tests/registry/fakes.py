@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,16 @@ class MemoryStore:
             return VersionInsert(None, None)
         self.saved[rollout_key(record.model)] = first_rollout.to_json()
         return VersionInsert(None, first_rollout)
+
+    async def update_version(
+        self, model: str, version: str, change: Callable[[ModelVersion], ModelVersion]
+    ) -> ModelVersion:
+        current = self.saved.get(version_key(model, version))
+        if current is None:
+            raise NotFound(f"unknown version '{version}' of model '{model}'")
+        record = change(ModelVersion.from_json(current))
+        self.saved[version_key(model, version)] = record.to_json()
+        return record
 
     async def saved_records(self) -> dict[str, dict[str, Any]]:
         return dict(self.saved)

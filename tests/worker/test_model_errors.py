@@ -90,8 +90,8 @@ class _RaisingBackend:
     def load(self, artifact: Path) -> None:
         pass
 
-    def warm_up(self, max_batch_size: int) -> None:
-        pass
+    def warm_up(self, max_batch_size: int) -> dict[int, float]:
+        return {}
 
     def run_batch(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         raise self.error

@@ -38,8 +38,8 @@ class TwoOutputs:
     def load(self, artifact: Path) -> None:
         pass
 
-    def warm_up(self, max_batch_size: int) -> None:
-        pass
+    def warm_up(self, max_batch_size: int) -> dict[int, float]:
+        return {}
 
     def unload(self) -> None:
         pass

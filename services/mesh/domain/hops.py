@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from services.mesh.domain.types import Batch, BatchResult, InferRequest, InferResponse
 
@@ -28,6 +28,27 @@ class WorkerHandle(Protocol):
     def key(self) -> str: ...
 
     async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult: ...
+
+    def warmup_timings(self, model: str, version: str) -> Mapping[int, float]:
+        """Seconds this worker took for a batch of each size (rows) its warm-up sweep ran, for
+        (model, version): a seed for the latency model. Empty when unknown."""
+        ...
+
+
+def warmup_timings_from_record(record: Any, model: str, version: str) -> dict[int, float]:
+    """The warm-up timings of (model, version) in a worker's endpoint record
+    (`"warmup": {"model/version": {"rows": seconds}}`); empty when absent or malformed."""
+    timings = record.get("warmup") if isinstance(record, dict) else None
+    sizes = timings.get(f"{model}/{version}") if isinstance(timings, dict) else None
+    if not isinstance(sizes, dict):
+        return {}
+    found: dict[int, float] = {}
+    for rows, seconds in sizes.items():
+        try:
+            found[int(rows)] = float(seconds)
+        except (TypeError, ValueError):
+            continue
+    return found
 
 
 class WorkerPool(Protocol):

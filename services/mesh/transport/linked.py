@@ -8,11 +8,18 @@ core's `run_batch`. The in-process implementations are the cores themselves.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from services.mesh.domain.errors import InternalError, InvalidInput
-from services.mesh.domain.hops import InferTarget, WorkerHandle, remaining
+from services.mesh.domain.hops import (
+    InferTarget,
+    WorkerHandle,
+    remaining,
+    warmup_timings_from_record,
+)
 from services.mesh.domain.types import Batch, BatchResult, InferRequest, InferResponse
 from services.mesh.transport import frames
 from services.mesh.transport.links import Handler, LinkClient
@@ -76,8 +83,16 @@ class _LinkedWorker:
     def __init__(self, link: LinkClient, instance: str) -> None:
         self._link = link
         self.key = instance
+        self.record: dict[str, Any] = {}
+        """The worker's endpoint record as last seen (LinkedWorkerPool keeps it current)."""
+
+    def warmup_timings(self, model: str, version: str) -> Mapping[int, float]:
+        return warmup_timings_from_record(self.record, model, version)
 
     async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
+        if batch.deadline is None and timeout is not None:
+            # The worker drops a batch it cannot start before then (it knows no timeout).
+            batch = dataclasses.replace(batch, deadline=time.time() + timeout)
         meta, buffers = frames.encode_batch(batch)
         frame = await self._link.call(meta, buffers, timeout=timeout)
         return _reply(frames.decode_batch_result, frame.meta, frame.payload)
@@ -111,6 +126,7 @@ class LinkedWorkerPool:
                 k: h for k, h in self._handles.items() if not h._link.closed
             }
             self._handles[id(link)] = handle
+        handle.record = record  # a re-warm-up republishes the record with new timings
         return handle
 
     def subscribe(self, listener: Callable[[], None]) -> None:

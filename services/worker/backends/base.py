@@ -26,7 +26,9 @@ The full exception stays chained (``__cause__``) for the server's log.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import statistics
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -98,8 +100,12 @@ class Backend(Protocol):
         """Load the model file at ``artifact`` onto the device."""
         ...
 
-    def warm_up(self, max_batch_size: int) -> None:
-        """Run dummy batches (sizes 1 and ``max_batch_size``) so the first request is fast."""
+    def warm_up(self, max_batch_size: int) -> dict[int, float]:
+        """Run dummy batches of sizes up to ``max_batch_size`` so the first request is fast.
+
+        Returns the seconds a batch of each size swept took (rows -> seconds, the median of
+        a few runs): the latency model's seed. :func:`timed_sweep` does both.
+        """
         ...
 
     def run_batch(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
@@ -112,3 +118,30 @@ class Backend(Protocol):
     def unload(self) -> None:
         """Release the model and the device memory it held."""
         ...
+
+
+UNTIMED_PASSES = 1
+TIMED_PASSES = 3
+
+
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes a warm-up sweeps: 1, 2, 3, the powers of two, ``max - 1`` and ``max``
+    (enough to seed a latency model linear in rows, and every shape class a JIT meets)."""
+    top = max(1, max_batch_size)
+    sizes = {1, 2, 3, top - 1, top} | {2**i for i in range(top.bit_length())}
+    return sorted(s for s in sizes if 1 <= s <= top)
+
+
+def timed_sweep(
+    run: Callable[[int], None], sizes: list[int], *, clock: Callable[[], float] = time.perf_counter
+) -> dict[int, float]:
+    """Call ``run(rows)`` for every size, over all sizes once untimed (a JIT specialises
+    then) and :data:`TIMED_PASSES` times timed; the median seconds per size."""
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for sweep in range(UNTIMED_PASSES + TIMED_PASSES):
+        for size in sizes:
+            started = clock()
+            run(size)
+            if sweep >= UNTIMED_PASSES:
+                times[size].append(clock() - started)
+    return {size: statistics.median(runs) for size, runs in times.items() if runs}

@@ -21,7 +21,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from services.worker.backends.base import BackendError, model_call_failed
+from services.worker.backends.base import (
+    BackendError,
+    model_call_failed,
+    timed_sweep,
+    warmup_sizes,
+)
 from services.worker.backends.devices import resolve_device
 
 # OIP datatype -> (numpy dtype, torch dtype). BYTES has no tensor form, so it is absent.
@@ -119,18 +124,23 @@ class TorchScriptBackend:
             raise BackendError(f"cannot load TorchScript model {artifact}: {exc}") from exc
         self._module = module.eval()
 
-    def warm_up(self, max_batch_size: int) -> None:
-        """Run zero-filled batches of many sizes up to ``max_batch_size``, three times over.
+    def warm_up(self, max_batch_size: int) -> dict[int, float]:
+        """Run zero-filled batches of many sizes up to ``max_batch_size``, four times over;
+        returns the median seconds of the last three runs of each size.
 
         TorchScript's profiling executor re-specialises the graph as it meets new batch sizes
         (a one-off 25 ms stall per call on the mlp here); sweeping the sizes before the worker
-        reports ready keeps that out of the first real requests' latency.
+        reports ready keeps that out of the first real requests' latency, and the untimed
+        first sweep keeps it out of the timings.
         """
-        top = max(1, max_batch_size)
-        sizes = sorted({1, 2, 3, top - 1, top} | {2**i for i in range(top.bit_length())})
-        for _ in range(3):
-            for batch_size in (s for s in sizes if 1 <= s <= top):
-                self.run_batch({spec.name: spec.dummy(batch_size) for spec in self._inputs})
+        dummies = {
+            size: {spec.name: spec.dummy(size) for spec in self._inputs}
+            for size in warmup_sizes(max_batch_size)
+        }
+        return timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies))
+
+    def _run_dummy(self, inputs: Mapping[str, npt.NDArray[Any]]) -> None:
+        self.run_batch(inputs)
 
     def run_batch(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Run one batch; see :meth:`Backend.run_batch`. Raises :class:`BackendError`:
