@@ -13,8 +13,10 @@ def build_batch(model: str, version: str, requests: list[InferRequest]) -> Batch
     names = [t.name for t in requests[0].inputs]
     by_name = [{t.name: t for t in r.inputs} for r in requests]
     inputs = [concat_rows([tensors[name] for tensors in by_name]) for name in names]
+    deadlines = [r.deadline for r in requests]
     return Batch(model, version, inputs, [r.rows for r in requests],
-                 outputs=wanted_outputs(requests))
+                 outputs=wanted_outputs(requests),
+                 deadline=None if None in deadlines else max(d for d in deadlines if d))
 
 
 def shape_key(request: InferRequest) -> tuple[tuple[str, tuple[int, ...]], ...]:

@@ -39,7 +39,7 @@ from services.mesh.domain.errors import (
 )
 from services.mesh.domain.hops import WorkerHandle, WorkerPool
 from services.mesh.domain.tensors import Tensor, split_rows
-from services.mesh.domain.types import BatchingPolicy, InferRequest, InferResponse
+from services.mesh.domain.types import BatchingPolicy, BatchResult, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
@@ -413,8 +413,18 @@ class Batcher:
             queue.metrics.batch_rows.observe(rows)
             timeout = batch_timeout([m.request.deadline for m in piece])
             called = self._clock()
-            result = await worker.run_batch(batch, timeout=timeout)
+            call = asyncio.ensure_future(worker.run_batch(batch, timeout=timeout))
+            forget = _cancel_when_abandoned(call, piece)
+            try:
+                result = await call
+            finally:
+                forget()
             self._timed(queue, worker.key, rows, called)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if call.cancelled() and task is not None and not task.cancelling():
+                return None  # every caller left (see _cancel_when_abandoned): nothing to answer
+            raise
         except InfermeshError as exc:
             return exc
         except Exception as exc:  # a bug in a worker handle must not leave callers hanging
@@ -557,6 +567,33 @@ def _fail_overdue(queued: Iterable[_Pending]) -> float:
 
 def _still_queued(pending: _Pending) -> bool:
     return pending.queued and not pending.future.done()
+
+
+def _cancel_when_abandoned(
+    call: asyncio.Future[BatchResult], piece: list[_Pending]
+) -> Callable[[], None]:
+    """Cancel `call` once every member's caller has gone (its future cancelled: a client
+    disconnected, a hop before gave up), so a batch never runs rows nobody waits for: over a
+    link the cancel reaches the worker, which skips a batch it has not started. Returns what
+    unhooks the watch."""
+    waiting = [m.future for m in piece if not m.future.done()]
+    left = len(waiting)
+
+    def gone(future: asyncio.Future[InferResponse]) -> None:
+        nonlocal left
+        if future.cancelled():
+            left -= 1
+            if left == 0 and not call.done():
+                call.cancel()
+
+    for future in waiting:
+        future.add_done_callback(gone)
+
+    def forget() -> None:
+        for future in waiting:
+            future.remove_done_callback(gone)
+
+    return forget
 
 
 def _fail(pending: _Pending, error: InfermeshError) -> None:

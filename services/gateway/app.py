@@ -100,6 +100,7 @@ async def infer(request: web.Request) -> web.Response:
     # Access (401, 403, 404, 429) is settled before the body is read.
     with track(core.metrics, model), core.admit(model, version, header=header) as admission:
         request_id = _request_id(header(REQUEST_ID), core)
+        deadline = core.deadline_after(rest.request_timeout(header(rest.REQUEST_TIMEOUT)))
         # Bounded by what a valid request could need (413 past it, the rest never read).
         body = await read_body(request, limit=max_body_bytes(admission.spec))
         try:
@@ -111,8 +112,10 @@ async def infer(request: web.Request) -> web.Response:
             core.trace_refusal(exc, model=model, request_id=request_id, admission=admission,
                                header=header)
             raise
+        infer_request.deadline = deadline
         response = await core.infer(infer_request, admission=admission, header=header)
         body, header_length = rest.encode_infer_parts(response, output_format)
+        core.ensure_on_time(infer_request.deadline)  # encoding a large answer takes time too
         return _infer_response(body, header_length, response)
 
 

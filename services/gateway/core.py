@@ -9,8 +9,10 @@ whatever happened: an answer, an error, or a cancelled (disconnected) request.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from services.gateway.access import Access
@@ -25,7 +27,12 @@ from services.gateway.sticky import (
 from services.gateway.validation import validate_request
 from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
-from services.mesh.domain.errors import InfermeshError, InvalidInput, QuotaExceeded
+from services.mesh.domain.errors import (
+    DeadlineExceeded,
+    InfermeshError,
+    InvalidInput,
+    QuotaExceeded,
+)
 from services.mesh.domain.hops import InferTarget
 from services.mesh.domain.tenancy import Tenant
 from services.mesh.domain.types import InferRequest, InferResponse, ModelVersion
@@ -79,6 +86,7 @@ class Gateway:
         self, catalog: ModelCatalog, router: InferTarget, *, access: Access,
         metrics: GatewayMetrics | None = None, default_timeout: float = 30.0,
         sticky_headers: tuple[str, ...] = DEFAULT_STICKY_HEADERS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._catalog = catalog
         self._router = router
@@ -88,6 +96,7 @@ class Gateway:
         self._sticky_headers = sticky_headers
         self._sticky_keys: frozenset[str] | None = None
         self._sticky_names: tuple[str, ...] = ()
+        self._clock = clock
 
     @staticmethod
     def new_request_id() -> str:
@@ -166,6 +175,8 @@ class Gateway:
             span.end(exc)
             if isinstance(exc, InfermeshError):
                 exc.trace_id = span.trace_id
+            if isinstance(exc, DeadlineExceeded):
+                self.metrics.deadline_exceeded.inc()
             raise
         span.set("infermesh.version", response.version)
         span.set("infermesh.bucket", response.parameters.get("bucket"))
@@ -192,11 +203,11 @@ class Gateway:
         if (request.model, request.version) != (spec.model, admission.version):
             spec = self._catalog.resolve(request.model, request.version)
         validate_request(request, spec.signature, max_rows=spec.batching.max_batch_size)
-        self._stamp_deadline(request)
+        self._stamp_deadline(request, spec)
         if header is not None and request.version is None:
             self._sticky_from_header(request, header)
         request.trace = span.carrier()
-        response = await self._router.infer(request)
+        response = await self._forward(request)
         if request.outputs is not None:
             wanted = set(request.outputs)
             response.outputs = [t for t in response.outputs if t.name in wanted]
@@ -213,13 +224,63 @@ class Gateway:
             self._sticky_names = sticky_header_names(self._sticky_headers, keys)
         forward_sticky_headers(request.parameters, header, self._sticky_names)
 
-    def _stamp_deadline(self, request: InferRequest) -> None:
+    def deadline_after(self, seconds: float | None) -> float | None:
+        """The deadline `seconds` from now on the gateway's clock (None for None): what an
+        adapter stamps on a request for a timeout its protocol carries (X-Request-Timeout)."""
+        return None if seconds is None else self._clock() + seconds
+
+    def ensure_on_time(self, deadline: float | None) -> None:
+        """Raise DeadlineExceeded (counted as a miss and a late answer avoided) when `deadline`
+        has passed: adapters call it last thing before sending a success, so that no 200 ever
+        leaves after its deadline, however long the answer took to come back or to encode."""
+        try:
+            self._check_on_time(deadline)
+        except DeadlineExceeded:
+            self.metrics.deadline_exceeded.inc()
+            raise
+
+    def _check_on_time(self, deadline: float | None) -> None:
+        if deadline is not None and self._clock() >= deadline:
+            self.metrics.late_responses_avoided.inc()
+            raise DeadlineExceeded("deadline exceeded: the answer came back too late")
+
+    def _stamp_deadline(self, request: InferRequest, spec: ModelVersion) -> None:
+        """Set the request's deadline. The client's own limits come first, and the earliest
+        of them wins: the transport's (gRPC `grpc-timeout`, REST `X-Request-Timeout`, already
+        on `request.deadline`) and the OIP `timeout` parameter (seconds). A request that names
+        none gets its version's `batching.default_timeout_ms`, else the gateway's default."""
         timeout = request.parameters.get("timeout")
-        if timeout is not None:
-            if not isinstance(timeout, int | float) or timeout <= 0:
-                raise InvalidInput("parameter 'timeout': must be a positive number of seconds")
-        deadline = time.time() + float(timeout or self._default_timeout)
-        request.deadline = deadline if request.deadline is None else min(request.deadline, deadline)
+        if timeout is not None and (
+            not isinstance(timeout, int | float) or isinstance(timeout, bool)
+            or not 0 < timeout < math.inf
+        ):
+            raise InvalidInput("parameter 'timeout': must be a positive number of seconds")
+        now = self._clock()
+        given = [d for d in (request.deadline, self.deadline_after(timeout)) if d is not None]
+        if given:
+            request.deadline = min(given)
+        elif spec.batching.default_timeout_ms is not None:
+            request.deadline = now + spec.batching.default_timeout_ms / 1000
+        else:
+            request.deadline = now + self._default_timeout
+
+    async def _forward(self, request: InferRequest) -> InferResponse:
+        """The router's answer, or DeadlineExceeded at the deadline even while the request
+        still runs (the router is cancelled, and with it the work queued for the request)."""
+        assert request.deadline is not None, "stamped by _stamp_deadline"
+        left = request.deadline - self._clock()
+        if left <= 0:
+            raise DeadlineExceeded("deadline exceeded before the gateway forwarded the request")
+        scope = asyncio.timeout(left)
+        try:
+            async with scope:
+                response = await self._router.infer(request)
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise
+            raise DeadlineExceeded("deadline exceeded waiting for the model") from exc
+        self._check_on_time(request.deadline)
+        return response
 
 
 def _infer_span(

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -131,7 +132,9 @@ def metadata_lookup(context: Any) -> HeaderLookup:
 
 
 def deadline_of(context: Any) -> float | None:
-    """The call's gRPC deadline (`grpc-timeout`) as wall-clock time, None when it has none."""
+    """The call's gRPC deadline (`grpc-timeout`) as wall-clock time, None when it has none;
+    the core takes the earliest of it and the request's `timeout` parameter (see
+    `Gateway._stamp_deadline` for the whole precedence)."""
     remaining = context.time_remaining()
     return None if remaining is None else time.time() + remaining
 
@@ -168,19 +171,19 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     @mapped
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        response = await self._infer(request, context)
-        context.set_trailing_metadata(grpc_messages.served_metadata(response))
-        return grpc_messages.encode_infer(response)
+        answer = await self._infer(request, context)
+        context.set_trailing_metadata(grpc_messages.served_metadata(answer.response))
+        return answer.encoded
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
         """Answer each request of the stream as it completes, many in flight at once."""
-        stream = _Stream(self._infer, context)
+        stream = _Stream(self._infer, context, self._core)
         async for response in stream.responses(request_iterator):
             yield response
 
-    async def _infer(self, request: Any, context: Any) -> InferResponse:
+    async def _infer(self, request: Any, context: Any) -> _Answer:
         core, model, header = self._core, request.model_name, metadata_lookup(context)
         version = request.model_version or None
         # Access (auth, model, quotas) is settled before the tensors are decoded.
@@ -196,25 +199,48 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 core.trace_refusal(exc, model=model, request_id=request_id,
                                    admission=admission, header=header)
                 raise
-            return await core.infer(infer_request, admission=admission, header=header)
+            response = await core.infer(infer_request, admission=admission, header=header)
+            encoded = grpc_messages.encode_infer(response)
+            core.ensure_on_time(infer_request.deadline)  # encoding a large answer takes time
+            return _Answer(response, encoded, infer_request.deadline)
+
+
+@dataclass(slots=True)
+class _Answer:
+    """A request's answer, encoded, and the deadline past which it must not be sent."""
+
+    response: InferResponse
+    encoded: Any
+    deadline: float | None
 
 
 class _Stream:
-    """One ModelStreamInfer call: a task per request, one writer (the response generator)."""
+    """One ModelStreamInfer call: a task per request, one writer (the response generator).
+
+    The writer sends an answer only while its deadline holds (answers wait their turn in the
+    queue); a late one goes out as that request's deadline error instead. A stream that ends
+    (the client closed or cancelled it) cancels its requests still running, at every hop.
+    """
 
     def __init__(
-        self, infer: Callable[[Any, Any], Awaitable[InferResponse]], context: Any
+        self, infer: Callable[[Any, Any], Awaitable[_Answer]], context: Any, core: Gateway
     ) -> None:
         self._infer = infer
         self._context = context
-        self._answers: asyncio.Queue[Any] = asyncio.Queue()
+        self._core = core
+        self._answers: asyncio.Queue[tuple[Any, Any, float | None] | None] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def responses(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         reader = asyncio.create_task(self._read(requests))
         try:
-            while (answer := await self._answers.get()) is not None:
-                yield answer
+            while (queued := await self._answers.get()) is not None:
+                request, response, deadline = queued
+                try:
+                    self._core.ensure_on_time(deadline)
+                except errors.DeadlineExceeded as exc:
+                    response = _stream_error(request, exc.message)
+                yield response
             await reader  # surfaces a broken request stream
         finally:
             for task in (reader, *self._tasks):
@@ -233,17 +259,17 @@ class _Stream:
             self._answers.put_nowait(None)
 
     async def _answer(self, request: Any) -> None:
+        deadline = None
         try:
             answer = await self._infer(request, self._context)
-            response = pb.ModelStreamInferResponse(
-                infer_response=grpc_messages.encode_infer(answer)
-            )
+            response = pb.ModelStreamInferResponse(infer_response=answer.encoded)
+            deadline = answer.deadline
         except errors.InfermeshError as exc:
             response = _stream_error(request, exc.message)
         except Exception:
             log.exception("unhandled error serving a gRPC stream request")
             response = _stream_error(request, "internal error")
-        self._answers.put_nowait(response)
+        self._answers.put_nowait((request, response, deadline))
 
 
 def _stream_error(request: Any, message: str) -> Any:

@@ -50,6 +50,17 @@ class GatewayMetrics:
             "(invalid_input, unavailable, ...)",
             ["tenant", "outcome"], registry=self.registry,
         )
+        self.deadline_exceeded = Counter(
+            "infermesh_deadline_exceeded",
+            "Requests that missed their deadline, by the hop that answered them so (504)",
+            ["hop"], registry=self.registry,
+        ).labels("gateway")
+        self.late_responses_avoided = Counter(
+            "infermesh_gateway_late_responses_avoided",
+            "Answers that came back after their request's deadline and were replaced by a 504 "
+            "(no 200 leaves after its deadline)",
+            registry=self.registry,
+        )
         # Children by label values: `labels()` costs microseconds a call; a dict lookup does
         # not. Every label here is bounded (models as in UNKNOWN_MODEL, tenants by operators).
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}

@@ -7,6 +7,7 @@ hop re-encodes it. Every error names the field at fault.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -27,6 +28,27 @@ from services.mesh.transport.rest import parse_json_object
 
 _ORJSON_NUMPY = {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
                  "UINT64", "FP32", "FP64"}
+
+
+REQUEST_TIMEOUT = "X-Request-Timeout"
+"""The REST header giving a request's timeout: seconds, a decimal number (`0.25`)."""
+
+
+def request_timeout(value: str | None) -> float | None:
+    """The seconds an `X-Request-Timeout` header value gives (None when absent); InvalidInput
+    naming the header unless it is a positive, finite decimal number."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf or not value.strip().replace(".", "", 1).isdigit():
+        raise InvalidInput(
+            f"header '{REQUEST_TIMEOUT}': must be a positive decimal number of seconds, "
+            f"got {value[:40]!r}"
+        )
+    return seconds
 
 
 def decode_infer_body(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable
 
 from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
-from services.mesh.domain.errors import InfermeshError, Unavailable
+from services.mesh.domain.errors import DeadlineExceeded, InfermeshError, Unavailable
 from services.mesh.domain.hops import InferTarget
 from services.mesh.domain.predictions import PredictionRecorder, policy_of
 from services.mesh.domain.signatures import request_misfit, require_fit
@@ -118,10 +119,17 @@ class Router:
     async def _forward(
         self, request: InferRequest, stats: VersionStats, started: float
     ) -> InferResponse:
+        """The batcher's answer; an expired request is dropped here, never forwarded."""
         try:
+            if request.deadline is not None and time.time() >= request.deadline:
+                raise DeadlineExceeded("deadline exceeded before the router forwarded it")
             return await self._batcher.infer(request)
+        except asyncio.CancelledError:
+            raise  # the caller left: not the version's failure (the rollout guard reads these)
         except BaseException as exc:
             stats.failed(exc, time.perf_counter() - started)
+            if isinstance(exc, DeadlineExceeded):
+                self.metrics.deadline_exceeded.inc()
             raise
 
     def _fall_back(

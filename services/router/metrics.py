@@ -99,6 +99,11 @@ class RouterMetrics:
             "Time from router receipt to response, primary requests",
             ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self.deadline_exceeded = Counter(
+            "infermesh_deadline_exceeded",
+            "Requests that missed their deadline, by the hop that answered them so (504)",
+            ["hop"], registry=self.registry,
+        ).labels("router")
         self.fallbacks = Counter(
             "infermesh_router_fallback_total",
             "Requests served by the fallback because the routed version had no ready worker",

@@ -6,14 +6,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
-from services.mesh.domain.errors import InternalError, InvalidInput, ModelFailed, Unavailable
+from services.mesh.domain.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidInput,
+    ModelFailed,
+    Unavailable,
+)
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Batch, BatchResult, ModelVersion
 from services.worker.backends.base import (
@@ -53,6 +60,8 @@ class Worker:
         self._factory = backend_factory
         self._metrics = metrics or WorkerMetrics()
         self._backends: dict[tuple[str, str], Backend] = {}
+        self._warmup: dict[tuple[str, str], _Warmup] = {}
+        self._rewarming: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._loading: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._failed: set[tuple[str, str, str]] = set()
         self._listeners: list[Callable[[], None]] = []
@@ -75,6 +84,20 @@ class Worker:
         """Whether (model, version) is loaded and warm here."""
         return (model, version) in self._backends
 
+    def warmup_timings(self, model: str, version: str) -> dict[int, float]:
+        """Seconds a batch of each size (rows) took in the warm-up of (model, version) here,
+        for the batcher's latency model; empty when not loaded."""
+        warmup = self._warmup.get((model, version))
+        return {} if warmup is None else dict(warmup.seconds)
+
+    def warmup_records(self) -> dict[str, dict[str, float]]:
+        """Every ready version's warm-up timings as published in the endpoint record:
+        `{"model/version": {"rows": seconds}}`."""
+        return {
+            f"{m}/{v}": {str(rows): seconds for rows, seconds in warmup.seconds.items()}
+            for (m, v), warmup in sorted(self._warmup.items()) if (m, v) in self._backends
+        }
+
     def serves(self, model: str, version: str) -> bool:
         """Whether a selector names this version (`*`, the model, or `model/version`)."""
         selectors = self._models
@@ -86,7 +109,10 @@ class Worker:
                 if not self.serves(spec.model, spec.version):
                     continue
                 key = (spec.model, spec.version)
-                if key in self._backends or key in self._loading:
+                if key in self._backends:
+                    self._rewarm_if_bigger(spec)
+                    continue
+                if key in self._loading:
                     continue
                 if (spec.model, spec.version, spec.sha256) in self._failed:
                     continue
@@ -102,9 +128,11 @@ class Worker:
             await asyncio.to_thread(backend.load, path)
             # Warm up in the inference thread itself: torch's per-thread state (OpenMP team,
             # allocator caches) is then ready for the first real batch.
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, backend.warm_up, spec.batching.max_batch_size
+            top = spec.batching.max_batch_size
+            seconds = await asyncio.get_running_loop().run_in_executor(
+                self._executor, backend.warm_up, top
             )
+            self._warmup[key] = _Warmup(top, seconds)
             self._backends[key] = backend
             log.info("loaded %s/%s on %s in %.2fs", *key, backend.device,
                      time.perf_counter() - started)
@@ -115,19 +143,56 @@ class Worker:
             self._loading.pop(key, None)
         self._notify()
 
+    def _rewarm_if_bigger(self, spec: ModelVersion) -> None:
+        """A version's max_batch_size grew (the registry changed its queue policy): sweep the
+        new sizes in the background while it keeps serving, then republish the timings.
+
+        The sweep shares the inference thread, so batches arriving meanwhile wait behind it
+        once; without it the first batches of each new size would pay the JIT's stall.
+        """
+        key = (spec.model, spec.version)
+        warmed = self._warmup.get(key)
+        top = spec.batching.max_batch_size
+        if warmed is None or top <= warmed.max_batch_size or key in self._rewarming:
+            return
+        task = asyncio.create_task(self._rewarm(key, top), name=f"rewarm-{key[0]}/{key[1]}")
+        self._rewarming[key] = task
+
+    async def _rewarm(self, key: tuple[str, str], top: int) -> None:
+        try:
+            seconds = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._backends[key].warm_up, top
+            )
+            self._warmup[key] = _Warmup(top, seconds)
+            log.info("re-warmed %s/%s up to batches of %d", *key, top)
+        except Exception as exc:  # still serving: the old sizes stay warm
+            log.warning("re-warm-up of %s/%s failed: %s", *key, exc)
+        finally:
+            self._rewarming.pop(key, None)
+        self._notify()
+        self._reconcile()  # grown again meanwhile?
+
     def _notify(self) -> None:
         for listener in self._listeners:
             listener()
 
     async def run_batch(self, batch: Batch, *, timeout: float | None = None) -> BatchResult:
         """Run one batch on its version's backend in the inference thread (one span, a child
-        of the batch's span)."""
+        of the batch's span).
+
+        A batch whose deadline (`batch.deadline`, else `timeout` seconds from now) passes
+        before the inference thread starts it is dropped unrun with DeadlineExceeded: nobody
+        waits for its rows any more.
+        """
+        deadline = batch.deadline
+        if deadline is None and timeout is not None:
+            deadline = time.time() + timeout
         span = tracing.start("worker.compute", batch.trace)
         span.set("infermesh.model", batch.model)
         span.set("infermesh.version", batch.version)
         span.set("infermesh.batch_size", sum(batch.rows))
         try:
-            result = await self._run_batch(batch)
+            result = await self._run_batch(batch, deadline)
         except BaseException as exc:
             span.end(exc)
             raise
@@ -135,7 +200,7 @@ class Worker:
         span.end()
         return result
 
-    async def _run_batch(self, batch: Batch) -> BatchResult:
+    async def _run_batch(self, batch: Batch, deadline: float | None) -> BatchResult:
         backend = self._backends.get((batch.model, batch.version))
         if backend is None:
             raise Unavailable(f"{batch.model}/{batch.version} is not loaded on this worker")
@@ -143,8 +208,13 @@ class Worker:
         started = time.perf_counter()
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, backend.run_batch, inputs
+                self._executor, _run_if_due, backend, inputs, deadline
             )
+        except _Expired:
+            self._metrics.expired(batch)
+            raise DeadlineExceeded(
+                f"deadline exceeded before the worker could start a batch of {batch.model}"
+            ) from None
         except Exception as exc:
             raise _batch_error(batch, exc) from exc
         self._metrics.observe(batch, backend.device, time.perf_counter() - started)
@@ -157,7 +227,7 @@ class Worker:
 
     async def aclose(self) -> None:
         """Stop loading, unload every version, stop the inference thread."""
-        for task in list(self._loading.values()):
+        for task in [*self._loading.values(), *self._rewarming.values()]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -165,6 +235,28 @@ class Worker:
         for backend in self._backends.values():
             await asyncio.to_thread(backend.unload)
         self._backends.clear()
+
+
+class _Expired(Exception):
+    """The batch's deadline passed before the inference thread got to it."""
+
+
+def _run_if_due(
+    backend: Backend, inputs: dict[str, Any], deadline: float | None
+) -> dict[str, Any]:
+    """`backend.run_batch(inputs)` in the inference thread, unless the deadline passed while
+    the batch waited for the thread (behind another batch); then _Expired."""
+    if deadline is not None and time.time() >= deadline:
+        raise _Expired
+    return backend.run_batch(inputs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Warmup:
+    """What a version's warm-up swept: sizes up to `max_batch_size`, seconds per size."""
+
+    max_batch_size: int
+    seconds: Mapping[int, float]
 
 
 def _batch_error(batch: Batch, exc: Exception) -> InternalError | InvalidInput:

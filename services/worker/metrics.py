@@ -19,12 +19,13 @@ COMPUTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 class _VersionChildren:
     """The label children of one (model, version, device), looked up once."""
 
-    __slots__ = ("batch_rows", "compute", "compute_infer", "requests")
+    __slots__ = ("batch_rows", "compute", "compute_infer", "requests", "rows")
 
     def __init__(self, metrics: WorkerMetrics, model: str, version: str, device: str) -> None:
         self.batch_rows = metrics.batch_rows.labels(model, version, device)
         self.compute = metrics.compute.labels(model, version, device)
         self.requests = metrics.requests.labels(model, version, device)
+        self.rows = metrics.rows.labels(model, version, device)
         self.compute_infer = metrics.compute_infer.labels(model, version)
 
 
@@ -46,6 +47,20 @@ class WorkerMetrics:
             "infermesh_worker_requests", "Requests executed (members of batches)",
             ["model", "version", "device"], registry=self.registry,
         )
+        self.rows = Counter(
+            "infermesh_worker_rows", "Rows executed (Triton's nv_inference_count)",
+            ["model", "version", "device"], registry=self.registry,
+        )
+        self.batches_expired = Counter(
+            "infermesh_worker_batches_expired",
+            "Batches dropped unrun because every member's deadline passed before they started",
+            ["model", "version"], registry=self.registry,
+        )
+        self.deadline_exceeded = Counter(
+            "infermesh_deadline_exceeded",
+            "Requests that missed their deadline, by the hop that answered them so (504)",
+            ["hop"], registry=self.registry,
+        ).labels("worker")
         self.compute_infer = Histogram(
             "infermesh_inference_compute_infer_duration_seconds",
             "Time in the model's forward per batch (nv_inference_compute_infer_duration_us)",
@@ -62,3 +77,9 @@ class WorkerMetrics:
         children.compute.observe(seconds)
         children.compute_infer.observe(seconds)
         children.requests.inc(len(batch.rows))
+        children.rows.inc(sum(batch.rows))
+
+    def expired(self, batch: Batch) -> None:
+        """Count a batch dropped unrun, and its members, as deadline misses."""
+        self.batches_expired.labels(batch.model, batch.version).inc()
+        self.deadline_exceeded.inc(len(batch.rows))

@@ -113,7 +113,8 @@ async def test_one_rejected_request_fails_alone_and_the_others_get_their_outputs
     assert splits >= 1 and runs == 1 + 2 * splits <= 2 * 9 - 1
     assert [b.rows for b in worker.batches[1:] if worker.rejects(b)][-1] == [1]  # ran alone
     batch_span = next(s for s in recorded_spans.get_finished_spans()
-                      if (s.attributes or {}).get("infermesh.batch_requests") == 9)
+                      if s.name == "batcher.batch"
+                      and (s.attributes or {}).get("infermesh.batch_requests") == 9)
     assert (batch_span.attributes or {})["infermesh.batch_splits"] == splits
 
 

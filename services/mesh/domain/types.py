@@ -67,6 +67,9 @@ class Batch:
     """W3C trace context of the batch's span (the worker's compute span is its child)."""
     outputs: list[str] | None = None
     """The outputs any member asked for (None: all); the worker drops the rest."""
+    deadline: float | None = None
+    """The latest of its members' deadlines (`time.time()`), past which nobody waits for any
+    of its rows: a worker that has not started it by then drops it (None: no deadline)."""
 
 
 @dataclass(slots=True)

@@ -191,7 +191,8 @@ def encode_batch(batch: Batch) -> tuple[dict[str, Any], Buffers]:
     descriptors, buffers = _describe(batch.inputs)
     meta = {
         "op": "batch", "model": batch.model, "version": batch.version, "rows": batch.rows,
-        "trace": batch.trace, "outputs": batch.outputs, "tensors": descriptors,
+        "trace": batch.trace, "outputs": batch.outputs, "deadline": batch.deadline,
+        "tensors": descriptors,
     }
     return meta, buffers
 
@@ -201,6 +202,7 @@ def decode_batch(meta: dict[str, Any], payload: memoryview) -> Batch:
         model=_field(meta, "model", str), version=_field(meta, "version", str),
         inputs=_tensors(meta, payload), rows=_items(meta, "rows", int), trace=_trace(meta),
         outputs=_items(meta, "outputs", str, nullable=True, default=None),
+        deadline=_field(meta, "deadline", (int, float), nullable=True, default=None),
     )
 
 
