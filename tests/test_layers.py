@@ -61,7 +61,9 @@ CORE_SIDE = {
 (metrics), its settings object and its own next-hop helpers. Each is held to the same rule
 through the transitive walk, so one of them importing an adapter fails the test too."""
 
-PURE_INFRASTRUCTURE = ("services.mesh.infra.settings", "services.mesh.infra")
+PURE_INFRASTRUCTURE = (
+    "services.mesh.infra.settings", "services.mesh.infra", "services.mesh.infra.instruments",
+)
 """Infrastructure a core may reach: the settings base (frozen dataclasses, parsed from the
 environment in `__main__` only; the module imports the standard library alone, checked below
 like everything a core reaches)."""

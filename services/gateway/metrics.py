@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.gateway.auth import REASONS
+from services.mesh.infra.instruments import deadline_exceeded
 
 UNKNOWN_MODEL = "_unknown"
 """The model label of requests refused before the model was known to exist (401, 403, 404):
@@ -50,11 +51,7 @@ class GatewayMetrics:
             "(invalid_input, unavailable, ...)",
             ["tenant", "outcome"], registry=self.registry,
         )
-        self.deadline_exceeded = Counter(
-            "infermesh_deadline_exceeded",
-            "Requests that missed their deadline, by the hop that answered them so (504)",
-            ["hop"], registry=self.registry,
-        ).labels("gateway")
+        self.deadline_exceeded = deadline_exceeded(self.registry, "gateway")
         self.late_responses_avoided = Counter(
             "infermesh_gateway_late_responses_avoided",
             "Answers that came back after their request's deadline and were replaced by a 504 "

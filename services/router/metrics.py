@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.mesh.domain.errors import InvalidInput, NotFound
+from services.mesh.infra.instruments import deadline_exceeded
 
 SUCCESS, FAILURE, CLIENT_ERROR, DROPPED = "success", "failure", "client_error", "dropped"
 UNKNOWN = "_unknown"
@@ -99,11 +100,7 @@ class RouterMetrics:
             "Time from router receipt to response, primary requests",
             ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
-        self.deadline_exceeded = Counter(
-            "infermesh_deadline_exceeded",
-            "Requests that missed their deadline, by the hop that answered them so (504)",
-            ["hop"], registry=self.registry,
-        ).labels("router")
+        self.deadline_exceeded = deadline_exceeded(self.registry, "router")
         self.fallbacks = Counter(
             "infermesh_router_fallback_total",
             "Requests served by the fallback because the routed version had no ready worker",

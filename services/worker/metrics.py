@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.mesh.domain.types import Batch
+from services.mesh.infra.instruments import deadline_exceeded
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 COMPUTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
@@ -56,11 +57,7 @@ class WorkerMetrics:
             "Batches dropped unrun because every member's deadline passed before they started",
             ["model", "version"], registry=self.registry,
         )
-        self.deadline_exceeded = Counter(
-            "infermesh_deadline_exceeded",
-            "Requests that missed their deadline, by the hop that answered them so (504)",
-            ["hop"], registry=self.registry,
-        ).labels("worker")
+        self.deadline_exceeded = deadline_exceeded(self.registry, "worker")
         self.compute_infer = Histogram(
             "infermesh_inference_compute_infer_duration_seconds",
             "Time in the model's forward per batch (nv_inference_compute_infer_duration_us)",
