@@ -60,10 +60,11 @@ def fault_bed(
         yield FaultBed(mesh, fault_deps)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fault_table(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[FaultRow]]:
     """Rows the tests append; written as JSON under the basetemp (and to
-    `$INFERMESH_FAULT_REPORT`) once the group is done."""
+    `$INFERMESH_FAULT_REPORT`) once the session is done. One table for every module of the
+    group: a table per module would overwrite the others' at the same paths."""
     rows: list[FaultRow] = []
     yield rows
     paths = [tmp_path_factory.getbasetemp() / "faults" / "fault-table.json"]

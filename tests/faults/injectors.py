@@ -60,6 +60,14 @@ class Fault:
 def service_pid(mesh: RunningMesh, module: str, *, environ: str = "") -> int:
     """The pid of the mesh's one `python -m <module>` process (whose environment holds
     `environ`, when given)."""
+    found = service_pids(mesh, module, environ=environ)
+    assert len(found) == 1, f"expected one {module} process ({environ}), found {found}"
+    return found[0]
+
+
+def service_pids(mesh: RunningMesh, module: str, *, environ: str = "") -> list[int]:
+    """The pids of the mesh's `python -m <module>` processes (whose environment holds
+    `environ`, when given)."""
     found = []
     for pid in mesh_processes(mesh.prefix):
         try:
@@ -69,8 +77,7 @@ def service_pid(mesh: RunningMesh, module: str, *, environ: str = "") -> int:
             continue
         if cmdline[1:3] == [b"-m", module.encode()] and environ.encode() in env:
             found.append(pid)
-    assert len(found) == 1, f"expected one {module} process ({environ}), found {found}"
-    return found[0]
+    return found
 
 
 def signal_service(module: str, signum: signal.Signals, *, environ: str = "") -> Inject:

@@ -38,6 +38,8 @@ class Outcome:
     """Seconds from send to answer (or to the connection error); None when hung."""
     error: str = ""
     """The body's `error`, or the connection error's class; empty for a 200."""
+    deadline: float = DEADLINE
+    """The server deadline it carried (seconds)."""
 
     @property
     def ok(self) -> bool:
@@ -57,11 +59,13 @@ class Outcome:
 
 @dataclass
 class OpenLoop:
-    """Sends mlp inferences to `url` at `rate` per second until `stop()`."""
+    """Sends mlp inferences to `url` at `rate` per second until `stop()`, request n with
+    deadline `deadlines[n % len(deadlines)]`."""
 
     url: str
     headers: dict[str, str]
     rate: float = 40.0
+    deadlines: tuple[float, ...] = (DEADLINE,)
     outcomes: list[Outcome] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _pacer: asyncio.Task[None] | None = None
@@ -90,12 +94,13 @@ class OpenLoop:
             # A sleep paces the open-loop sender; it waits for nothing to happen.
             await asyncio.sleep(max(0.0, started + n / self.rate - time.monotonic()))
             request_id = f"fault-{tag}-{n}"
-            payload = {**template, "id": request_id, "parameters": {"timeout": DEADLINE}}
-            self._tasks.append(asyncio.create_task(self._send(request_id, payload)))
+            deadline = self.deadlines[n % len(self.deadlines)]
+            payload = {**template, "id": request_id, "parameters": {"timeout": deadline}}
+            self._tasks.append(asyncio.create_task(self._send(request_id, payload, deadline)))
 
-    async def _send(self, request_id: str, payload: dict[str, Any]) -> None:
+    async def _send(self, request_id: str, payload: dict[str, Any], deadline: float) -> None:
         assert self._session is not None
-        outcome = Outcome(request_id, time.monotonic())
+        outcome = Outcome(request_id, time.monotonic(), deadline=deadline)
         timeout = aiohttp.ClientTimeout(total=HUNG_AFTER)
         headers = {"Content-Type": "application/json", **self.headers}
         try:
