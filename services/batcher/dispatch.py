@@ -30,6 +30,11 @@ class WorkerBook:
         self._running_since: dict[str, float] = {}
         self._free_at: dict[str, float] = {}
         self._suspect_until: dict[str, float] = {}
+        self._launches = 0
+        self._last_launch: dict[str, int] = {}
+        """Per worker, the number of the last batch launched on it: ties go to the worker
+        used least recently, so idle workers take turns (each keeps its latency model warm,
+        and a worker that joins gets batches at light load too)."""
 
     def inflight(self, key: str) -> int:
         """Batches called on the worker and not yet answered."""
@@ -47,7 +52,8 @@ class WorkerBook:
 
     def pick(self, candidates: Sequence[W], depth: int, *, exclude: str | None = None) -> W | None:
         """The worker for the next batch: a free pipeline slot (depth < 1: any), not
-        suspect unless all are, the fewest outstanding rows."""
+        suspect unless all are, the fewest outstanding rows; among equals, the one used
+        least recently."""
         now = self._clock()
         usable = [w for w in candidates if w.key != exclude
                   and (depth < 1 or self.inflight(w.key) < depth)]
@@ -55,9 +61,12 @@ class WorkerBook:
         pool = trusted or usable
         if not pool:
             return None
-        return min(pool, key=lambda w: (self.outstanding(w.key), self.inflight(w.key)))
+        return min(pool, key=lambda w: (self.outstanding(w.key), self.inflight(w.key),
+                                        self._last_launch.get(w.key, -1)))
 
     def launched(self, key: str, rows: int) -> None:
+        self._launches += 1
+        self._last_launch[key] = self._launches
         batches = self._batches.setdefault(key, deque())
         if not batches:
             self._running_since[key] = self._clock()
