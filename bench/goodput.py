@@ -151,10 +151,12 @@ def open_run(
             seconds=args.warmup + args.duration,
         )  # fmt: skip
         stem = target.tmp / f"{name}-{round(deadline * 1000)}ms"
-        script, body = stem.with_suffix(".script"), stem.with_suffix(".json")
+        # Not with_suffix: a load such as 0.5x puts a dot in the name, and with_suffix would
+        # cut there (both classes and both modes would share one log file).
+        script, body = _beside(stem, ".script"), _beside(stem, ".json")
         script.write_text(arrivals.timing_script(url))
         body.write_bytes(slo_body(args.model, deadline))
-        logs[deadline] = stem.with_suffix(".tsv")
+        logs[deadline] = _beside(stem, ".tsv")
         idle_s = round(period_ms / 1000 + 4 * max(deadlines) + 5)
         commands.append(arrivals.command(script, body, logs[deadline], headers, idle_s=idle_s))
         summaries.append(target.logs / f"{stem.name}.out")
@@ -162,6 +164,11 @@ def open_run(
     parsed = {d: parse_log(path.read_text()) for d, path in logs.items()}
     started = sum(started_requests(path.read_text()) for path in summaries)
     return parsed, cpu, started - sum(map(len, parsed.values()))
+
+
+def _beside(stem: Path, extension: str) -> Path:
+    """`stem` with `extension` appended (never replacing what follows a dot in its name)."""
+    return stem.parent / f"{stem.name}{extension}"
 
 
 def one_run(

@@ -165,3 +165,14 @@ def test_report_compares_modes_within_each_round() -> None:
             report.runs.append(Measurement("bursty", 2.0, mode, round_, 1.0, {0.05: outcome}))
     assert report.ratios() == {"bursty 2x": [1.5, 2.0]}
     assert "| bursty 2x | 1.50, 2.00 |" in report.markdown()
+
+
+def test_run_files_of_a_fractional_load_do_not_collide(tmp_path: Path) -> None:
+    # "h2load-r0-uniform-0.5x-static-50ms": Path.with_suffix would cut at "0." and give every
+    # class and mode of the 0.5x and 1.5x loads one shared log file.
+    from bench.goodput import _beside
+
+    names = {_beside(tmp_path / f"h2load-r0-uniform-{load:g}x-{mode}-{ms}ms", ".tsv")
+             for load in (0.5, 1.5) for mode in ("predictive", "static") for ms in (50, 250)}
+    assert len(names) == 8
+    assert all(name.name.endswith("ms.tsv") for name in names)
