@@ -9,6 +9,7 @@ whatever happened: an answer, an error, or a cancelled (disconnected) request.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import os
 import time
@@ -18,6 +19,7 @@ from types import TracebackType
 from services.gateway.access import Access
 from services.gateway.auth import AuthFailure, HeaderLookup
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.overload import OverloadGuard
 from services.gateway.quotas import Permit, Rejection
 from services.gateway.sticky import (
     DEFAULT_STICKY_HEADERS,
@@ -31,6 +33,7 @@ from services.mesh.domain.errors import (
     DeadlineExceeded,
     InfermeshError,
     InvalidInput,
+    Overloaded,
     QuotaExceeded,
 )
 from services.mesh.domain.hops import InferTarget
@@ -79,6 +82,31 @@ def _outcome(exc: BaseException | None) -> str:
     return "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
 
 
+class RequestIds:
+    """Request ids for requests that bring none: 32 hex digits, a per-process random prefix (64
+    bits, drawn at start and again in a forked child) then a 64-bit counter.
+
+    Unique across processes and restarts as long as no two processes draw the same prefix
+    (about n**2 / 2**65 for n processes). No `os.urandom` per request: it releases the GIL,
+    and taking it back behind the worker's inference thread stalled the event loop.
+    """
+
+    def __init__(self) -> None:
+        self._draw_prefix()
+        os.register_at_fork(after_in_child=self._draw_prefix)
+
+    def _draw_prefix(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()  # next() on it is atomic under the GIL
+
+    def next(self) -> str:
+        """The next id of this process."""
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+_REQUEST_IDS = RequestIds()
+
+
 class Gateway:
     """Authenticates, enforces quotas, validates requests and hands them to the router."""
 
@@ -86,7 +114,7 @@ class Gateway:
         self, catalog: ModelCatalog, router: InferTarget, *, access: Access,
         metrics: GatewayMetrics | None = None, default_timeout: float = 30.0,
         sticky_headers: tuple[str, ...] = DEFAULT_STICKY_HEADERS,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, overload: OverloadGuard | None = None,
     ) -> None:
         self._catalog = catalog
         self._router = router
@@ -97,11 +125,14 @@ class Gateway:
         self._sticky_keys: frozenset[str] | None = None
         self._sticky_names: tuple[str, ...] = ()
         self._clock = clock
+        self.overload = overload if overload is not None else OverloadGuard(clock=clock)
+        """Refuses what the mesh cannot answer in time; knows how late this loop runs."""
+        self.metrics.loop_lag.set_function(lambda: self.overload.lag)
 
     @staticmethod
     def new_request_id() -> str:
-        """128 random bits as 32 hex digits (a uuid4's entropy at a quarter of its cost)."""
-        return os.urandom(16).hex()
+        """A process-unique id as 32 hex digits, see `RequestIds` (no system call per id)."""
+        return _REQUEST_IDS.next()
 
     def live(self) -> bool:
         return True
@@ -204,6 +235,8 @@ class Gateway:
             spec = self._catalog.resolve(request.model, request.version)
         validate_request(request, spec.signature, max_rows=spec.batching.max_batch_size)
         self._stamp_deadline(request, spec)
+        if spec.batching.admission != "off":
+            self._refuse_if_late(request)
         if header is not None and request.version is None:
             self._sticky_from_header(request, header)
         request.trace = span.carrier()
@@ -225,9 +258,21 @@ class Gateway:
         forward_sticky_headers(request.parameters, header, self._sticky_names)
 
     def deadline_after(self, seconds: float | None) -> float | None:
-        """The deadline `seconds` from now on the gateway's clock (None for None): what an
-        adapter stamps on a request for a timeout its protocol carries (X-Request-Timeout)."""
-        return None if seconds is None else self._clock() + seconds
+        """The deadline `seconds` after the request arrived on the gateway's clock (None for
+        None): what an adapter stamps on a request for a timeout its protocol carries
+        (X-Request-Timeout). Arrival is now less the loop's lag: under overload a request
+        waits in the socket before its handler runs, and its client counts that wait."""
+        return None if seconds is None else self.overload.now() + seconds
+
+    def _refuse_if_late(self, request: InferRequest) -> None:
+        """Overloaded (503 + Retry-After) at once if answers for the model take longer now
+        than the request has left: it would only cost the mesh work and come back a 504."""
+        assert request.deadline is not None, "stamped by _stamp_deadline"
+        try:
+            self.overload.check(request.model, request.deadline)
+        except Overloaded:
+            self.metrics.overload_refusals.inc()
+            raise
 
     def ensure_on_time(self, deadline: float | None) -> None:
         """Raise DeadlineExceeded (counted as a miss and a late answer avoided) when `deadline`
@@ -255,7 +300,7 @@ class Gateway:
             or not 0 < timeout < math.inf
         ):
             raise InvalidInput("parameter 'timeout': must be a positive number of seconds")
-        now = self._clock()
+        now = self.overload.now()
         given = [d for d in (request.deadline, self.deadline_after(timeout)) if d is not None]
         if given:
             request.deadline = min(given)
@@ -272,6 +317,7 @@ class Gateway:
         if left <= 0:
             raise DeadlineExceeded("deadline exceeded before the gateway forwarded the request")
         scope = asyncio.timeout(left)
+        ticket = self.overload.started(request.model)
         try:
             async with scope:
                 response = await self._router.infer(request)
@@ -279,6 +325,8 @@ class Gateway:
             if not scope.expired():
                 raise
             raise DeadlineExceeded("deadline exceeded waiting for the model") from exc
+        finally:
+            self.overload.finished(request.model, ticket)
         self._check_on_time(request.deadline)
         return response
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.gateway.auth import REASONS
 from services.mesh.infra.instruments import deadline_exceeded
@@ -56,6 +56,18 @@ class GatewayMetrics:
             "infermesh_gateway_late_responses_avoided",
             "Answers that came back after their request's deadline and were replaced by a 504 "
             "(no 200 leaves after its deadline)",
+            registry=self.registry,
+        )
+        self.overload_refusals = Counter(
+            "infermesh_gateway_overload_refusals",
+            "Requests refused at once (503) because answers take longer now than they had "
+            "left before their deadline",
+            registry=self.registry,
+        )
+        self.loop_lag = Gauge(
+            "infermesh_gateway_loop_lag_seconds",
+            "How late the gateway's event loop runs (a decaying maximum): about how long a "
+            "request waits before its handler runs",
             registry=self.registry,
         )
         # Children by label values: `labels()` costs microseconds a call; a dict lookup does

@@ -48,6 +48,8 @@ async def build_gateway(
         catalog, router, access=access, metrics=GatewayMetrics(registry),
         default_timeout=settings.default_timeout, sticky_headers=settings.sticky_headers,
     )
+    core.overload.start_probe()
+    stack.push_async_callback(core.overload.aclose)
     store = await stack.enter_async_context(
         open_feedback_store(settings.database_url, timeout=settings.database_timeout)
     )
