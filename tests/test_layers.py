@@ -49,7 +49,8 @@ POLICIES = (
 """Pure policies: functions over a small context, fed by a core or a runner."""
 
 CORE_SIDE = {
-    "gateway": ("access", "auth", "quotas", "validation", "metrics", "settings", "sticky"),
+    "gateway": ("access", "auth", "quotas", "validation", "metrics", "settings", "sticky",
+                "overload"),
     "router": ("policy", "shadow", "metrics", "settings", "compare"),
     "batcher": ("policy", "fairness", "lanes", "batches", "metrics", "tenants", "workers",
                 "settings", "bisection", "latency", "admission", "dispatch", "deadlines"),

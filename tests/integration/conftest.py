@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -98,10 +99,26 @@ def start_mesh(state_dir: Path, *, fused: bool, env: dict[str, str]) -> RunningM
                        prefix, full_env, edge_port, f"http://127.0.0.1:{control_port}")
     up = threading.Event()
     threading.Thread(target=_pump, args=(mesh, up), daemon=True).start()
-    if not up.wait(240):
-        mesh.stop()
+    try:
+        came_up = up.wait(240)
+    except BaseException:  # pytest-timeout, Ctrl-C: never leave a mesh running behind
+        _stop_quietly(mesh)
+        raise
+    if not came_up:
+        _stop_quietly(mesh)
         pytest.fail("infermesh up did not come up:\n" + "".join(mesh.output[-40:]))
     return mesh
+
+
+def _stop_quietly(mesh: RunningMesh) -> None:
+    """Ctrl-C the launcher; kill its whole mesh (every process with its marker) if that
+    is not enough within 15 s."""
+    try:
+        mesh.stop(timeout=15)
+    except subprocess.TimeoutExpired:
+        for pid in [mesh.process.pid, *mesh_processes(mesh.prefix)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _pump(mesh: RunningMesh, up: threading.Event) -> None:
