@@ -2,6 +2,7 @@
 
 PY := .venv/bin/python
 ARGS ?=
+CPU_ARGS ?=
 PYTEST_ARGS ?=
 
 bootstrap:
@@ -19,6 +20,7 @@ lint: bootstrap
 
 bench: bootstrap
 	$(PY) -m bench.run_all $(ARGS)
+	$(PY) -m bench.cpu_per_request $(CPU_ARGS)
 
 clean:
 	rm -rf .infermesh

@@ -1,0 +1,183 @@
+"""CPU time per request, per hop: the plain server, fused mode and the mesh, one after another.
+
+    python -m bench.cpu_per_request [--requests 20000] [--concurrency 64]
+                                    [--systems plain,fused,mesh]
+
+Each system runs alone, started as ``bench.run_all`` starts it (``bench.plain_server``;
+``infermesh up`` and ``infermesh up --fused`` with their own etcd, Postgres and state dir, auth
+on), and is stopped before the next one starts. After ``--warmup-requests`` unmeasured
+requests, h2load (nghttp2's C client) sends exactly ``--requests`` mlp requests over
+``--concurrency`` HTTP/1.1 connections, one request in flight on each (a closed loop); unlike
+wrk, which runs for a duration, it stops at a request count, so nothing is cut off mid-flight.
+
+Around that run the CPU time (user + system, ``/proc/<pid>/stat``) of every process of the
+system is read (see ``bench.proc_cpu``); the client's own comes from its rusage. Each figure is
+divided by the requests answered: µs of CPU per request, per process. Data-plane hops (gateway,
+router, batcher, workers, fused, nginx) sum to ``hops``; Postgres (the prediction log) and etcd
+are stores; registry, control API and launcher are the control plane, idle during the run, so
+their figures are idle costs spread over the requests. ``all processes`` sums everything but
+the client. Ratios are to the plain server's figure of the same run. CPU time is counted in
+clock ticks (10 ms), so at 20,000 requests a hop's figure is good to a few µs. A process that
+exits during the run loses its CPU from the count; one that starts is counted from zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import proc_cpu
+from bench.cpu_report import CpuReport, SystemRun
+from bench.credentials import auth_headers
+from bench.h2load import H2LOAD, run_together
+from bench.models import DEFAULT_CACHE_DIR
+from bench.payloads import infer_path, request_body
+from bench.report import write_report
+from bench.run_all import start_launcher, start_plain
+
+SYSTEMS = ("plain", "fused", "mesh")
+MODEL = "mlp"
+
+
+@dataclass(frozen=True)
+class ClientRun:
+    """What h2load reported for one run, and the CPU it spent."""
+
+    done: int
+    succeeded: int
+    seconds: float
+    cpu_s: float
+
+
+def h2load_command(url: str, body: Path, *, requests: int, concurrency: int) -> list[str]:
+    """h2load, one thread, HTTP/1.1, exactly ``requests`` POSTs over ``concurrency`` conns."""
+    command = [H2LOAD, "--h1", "-t", "1", "-n", str(requests), "-c", str(concurrency),
+               "-d", str(body), "-H", "content-type: application/json"]  # fmt: skip
+    for name, value in auth_headers(url).items():
+        command += ["-H", f"{name}: {value}"]
+    return [*command, url.rstrip("/") + infer_path(MODEL)]
+
+
+def parse_summary(text: str) -> tuple[int, int, float]:
+    """(requests done, requests answered 2xx/3xx, seconds) from h2load's summary."""
+    counts = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", text)
+    finished = re.search(r"finished in ([\d.]+)(us|ms|s)\b", text)
+    if counts is None or finished is None:
+        raise RuntimeError(f"no request counts in h2load's summary:\n{text[-2000:]}")
+    seconds = float(finished.group(1)) / {"us": 1e6, "ms": 1e3, "s": 1.0}[finished.group(2)]
+    return int(counts.group(1)), int(counts.group(2)), seconds
+
+
+def run_h2load(url: str, *, requests: int, concurrency: int, timeout: float) -> ClientRun:
+    """One h2load run against ``url``; raises if it fails or no request succeeds."""
+    with tempfile.TemporaryDirectory(prefix="infermesh-cpu-") as tmp:
+        body, output = Path(tmp) / "body.json", Path(tmp) / "h2load.out"
+        body.write_bytes(request_body(MODEL, 1))
+        command = h2load_command(url, body, requests=requests, concurrency=concurrency)
+        cpu_s = run_together([command], [output], timeout)
+        done, succeeded, seconds = parse_summary(output.read_text())
+    if succeeded == 0:
+        raise RuntimeError(f"no request to {url} succeeded ({done} done)")
+    return ClientRun(done, succeeded, seconds, cpu_s)
+
+
+def start_system(stack: ExitStack, system: str, args: argparse.Namespace, logs: Path) -> str:
+    """Start ``system`` on ``stack`` and return its base URL."""
+    if system == "plain":
+        return start_plain(stack, args, logs)
+    return start_launcher(stack, args, logs, system)
+
+
+def measure(system: str, args: argparse.Namespace, logs: Path) -> SystemRun:
+    """Start ``system`` alone, warm it up, measure one run, stop it (and anything it left)."""
+    seen: set[proc_cpu.ProcessKey] = set()
+    with ExitStack() as stack:
+        # Registered first, so it runs last: after the system's own stop.
+        stack.callback(proc_cpu.kill_leftovers, seen)
+        before_start = proc_cpu.children_of(os.getpid())
+        url = start_system(stack, system, args, logs)
+        roots = proc_cpu.with_postmasters(proc_cpu.children_of(os.getpid()) - before_start)
+        seen.update(proc_cpu.tree_cpu(roots))
+        if args.warmup_requests:
+            run_h2load(url, requests=args.warmup_requests, concurrency=args.concurrency,
+                       timeout=args.run_timeout)  # fmt: skip
+        before = proc_cpu.tree_cpu(roots)
+        client = run_h2load(url, requests=args.requests, concurrency=args.concurrency,
+                            timeout=args.run_timeout)  # fmt: skip
+        after = proc_cpu.tree_cpu(roots)
+        seen.update(after)
+        labels = {key: proc_cpu.label_of(key.pid) for key in after}
+    cpu_s: dict[str, float] = {}
+    for key, seconds in after.items():
+        cpu_s[labels[key]] = cpu_s.get(labels[key], 0.0) + seconds - before.get(key, 0.0)
+    return SystemRun(system, requests=client.done, succeeded=client.succeeded,
+                     seconds=client.seconds, client_cpu_s=client.cpu_s, cpu_s=cpu_s)  # fmt: skip
+
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_per_request", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20_000, help="measured requests")
+    parser.add_argument("--concurrency", type=int, default=64, help="connections")
+    parser.add_argument("--warmup-requests", type=int, default=2_000, help="unmeasured, first")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="comma-separated, in order, from: " + ", ".join(SYSTEMS))
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/cpu-DATE.json)")
+    parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds per h2load run")
+    parser.add_argument("--plain-port", type=int, default=8500)
+    parser.add_argument("--infermesh", default=".venv/bin/infermesh", help="launcher executable")
+    parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--artifact-dir", type=Path, help="DIR/mlp.pt for the plain server")
+    return parser
+
+
+def _checked(args: argparse.Namespace) -> list[str]:
+    systems = [s for s in args.systems.split(",") if s]
+    if not systems or set(systems) - set(SYSTEMS):
+        raise SystemExit(f"--systems: choose from {', '.join(SYSTEMS)}, got {args.systems!r}")
+    for name in ("requests", "warmup_requests"):
+        value = getattr(args, name)
+        if value and value < args.concurrency:  # h2load refuses fewer requests than clients
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least --concurrency")
+    return systems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure each system in turn, print the Markdown, write the JSON."""
+    args = _parser().parse_args(argv)
+    systems = _checked(args)
+    started = datetime.now(UTC)
+    command = shlex.join(["python", "-m", "bench.cpu_per_request",
+                          *(sys.argv[1:] if argv is None else argv)])  # fmt: skip
+    report = CpuReport(command, started, requests=args.requests, concurrency=args.concurrency)
+    out = args.out or Path("bench/results") / f"cpu-{started:%Y-%m-%dT%H%M%SZ}.json"
+    logs = out.with_suffix(".logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so every system started is stopped.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        for system in systems:
+            began = time.monotonic()
+            report.runs.append(run := measure(system, args, logs))
+            print(f"{system}: {run.summary()} ({time.monotonic() - began:.0f} s in all)",
+                  flush=True)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    write_report(report, out, logs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
