@@ -111,7 +111,7 @@ def _call(
     model or method)."""
     request = urllib.request.Request(
         base + path, method=method, data=None if body is None else orjson.dumps(body),
-        headers={"Content-Type": "application/json", **(headers or {})},
+        headers={"Content-Type": "application/json", **auth_headers(base), **(headers or {})},
     )  # fmt: skip
     try:
         with urllib.request.urlopen(request, timeout=10.0) as response:

@@ -44,6 +44,7 @@ import orjson
 import uvloop
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from bench.credentials import state_dir_of
 from bench.loadgen import _Window
 from bench.payloads import PAYLOAD_SPECS, PayloadSpec, TensorSpec, infer_path
 from bench.rawhttp import RawClient
@@ -328,6 +329,8 @@ def register_big(args: argparse.Namespace, artifact: Path, gateway: str) -> None
                "--artifact", str(artifact), "--input", f"x:FP32:-1,{BIG_WIDTH}",
                "--output", f"y:FP32:-1,{BIG_WIDTH}", "--max-batch-size", "4",
                "--registry", f"http://127.0.0.1:{args.registry_port}"]  # fmt: skip
+    state_dir = state_dir_of(f"http://127.0.0.1:{args.registry_port}")
+    command += [] if state_dir is None else ["--state-dir", str(state_dir)]
     subprocess.run(command, check=True, capture_output=True)
     deadline = time.monotonic() + args.ready_timeout
     while True:

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.credentials import auth_headers
+from bench.credentials import auth_headers, registry_credential
 from bench.report import RatioReport, write_report
 from bench.run_all import closed_loop, start_launcher
 from control.registry_client import RegistryClient, register_file
@@ -46,7 +46,8 @@ async def register_second_version(registry: str) -> None:
     with tempfile.TemporaryDirectory() as outdir:
         [mlp] = [m for m in build_demo_models(Path(outdir)) if m.name == "mlp"]
         async with aiohttp.ClientSession() as session:
-            await register_file(RegistryClient(session, registry), "mlp", "2", mlp.artifact,
+            client = RegistryClient(session, registry, credential=registry_credential(registry))
+            await register_file(client, "mlp", "2", mlp.artifact,
                                 mlp.signature, batching=mlp.batching, device="cpu")
 
 

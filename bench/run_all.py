@@ -31,7 +31,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.credentials import auth_headers, remember
+from bench.credentials import auth_headers, remember, remember_registry
 from bench.inprocess import measure_inprocess
 from bench.loadgen import run_closed, run_open
 from bench.models import DEFAULT_CACHE_DIR
@@ -166,6 +166,7 @@ def start_launcher(
     stack.enter_context(serving(command, f"{url}/v2/health/ready", logs / f"{setup}.log",
                                 args.ready_timeout, banner="infermesh is up", env=env))  # fmt: skip
     remember(url, Path(state_dir))
+    remember_registry(f"http://127.0.0.1:{registry_port}", Path(state_dir))
     return url
 
 

@@ -36,6 +36,7 @@ from cli.trace import add_trace_command
 from control.registry_client import RegistryClient, RegistryError, register_file
 from services.mesh.domain.tensors import DATATYPES
 from services.mesh.domain.types import PREDICTION_LOG_POLICIES
+from services.mesh.infra.credentials import CredentialError, MeshCredential
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8200"
 
@@ -117,11 +118,24 @@ Command = Callable[[RegistryClient, argparse.Namespace], Awaitable[int]]
 
 
 def _with_registry(command: Command) -> Callable[[argparse.Namespace], int]:
-    async def call(args: argparse.Namespace) -> int:
+    async def call(args: argparse.Namespace, credential: MeshCredential) -> int:
         async with aiohttp.ClientSession() as session:
-            return await command(RegistryClient(session, args.registry), args)
+            client = RegistryClient(session, args.registry, credential=credential)
+            return await command(client, args)
 
-    return lambda args: asyncio.run(call(args))
+    def run(args: argparse.Namespace) -> int:
+        path = os.environ.get("INFERMESH_MESH_CREDENTIAL_FILE") or str(
+            Path(args.state_dir) / "secrets" / "mesh-credential"
+        )
+        try:
+            credential = MeshCredential.load(path)
+        except CredentialError as exc:
+            print(f"error: {exc} (the registry needs the mesh credential: set "
+                  f"INFERMESH_MESH_CREDENTIAL_FILE or --state-dir)", file=sys.stderr)
+            return 2
+        return asyncio.run(call(args, credential))
+
+    return run
 
 
 async def _cmd_models_register(client: RegistryClient, args: argparse.Namespace) -> int:
@@ -167,6 +181,11 @@ def _registry_options() -> argparse.ArgumentParser:
     common.add_argument(
         "--registry", default=os.environ.get("INFERMESH_REGISTRY_URL", DEFAULT_REGISTRY),
         help="registry URL (env INFERMESH_REGISTRY_URL, default %(default)s)",
+    )
+    common.add_argument(
+        "--state-dir", default=".infermesh",
+        help="state dir of `infermesh up`, whose secrets/mesh-credential the registry wants "
+             "(env INFERMESH_MESH_CREDENTIAL_FILE names the file instead; default %(default)s)",
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return common

@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 
 from services.mesh.infra.digests import sha256_of
+from services.mesh.transport.auth import Credential, bearer
 
 READ_SIZE = 1024 * 1024
 
@@ -26,11 +27,15 @@ class RegistryError(Exception):
 
 
 class RegistryClient:
-    """Calls the registry at `base_url` through a session the caller owns and closes."""
+    """Calls the registry at `base_url`, presenting the mesh `credential`, through a session
+    the caller owns and closes."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, *, credential: Credential
+    ) -> None:
         self._session = session
         self._base_url = base_url.rstrip("/")
+        self._credential = credential
 
     async def create_model(self, name: str, description: str = "") -> dict[str, Any]:
         """Create a model (an existing one is returned unchanged)."""
@@ -88,6 +93,7 @@ class RegistryClient:
         if "json" in kwargs:
             kwargs["data"] = orjson.dumps(kwargs.pop("json"))
             kwargs["headers"] = {"Content-Type": "application/json"}
+        kwargs["headers"] = {**kwargs.get("headers", {}), **bearer(self._credential)}
         url = self._base_url + path
         try:
             async with self._session.request(method, url, **kwargs) as response:

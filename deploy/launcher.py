@@ -34,13 +34,16 @@ import uvloop
 from control.registry_client import RegistryClient, RegistryError, register_file
 from deploy.admin_token import control_tokens, first_secret
 from deploy.banner import OFF, BannerFacts, banner
+from deploy.child_env import BindHosts, ChildSecrets, child_env, dial, service_of
 from deploy.demo_tenant import ensure_demo_key
 from deploy.edge import Edge, EdgeConfig, nginx_binary, start_edge
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
+from deploy.secrets import ensure_mesh_credential
 from deploy.supervisor import Supervised
 from deploy.workers import WorkerFleet, handoff_bound
+from services.mesh.infra.credentials import MeshCredential
 from services.mesh.infra.db import create_pool, migrate
-from services.mesh.infra.etcd import ConfigCache, connect_client
+from services.mesh.infra.etcd import ConfigCache, connect_client, redact_url
 
 log = logging.getLogger("infermesh.up")
 
@@ -58,7 +61,8 @@ class Launcher:
         self.control_port = int(os.environ.get("INFERMESH_CONTROL_PORT", "8100"))
         self.router_replicas = int(os.environ.get("INFERMESH_ROUTER_REPLICAS", "1"))
         self.auth = os.environ.get("INFERMESH_GATEWAY_AUTH", "1").lower() not in OFF
-        self.edge = _edge_config(self.gateway_port, self.grpc_port)
+        self.edge = _edge_config(BindHosts.from_env(os.environ).public, self.gateway_port,
+                                 self.grpc_port)
         self._edge: Edge | None = None
         self.prefix = os.environ.get("INFERMESH_ETCD_PREFIX", "/infermesh/")
         self._etcd: LocalEtcd | None = None
@@ -66,13 +70,19 @@ class Launcher:
         self._children: list[Supervised] = []
         self._fleet: WorkerFleet[Supervised] | None = None
         self._env: dict[str, str] = {}
+        """The launcher's own view, secrets included; each child gets `child_env` of it."""
+        self._secrets = ChildSecrets(etcd_url="", database_url="", admin_tokens="")
+        self.hosts = BindHosts.from_env(os.environ)
 
     def start_dependencies(self) -> None:
         """Private etcd and Postgres unless URLs are given (blocking; before the loop)."""
         etcd_url = os.environ.get("INFERMESH_ETCD_URL")
+        etcd_urls: dict[str, str] | None = None
         if not etcd_url:
-            self._etcd = start_etcd(self.state_dir / "etcd", port=_port_or_free(2379))
-            etcd_url = self._etcd.url
+            self._etcd = start_etcd(self.state_dir / "etcd", port=_port_or_free(2379),
+                                    prefix=self.prefix)
+            etcd_url = self._etcd.url_for("launcher")
+            etcd_urls = {user: self._etcd.url_for(user) for user in self._etcd.passwords}
         database_url = os.environ.get("INFERMESH_DATABASE_URL")
         if not database_url:
             self._postgres = start_postgres(self.state_dir / "postgres")
@@ -83,6 +93,8 @@ class Launcher:
             "INFERMESH_REGISTRY_PORT": str(self.registry_port),
             "INFERMESH_CONTROL_PORT": str(self.control_port),
             "INFERMESH_CONTROL_ADMIN_TOKENS": control_tokens(self.state_dir),
+            "INFERMESH_MESH_CREDENTIAL_FILE": os.environ.get("INFERMESH_MESH_CREDENTIAL_FILE")
+            or str(ensure_mesh_credential(self.state_dir)),
             "INFERMESH_REGISTRY_ARTIFACT_DIR": str(self.state_dir / "artifacts"),
             "INFERMESH_GATEWAY_HTTP_PORT": str(self.gateway_port),
             "INFERMESH_GATEWAY_GRPC_PORT": str(self.grpc_port),
@@ -91,6 +103,9 @@ class Launcher:
             "INFERMESH_ROUTER_PREDICTION_LOG_SPOOL": os.environ.get(
                 "INFERMESH_ROUTER_PREDICTION_LOG_SPOOL", str(self.state_dir / "spool")),
         }
+        self._secrets = ChildSecrets(
+            etcd_url=etcd_url, database_url=database_url, etcd_urls=etcd_urls,
+            admin_tokens=self._env["INFERMESH_CONTROL_ADMIN_TOKENS"])
         if not _collector_configured(os.environ):
             # No OTLP collector: spans go to local files that `infermesh trace` reads.
             self._env.setdefault("INFERMESH_TRACE_DIR", str(self.state_dir / "traces"))
@@ -102,7 +117,8 @@ class Launcher:
             self._etcd.stop()
 
     def _spawn(self, name: str, module: str, **env: str) -> Supervised:
-        child = Supervised(name, ["-m", module], env={**self._env, **env},
+        own = child_env(service_of(name), self._env, self._secrets, self.hosts)
+        child = Supervised(name, ["-m", module], env={**own, **env},
                            log_dir=self.state_dir / "logs")
         child.start()
         # Drained (retired) workers that have exited leave the list.
@@ -127,7 +143,7 @@ class Launcher:
                 self._spawn("router" if replica == 0 else f"router-{replica}", "services.router")
             for name in ("batcher", "gateway"):
                 self._spawn(name, f"services.{name}")
-        etcd = connect_client(self._env["INFERMESH_ETCD_URL"])
+        etcd = connect_client(self._secrets.etcd_for("launcher"))
         config = ConfigCache(etcd, self.prefix)
         try:
             await config.start()
@@ -188,8 +204,12 @@ class Launcher:
         from services.worker.demo_models import build_demo_models
 
         models = await asyncio.to_thread(build_demo_models, self.state_dir / "demo-models")
-        client = RegistryClient(session, f"http://127.0.0.1:{self.registry_port}")
-        await _wait_http(session, f"http://127.0.0.1:{self.registry_port}/v2/health/live", 60)
+        credential = await asyncio.to_thread(
+            MeshCredential.load, self._env["INFERMESH_MESH_CREDENTIAL_FILE"]
+        )
+        registry = f"http://{dial(self.hosts.internal)}:{self.registry_port}"
+        client = RegistryClient(session, registry, credential=credential)
+        await _wait_http(session, f"{registry}/v2/health/live", 60)
         for demo in models:
             try:
                 await register_file(client, demo.name, demo.version, demo.artifact,
@@ -219,8 +239,8 @@ class Launcher:
         print(self.banner(), flush=True)
 
     async def _ready(self, session: aiohttp.ClientSession, models: list[str]) -> None:
-        base = f"http://127.0.0.1:{self.gateway_port}/v2"
-        control = f"http://127.0.0.1:{self.control_port}"
+        base = f"http://{dial(self.hosts.public)}:{self.gateway_port}/v2"
+        control = f"http://{dial(self.hosts.admin)}:{self.control_port}"
         await _wait_all(session, [f"{base}/health/ready", f"{control}/v1/health"], 300)
         headers = {}
         if self.auth:  # model endpoints need a key: the demo tenant's
@@ -234,7 +254,7 @@ class Launcher:
         return banner(BannerFacts(
             fused=self.fused, gateway_port=self.gateway_port, grpc_port=self.grpc_port,
             registry_port=self.registry_port, control_port=self.control_port,
-            state_dir=self.state_dir, etcd_url=self._env["INFERMESH_ETCD_URL"],
+            state_dir=self.state_dir, etcd_url=redact_url(self._env["INFERMESH_ETCD_URL"]),
             edge=self.edge if self._edge is not None else None, auth=self.auth,
             traces=_trace_target(self._env),
         ))
@@ -247,14 +267,14 @@ class Launcher:
         self._children.clear()
 
 
-def _edge_config(gateway_port: int, grpc_port: int) -> EdgeConfig | None:
+def _edge_config(host: str, gateway_port: int, grpc_port: int) -> EdgeConfig | None:
     """The edge from `INFERMESH_EDGE_*` (port 8080; TLS on 8443 with a cert and key)."""
     if os.environ.get("INFERMESH_EDGE", "1") == "0":
         return None
     cert, key = os.environ.get("INFERMESH_EDGE_CERT"), os.environ.get("INFERMESH_EDGE_KEY")
     return EdgeConfig(
-        h2c_port=int(os.environ.get("INFERMESH_EDGE_PORT", "8080")),
-        rest_upstream=f"127.0.0.1:{gateway_port}", grpc_upstream=f"127.0.0.1:{grpc_port}",
+        host=host, h2c_port=int(os.environ.get("INFERMESH_EDGE_PORT", "8080")),
+        rest_upstream=f"{dial(host)}:{gateway_port}", grpc_upstream=f"{dial(host)}:{grpc_port}",
         tls_port=int(os.environ.get("INFERMESH_EDGE_TLS_PORT", "8443")) if cert and key else None,
         certificate=Path(cert) if cert else None, key=Path(key) if key else None,
     )
@@ -308,11 +328,19 @@ def _port_or_free(preferred: int) -> int:
     return preferred
 
 
+def make_private(state_dir: Path) -> None:
+    """Create `state_dir` 0700 and make every file this process and its children create from
+    now on (secrets, logs, traces, spool) 0600: the mesh's files are this user's alone."""
+    os.umask(0o077)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o700)
+
+
 def run_up(*, state_dir: Path, fused: bool = False, demo: bool = True) -> int:
     """Entry point of `infermesh up`; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     launcher = Launcher(state_dir, fused=fused, demo=demo)
-    launcher.state_dir.mkdir(parents=True, exist_ok=True)
+    make_private(launcher.state_dir)
     launcher.start_dependencies()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

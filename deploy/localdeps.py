@@ -4,6 +4,11 @@ Each instance lives in a data directory of its own, listens on 127.0.0.1 only, a
 its own process group so that Ctrl-C in a terminal does not reach it before ``stop()``.
 Starting again on an existing data directory reuses its contents (``make up`` is idempotent),
 and a server left running by a killed launcher is stopped before the new one starts.
+
+Both run with credentials (docs/SECURITY.md): etcd with auth on, a ``root`` user and one user
+per service (``deploy/etcd_users.py``); Postgres with ``scram-sha-256`` and an application role
+that owns the app database but is no superuser. Passwords live in a secrets directory, by
+default ``<data dir>/../secrets`` (``<state dir>/secrets`` for ``infermesh up``), files 0600.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
+from urllib.parse import quote
+
+from deploy.etcd_users import ROOT, ensure_secret, etcd_passwords, provision
 
 _START_TIMEOUT = 20.0
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -63,6 +71,11 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def _private_log(path: Path) -> IO[bytes]:
+    """``path`` opened for appending, created 0600."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+
+
 def _log_tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -92,14 +105,30 @@ class _ContextStop:
 
 
 class LocalEtcd(_ContextStop):
-    """A running single-member etcd; ``url`` is its client URL."""
+    """A running single-member etcd with auth on.
 
-    def __init__(self, process: subprocess.Popen[bytes], log: IO[bytes], data_dir: Path, port: int):
+    ``url`` carries the root user's credentials (for operators and tests), ``url_for(user)``
+    a service user's, and ``endpoint`` none (health checks)."""
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], log: IO[bytes], data_dir: Path, port: int,
+        *, passwords: dict[str, str] | None = None,
+    ):
         self.process = process
         self.data_dir = data_dir
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.passwords = dict(passwords or {})
         self._log = log
+
+    @property
+    def url(self) -> str:
+        """Client URL with the root user's credentials."""
+        return self.url_for(ROOT)
+
+    def url_for(self, user: str) -> str:
+        """Client URL with `user`'s credentials (a service name, ``fused`` or ``root``)."""
+        return f"http://{user}:{quote(self.passwords[user], safe='')}@127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -153,8 +182,10 @@ def _etcd_command(data_dir: Path, port: int, peer_port: int, fast: bool) -> list
     }
     command = ["etcd", *(part for flag in flags.items() for part in flag)]
     if fast:
+        # Throwaway etcds: the cheapest bcrypt, so that each user and each authentication
+        # costs ~1 ms instead of ~50 ms (passwords are random 24-byte tokens either way).
         # Test-only timings: a single member elects itself in ~0.1 s instead of ~1 s.
-        command += ["--heartbeat-interval=10", "--election-timeout=100"]
+        command += ["--bcrypt-cost=4", "--heartbeat-interval=10", "--election-timeout=100"]
     return command
 
 
@@ -166,9 +197,14 @@ def _etcd_healthy(url: str) -> bool:
         return False
 
 
-def start_etcd(data_dir: Path, *, port: int | None = None, fast: bool = False) -> LocalEtcd:
-    """Start etcd on ``data_dir`` and return once it reports healthy (RuntimeError otherwise)."""
+def start_etcd(
+    data_dir: Path, *, port: int | None = None, fast: bool = False,
+    prefix: str = "/infermesh/", secrets_dir: Path | None = None,
+) -> LocalEtcd:
+    """Start etcd on ``data_dir``, wait until it reports healthy (RuntimeError otherwise), and
+    make sure auth is on with the users of ``deploy/etcd_users.py`` on the mesh ``prefix``."""
     data_dir = data_dir.resolve()
+    passwords = etcd_passwords(secrets_dir or data_dir.parent / "secrets")
     data_dir.mkdir(parents=True, exist_ok=True)
     _kill_stale_etcd(data_dir)
     port = port or free_port()
@@ -178,7 +214,7 @@ def start_etcd(data_dir: Path, *, port: int | None = None, fast: bool = False) -
     if platform.machine() == "aarch64":
         env["ETCD_UNSUPPORTED_ARCH"] = "arm64"
     log_path = data_dir / "etcd.log"
-    log = log_path.open("ab")
+    log = _private_log(log_path)
     process = subprocess.Popen(
         _etcd_command(data_dir, port, free_port(), fast),
         stdin=subprocess.DEVNULL,
@@ -187,14 +223,20 @@ def start_etcd(data_dir: Path, *, port: int | None = None, fast: bool = False) -
         env=env,
         start_new_session=True,
     )
-    etcd = LocalEtcd(process, log, data_dir, port)
+    etcd = LocalEtcd(process, log, data_dir, port, passwords=passwords)
     (data_dir / "etcd.pid").write_text(str(process.pid))
     deadline = time.monotonic() + _START_TIMEOUT
-    while not _etcd_healthy(etcd.url):
+    while not _etcd_healthy(etcd.endpoint):
         if process.poll() is not None or time.monotonic() > deadline:
             etcd.stop()
-            raise RuntimeError(f"etcd did not become healthy on {etcd.url}:\n{_log_tail(log_path)}")
+            raise RuntimeError(
+                f"etcd did not become healthy on {etcd.endpoint}:\n{_log_tail(log_path)}")
         time.sleep(0.02)
+    try:
+        provision(etcd.endpoint, prefix, passwords)
+    except (RuntimeError, OSError):
+        etcd.stop()
+        raise
     return etcd
 
 
@@ -261,30 +303,49 @@ def _recover_pid_file(data_dir: Path) -> None:
     pid_file.unlink(missing_ok=True)
 
 
-class LocalPostgres(_ContextStop):
-    """A running private Postgres cluster; ``dsn`` points at its ``postgres`` database."""
+APP_ROLE = "infermesh"
+"""The application's Postgres role: owns the app databases, runs migrations, no superuser."""
 
-    def __init__(self, data_dir: Path, port: int, socket_dir: Path):
+
+class LocalPostgres(_ContextStop):
+    """A running private Postgres cluster with password auth. ``dsn`` points at the ``infermesh``
+    database as the application role; ``superuser_dsn`` at ``postgres`` as the superuser."""
+
+    def __init__(self, data_dir: Path, port: int, socket_dir: Path, *, superuser_password: str = "",
+                 app_password: str = ""):
         self.data_dir = data_dir
         self.port = port
-        self.dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        self.superuser_password = superuser_password
+        self.app_password = app_password
+        self.dsn = self._dsn(APP_ROLE, app_password, APP_ROLE)
+        self.superuser_dsn = self._dsn("postgres", superuser_password, "postgres")
         self.pid: int | None = None  # the postmaster's, once started
         self._socket_dir = socket_dir
         self._stopped = False
 
+    def _dsn(self, role: str, password: str, database: str) -> str:
+        return f"postgresql://{role}:{quote(password, safe='')}@127.0.0.1:{self.port}/{database}"
+
     def create_database(self, name: str) -> str:
-        """Create an empty database called ``name`` and return its DSN."""
+        """Create an empty database called ``name``, owned by the application role, and return
+        its DSN (as that role)."""
         if not _IDENTIFIER.match(name):
             raise ValueError(f"not a plain SQL identifier: {name!r}")
-        connection = f"-h 127.0.0.1 -p {self.port} -U postgres -d postgres -X -q".split()
+        self.superuser_sql(f'CREATE DATABASE "{name}" OWNER {APP_ROLE}')
+        return self._dsn(APP_ROLE, self.app_password, name)
+
+    def superuser_sql(self, script: str, **variables: str) -> str:
+        """Run ``script`` through psql as the superuser; its output (RuntimeError on error)."""
+        connection = f"-h 127.0.0.1 -p {self.port} -U postgres -d postgres -X -q -At".split()
+        names = [part for key, value in variables.items() for part in ("-v", f"{key}={value}")]
         result = subprocess.run(
-            ["psql", *connection, "-v", "ON_ERROR_STOP=1", "-c", f'CREATE DATABASE "{name}"'],
-            capture_output=True,
-            text=True,
+            ["psql", *connection, "-v", "ON_ERROR_STOP=1", *names], input=script,
+            capture_output=True, text=True,
+            env={**os.environ, "PGPASSWORD": self.superuser_password},
         )
         if result.returncode != 0:
-            raise RuntimeError(f"could not create database {name!r}: {result.stderr.strip()}")
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+            raise RuntimeError(f"psql as superuser failed: {result.stderr.strip()}")
+        return result.stdout
 
     def stop(self) -> None:
         """Stop the server (fast shutdown) and wait for it; calling it again does nothing."""
@@ -316,39 +377,67 @@ def _make_socket_dir() -> Path:
     return socket_dir
 
 
-def start_postgres(data_dir: Path, *, port: int | None = None, fast: bool = False) -> LocalPostgres:
-    """Start (initialising if needed) a Postgres cluster in ``data_dir`` and wait until ready."""
+_APP_SETUP = f"""
+SELECT format('CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %L',
+              :'app_password')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') \\gexec
+SELECT format('ALTER ROLE {APP_ROLE} PASSWORD %L', :'app_password') \\gexec
+SELECT 'CREATE DATABASE {APP_ROLE} OWNER {APP_ROLE}'
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{APP_ROLE}') \\gexec
+"""
+
+
+def start_postgres(
+    data_dir: Path, *, port: int | None = None, fast: bool = False,
+    secrets_dir: Path | None = None,
+) -> LocalPostgres:
+    """Start (initialising if needed) a Postgres cluster in ``data_dir`` and wait until ready;
+    the superuser and the application role have passwords from ``secrets_dir``."""
     data_dir = data_dir.resolve()
+    secrets_dir = secrets_dir or data_dir.parent / "secrets"
+    initialised = (data_dir / "PG_VERSION").exists()
+    if initialised and not (secrets_dir / "postgres-superuser").exists():
+        raise RuntimeError(f"{data_dir} was initialised without a password (before password "
+                           f"auth); remove it to start afresh")
+    superuser = ensure_secret(secrets_dir / "postgres-superuser")
+    app = ensure_secret(secrets_dir / "postgres-app")
     _prepare_pg_dir(data_dir)
-    if not (data_dir / "PG_VERSION").exists():
-        initdb_flags = "-U postgres -A trust -E UTF8 --locale=C.UTF-8 --no-sync".split()
-        _checked(data_dir, "initdb", "-D", str(data_dir), *initdb_flags)
+    if not initialised:
+        _initdb(data_dir, superuser)
     _recover_pid_file(data_dir)
     port = port or free_port()
     socket_dir = _make_socket_dir()
-    postgres = LocalPostgres(data_dir, port, socket_dir)
+    postgres = LocalPostgres(data_dir, port, socket_dir, superuser_password=superuser,
+                             app_password=app)
     try:
         options = _server_options(port, socket_dir, fast)
         log = str(data_dir / "server.log")
-        _checked(
-            data_dir,
-            "pg_ctl",
-            "-D",
-            str(data_dir),
-            "-l",
-            log,
-            "-w",
-            "-t",
-            "30",
-            "-o",
-            options,
-            "start",
-        )
+        _checked(data_dir, "pg_ctl", "-D", str(data_dir), "-l", log, "-w", "-t", "30",
+                 "-o", options, "start")
+        postgres.superuser_sql(_APP_SETUP, app_password=app)
     except RuntimeError:
         postgres.stop()
         raise
     postgres.pid = int((data_dir / "postmaster.pid").read_text().split()[0])
     return postgres
+
+
+def _initdb(data_dir: Path, superuser_password: str) -> None:
+    """A new cluster with password (scram-sha-256) auth on every connection, local ones too."""
+    scratch = _make_socket_dir()  # private to us (and postgres, when we are root)
+    pwfile = scratch / "pwfile"
+    try:
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(superuser_password + "\n")
+        if _as_root():
+            postgres = pwd.getpwnam("postgres")
+            os.chown(pwfile, postgres.pw_uid, postgres.pw_gid)
+        flags = (f"-U postgres --auth=scram-sha-256 --pwfile={pwfile} -E UTF8 "
+                 "--locale=C.UTF-8 --no-sync").split()
+        _checked(data_dir, "initdb", "-D", str(data_dir), *flags)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _checked(data_dir: Path, *args: str) -> None:

@@ -6,6 +6,10 @@ another ready worker has its versions; on seeing the mark the fleet starts that 
 once and lets the old process go (it exits 0 and is not restarted). `replace` does the same in
 the other order: start the new process, wait until it is ready, then SIGTERM the old one.
 `rolling_restart` (the launcher's SIGHUP) replaces every worker, one at a time.
+
+A `models/` record is control-plane data: one that fails the mesh's trust checks (its key's
+names, its sha256, its bounds; `services.mesh.domain.trust`) starts no process; it is logged,
+once per content, naming the key and the field.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from services.mesh.domain.config import ConfigView
+from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.trust import check_version_record, parse_version_key
+from services.mesh.domain.types import ModelVersion
 
 log = logging.getLogger("infermesh.up")
 
@@ -52,16 +59,17 @@ class WorkerFleet(Generic[P]):
         self._workers: dict[Key, P] = {}
         self._replacing: set[Key] = set()
         self._rolling: asyncio.Task[None] | None = None
+        self._refused: dict[str, Any] = {}
 
     def ensure(self) -> None:
         """A worker for every registered version; a replacement for every draining one.
 
         Separate processes per version let a canary's worker fail (or be stopped) alone.
         """
-        for name in self._config.items("models/"):
-            _, model, version = name.split("/", 2)
-            if (model, version) not in self._workers:
-                self._workers[model, version] = self._spawn(model, version)
+        for name, record in self._config.items("models/").items():
+            key = self._trusted(name, record)
+            if key is not None and key not in self._workers:
+                self._workers[key] = self._spawn(*key)
         draining = {r.get("pid") for r in self._config.items("endpoints/worker/").values()
                     if isinstance(r, dict) and r.get("draining")}
         for key, child in list(self._workers.items()):
@@ -70,6 +78,22 @@ class WorkerFleet(Generic[P]):
                          child.pid)
                 child.retire()
                 self._workers[key] = self._spawn(*key)
+
+    def _trusted(self, name: str, record: Any) -> Key | None:
+        """(model, version) of the `models/` record `record` at key `name`, or None (logged
+        once per content) when it fails the trust checks."""
+        try:
+            key = parse_version_key(name)
+            if not isinstance(record, dict):
+                raise InvalidInput("record: not a JSON object")
+            check_version_record(ModelVersion.from_json(record), key=name)
+        except (InvalidInput, AttributeError, KeyError, TypeError, ValueError) as exc:
+            if self._refused.get(name) != record:
+                log.warning("not starting a worker for %s: %s", name[:200], _reason(exc))
+            self._refused[name] = record
+            return None
+        self._refused.pop(name, None)
+        return key
 
     def worker(self, model: str, version: str) -> P | None:
         return self._workers.get((model, version))
@@ -135,6 +159,14 @@ def _serves(records: dict[str, Any], pid: int | None, version: str) -> bool:
         isinstance(r, dict) and r.get("pid") == pid and version in r.get("models", ())
         and not r.get("draining") for r in records.values()
     )
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, InvalidInput):
+        return exc.message
+    if isinstance(exc, KeyError):
+        return f"missing field {exc}"
+    return str(exc)
 
 
 def handoff_bound(env: Mapping[str, str]) -> float:

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from deploy.localdeps import LocalEtcd, LocalPostgres, start_etcd, start_postgres
 from services.mesh.infra import telemetry
+from services.mesh.infra.credentials import MeshCredential
 
 
 def pytest_asyncio_loop_factories(
@@ -44,6 +45,24 @@ def no_blocking_calls_on_the_loop(request: pytest.FixtureRequest) -> Iterator[No
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mesh_credential_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The mesh credential of the whole session (0600), named in INFERMESH_MESH_CREDENTIAL_FILE
+    so every service and launcher started by a test presents and requires it."""
+    path = tmp_path_factory.mktemp("mesh-secrets") / "mesh-credential"
+    path.write_text(f"# test session\n{uuid.uuid4().hex}\n")
+    path.chmod(0o600)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INFERMESH_MESH_CREDENTIAL_FILE", str(path))
+        yield path
+
+
+@pytest.fixture
+def mesh_credential(mesh_credential_file: Path) -> MeshCredential:
+    """The session's mesh credential, loaded (for links and registry apps built in-process)."""
+    return MeshCredential.load(mesh_credential_file)
+
+
 @pytest.fixture(scope="session")
 def local_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
     """A throwaway etcd shared by the session; isolate tests with ``etcd_prefix``."""
@@ -67,7 +86,8 @@ def local_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPo
 
 @pytest.fixture
 def etcd_url(local_etcd: LocalEtcd) -> str:
-    """Client URL of the session's etcd."""
+    """Client URL of the session's etcd, with the root user's credentials (auth is on: the
+    suite runs with credentials everywhere, as `infermesh up` does)."""
     return local_etcd.url
 
 
@@ -79,7 +99,8 @@ def etcd_prefix() -> str:
 
 @pytest.fixture
 def database_url(local_postgres: LocalPostgres) -> str:
-    """DSN of a fresh, empty database for this test."""
+    """DSN of a fresh, empty database for this test, as the application role (password auth,
+    no superuser)."""
     return local_postgres.create_database(f"test_{uuid.uuid4().hex}")
 
 

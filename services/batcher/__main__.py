@@ -11,7 +11,6 @@ from services.mesh.infra import telemetry
 from services.mesh.infra.runtime import MeshNode, run
 from services.mesh.infra.settings import load_settings
 from services.mesh.transport.linked import LinkedWorkerPool
-from services.mesh.transport.peers import LinkPool
 
 
 async def main() -> None:
@@ -19,14 +18,15 @@ async def main() -> None:
     telemetry.setup_tracing("batcher")
     async with MeshNode(settings, service="batcher") as node, contextlib.AsyncExitStack() as stack:
         assert node.session is not None
-        workers = LinkPool(node.session, node.config, "worker")
+        workers = node.link_pool("worker")
         workers.start()
         stack.push_async_callback(workers.aclose)
         node.watch_health(pools=[workers])
         batcher = await build_batcher(
             settings, stack, catalog=ModelCatalog(node.config), workers=LinkedWorkerPool(workers),
         )
-        await node.serve(batcher.link_app(), roles={"batcher": {"link": node.link_url}})
+        await node.serve(batcher.link_app(node.credential),
+                         roles={"batcher": {"link": node.link_url}})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from services.batcher.metrics import BatcherMetrics
 from services.batcher.settings import BatcherSettings
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.hops import WorkerPool
+from services.mesh.transport.auth import Credential
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +27,12 @@ class BatcherService:
     metrics: BatcherMetrics
     settings: BatcherSettings
 
-    def link_app(self) -> web.Application:
-        """Serve the core over links (`/link`, `/metrics`, `/healthz`); not in fused mode."""
-        return create_app(self.core, self.metrics, drain_timeout=self.settings.drain_timeout)
+    def link_app(self, credential: Credential) -> web.Application:
+        """Serve the core over links (`/link`, `/metrics`, `/healthz`) to callers presenting
+        `credential`; not in fused mode."""
+        return create_app(self.core, self.metrics, credential=credential,
+                          max_frame_bytes=self.settings.max_frame_bytes,
+                          drain_timeout=self.settings.drain_timeout)
 
 
 async def build_batcher(

@@ -12,7 +12,6 @@ from services.mesh.infra import telemetry
 from services.mesh.infra.runtime import MeshNode, run
 from services.mesh.infra.settings import load_settings
 from services.mesh.transport.linked import LinkedInferTarget
-from services.mesh.transport.peers import LinkPool
 
 
 async def main() -> None:
@@ -21,7 +20,7 @@ async def main() -> None:
     telemetry.setup_tracing("gateway")
     async with MeshNode(settings, service="gateway") as node, contextlib.AsyncExitStack() as stack:
         assert node.session is not None
-        routers = LinkPool(node.session, node.config, "router")
+        routers = node.link_pool("router")
         routers.start()
         stack.push_async_callback(routers.aclose)
         node.watch_health(pools=[routers])

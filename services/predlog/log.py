@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -346,6 +348,18 @@ class PredictionLog:
                 await self._spill(rows)
 
 
+def _default_spool_root() -> Path:
+    """`<tmp>/infermesh-spool-<uid>`: this user's alone (0700), never a directory another user
+    made or can read, since spooled rows carry tenants' inputs and outputs."""
+    root = Path(tempfile.gettempdir()) / f"infermesh-spool-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    found = root.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise RuntimeError(f"{root} is not a private directory of this user; set "
+                           "INFERMESH_ROUTER_PREDICTION_LOG_SPOOL to one")
+    return root
+
+
 async def start_prediction_log(
     database_url: str, *, registry: CollectorRegistry, instance: str, spool_root: str = "",
     max_buffered: int = 10_000, spill_max_bytes: int = 1 << 30,
@@ -353,14 +367,12 @@ async def start_prediction_log(
     """A prediction log writing to `database_url`, started; None (logged) without one.
 
     Postgres need not be up: rows spill under `<spool_root>/<instance>/` (`spool_root` empty:
-    `<tmp>/infermesh-spool`) until it is. The caller closes it (`aclose`).
+    `<tmp>/infermesh-spool-<uid>`, 0700) until it is. The caller closes it (`aclose`).
     """
     if not database_url:
         log.warning("prediction log off: no database URL (INFERMESH_DATABASE_URL)")
         return None
-    root = spool_root or str(
-        Path(await asyncio.to_thread(tempfile.gettempdir)) / "infermesh-spool"
-    )
+    root = spool_root or str(await asyncio.to_thread(_default_spool_root))
     prediction_log = PredictionLog(
         PredictionTable(database_url),
         Spool(Path(root), instance, max_bytes=spill_max_bytes),

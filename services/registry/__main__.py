@@ -25,7 +25,8 @@ async def main() -> None:
             await migrate(pool)
             registry = Registry(
                 PostgresEtcdStore(pool, node.etcd, etcd_prefix=settings.etcd_prefix),
-                ArtifactStore(Path(settings.artifact_dir)),
+                ArtifactStore(Path(settings.artifact_dir),
+                              max_bytes=settings.max_artifact_bytes),
                 public_url=settings.public_url or node.http_url,
             )
             await registry.reconcile()
@@ -36,7 +37,7 @@ async def main() -> None:
                 registry.reconcile_forever(settings.reconcile_interval), name="registry-reconcile"
             )
             try:
-                await node.serve(create_app(registry))
+                await node.serve(create_app(registry, credential=node.credential))
             finally:
                 reconciler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from services.mesh.domain import errors
+from services.mesh.transport.auth import Credential, credential_middleware
 from services.mesh.transport.rest import (
     add_metrics_route,
     count_requests,
@@ -16,6 +17,7 @@ from services.mesh.transport.rest import (
     json_response,
     read_json_object,
 )
+from services.registry.artifacts import ArtifactTooLarge
 from services.registry.core import Registry
 
 REGISTRY = web.AppKey("registry", Registry)
@@ -48,10 +50,14 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def put_artifact(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
-    info = await registry.put_artifact(
-        request.content.iter_chunked(UPLOAD_CHUNK),
-        expected_sha256=request.headers.get("X-Infermesh-Sha256"),
-    )
+    try:
+        info = await registry.put_artifact(
+            request.content.iter_chunked(UPLOAD_CHUNK),
+            expected_sha256=request.headers.get("X-Infermesh-Sha256"),
+        )
+    except ArtifactTooLarge as exc:  # 413 (and the connection closed: the rest goes unread)
+        raise web.HTTPRequestEntityTooLarge(exc.limit, request.content_length or 0,
+                                            text=exc.message) from None
     uri = registry.artifact_uri(info.sha256)
     return json_response({"sha256": info.sha256, "size": info.size, "uri": uri}, 201)
 
@@ -85,19 +91,31 @@ async def change_batching(request: web.Request) -> web.Response:
     return json_response(record.to_json())
 
 
+def _http_text(exc: web.HTTPException) -> str:
+    """aiohttp's own wording of an HTTP error; a 413 names the limit."""
+    return exc.text if exc.status == 413 and exc.text else exc.reason
+
+
 async def live(request: web.Request) -> web.Response:
     return json_response({"live": True})
 
 
-def create_app(registry: Registry) -> web.Application:
-    """The registry's HTTP API around `registry`."""
+def create_app(registry: Registry, *, credential: Credential) -> web.Application:
+    """The registry's HTTP API around `registry`, for callers presenting `credential`
+    (all but /healthz and /metrics)."""
     metrics = CollectorRegistry()
     requests = Counter(
         "infermesh_registry_http_requests", "Registry API requests",
         ["method", "route", "status"], registry=metrics,
     )
-    app = web.Application(middlewares=[count_requests(requests), error_middleware()],
-                          client_max_size=8 * 1024 * 1024)
+    app = web.Application(
+        middlewares=[count_requests(requests), error_middleware(http_text=_http_text)],
+        client_max_size=8 * 1024 * 1024,
+    )
+    # After the error middleware, which answers its refusal: 401 naming the header.
+    app.middlewares.append(credential_middleware(
+        credential, open_paths=("/healthz", "/metrics", "/v2/health/live")
+    ))
     app[REGISTRY] = registry
     add_metrics_route(app, metrics)
     app.router.add_get("/v2/health/live", live)

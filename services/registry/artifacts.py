@@ -2,7 +2,9 @@
 
 Uploads stream into a temp file next to the final location while being hashed; the file is
 renamed into place only once its digest is known (and matches the one the caller promised),
-so a reader never sees a partial artifact. File I/O and hashing run in threads.
+so a reader never sees a partial artifact. File I/O and hashing run in threads. An upload
+larger than the store's `max_bytes` is refused as soon as it passes the limit (the request
+body is streamed, so the HTTP body limit never applies) and its partial file deleted.
 """
 
 from __future__ import annotations
@@ -22,13 +24,26 @@ from services.registry.validation import check_sha256
 
 WRITE_SIZE = 256 * 1024
 """Bytes handed to each thread hop: small chunks are joined so a thread hop is worth it."""
+MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
+"""The default upload cap (the registry's `max_artifact_bytes` setting)."""
+
+
+class ArtifactTooLarge(InvalidInput):
+    """An upload went past the store's size limit (`limit` bytes); HTTP adapters answer 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"artifact: larger than the registry's limit of {limit} bytes (max_artifact_bytes)"
+        )
+        self.limit = limit
 
 
 class ArtifactStore:
     """Content-addressed files under one directory (the `Artifacts` of `ports`)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, max_bytes: int = MAX_ARTIFACT_BYTES) -> None:
         self._root = root / "sha256"
+        self._max_bytes = max_bytes
 
     def _path(self, sha256: str) -> Path:
         return self._root / sha256[:2] / sha256
@@ -36,7 +51,8 @@ class ArtifactStore:
     async def put(
         self, chunks: AsyncIterator[bytes], *, expected_sha256: str | None = None
     ) -> ArtifactInfo:
-        """Store the streamed bytes; InvalidInput if they do not hash to `expected_sha256`."""
+        """Store the streamed bytes; InvalidInput if they do not hash to `expected_sha256`,
+        ArtifactTooLarge (nothing kept) past `max_bytes`."""
         if expected_sha256 is not None:
             check_sha256(expected_sha256, field="expected sha256")
         await asyncio.to_thread(self._root.mkdir, parents=True, exist_ok=True)
@@ -59,8 +75,10 @@ class ArtifactStore:
         size = 0
         try:
             async for block in _coalesce(chunks, WRITE_SIZE):
-                await asyncio.to_thread(_write_block, file, hasher, block)
                 size += len(block)
+                if size > self._max_bytes:
+                    raise ArtifactTooLarge(self._max_bytes)
+                await asyncio.to_thread(_write_block, file, hasher, block)
             await asyncio.to_thread(_sync, file)
         finally:
             await asyncio.to_thread(file.close)

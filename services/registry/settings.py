@@ -19,5 +19,7 @@ class RegistrySettings(ServiceSettings):
     """Directory of the content-addressed artifact store."""
     public_url: str = ""
     """Base URL workers download artifacts from; empty means `http://{host}:{port}`."""
+    max_artifact_bytes: int = 512 * 1024 * 1024
+    """Largest artifact upload in bytes; a larger one gets 413 and is not kept."""
     reconcile_interval: float = 30.0
     """Seconds between reconcile passes that republish Postgres records missing from etcd."""

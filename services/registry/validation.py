@@ -1,16 +1,18 @@
 """Validation of what callers send the registry: names, digests, signatures, batching, device,
 logging.
 
-Every failure is an InvalidInput whose message starts with the offending field.
+Every failure is an InvalidInput whose message starts with the offending field. The bounds
+(and the name and digest rules) are the mesh's own, `services.mesh.domain.trust`: what the
+registry accepts, every service accepts back from etcd.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.trust import check_batching, check_name, check_sha256, check_signature
 from services.mesh.domain.types import (
     DEVICE_POLICIES,
     PREDICTION_LOG_POLICIES,
@@ -18,25 +20,10 @@ from services.mesh.domain.types import (
     Signature,
 )
 
-_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def check_name(value: Any, *, field: str) -> str:
-    """`value` if it is a valid model or version name, else InvalidInput naming `field`."""
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise InvalidInput(
-            f"{field}: must be 1-64 characters of letters, digits, '_', '.', '-' "
-            "starting with a letter or digit"
-        )
-    return value
-
-
-def check_sha256(sha256: str, *, field: str = "sha256") -> str:
-    """`sha256` if it is 64 lowercase hex digits, else InvalidInput naming `field`."""
-    if not isinstance(sha256, str) or not _SHA256.match(sha256):
-        raise InvalidInput(f"{field}: must be 64 lowercase hex digits")
-    return sha256
+__all__ = [
+    "check_name", "check_sha256", "parse_batching", "parse_batching_change", "parse_device",
+    "parse_prediction_log", "parse_signature",
+]
 
 
 def parse_signature(raw: Any) -> Signature:
@@ -47,7 +34,7 @@ def parse_signature(raw: Any) -> Signature:
         specs = raw.get(side, [])
         if not isinstance(specs, list) or not all(isinstance(s, Mapping) for s in specs):
             raise InvalidInput(f"signature: '{side}' must be a list of objects")
-    return Signature.from_json(raw)
+    return check_signature(Signature.from_json(raw))
 
 
 def parse_batching(raw: Any) -> BatchingPolicy:
@@ -58,9 +45,10 @@ def parse_batching(raw: Any) -> BatchingPolicy:
         raise InvalidInput("batching: must be an object")
     try:
         # Defaults filled in here: BatchingPolicy.from_json cannot read them off a slots class.
-        return BatchingPolicy.from_json({**BatchingPolicy().to_json(), **raw})
+        policy = BatchingPolicy.from_json({**BatchingPolicy().to_json(), **raw})
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"batching: {exc}") from None
+    return check_batching(policy)
 
 
 def parse_batching_change(current: BatchingPolicy, raw: Any) -> BatchingPolicy:
@@ -78,7 +66,7 @@ def parse_batching_change(current: BatchingPolicy, raw: Any) -> BatchingPolicy:
         raise InvalidInput(f"batching: name at least one field to change ({', '.join(fields)})")
     for field, value in raw.items():
         _check_batching_type(field, value)
-    return BatchingPolicy.from_json({**fields, **raw})
+    return check_batching(BatchingPolicy.from_json({**fields, **raw}))
 
 
 def _check_batching_type(field: str, value: Any) -> None:

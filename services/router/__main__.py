@@ -9,7 +9,6 @@ from services.mesh.infra import telemetry
 from services.mesh.infra.runtime import MeshNode, run
 from services.mesh.infra.settings import load_settings
 from services.mesh.transport.linked import LinkedInferTarget
-from services.mesh.transport.peers import LinkPool
 from services.router.settings import RouterSettings
 from services.router.wiring import build_router
 
@@ -19,7 +18,7 @@ async def main() -> None:
     telemetry.setup_tracing("router")
     async with MeshNode(settings, service="router") as node, contextlib.AsyncExitStack() as stack:
         assert node.session is not None
-        batchers = LinkPool(node.session, node.config, "batcher")
+        batchers = node.link_pool("batcher")
         batchers.start()
         stack.push_async_callback(batchers.aclose)
         node.watch_health(pools=[batchers])
@@ -27,7 +26,8 @@ async def main() -> None:
             settings, stack, catalog=ModelCatalog(node.config),
             batcher=LinkedInferTarget(batchers, affinity=True),
         )
-        await node.serve(router.link_app(), roles={"router": {"link": node.link_url}})
+        await node.serve(router.link_app(node.credential),
+                         roles={"router": {"link": node.link_url}})
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.hops import InferTarget
+from services.mesh.transport.auth import Credential
 from services.predlog.log import start_prediction_log
 from services.router.app import create_app
 from services.router.core import Router
@@ -26,9 +27,12 @@ class RouterService:
     core: Router
     settings: RouterSettings
 
-    def link_app(self) -> web.Application:
-        """Serve the core over links (`/link`, `/metrics`, `/healthz`); not in fused mode."""
-        return create_app(self.core, drain_timeout=self.settings.drain_timeout)
+    def link_app(self, credential: Credential) -> web.Application:
+        """Serve the core over links (`/link`, `/metrics`, `/healthz`) to callers presenting
+        `credential`; not in fused mode."""
+        return create_app(self.core, credential=credential,
+                          max_frame_bytes=self.settings.max_frame_bytes,
+                          drain_timeout=self.settings.drain_timeout)
 
 
 async def build_router(

@@ -26,7 +26,7 @@ async def main() -> None:
         )
         # SIGTERM: marked draining, this worker serves on until another live, ready worker has
         # each of its versions (the launcher starts one on seeing the mark), then drains.
-        await node.serve(worker.link_app(), roles={
+        await node.serve(worker.link_app(node.credential), roles={
             "worker": {"link": node.link_url, "models": worker.core.ready_versions(),
                        "pid": os.getpid()},
         }, handoff=lambda: await_replacement(

@@ -16,3 +16,16 @@ class WorkerSettings(ServiceSettings):
     """Where downloaded artifacts are kept, by sha256."""
     threads: int = 0
     """torch intra-op threads; 0 keeps torch's default."""
+    artifact_stores: tuple[str, ...] = ()
+    """Where artifacts may be fetched from (comma-separated): base URLs of the registry
+    (`http(s)://host:port`, whose artifacts are `{base}/v1/artifacts/{sha256}`) or `file:///`
+    directories. A record naming any other URI is refused. Empty means the local registry,
+    `http://{host}:{registry_port}`."""
+    registry_port: int = 8200
+    """The local registry's port (`INFERMESH_REGISTRY_PORT`, which the launcher sets)."""
+
+    @property
+    def stores(self) -> tuple[str, ...]:
+        """The artifact stores this worker fetches from (`artifact_stores`, or its default)."""
+        local_registry = f"http://{self.host}:{self.registry_port}"
+        return self.artifact_stores or (local_registry,)

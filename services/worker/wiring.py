@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.config import ConfigView
+from services.mesh.transport.auth import Credential
 from services.worker.app import create_app
 from services.worker.artifacts import ArtifactCache
 from services.worker.core import Worker
@@ -32,9 +33,12 @@ class WorkerService:
     metrics: WorkerMetrics
     settings: WorkerSettings
 
-    def link_app(self) -> web.Application:
-        """Serve the core over links (`/link`, `/metrics`, `/healthz`); not in fused mode."""
-        return create_app(self.core, self.metrics, drain_timeout=self.settings.drain_timeout)
+    def link_app(self, credential: Credential) -> web.Application:
+        """Serve the core over links (`/link`, `/metrics`, `/healthz`) to callers presenting
+        `credential`; not in fused mode."""
+        return create_app(self.core, self.metrics, credential=credential,
+                          max_frame_bytes=self.settings.max_frame_bytes,
+                          drain_timeout=self.settings.drain_timeout)
 
 
 async def build_worker(
@@ -54,7 +58,7 @@ async def build_worker(
     metrics = WorkerMetrics(registry)
     core = Worker(
         catalog, models=settings.models,
-        artifacts=ArtifactCache(session, Path(settings.cache_dir)),
+        artifacts=ArtifactCache(session, Path(settings.cache_dir), stores=settings.stores),
         backend_factory=backend_factory(settings.threads), metrics=metrics,
     )
 

@@ -219,7 +219,8 @@ async def encoder_mesh(
     metrics = BatcherMetrics()
     async with aiohttp.ClientSession() as session:
         worker = Worker(catalog, models=("encoder",),
-                        artifacts=ArtifactCache(session, tmp_path / "artifacts"),
+                        artifacts=ArtifactCache(session, tmp_path / "artifacts",
+                                                stores=[model.artifact.parent.as_uri()]),
                         backend_factory=backend_factory())
         # Requests queue until the worker is ready (a long grace), then leave as one batch.
         batcher = Batcher(catalog, LocalWorkerPool(worker), pipeline_depth=1,

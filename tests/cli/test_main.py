@@ -11,19 +11,25 @@ from aiohttp import web
 
 from cli.main import main
 from deploy.localdeps import free_port
+from services.mesh.infra.credentials import MeshCredential
+from services.mesh.transport.auth import bearer
 from tests.registry.harness import RegistryHarness
 
 TOKEN = "s3cret"
 
 
 @pytest.fixture
-async def control_url(registry_url: tuple[str, RegistryHarness]) -> AsyncIterator[str]:
+async def control_url(
+    registry_url: tuple[str, RegistryHarness], mesh_credential: MeshCredential,
+) -> AsyncIterator[str]:
     """A stand-in for the control API's model endpoints, behind its bearer token: they answer
-    exactly the JSON of the registry's, so this one forwards to a real registry."""
+    exactly the JSON of the registry's, so this one forwards to a real registry (an internal
+    surface: it presents the mesh credential)."""
     async def forward(request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             return web.json_response({"error": "missing or unknown bearer token"}, status=401)
-        async with session.get(registry_url[0] + request.path_qs) as reply:
+        async with session.get(registry_url[0] + request.path_qs,
+                               headers=bearer(mesh_credential)) as reply:
             return web.Response(body=await reply.read(), status=reply.status,
                                 content_type="application/json")
 

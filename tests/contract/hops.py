@@ -29,6 +29,7 @@ from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Batch, BatchResult, ModelVersion, Signature, TensorSpec
 from services.mesh.transport.links import Handler, LinkServer
 from services.mesh.transport.peers import LinkPool
+from tests.credentials import CREDENTIAL
 
 MODEL, VERSION = "m", "1"
 REJECTION = "input 'bad': the model takes one input named 'x'"
@@ -148,7 +149,7 @@ def batcher_over(worker: ScriptedWorker, metrics: BatcherMetrics) -> Batcher:
 async def served(handler: Handler) -> AsyncIterator[tuple[str, Callable[[], Awaitable[None]]]]:
     """A real LinkServer on 127.0.0.1: yields its URL and a kill that stops it listening and
     drops its links, as a crashed process would."""
-    server = LinkServer(handler, name="callee")
+    server = LinkServer(handler, name="callee", credential=CREDENTIAL)
     app = web.Application()
     app.router.add_get("/link", server.handle)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
@@ -175,7 +176,7 @@ async def linked_pool(
     """A LinkPool over a static config listing one instance; yields once its link is open."""
     config = StaticConfig({f"endpoints/{service}/{record['instance']}": record})
     async with aiohttp.ClientSession() as session:
-        pool = LinkPool(session, config, service)
+        pool = LinkPool(session, config, service, credential=CREDENTIAL)
         pool.start()
         try:
             opened = asyncio.Event()

@@ -81,7 +81,8 @@ def values(tmp_path: Path) -> dict[str, dict[str, Any]]:
                     "grpc_compression": "gzip", "database_url": closed_dsn},
         "router": {"database_url": closed_dsn, "prediction_log_spool": str(tmp_path / "spool")},
         "batcher": {"no_worker_grace": 0.2},
-        "worker": {"cache_dir": str(tmp_path / "cache"), "models": ("none-such",)},
+        "worker": {"cache_dir": str(tmp_path / "cache"), "models": ("none-such",),
+                   "artifact_stores": ((tmp_path / "artifacts").as_uri(),)},
     }
     found: dict[str, dict[str, Any]] = {}
     for service, cls in SERVICES.items():

@@ -11,9 +11,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import aetcd
 import asyncpg
 import pytest
 
@@ -24,6 +22,7 @@ from deploy.localdeps import (
     start_etcd,
     start_postgres,
 )
+from services.mesh.infra.etcd import connect_client
 
 
 @pytest.fixture
@@ -32,14 +31,15 @@ def tmp_path() -> Iterator[Path]:
     (locking the postgres user out of data dirs below it)."""
     root = Path(tempfile.mkdtemp(prefix="infermesh-localdeps-"))
     root.chmod(0o755)
-    yield root
+    # One level down: the servers keep their passwords beside their data, in `root/secrets`.
+    (root / "deps").mkdir(mode=0o755)
+    yield root / "deps"
     shutil.rmtree(root, ignore_errors=True)
 
 
 async def _etcd_roundtrip(url: str, key: bytes, value: bytes | None) -> bytes | None:
     """Put ``value`` (unless None) at ``key`` and read the key back."""
-    port = urlsplit(url).port
-    async with aetcd.Client(host="127.0.0.1", port=port) as client:
+    async with connect_client(url) as client:
         if value is not None:
             await client.put(key, value)
         result = await client.get(key)

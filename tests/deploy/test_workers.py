@@ -9,8 +9,17 @@ import itertools
 
 from deploy.workers import WorkerFleet
 from services.mesh.domain.config import StaticConfig
+from services.mesh.domain.types import ModelVersion, Signature
 
 _pids = itertools.count(1000)
+
+MLP_1 = ModelVersion(
+    "mlp", "1", Signature.from_json({
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+    }), "http://127.0.0.1:8200/v1/artifacts/" + "a" * 64, "a" * 64,
+).to_json()
+"""A valid `models/mlp/1` record (the fleet starts no worker for an invalid one)."""
 
 
 class FakeProcess:
@@ -50,7 +59,7 @@ def register(config: StaticConfig, process: FakeProcess, *, draining: bool = Fal
 
 
 def test_a_draining_worker_is_replaced_at_once_and_let_go() -> None:
-    config = StaticConfig({"models/mlp/1": {}})
+    config = StaticConfig({"models/mlp/1": MLP_1})
     fleet, spawned = fleet_over(config)
     fleet.ensure()
     [old] = spawned
@@ -65,7 +74,7 @@ def test_a_draining_worker_is_replaced_at_once_and_let_go() -> None:
 
 
 async def test_replace_stops_the_old_worker_only_once_the_new_one_is_ready() -> None:
-    config = StaticConfig({"models/mlp/1": {}})
+    config = StaticConfig({"models/mlp/1": MLP_1})
     fleet, spawned = fleet_over(config)
     fleet.ensure()
     [old] = spawned

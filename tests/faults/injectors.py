@@ -108,12 +108,14 @@ async def kill_etcd(bed: FaultBed) -> float:
     await asyncio.to_thread(old.stop)  # reaps it, closes its log
     await asyncio.sleep(OUTAGE)  # the outage itself
     bed.deps.etcd = await asyncio.to_thread(
-        _restart_etcd, command, old.data_dir, old.port
+        _restart_etcd, command, old.data_dir, old.port, old.passwords
     )
     return time.monotonic()
 
 
-def _restart_etcd(command: list[str], data_dir: Path, port: int) -> LocalEtcd:
+def _restart_etcd(
+    command: list[str], data_dir: Path, port: int, passwords: dict[str, str]
+) -> LocalEtcd:
     """The same etcd command line again: same client and peer ports, same data."""
     env = dict(os.environ)
     if platform.machine() == "aarch64":
@@ -121,13 +123,13 @@ def _restart_etcd(command: list[str], data_dir: Path, port: int) -> LocalEtcd:
     log = (data_dir / "etcd.log").open("ab")
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    etcd = LocalEtcd(process, log, data_dir, port)
+    etcd = LocalEtcd(process, log, data_dir, port, passwords=passwords)
     (data_dir / "etcd.pid").write_text(str(process.pid))
     deadline = time.monotonic() + 30
-    while not _etcd_healthy(etcd.url):
+    while not _etcd_healthy(etcd.endpoint):
         if process.poll() is not None or time.monotonic() > deadline:
             etcd.stop()
-            raise AssertionError(f"etcd did not come back on {etcd.url}")
+            raise AssertionError(f"etcd did not come back on {etcd.endpoint}")
         time.sleep(0.05)
     return etcd
 

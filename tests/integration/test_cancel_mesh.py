@@ -51,6 +51,7 @@ from services.mesh.transport.peers import LinkPool
 from services.router.core import Router
 from services.worker.core import Worker
 from services.worker.metrics import WorkerMetrics
+from tests.credentials import CREDENTIAL
 from tests.fakes import model_records
 from tests.waiting import wait_for
 
@@ -131,7 +132,7 @@ class Mesh:
 
 @contextlib.asynccontextmanager
 async def serve_link(handler: Handler) -> AsyncIterator[str]:
-    server = LinkServer(handler, name="hop")
+    server = LinkServer(handler, name="hop", credential=CREDENTIAL)
     app = web.Application()
     app.router.add_get("/link", server.handle)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
@@ -172,7 +173,7 @@ async def mesh() -> AsyncIterator[Mesh]:
         worker_url = await stack.enter_async_context(serve_link(batch_handler(worker)))
         config.put("endpoints/worker/w1",
                    {"instance": "w1", "link": worker_url, "models": ["m/1"]})
-        worker_links = await opened(LinkPool(session, config, "worker"))
+        worker_links = await opened(LinkPool(session, config, "worker", credential=CREDENTIAL))
         stack.push_async_callback(worker_links.aclose)
         # Two batches at most on the worker: one running, the next waiting for the thread.
         batcher = Batcher(catalog, LinkedWorkerPool(worker_links), pipeline_depth=2,
@@ -182,13 +183,13 @@ async def mesh() -> AsyncIterator[Mesh]:
         watched = Watched(batcher)
         batcher_url = await stack.enter_async_context(serve_link(infer_handler(watched)))
         config.put("endpoints/batcher/b1", {"instance": "b1", "link": batcher_url})
-        batcher_links = await opened(LinkPool(session, config, "batcher"))
+        batcher_links = await opened(LinkPool(session, config, "batcher", credential=CREDENTIAL))
         stack.push_async_callback(batcher_links.aclose)
         router = Router(catalog, LinkedInferTarget(batcher_links, affinity=True))
         stack.push_async_callback(router.aclose)
         router_url = await stack.enter_async_context(serve_link(infer_handler(router)))
         config.put("endpoints/router/r1", {"instance": "r1", "link": router_url})
-        router_links = await opened(LinkPool(session, config, "router"))
+        router_links = await opened(LinkPool(session, config, "router", credential=CREDENTIAL))
         stack.push_async_callback(router_links.aclose)
         gateway = Gateway(catalog, LinkedInferTarget(router_links),
                           access=Access(config, auth=False))

@@ -27,6 +27,7 @@ from services.mesh.domain.errors import Unavailable
 from services.mesh.infra.etcd import ConfigCache, Registration, connect_client
 from services.mesh.transport.links import LinkClient
 from services.mesh.transport.peers import LinkPool
+from tests.credentials import CREDENTIAL
 from tests.mesh.test_peers import Peer, serving
 from tests.waiting import wait_for
 
@@ -92,7 +93,7 @@ async def watched_pool(
     cache = ConfigCache(client, prefix)
     await cache.start()
     async with aiohttp.ClientSession() as session:
-        pool = LinkPool(session, cache, service)
+        pool = LinkPool(session, cache, service, credential=CREDENTIAL)
         pool.start()
         try:
             yield cache, pool
@@ -202,7 +203,8 @@ async def static_pool(
     config: StaticConfig, *, orphan_grace: float = 60.0
 ) -> AsyncIterator[LinkPool]:
     async with aiohttp.ClientSession() as session:
-        pool = LinkPool(session, config, "svc", orphan_grace=orphan_grace)
+        pool = LinkPool(session, config, "svc", credential=CREDENTIAL,
+                        orphan_grace=orphan_grace)
         pool.start()
         try:
             yield pool

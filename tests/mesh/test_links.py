@@ -19,12 +19,13 @@ from services.mesh.domain.errors import (
 )
 from services.mesh.transport import frames
 from services.mesh.transport.links import Handler, LinkClient, LinkServer
+from tests.credentials import CREDENTIAL
 
 
 @contextlib.asynccontextmanager
 async def serving(handler: Handler) -> AsyncIterator[tuple[LinkServer, str]]:
     """A real link server on 127.0.0.1; yields it and its ws:// URL."""
-    server = LinkServer(handler, name="test-callee")
+    server = LinkServer(handler, name="test-callee", credential=CREDENTIAL)
     app = web.Application()
     app.router.add_get("/link", server.handle)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
@@ -42,7 +43,7 @@ async def serving(handler: Handler) -> AsyncIterator[tuple[LinkServer, str]]:
 @contextlib.asynccontextmanager
 async def linked(handler: Handler) -> AsyncIterator[tuple[LinkServer, LinkClient]]:
     async with serving(handler) as (server, url), aiohttp.ClientSession() as session:
-        client = LinkClient(session, url, peer="callee")
+        client = LinkClient(session, url, peer="callee", credential=CREDENTIAL)
         await client.connect()
         try:
             yield server, client
@@ -217,7 +218,8 @@ async def test_client_close_fails_its_in_flight_calls() -> None:
 
 async def test_calls_before_connect_raise_link_closed() -> None:
     async with aiohttp.ClientSession() as session:
-        client = LinkClient(session, "ws://127.0.0.1:1/link", peer="nobody")
+        client = LinkClient(session, "ws://127.0.0.1:1/link", peer="nobody",
+                            credential=CREDENTIAL)
         with pytest.raises(LinkClosed):
             await client.call({}, [])
 
@@ -227,7 +229,8 @@ async def test_connect_to_a_closed_port_raises_link_closed() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     async with aiohttp.ClientSession() as session:
-        client = LinkClient(session, f"ws://127.0.0.1:{port}/link", peer="gone")
+        client = LinkClient(session, f"ws://127.0.0.1:{port}/link", peer="gone",
+                            credential=CREDENTIAL)
         async with asyncio.timeout(5):
             with pytest.raises(LinkClosed, match=f"gone at ws://127.0.0.1:{port}/link"):
                 await client.connect()

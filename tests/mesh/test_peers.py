@@ -16,6 +16,7 @@ from services.mesh.infra.etcd import ConfigCache, connect_client
 from services.mesh.transport import frames
 from services.mesh.transport.links import LinkClient, LinkServer
 from services.mesh.transport.peers import LinkPool
+from tests.credentials import CREDENTIAL
 
 
 class Peer:
@@ -23,7 +24,7 @@ class Peer:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.server = LinkServer(self.handle, name=name)
+        self.server = LinkServer(self.handle, name=name, credential=CREDENTIAL)
         self.held = asyncio.Event()
         self.release = asyncio.Event()
         self.url = ""
@@ -68,7 +69,7 @@ async def pool(etcd: aetcd.Client, etcd_prefix: str) -> AsyncIterator[LinkPool]:
     cache = ConfigCache(etcd, etcd_prefix)
     await cache.start()
     async with aiohttp.ClientSession() as session:
-        links = LinkPool(session, cache, "svc")
+        links = LinkPool(session, cache, "svc", credential=CREDENTIAL)
         links.start()
         try:
             yield links

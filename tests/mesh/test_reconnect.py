@@ -17,6 +17,7 @@ from services.mesh.domain.errors import LinkClosed
 from services.mesh.infra.etcd import ConfigCache, connect_client
 from services.mesh.transport.links import LinkServer, create_link_app
 from services.mesh.transport.peers import LinkPool
+from tests.credentials import CREDENTIAL
 
 
 async def _serve(port: int, release: asyncio.Event) -> web.AppRunner:
@@ -25,8 +26,8 @@ async def _serve(port: int, release: asyncio.Event) -> web.AppRunner:
             await release.wait()
         return {"echo": meta.get("n")}, []
 
-    app = create_link_app(LinkServer(handler, name="peer"), CollectorRegistry(),
-                          drain_timeout=0.05)
+    server = LinkServer(handler, name="peer", credential=CREDENTIAL)
+    app = create_link_app(server, CollectorRegistry(), drain_timeout=0.05)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -52,7 +53,7 @@ async def test_pool_fails_inflight_calls_and_reconnects(etcd_url: str, etcd_pref
     cache = ConfigCache(client, etcd_prefix)
     await cache.start()
     async with aiohttp.ClientSession() as session:
-        pool = LinkPool(session, cache, "peer")
+        pool = LinkPool(session, cache, "peer", credential=CREDENTIAL)
         pool.start()
         try:
             await _until(lambda: bool(pool.links()), wake=pool.subscribe)

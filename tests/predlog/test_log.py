@@ -192,7 +192,7 @@ async def test_rows_spill_while_unreachable_and_replay_once_reachable(
     db: asyncpg.Pool, database_url: str, local_postgres: LocalPostgres, tmp_path: Path
 ) -> None:
     gate = Gate(local_postgres.port)
-    log = make_log(gate.dsn(database_url.rsplit("/", 1)[1]), tmp_path)
+    log = make_log(database_url.replace(f":{local_postgres.port}/", f":{gate.port}/"), tmp_path)
     await log.start()
     sent = [time.time() - i * 0.001 for i in range(50)]
     for i, ts in enumerate(sent):

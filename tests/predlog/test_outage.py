@@ -35,7 +35,8 @@ class PrivatePostgres:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        assert self.server is not None, "started first"
+        return self.server.dsn  # the same port and password across restarts
 
     async def start(self) -> None:
         self.server = await asyncio.to_thread(

@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.registry.app import create_app
+from tests.credentials import AUTH, CREDENTIAL
 from tests.registry.harness import SIGNATURE, RegistryHarness
 
 Client = TestClient[web.Request, web.Application]
@@ -16,7 +17,8 @@ ARTIFACT = b"\x00model weights\xff" * 50_000  # ~800 KiB: several upload chunks
 
 @pytest.fixture
 async def client(harness: RegistryHarness) -> AsyncIterator[Client]:
-    async with TestClient(TestServer(create_app(harness.registry))) as client:
+    app = create_app(harness.registry, credential=CREDENTIAL)
+    async with TestClient(TestServer(app), headers=AUTH) as client:
         yield client
 
 

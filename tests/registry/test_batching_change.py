@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from services.mesh.domain.errors import InvalidInput, NotFound
 from services.mesh.domain.types import ModelVersion
 from services.registry.app import create_app
+from tests.credentials import AUTH, CREDENTIAL
 from tests.registry.harness import SIGNATURE, RegistryHarness, chunks_of
 
 Client = TestClient[web.Request, web.Application]
@@ -32,7 +33,8 @@ async def _register(harness: RegistryHarness, **batching: Any) -> ModelVersion:
 
 @pytest.fixture
 async def client(harness: RegistryHarness) -> AsyncIterator[Client]:
-    async with TestClient(TestServer(create_app(harness.registry))) as client:
+    app = create_app(harness.registry, credential=CREDENTIAL)
+    async with TestClient(TestServer(app), headers=AUTH) as client:
         yield client
 
 

@@ -15,6 +15,7 @@ from services.mesh.domain.errors import InternalError, InvalidInput, NotFound
 from services.mesh.domain.types import InferRequest, InferResponse, Rollout, Route
 from services.router.app import create_app
 from services.router.core import Router
+from tests.credentials import CREDENTIAL
 from tests.router.fakes import make_config, request
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -51,7 +52,7 @@ async def router(config: StaticConfig) -> AsyncIterator[Router]:
 
 @pytest.fixture
 async def client(router: Router) -> AsyncIterator[TestClient[Any, Any]]:
-    client = TestClient(TestServer(create_app(router)))
+    client = TestClient(TestServer(create_app(router, credential=CREDENTIAL)))
     await client.start_server()
     yield client
     await client.close()

@@ -57,11 +57,13 @@ def config() -> StaticConfig:
 
 
 @pytest.fixture
-async def worker(config: StaticConfig, tmp_path: Path) -> AsyncIterator[Worker]:
+async def worker(config: StaticConfig, mlp: DemoModel, tmp_path: Path) -> AsyncIterator[Worker]:
     async with aiohttp.ClientSession() as session:
         worker = Worker(
             ModelCatalog(config), models=("mlp",),
-            artifacts=ArtifactCache(session, tmp_path / "artifacts"),
+            artifacts=ArtifactCache(
+                session, tmp_path / "artifacts", stores=[mlp.artifact.parent.as_uri()]
+            ),
             backend_factory=backend_factory(),
         )
         yield worker
@@ -176,7 +178,9 @@ async def test_a_model_version_selector_serves_only_that_version(
     async with aiohttp.ClientSession() as session:
         worker = Worker(
             ModelCatalog(config), models=("mlp/2",),
-            artifacts=ArtifactCache(session, tmp_path / "artifacts"),
+            artifacts=ArtifactCache(
+                session, tmp_path / "artifacts", stores=[mlp.artifact.parent.as_uri()]
+            ),
             backend_factory=backend_factory(),
         )
         try:

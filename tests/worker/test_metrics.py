@@ -32,13 +32,16 @@ def config(demo_models: dict[str, DemoModel]) -> StaticConfig:
 
 @pytest.fixture
 async def worker(
-    config: StaticConfig, tmp_path: Path
+    config: StaticConfig, demo_models: dict[str, DemoModel], tmp_path: Path
 ) -> AsyncIterator[tuple[Worker, WorkerMetrics]]:
     metrics = WorkerMetrics()
     async with aiohttp.ClientSession() as session:
         worker = Worker(
             ModelCatalog(config), models=("mlp",),
-            artifacts=ArtifactCache(session, tmp_path / "artifacts"),
+            artifacts=ArtifactCache(
+                session, tmp_path / "artifacts",
+                stores=[demo_models["mlp"].artifact.parent.as_uri()],
+            ),
             backend_factory=backend_factory(), metrics=metrics,
         )
         yield worker, metrics

@@ -63,7 +63,8 @@ async def worker(record: ModelVersion, tmp_path: Path) -> AsyncIterator[Worker]:
                            "models/m/1": record.to_json()})
     async with aiohttp.ClientSession() as session:
         worker = Worker(ModelCatalog(config), models=("m",),
-                        artifacts=ArtifactCache(session, tmp_path / "cache"),
+                        artifacts=ArtifactCache(session, tmp_path / "cache",
+                                                stores=[tmp_path.as_uri()]),
                         backend_factory=lambda spec: TwoOutputs())
         ready = asyncio.Event()
         worker.subscribe(ready.set)

@@ -98,7 +98,10 @@ async def service(
         "models/mlp/1": _record(demo_models["mlp"], sha256, 8),
     })
     published = Published()
-    settings = WorkerSettings(models=("mlp",), cache_dir=str(tmp_path / "cache"))
+    settings = WorkerSettings(
+        models=("mlp",), cache_dir=str(tmp_path / "cache"),
+        artifact_stores=(demo_models["mlp"].artifact.parent.as_uri(),),
+    )
     async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
         worker = await build_worker(
             settings, stack, catalog=ModelCatalog(config), session=session,

@@ -1,12 +1,18 @@
-"""The data plane's read-only view of the config in etcd: models, rollouts, ready workers."""
+"""The data plane's read-only view of the config in etcd: models, rollouts, ready workers.
+
+A record that does not parse, or a `models/` record that fails the mesh's trust checks
+(`services.mesh.domain.trust`: names, sha256, bounds, its key), is logged and ignored: the
+view keeps only records every service can act on safely."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from services.mesh.domain.config import ConfigView
 from services.mesh.domain.errors import InfermeshError, NotFound
+from services.mesh.domain.trust import check_version_record
 from services.mesh.domain.types import ModelVersion, Rollout
 
 log = logging.getLogger(__name__)
@@ -26,7 +32,7 @@ class ModelCatalog:
     def _refresh(self) -> None:
         versions: dict[tuple[str, str], ModelVersion] = {}
         for key, raw in self.config.items("models/").items():
-            parsed = _parse(ModelVersion.from_json, raw, key)
+            parsed = _parse(_version_at(key), raw, key)
             if parsed is not None:
                 versions[(parsed.model, parsed.version)] = parsed
         rollouts: dict[str, Rollout] = {}
@@ -86,6 +92,11 @@ class ModelCatalog:
     def ready_workers(self, model: str, version: str) -> int:
         """How many worker instances report (model, version) loaded and warm."""
         return self._ready.get((model, version), 0)
+
+
+def _version_at(key: str) -> Callable[[Mapping[str, Any]], ModelVersion]:
+    """A parser of the `models/` record at `key` that also applies the trust checks."""
+    return lambda raw: check_version_record(ModelVersion.from_json(raw), key=key)
 
 
 def _parse(parse: Any, raw: Any, key: str) -> Any:

@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
@@ -35,6 +36,8 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
+from services.mesh.infra import tls
+from services.mesh.infra.credentials import MeshCredential
 from services.mesh.infra.etcd import ConfigCache, Registration, connect_client
 from services.mesh.infra.health import HealthCollector, PostgresProbe
 from services.mesh.infra.settings import ServiceSettings
@@ -61,6 +64,10 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setblocking(False)
     return sock
 
+
+MESH_SERVICES = frozenset({"gateway", "router", "batcher", "worker", "registry"})
+"""Services that call or serve links and the registry: they need the mesh credential (and
+refuse to start without one). Others (the control API) never get it: least privilege."""
 
 PARENT_PID = "INFERMESH_PARENT_PID"
 """Set by the launcher's supervisor: the pid a supervised service expects as its parent."""
@@ -106,23 +113,53 @@ class MeshNode:
         self._hurry: asyncio.Event | None = None
         self._pools: list[LinkPool] = []
         self._probes: list[PostgresProbe] = []
+        self._credential: MeshCredential | None = None
+        self._server_tls: ssl.SSLContext | None = None
+
+    @property
+    def credential(self) -> MeshCredential:
+        """The mesh credential (loaded on entry): presented by this node's session and links,
+        required by its internal servers."""
+        if self._credential is None:
+            raise RuntimeError(f"{self.service} holds no mesh credential (only "
+                               f"{', '.join(sorted(MESH_SERVICES))} do, once entered)")
+        return self._credential
 
     @property
     def http_url(self) -> str:
         assert self.sock is not None
         host, port = self.sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self._server_tls else 'http'}://{host}:{port}"
 
     @property
     def link_url(self) -> str:
-        return self.http_url.replace("http://", "ws://", 1) + "/link"
+        return self.http_url.replace("http", "ws", 1) + "/link"
+
+    def link_pool(self, service: str) -> LinkPool:
+        """A pool of links to `service`, presenting the mesh credential (the caller starts
+        and closes it)."""
+        assert self.session is not None
+        return LinkPool(self.session, self.config, service, credential=self.credential,
+                        max_frame_bytes=self.settings.max_frame_bytes)
 
     async def __aenter__(self) -> MeshNode:
         self._stop, self._hurry = asyncio.Event(), asyncio.Event()
+        if self.service in MESH_SERVICES:
+            self._credential = await asyncio.to_thread(
+                MeshCredential.load, self.settings.mesh_credential_file
+            )
+        client_tls: ssl.SSLContext | bool = True
+        if tls.enabled(self.settings):
+            client_tls = await asyncio.to_thread(tls.client_context, self.settings)
+            if self.service in tls.INTERNAL_SERVICES:
+                self._server_tls = await asyncio.to_thread(tls.server_context, self.settings)
         await self.config.start()
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
+            connector=aiohttp.TCPConnector(limit=0, ssl=client_tls), auto_decompress=False,
+            middlewares=(self._credential.present,) if self._credential else (),
         )
+        if self._credential is not None:
+            self._credential.start()
         self.sock = bind(self.settings.host, self.settings.port)
         return self
 
@@ -138,6 +175,8 @@ class MeshNode:
             await self.etcd.close()
         if self.sock is not None:
             self.sock.close()
+        if self._credential is not None:
+            await self._credential.aclose()
 
     def update_record(self, role: str | None = None, **changes: Any) -> None:
         """Change fields of a published endpoint record (the node's own role by default)."""
@@ -193,7 +232,7 @@ class MeshNode:
             app[REGISTRY].register(HealthCollector(self.config, self._pools, self._probes))
         runner = app_runner(app, drain_timeout=self.settings.drain_timeout)
         await runner.setup()
-        await web.SockSite(runner, self.sock).start()
+        await web.SockSite(runner, self.sock, ssl_context=self._server_tls).start()
         # What exists now (modules, clients, caches) lives as long as the process: move it out
         # of the cyclic collector's reach, or every full collection rescans it. Measured: the
         # OTLP exporter's imports alone (protobuf, requests) cost each service ~15 % more CPU

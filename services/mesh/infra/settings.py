@@ -38,6 +38,21 @@ class ServiceSettings:
     handoff_timeout: float = 30.0
     """Seconds a draining worker (SIGTERM) waits for a ready replacement of each of its
     versions before it deregisters anyway; the launcher starts one at once."""
+    mesh_credential_file: str = ""
+    """File of mesh tokens, one a line (`INFERMESH_MESH_CREDENTIAL_FILE`, mode 0600): the first
+    is presented on link upgrades and registry calls, any is accepted. Required by every
+    service; `infermesh up` makes one in `<state dir>/secrets/mesh-credential`."""
+    max_frame_bytes: int = 64 << 20
+    """Largest link message (a batch of frames) accepted or sent; a larger one closes that link.
+    Must be at least the largest valid batch: the max_batch_size bound times a row's bytes."""
+    tls_cert: str = ""
+    """PEM certificate of this instance; with `tls_key` and `tls_ca`, internal services (router,
+    batcher, worker, registry) serve over TLS and link clients present it (mTLS)."""
+    tls_key: str = ""
+    """PEM private key of `tls_cert`."""
+    tls_ca: str = ""
+    """PEM CA bundle that signs every instance's certificate: servers require client
+    certificates it signs, clients verify servers with it."""
 
     @property
     def instance_id(self) -> str:

@@ -9,6 +9,11 @@ in etcd and forgets it when its leased key disappears.
 No WebSocket heartbeat: aiohttp's per-message heartbeat bookkeeping cost ~80 µs per round trip
 here. A crashed peer closes its TCP connection (the link fails at once); a vanished host loses
 its etcd lease within its TTL (the pool drops it); a hung peer is caught by call deadlines.
+
+Links are internal surfaces: a server refuses the WebSocket upgrade (401) unless the caller
+presents the mesh credential (`auth`), and a message larger than `max_frame_bytes` closes its
+link (logged); other links are unaffected. The limit must be at least the largest valid batch:
+the bound on max_batch_size times the bytes of a row, plus a little for frame headers.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from services.mesh.domain.errors import (
     from_wire,
 )
 from services.mesh.transport import frames
+from services.mesh.transport.auth import AUTHORIZATION, Credential, bearer, unauthorized
 from services.mesh.transport.rest import add_metrics_route
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE = 1 << 30
+DEFAULT_MAX_FRAME_BYTES = 64 << 20
+"""The default of the `max_frame_bytes` setting: the largest link message accepted."""
 Handler = Callable[[dict[str, Any], memoryview], Awaitable[tuple[dict[str, Any], frames.Buffers]]]
 
 
@@ -75,20 +82,33 @@ class _Outbox:
 class LinkServer:
     """Serves links on an aiohttp route: `app.router.add_get("/link", server.handle)`."""
 
-    def __init__(self, handler: Handler, *, name: str) -> None:
+    def __init__(
+        self, handler: Handler, *, name: str, credential: Credential,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
         self._handler = handler
         self._name = name
+        self._credential = credential
+        self._max_frame_bytes = max_frame_bytes
         self._sockets: set[web.WebSocketResponse] = set()
         self._calls: set[asyncio.Task[None]] = set()
 
-    async def handle(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=False)
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not self._credential.accepts(request.headers.get(AUTHORIZATION)):
+            log.warning("%s refused a link from %s without the mesh credential", self._name,
+                        request.remote)
+            return unauthorized()
+        ws = web.WebSocketResponse(max_msg_size=self._max_frame_bytes, compress=False)
         await ws.prepare(request)
         self._sockets.add(ws)
         outbox = _Outbox(ws)
         calls: dict[int, asyncio.Task[None]] = {}
         try:
             async for message in ws:
+                if message.type == aiohttp.WSMsgType.ERROR:
+                    log.error("%s closes a link from %s: %r", self._name, request.remote,
+                              ws.exception())
+                    break
                 if message.type != aiohttp.WSMsgType.BINARY:
                     continue
                 for frame in frames.unpack(message.data):
@@ -144,10 +164,15 @@ class LinkServer:
 class LinkClient:
     """The calling end of one link."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, *, peer: str) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, url: str, *, peer: str, credential: Credential,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
         self.url = url
         self.peer = peer
         self._session = session
+        self._credential = credential
+        self._max_frame_bytes = max_frame_bytes
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._outbox: _Outbox | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -168,7 +193,8 @@ class LinkClient:
         """Open the WebSocket; raises LinkClosed when the peer cannot be reached."""
         try:
             self._ws = await self._session.ws_connect(
-                self.url, max_msg_size=MAX_MESSAGE, compress=0,
+                self.url, max_msg_size=self._max_frame_bytes, compress=0,
+                headers=bearer(self._credential),
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0),
             )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -220,6 +246,9 @@ class LinkClient:
         assert self._ws is not None
         try:
             async for message in self._ws:
+                if message.type == aiohttp.WSMsgType.ERROR:
+                    log.error("link to %s closes: %r", self.peer, self._ws.exception())
+                    break
                 if message.type != aiohttp.WSMsgType.BINARY:
                     continue
                 for frame in frames.unpack(message.data):

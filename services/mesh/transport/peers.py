@@ -24,7 +24,8 @@ import aiohttp
 
 from services.mesh.domain.config import ConfigView
 from services.mesh.domain.errors import LinkClosed, Unavailable
-from services.mesh.transport.links import LinkClient
+from services.mesh.transport.auth import Credential
+from services.mesh.transport.links import DEFAULT_MAX_FRAME_BYTES, LinkClient
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,12 @@ class LinkPool:
 
     def __init__(
         self, session: aiohttp.ClientSession, config: ConfigView, service: str, *,
+        credential: Credential, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         orphan_grace: float = DEFAULT_ORPHAN_GRACE,
     ) -> None:
         self._session = session
+        self._credential = credential
+        self._max_frame_bytes = max_frame_bytes
         self._config = config
         self._prefix = f"endpoints/{service}/"
         self.service = service
@@ -183,7 +187,9 @@ class LinkPool:
         link: LinkClient | None = None
         try:
             while True:
-                link = LinkClient(self._session, url, peer=f"{self.service} {instance}")
+                link = LinkClient(self._session, url, peer=f"{self.service} {instance}",
+                                  credential=self._credential,
+                                  max_frame_bytes=self._max_frame_bytes)
                 try:
                     await link.connect()
                 except LinkClosed as exc:

@@ -22,6 +22,7 @@ import pytest
 
 from control.registry_client import RegistryClient, register_file
 from deploy.localdeps import LocalEtcd, LocalPostgres
+from services.mesh.infra.credentials import MeshCredential
 from services.worker.demo_models import build_demo_models
 from tests.integration.canary_models import build_failing_mlp, build_mlp_variant
 from tests.integration.conftest import RunningMesh, mesh_on_session_deps
@@ -62,7 +63,9 @@ async def _register_canaries(mesh: RunningMesh, artifacts: dict[str, Path]) -> N
     versions = {"2": (SIGNATURE, demo), "3": (SIGNATURE, demo),
                 "4": (SIGNATURE, {"max_batch_size": 4, "max_queue_delay_ms": 2})}
     async with aiohttp.ClientSession() as session:
-        registry = RegistryClient(session, mesh.registry)
+        credential = await asyncio.to_thread(
+            MeshCredential.load, mesh.env["INFERMESH_MESH_CREDENTIAL_FILE"])
+        registry = RegistryClient(session, mesh.registry, credential=credential)
         for version, (signature, batching) in versions.items():
             await register_file(registry, "mlp", version, artifacts[version], signature,
                                 batching=batching, device="cpu")

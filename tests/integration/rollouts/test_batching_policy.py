@@ -15,6 +15,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from control.registry_client import RegistryClient, register_file
+from services.mesh.infra.credentials import MeshCredential
 from services.mesh.infra.etcd import connect_client
 from tests.integration.conftest import RunningMesh
 from tests.integration.oip import infer_body, mlp_input, post_infer
@@ -73,7 +74,9 @@ async def test_a_smaller_max_batch_size_applies_within_a_second(
     mesh = rollout_mesh
     connector = aiohttp.TCPConnector(limit=BURST)
     async with aiohttp.ClientSession(connector=connector) as session:
-        registry = RegistryClient(session, mesh.registry)
+        credential = await asyncio.to_thread(
+            MeshCredential.load, mesh.env["INFERMESH_MESH_CREDENTIAL_FILE"])
+        registry = RegistryClient(session, mesh.registry, credential=credential)
         # A long queue delay: a burst waits to leave in batches of up to 64 rows.
         await register_file(registry, MODEL, "1", mlp_artifacts["1"], SIGNATURE, device="cpu",
                             batching={"max_batch_size": 64, "max_queue_delay_ms": 20})
