@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from services.batcher.admission import Backlog, refusal
+from services.batcher.admission import HEADROOM, Backlog, refusal
 from services.batcher.batches import batch_span, batch_timeout, build_batch, shape_key
 from services.batcher.bisection import Outcome, bisect, lone_failure
 from services.batcher.deadlines import EarliestDeadline
@@ -200,6 +200,7 @@ class Batcher:
         ahead = min(backlog.queued_rows + request.rows, queue.policy.max_batch_size)
         retry_after = refusal(
             backlog=backlog, execution=queue.latency.predict(None, ahead), slack=slack,
+            headroom=HEADROOM,
         )
         if retry_after is not None:
             queue.metrics.refused("deadline_unmeetable")
