@@ -55,12 +55,20 @@ def setup_logging() -> None:
     )
 
 
+LISTEN_BACKLOG = 4096
+"""Connections the kernel holds for a service while its loop is busy (capped by the kernel at
+net.core.somaxconn, 4096 on current kernels). aiohttp's sites listen
+again with 128 unless told: a burst of new connections beyond that overflowed the accept queue,
+and each dropped SYN came back after TCP's 1 s, 3 s, ... retransmission timeouts (requests
+"answered in time" by the gateway's clock arrived seconds late at the client)."""
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket; port 0 picks a free one."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -232,7 +240,8 @@ class MeshNode:
             app[REGISTRY].register(HealthCollector(self.config, self._pools, self._probes))
         runner = app_runner(app, drain_timeout=self.settings.drain_timeout)
         await runner.setup()
-        await web.SockSite(runner, self.sock, ssl_context=self._server_tls).start()
+        await web.SockSite(runner, self.sock, ssl_context=self._server_tls,
+                           backlog=LISTEN_BACKLOG).start()
         # What exists now (modules, clients, caches) lives as long as the process: move it out
         # of the cyclic collector's reach, or every full collection rescans it. Measured: the
         # OTLP exporter's imports alone (protobuf, requests) cost each service ~15 % more CPU
