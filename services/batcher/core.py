@@ -76,6 +76,8 @@ class _Queue:
     no_worker_since: float | None = None
     seeded: set[str] | None = None
     """Workers whose warm-up timings seeded `latency`."""
+    pump_due: bool = False
+    """Whether a look at the queue is scheduled for the next loop turn (`_pump_soon`)."""
 
 
 class Batcher:
@@ -146,7 +148,7 @@ class Batcher:
         queue.deadlines.push(request.deadline, pending)
         if evicted:
             self._evict(queue, evicted)
-        self._pump(queue)
+        self._pump_soon(queue)
         try:
             response = await future
         except InfermeshError as exc:
@@ -280,6 +282,18 @@ class Batcher:
             members = self._take(queue, decision.rows, now)
             if members:
                 self._launch(queue, worker, members)
+
+    def _pump_soon(self, queue: _Queue) -> None:
+        """Look at `queue` once the requests arriving in this loop turn are queued: a link
+        message brings many at once, and one decision for all of them costs what one
+        decision per request would, times the message's size."""
+        if not queue.pump_due:
+            queue.pump_due = True
+            asyncio.get_running_loop().call_soon(self._pump_due, queue)
+
+    def _pump_due(self, queue: _Queue) -> None:
+        queue.pump_due = False
+        self._pump(queue)
 
     def _plan(self, queue: _Queue, worker: WorkerHandle, now: float) -> Dispatch:
         """The batch window's decision for `worker`, from the queue and the latency model."""

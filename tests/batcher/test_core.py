@@ -248,6 +248,7 @@ async def test_requests_that_cannot_be_joined_fail_rather_than_hang(
     batcher = make_batcher(FakePool(worker), pipeline_depth=1)
     worker.hold()
     first = asyncio.create_task(batcher.infer(request(0.0)))
+    await worker.next_batch()  # on the worker alone (what arrives in one loop turn batches)
     odd = request(1.0)
     # The gateway validates input names; a bug upstream must still not hang anyone.
     odd.inputs = [dataclasses.replace(odd.inputs[0], name="y")]
@@ -271,3 +272,16 @@ async def test_a_zero_row_request_fails_at_once_and_the_next_is_served(
     response = await asyncio.wait_for(batcher.infer(request(1.0)), timeout=1)
     assert response.request_id == "r1.0"
     assert [b.rows for b in worker.batches] == [[1]]
+
+
+async def test_requests_arriving_in_one_loop_turn_leave_in_one_batch(
+    make_batcher: BatcherFactory, worker: FakeWorker
+) -> None:
+    # A link message brings many requests in one loop turn; with no queue delay an idle
+    # worker would take the first alone if each arrival decided at once. Decided once per
+    # turn, they form one batch (and the batcher plans once, not once per request).
+    policy = BatchingPolicy(max_batch_size=16, max_queue_delay_ms=0)
+    batcher = make_batcher(FakePool(worker), policy=policy)
+    tasks = await submit_all(batcher, [request(float(i)) for i in range(5)])
+    assert len(await results(tasks)) == 5
+    assert [b.rows for b in worker.batches] == [[1, 1, 1, 1, 1]]

@@ -89,6 +89,8 @@ def _field(
 ) -> Any:
     """`meta[key]` when it is one of `kinds` (or None, when nullable); bool is no int here."""
     value = meta.get(key, default)
+    if type(value) is kinds:  # the common case, checked at once (bool is never `kinds`)
+        return value
     if value is _MISSING:
         raise InvalidInput(f"link frame: metadata has no '{key}'")
     if value is None and nullable:

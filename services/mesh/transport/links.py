@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -91,7 +90,8 @@ class LinkServer:
         self._credential = credential
         self._max_frame_bytes = max_frame_bytes
         self._sockets: set[web.WebSocketResponse] = set()
-        self._calls: set[asyncio.Task[None]] = set()
+        self._links: list[dict[int, asyncio.Task[None]]] = []
+        """The calls in progress on each open link."""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if not self._credential.accepts(request.headers.get(AUTHORIZATION)):
@@ -103,6 +103,7 @@ class LinkServer:
         self._sockets.add(ws)
         outbox = _Outbox(ws)
         calls: dict[int, asyncio.Task[None]] = {}
+        self._links.append(calls)
         try:
             async for message in ws:
                 if message.type == aiohttp.WSMsgType.ERROR:
@@ -114,8 +115,9 @@ class LinkServer:
                 for frame in frames.unpack(message.data):
                     self._dispatch(frame, calls, outbox)
         finally:
-            for task in calls.values():
+            for task in list(calls.values()):
                 task.cancel()
+            self._links.remove(calls)
             self._sockets.discard(ws)
             await outbox.aclose()
         return ws
@@ -124,22 +126,17 @@ class LinkServer:
         self, frame: frames.Frame, calls: dict[int, asyncio.Task[None]], outbox: _Outbox
     ) -> None:
         if frame.kind == frames.CANCEL:
-            task = calls.get(frame.call_id)
+            task = calls.pop(frame.call_id, None)  # a task cancelled unstarted never runs
             if task is not None:
                 task.cancel()
             return
-        task = asyncio.create_task(self._answer(frame, outbox))
-        calls[frame.call_id] = task
-        self._calls.add(task)
-        task.add_done_callback(functools.partial(self._forget, calls, frame.call_id))
+        # The call forgets itself when it ends (no done callback: one loop callback fewer per
+        # call); `calls` is this link's, `_links` holds every link's for `drain`.
+        calls[frame.call_id] = asyncio.create_task(self._answer(frame, outbox, calls))
 
-    def _forget(
-        self, calls: dict[int, asyncio.Task[None]], call_id: int, task: asyncio.Task[None]
+    async def _answer(
+        self, frame: frames.Frame, outbox: _Outbox, calls: dict[int, asyncio.Task[None]]
     ) -> None:
-        calls.pop(call_id, None)
-        self._calls.discard(task)
-
-    async def _answer(self, frame: frames.Frame, outbox: _Outbox) -> None:
         try:
             meta, buffers = await self._handler(frame.meta, frame.payload)
             outbox.send(frames.pack(frames.REPLY, frame.call_id, meta, buffers))
@@ -149,11 +146,14 @@ class LinkServer:
             log.exception("%s failed a link call", self._name)
             error = InternalError(f"{self._name} failed: {type(exc).__name__}: {exc}")
             outbox.send(frames.pack(frames.ERROR, frame.call_id, error.to_wire()))
+        finally:
+            calls.pop(frame.call_id, None)
 
     async def drain(self, timeout: float) -> None:
         """Wait (up to `timeout`) for calls in progress to answer."""
-        if self._calls:
-            await asyncio.wait(set(self._calls), timeout=timeout)
+        calls = {task for link in self._links for task in link.values()}
+        if calls:
+            await asyncio.wait(calls, timeout=timeout)
 
     async def aclose(self) -> None:
         """Close every open link (callers see LinkClosed for anything still pending)."""
