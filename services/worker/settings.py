@@ -15,7 +15,8 @@ class WorkerSettings(ServiceSettings):
     cache_dir: str = ".infermesh/worker-cache"
     """Where downloaded artifacts are kept, by sha256."""
     threads: int = 0
-    """torch intra-op threads; 0 keeps torch's default."""
+    """torch intra-op threads per batch; 0 lets each model's warm-up choose: torch's default,
+    or one thread for a CPU model whose largest batch takes under a millisecond."""
     artifact_stores: tuple[str, ...] = ()
     """Where artifacts may be fetched from (comma-separated): base URLs of the registry
     (`http(s)://host:port`, whose artifacts are `{base}/v1/artifacts/{sha256}`) or `file:///`

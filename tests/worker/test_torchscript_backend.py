@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,47 @@ def test_bytes_datatype_is_rejected() -> None:
     signature = {**SIGNATURE, "inputs": [{"name": "x", "datatype": "BYTES", "shape": [-1]}]}
     with pytest.raises(BackendError, match="BYTES"):
         TorchScriptBackend(signature, device_policy="cpu")
+
+
+def _threads_after_batch(backend: TorchScriptBackend) -> int:
+    """Run one batch and return the intra-op threads torch uses in this thread afterwards."""
+    backend.run_batch(_rows(2))
+    return torch.get_num_threads()
+
+
+def _threads_in_fresh_thread(backend: TorchScriptBackend) -> int:
+    """`_threads_after_batch` in a new thread, as the worker's inference thread runs it."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_threads_after_batch, backend).result()
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs one thread here anyway")
+def test_a_small_model_runs_on_one_thread_after_its_warm_up(tmp_path: Path) -> None:
+    # Several intra-op threads spin between a small model's batches (OpenMP's wait policy),
+    # burning a core for a ~50 µs forward; one thread runs no team at all.
+    backend = _loaded(_Double(), tmp_path / "double.pt")
+    default = backend.intra_op_threads
+    assert default == torch.get_num_threads()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        timings = pool.submit(backend.warm_up, 8).result()
+    assert backend.intra_op_threads == 1
+    assert set(timings) == {1, 2, 3, 4, 7, 8}
+    assert _threads_in_fresh_thread(backend) == 1
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs one thread here anyway")
+def test_a_slow_model_or_a_fixed_count_keeps_its_threads(tmp_path: Path) -> None:
+    torch.jit.save(torch.jit.script(_Double()), str(tmp_path / "double.pt"))
+    slow = TorchScriptBackend(SIGNATURE, device_policy="cpu", single_thread_below=0.0)
+    fixed = TorchScriptBackend(SIGNATURE, device_policy="cpu", intra_op_threads=2)
+    for backend in (slow, fixed):
+        backend.load(tmp_path / "double.pt")
+        backend.warm_up(4)
+        assert backend.intra_op_threads == 2
+        assert _threads_in_fresh_thread(backend) == 2
+    # One thread alternating between a one-thread model and a two-thread one follows each.
+    small = _loaded(_Double(), tmp_path / "small.pt")
+    small.warm_up(4)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        counts = [pool.submit(_threads_after_batch, b).result() for b in (small, fixed, small)]
+    assert counts == [1, 2, 1]

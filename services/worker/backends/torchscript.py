@@ -29,6 +29,16 @@ from services.worker.backends.base import (
 )
 from services.worker.backends.devices import resolve_device
 
+SINGLE_THREAD_BELOW_S = 0.001
+"""A CPU model whose largest warm-up batch takes less than this runs on one intra-op thread
+(unless the worker's `threads` setting fixes the count)."""
+
+_DEFAULT_THREADS = torch.get_num_threads()
+"""torch's default intra-op thread count, read before anything here changes it."""
+
+_calling_thread = threading.local()
+"""The intra-op thread count last set in each thread (`torch.set_num_threads` is per thread)."""
+
 # OIP datatype -> (numpy dtype, torch dtype). BYTES has no tensor form, so it is absent.
 _TORCH_DTYPES: dict[str, tuple[np.dtype[Any], torch.dtype]] = {
     "BOOL": (np.dtype(np.bool_), torch.bool),
@@ -87,7 +97,16 @@ class TorchScriptBackend:
 
     ``device_policy`` is resolved at construction (see
     :func:`~services.worker.backends.devices.resolve_device`). ``intra_op_threads`` sets torch's
-    process-wide intra-op thread count when the model is loaded.
+    intra-op thread count for this model's batches; when None, the warm-up picks it: torch's
+    default, or one thread for a model whose largest batch takes under
+    ``single_thread_below`` seconds.
+
+    Why one thread for small models: after each parallel region OpenMP's threads spin-wait for
+    the next (libgomp's default), so a model of ~50 µs a batch, run a few hundred times a
+    second, kept a second thread spinning almost all the time: in the mesh the mlp worker
+    spent ~4x more CPU in OpenMP's threads than on its event loop, and on a 2-core machine that
+    CPU is taken from the other hops. One thread runs no team, so nothing spins; a
+    compute-bound model (the encoder) keeps every thread.
     """
 
     def __init__(
@@ -96,6 +115,7 @@ class TorchScriptBackend:
         *,
         device_policy: str = "auto",
         intra_op_threads: int | None = None,
+        single_thread_below: float = SINGLE_THREAD_BELOW_S,
     ) -> None:
         self._inputs = [_TensorSpec.parse(entry) for entry in signature["inputs"]]
         self._outputs = [_TensorSpec.parse(entry) for entry in signature["outputs"]]
@@ -104,18 +124,22 @@ class TorchScriptBackend:
         resolved = resolve_device(device_policy)
         self._device = torch.device("cuda", 0) if resolved == "cuda" else torch.device("cpu")
         self._intra_op_threads = intra_op_threads
+        self._threads = intra_op_threads or _DEFAULT_THREADS
+        self._single_thread_below = single_thread_below
         self._module: torch.jit.ScriptModule | None = None
-        self._threads = threading.local()
 
     @property
     def device(self) -> str:
         """The torch device the model runs on, e.g. ``"cpu"`` or ``"cuda:0"``."""
         return str(self._device)
 
+    @property
+    def intra_op_threads(self) -> int:
+        """The intra-op threads this model's batches run on (settled by the warm-up)."""
+        return self._threads
+
     def load(self, artifact: Path) -> None:
         """Load a ``torch.jit.save`` file onto the device, in eval mode."""
-        if self._intra_op_threads is not None:
-            torch.set_num_threads(self._intra_op_threads)
         try:
             module = torch.jit.load(  # type: ignore[no-untyped-call]
                 str(artifact), map_location=self._device
@@ -137,7 +161,14 @@ class TorchScriptBackend:
             size: {spec.name: spec.dummy(size) for spec in self._inputs}
             for size in warmup_sizes(max_batch_size)
         }
-        return timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies))
+        seconds = timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies))
+        small = max(seconds.values()) < self._single_thread_below
+        if small and self._intra_op_threads is None and self._threads > 1 and not self._cuda:
+            # Small enough that a team's hand-off and spin cost more than they save; sweep
+            # again so the timings published are those of the batches to come.
+            self._threads = 1
+            seconds = timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies))
+        return seconds
 
     def _run_dummy(self, inputs: Mapping[str, npt.NDArray[Any]]) -> None:
         self.run_batch(inputs)
@@ -166,15 +197,20 @@ class TorchScriptBackend:
 
     def _configure_thread(self) -> None:
         # torch's intra-op (OpenMP) settings are per thread: a thread that never set them ran
-        # the encoder ~20% slower than the main thread here. Set them once per calling thread.
-        if not getattr(self._threads, "configured", False):
-            torch.set_num_threads(self._intra_op_threads or torch.get_num_threads())
-            self._threads.configured = True
+        # the encoder ~20% slower than the main thread here. Set them when the calling thread
+        # last ran with another count (a fused worker's thread runs models of both kinds).
+        if getattr(_calling_thread, "intra_op_threads", None) != self._threads:
+            torch.set_num_threads(self._threads)
+            _calling_thread.intra_op_threads = self._threads
+
+    @property
+    def _cuda(self) -> bool:
+        return self._device.type == "cuda"
 
     def unload(self) -> None:
         """Drop the model; on CUDA also return cached blocks to the driver."""
         self._module = None
-        if self._device.type == "cuda":
+        if self._cuda:
             torch.cuda.empty_cache()
 
     def _loaded_module(self) -> torch.jit.ScriptModule:
