@@ -28,6 +28,7 @@ async def main() -> None:
                 ArtifactStore(Path(settings.artifact_dir),
                               max_bytes=settings.max_artifact_bytes),
                 public_url=settings.public_url or node.http_url,
+                max_frame_bytes=settings.max_frame_bytes,
             )
             await registry.reconcile()
             probe = PostgresProbe(pool)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from services.mesh.domain.errors import Conflict, InvalidInput, NotFound
-from services.mesh.domain.types import ModelVersion, Rollout
+from services.mesh.domain.trust import DEFAULT_MAX_FRAME_BYTES, check_frame_fit
+from services.mesh.domain.types import BatchingPolicy, ModelVersion, Rollout
 from services.registry.ports import (
     ArtifactInfo,
     Artifacts,
@@ -56,10 +57,15 @@ class Stored(Generic[T]):
 class Registry:
     """Models, versions and artifacts; the store's saved records are the truth, etcd a copy."""
 
-    def __init__(self, store: RegistryStore, artifacts: Artifacts, *, public_url: str) -> None:
+    def __init__(
+        self, store: RegistryStore, artifacts: Artifacts, *, public_url: str,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
         self._store = store
         self._artifacts = artifacts
         self._public_url = public_url.rstrip("/")
+        self._max_frame_bytes = max_frame_bytes
+        """The mesh's link frame limit: a version's full batch must fit in one frame."""
 
     # -- models ---------------------------------------------------------------------------
 
@@ -119,6 +125,7 @@ class Registry:
             platform=check_name(platform, field="platform"),
             prediction_log=parse_prediction_log(prediction_log),
         )
+        check_frame_fit(record.signature, record.batching, max_frame_bytes=self._max_frame_bytes)
         await self._require_artifact(artifact_sha256)
         inserted = await self._store.insert_version(
             record, first_rollout=Rollout.stable(record.model, record.version)
@@ -144,11 +151,17 @@ class Registry:
         record = await self._store.update_version(
             model, version,
             lambda current: replace(
-                current, batching=parse_batching_change(current.batching, batching)
+                current, batching=self._fitting(current, batching)
             ),
         )
         await self._publish_if_stale(version_key(model, version), record.to_json())
         return record
+
+    def _fitting(self, current: ModelVersion, change: Mapping[str, Any]) -> BatchingPolicy:
+        """`current`'s queue policy with `change` merged, if a full batch still fits a frame."""
+        policy = parse_batching_change(current.batching, change)
+        check_frame_fit(current.signature, policy, max_frame_bytes=self._max_frame_bytes)
+        return policy
 
     async def _require_artifact(self, sha256: str) -> None:
         try:

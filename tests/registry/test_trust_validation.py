@@ -115,3 +115,26 @@ async def test_an_upload_past_the_cap_gets_413_naming_the_limit_and_keeps_nothin
     # The cap is on the whole upload, not per chunk: at the limit, it is stored.
     exact = b"\x01" * CAP
     assert await upload(client, exact) == hashlib.sha256(exact).hexdigest()
+
+
+WIDE = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1 << 20]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]}
+"""4 MiB of inputs a row: 16 rows fill the default 64 MiB frame limit."""
+
+
+async def test_a_batch_larger_than_a_link_frame_is_refused_naming_max_batch_size(
+    client: Client, store: MemoryStore,
+) -> None:
+    sha = await upload(client, WEIGHTS)
+    too_big = {"artifact_sha256": sha, "signature": WIDE, "batching": {"max_batch_size": 16}}
+    response = await client.put("/v1/models/wide/versions/1", json=too_big)
+    assert response.status == 400, await response.text()
+    error = (await response.json())["error"]
+    assert "max_batch_size" in error and "frame limit" in error
+    fits = {**too_big, "batching": {"max_batch_size": 15}}
+    response = await client.put("/v1/models/wide/versions/1", json=fits)
+    assert response.status in (200, 201), await response.text()
+    # Raising it later through the batching endpoint is held to the same limit.
+    change = await client.patch("/v1/models/wide/versions/1/batching",
+                                json={"max_batch_size": 32})
+    assert change.status == 400 and "frame limit" in (await change.json())["error"]

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.tensors import DTYPES
 from services.mesh.domain.types import BatchingPolicy, ModelVersion, Signature
 
 MAX_NAME_LENGTH = 64
@@ -96,6 +97,45 @@ def check_signature(signature: Signature, *, field: str = "signature") -> Signat
             if row > MAX_ROW_ELEMENTS:
                 raise InvalidInput(f"{where}: at most {MAX_ROW_ELEMENTS} elements a row")
     return signature
+
+
+DEFAULT_MAX_FRAME_BYTES = 64 << 20
+"""The mesh's largest link message by default (`max_frame_bytes`, `INFERMESH_MAX_FRAME_BYTES`)."""
+FRAME_OVERHEAD = 64 << 10
+"""Room a frame keeps for its header (request ids, tenants, traces) beside the tensor bytes."""
+
+
+def largest_batch_bytes(signature: Signature, max_batch_size: int) -> int | None:
+    """Tensor bytes of the larger side (inputs or outputs: each travels in its own frame) of
+    a full batch; None when a row's size is not fixed (a variable non-batch dim, or BYTES)."""
+    sides = []
+    for specs in (signature.inputs, signature.outputs):
+        total = 0
+        for spec in specs:
+            if spec.datatype not in DTYPES or any(d < 0 for d in spec.shape[1:]):
+                return None
+            row = DTYPES[spec.datatype].itemsize
+            for dim in spec.shape[1:]:
+                row *= dim
+            total += row * max_batch_size
+        sides.append(total)
+    return max(sides)
+
+
+def check_frame_fit(
+    signature: Signature, policy: BatchingPolicy, *, max_frame_bytes: int,
+    field: str = "batching",
+) -> None:
+    """InvalidInput naming `max_batch_size` when a full batch would not fit in one link frame:
+    the frame limit and the largest valid batch must agree, or the batch would be refused
+    between hops after it was admitted."""
+    size = largest_batch_bytes(signature, policy.max_batch_size)
+    if size is not None and size + FRAME_OVERHEAD > max_frame_bytes:
+        raise InvalidInput(
+            f"{field}: 'max_batch_size' {policy.max_batch_size}: a full batch is {size} bytes "
+            f"of tensors, over the mesh's frame limit of {max_frame_bytes} bytes "
+            "(max_frame_bytes); lower max_batch_size or raise the limit on every service"
+        )
 
 
 def check_version_record(record: ModelVersion, *, key: str | None = None) -> ModelVersion:

@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from services.mesh.domain import trust
 from services.mesh.domain.errors import (
     DeadlineExceeded,
     InfermeshError,
@@ -42,7 +43,7 @@ from services.mesh.transport.rest import add_metrics_route
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_FRAME_BYTES = 64 << 20
+DEFAULT_MAX_FRAME_BYTES = trust.DEFAULT_MAX_FRAME_BYTES
 """The default of the `max_frame_bytes` setting: the largest link message accepted."""
 Handler = Callable[[dict[str, Any], memoryview], Awaitable[tuple[dict[str, Any], frames.Buffers]]]
 
