@@ -104,9 +104,12 @@ def test_a_process_tree_is_found_and_named() -> None:
     script = "import subprocess, sys; subprocess.run(['sleep', '30']); sys.exit(0)"
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:
-        keys = wait_for_sync(lambda: proc_cpu.tree_cpu([parent.pid]), lambda k: len(k) == 2,
-                             timeout=30, what="the parent and its child sleep")  # fmt: skip
-        labels = sorted(proc_cpu.label_of(key.pid) for key in keys)
+        # Until the child has exec'd `sleep` it is a forked python: wait for the exec too.
+        labels = wait_for_sync(
+            lambda: sorted(proc_cpu.label_of(key.pid) for key in proc_cpu.tree_cpu([parent.pid])),
+            lambda found: len(found) == 2 and "sleep" in found,
+            timeout=30, what="the parent and its child sleep",
+        )
         assert labels[0].startswith("python") and labels[1] == "sleep"
     finally:
         proc_cpu.kill_leftovers(proc_cpu.tree_cpu([parent.pid]))
