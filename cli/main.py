@@ -168,6 +168,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     if args.no_auth:
         os.environ["INFERMESH_GATEWAY_AUTH"] = "0"
+    if args.processes is not None:
+        if not args.fused or args.processes < 1:
+            raise SystemExit("infermesh up: --processes N (N >= 1) goes with --fused")
+        os.environ["INFERMESH_FUSED_PROCESSES"] = str(args.processes)
 
     code: int = run_up(state_dir=Path(args.state_dir), fused=args.fused, demo=not args.no_demo)
     return code
@@ -226,6 +230,9 @@ def _add_up(commands: Any) -> None:
     up = commands.add_parser("up", help="run the whole mesh locally")
     up.add_argument("--state-dir", default=".infermesh", help="default %(default)s")
     up.add_argument("--fused", action="store_true", help="run the data plane in one process")
+    up.add_argument("--processes", type=int, default=None, metavar="N",
+                    help="with --fused: N processes share the gateway's ports (one batcher and "
+                    "worker in the first; the others run gateway and router); default 1")
     up.add_argument("--no-demo", action="store_true", help="do not register the demo models")
     up.add_argument("--no-auth", action="store_true",
                     help="dev mode: the gateway takes requests without an API key and applies "

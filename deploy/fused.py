@@ -8,6 +8,16 @@ etcd/Postgres stay outside.
 One process is one mesh node: where to reach etcd, where to listen (the gateway's REST port)
 and how long to drain come from the gateway's settings; every other setting of each service
 is its own (tests/deploy/test_fused_settings.py checks that each one reaches its service).
+
+One event loop is one core. With `INFERMESH_FUSED_PROCESSES=N` (`infermesh up --fused
+--processes N`) the launcher starts one *core* process (all four services, as above) and N-1
+*front* processes (gateway and router only), all listening on the gateway's ports with
+`SO_REUSEPORT`: the kernel spreads connections over them, and every front's router sends its
+requests over a link to the core's batcher, so batches still form across all of them (one
+batcher, one worker, one model copy). The core also serves its batcher's link and every
+process its `/metrics` on a private port of its own (the shared public port would answer for a
+random process). docs/PERFORMANCE.md has the figures that chose this over N independent fused
+processes.
 """
 
 from __future__ import annotations
@@ -26,9 +36,11 @@ from services.batcher.workers import LocalWorkerPool
 from services.gateway.settings import GatewaySettings
 from services.gateway.wiring import GatewayService, build_gateway
 from services.mesh.domain.catalog import ModelCatalog
+from services.mesh.domain.errors import InvalidInput
 from services.mesh.infra import telemetry
-from services.mesh.infra.runtime import MeshNode, run
+from services.mesh.infra.runtime import MeshNode, bind, run
 from services.mesh.infra.settings import load_settings
+from services.mesh.transport.linked import LinkedInferTarget
 from services.router.settings import RouterSettings
 from services.router.wiring import RouterService, build_router
 from services.worker.settings import WorkerSettings
@@ -54,6 +66,22 @@ class FusedSettings:
             batcher=load_settings(BatcherSettings, "batcher", env),
             worker=load_settings(WorkerSettings, "worker", env),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class FusedProcess:
+    """Which process of a fused data plane this is (`INFERMESH_FUSED_*`, set by the launcher)."""
+
+    processes: int = 1
+    """Processes sharing the gateway's ports: 1 is one process with everything."""
+    role: str = "core"
+    """`core` (all four services) or `front` (gateway and router, to the core's batcher)."""
+
+    def __post_init__(self) -> None:
+        if self.processes < 1:
+            raise InvalidInput(f"INFERMESH_FUSED_PROCESSES must be >= 1, not {self.processes}")
+        if self.role not in ("core", "front"):
+            raise InvalidInput(f"INFERMESH_FUSED_ROLE must be core or front, not {self.role!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +114,11 @@ async def build_fused(
 
 async def main() -> None:
     settings = FusedSettings.load()
+    process = load_settings(FusedProcess, "fused")
     telemetry.setup_tracing("fused")
+    if process.processes > 1:
+        await (serve_front if process.role == "front" else serve_core)(settings)
+        return
     async with (
         MeshNode(settings.gateway, service="gateway") as node,
         contextlib.AsyncExitStack() as stack,
@@ -101,6 +133,59 @@ async def main() -> None:
             # No link: listed so the rollout guard finds this router's /metrics.
             "router": {"fused": True},
             "worker": {"fused": True, "models": []},
+        })
+
+
+def _private(settings: FusedSettings) -> GatewaySettings:
+    """The node's own port (links, `/metrics`) beside the shared public one."""
+    return dataclasses.replace(settings.gateway, port=0)
+
+
+async def serve_core(settings: FusedSettings) -> None:
+    """The core of a multi-process fused plane: all four services, its batcher on a link."""
+    public = bind(settings.gateway.host, settings.gateway.http_port, reuse_port=True)
+    async with (
+        MeshNode(_private(settings), service="gateway") as node,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        stack.callback(public.close)
+        assert node.session is not None
+        fused = await build_fused(
+            settings, stack, catalog=ModelCatalog(node.config), session=node.session,
+            publish_models=lambda ready: node.update_record("worker", models=ready),
+        )
+        links = fused.batcher.link_app(node.credential)
+        await node.serve(links, public=(fused.gateway.app, public), roles={
+            "gateway": {"fused": True, "grpc": fused.gateway.grpc_address},
+            "router": {"fused": True},
+            "batcher": {"fused": True, "link": node.link_url},
+            "worker": {"fused": True, "models": []},
+        })
+
+
+async def serve_front(settings: FusedSettings) -> None:
+    """A front of a multi-process fused plane: gateway and router, to the core's batcher."""
+    public = bind(settings.gateway.host, settings.gateway.http_port, reuse_port=True)
+    async with (
+        MeshNode(_private(settings), service="gateway") as node,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        stack.callback(public.close)
+        assert node.session is not None
+        batchers = node.link_pool("batcher")
+        batchers.start()
+        stack.push_async_callback(batchers.aclose)
+        node.watch_health(pools=[batchers])
+        registry = CollectorRegistry()
+        catalog = ModelCatalog(node.config)
+        router = await build_router(settings.router, stack, catalog=catalog,
+                                    batcher=LinkedInferTarget(batchers, affinity=True),
+                                    registry=registry)
+        gateway = await build_gateway(settings.gateway, stack, catalog=catalog,
+                                      router=router.core, registry=registry)
+        await node.serve(router.link_app(node.credential), public=(gateway.app, public), roles={
+            "gateway": {"fused": True, "grpc": gateway.grpc_address},
+            "router": {"fused": True},
         })
 
 

@@ -2,8 +2,9 @@
 
 Starts private etcd and Postgres under the state dir (unless `INFERMESH_ETCD_URL` /
 `INFERMESH_DATABASE_URL` are given), applies migrations, starts the registry, gateway, router,
-batcher (or the fused data plane) and a worker per registered model, registers the demo
-models, prints the endpoints and a curl line, and stops everything on Ctrl-C or SIGTERM.
+batcher (or the fused data plane) and the workers of each registered version (as many as its
+`scale/` record asks: `deploy.workers`), registers the demo models, prints the endpoints and
+a curl line, and stops everything on Ctrl-C or SIGTERM.
 
 Workers are replaced, never just stopped: a worker that gets SIGTERM marks its endpoint record
 `draining` and the launcher starts its replacement at once (the old one exits once the new one
@@ -21,6 +22,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import asyncio  # noqa: E402
 import contextlib
+import itertools
 import logging
 import shutil
 import signal
@@ -60,6 +62,7 @@ class Launcher:
         self.registry_port = int(os.environ.get("INFERMESH_REGISTRY_PORT", "8200"))
         self.control_port = int(os.environ.get("INFERMESH_CONTROL_PORT", "8100"))
         self.router_replicas = int(os.environ.get("INFERMESH_ROUTER_REPLICAS", "1"))
+        self.fused_processes = int(os.environ.get("INFERMESH_FUSED_PROCESSES", "1"))
         self.auth = os.environ.get("INFERMESH_GATEWAY_AUTH", "1").lower() not in OFF
         self.edge = _edge_config(BindHosts.from_env(os.environ).public, self.gateway_port,
                                  self.grpc_port)
@@ -137,7 +140,10 @@ class Launcher:
         self._spawn("registry", "services.registry")
         self._spawn("control", "control.api")
         if self.fused:
+            # One core process (all four services); fronts (gateway + router) share its ports.
             self._spawn("fused", "deploy.fused", INFERMESH_WORKER_MODELS="*")
+            for front in range(1, self.fused_processes):
+                self._spawn(f"fused-front-{front}", "deploy.fused", INFERMESH_FUSED_ROLE="front")
         else:
             for replica in range(self.router_replicas):
                 self._spawn("router" if replica == 0 else f"router-{replica}", "services.router")
@@ -180,8 +186,14 @@ class Launcher:
         self._edge = await asyncio.to_thread(start_edge, self.edge, prefix)
 
     def _spawn_worker(self, model: str, version: str) -> Supervised:
-        return self._spawn(f"worker-{model}-{version}", "services.worker",
-                           INFERMESH_WORKER_MODELS=f"{model}/{version}")
+        """A worker process of (model, version): the first is `worker-{model}-{version}`,
+        the others (scaled up, or a replacement while the old one drains) `...-{i}`, the
+        smallest `i` no live process has (it names the log file too)."""
+        base = f"worker-{model}-{version}"
+        taken = {child.name for child in self._children if not child.finished}
+        name = next(n for n in (base, *(f"{base}-{i}" for i in itertools.count(1)))
+                    if n not in taken)
+        return self._spawn(name, "services.worker", INFERMESH_WORKER_MODELS=f"{model}/{version}")
 
     def worker(self, model: str, version: str) -> Supervised | None:
         """The supervised worker process of (model, version), if one was started."""

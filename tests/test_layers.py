@@ -42,9 +42,9 @@ POLICIES = (
     "services.batcher.policy", "services.batcher.fairness", "services.batcher.lanes",
     "services.batcher.batches", "services.batcher.bisection", "services.batcher.latency",
     "services.batcher.admission", "services.batcher.dispatch", "services.batcher.deadlines",
-    "services.router.policy",
+    "services.batcher.coldstart", "services.router.policy",
     "services.gateway.quotas", "services.gateway.validation", "control.guard.policy",
-    "control.guard.window",
+    "control.guard.window", "control.autoscaler.policy",
 )
 """Pure policies: functions over a small context, fed by a core or a runner."""
 
@@ -53,9 +53,11 @@ CORE_SIDE = {
                 "overload"),
     "router": ("policy", "shadow", "metrics", "settings", "compare"),
     "batcher": ("policy", "fairness", "lanes", "batches", "metrics", "tenants", "workers",
-                "settings", "bisection", "latency", "admission", "dispatch", "deadlines"),
+                "settings", "bisection", "latency", "admission", "dispatch", "deadlines",
+                "coldstart"),
     "worker": ("metrics", "settings", "artifacts", "backends", "backends.base"),
     "guard": ("policy", "window", "spec", "metrics"),
+    "autoscaler": ("policy", "spec"),
     "registry": ("ports", "validation"),
 }
 """Per service, the modules a core may use beside the domain: its policies, its instruments

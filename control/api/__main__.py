@@ -1,4 +1,5 @@
-"""`python -m control.api`: migrate, publish what etcd lacks, serve, reconcile and guard.
+"""`python -m control.api`: migrate, publish what etcd lacks, serve, reconcile, guard and
+autoscale.
 
 Two reconcile loops run at `reconcile_interval`: rollouts, and tenants/keys/limits.
 
@@ -19,12 +20,15 @@ from control.api.core import RolloutStore, reconcile_forever
 from control.api.reports.store import ReportStore
 from control.api.settings import ControlSettings
 from control.api.tenants.store import TenantStore
+from control.autoscaler.metrics import AutoscalerMetrics
+from control.autoscaler.runner import autoscale
 from control.guard.runner import run_guard
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.infra.db import create_pool, migrate
 from services.mesh.infra.health import PostgresProbe
 from services.mesh.infra.runtime import MeshNode, run
 from services.mesh.infra.settings import load_settings
+from services.mesh.transport.rest import REGISTRY
 
 log = logging.getLogger("control.api")
 
@@ -43,6 +47,7 @@ async def serve(settings: ControlSettings, tokens: Mapping[str, str]) -> None:
             probe = PostgresProbe(pool)
             probe.start()
             node.watch_health(postgres=[probe])
+            app = create_app(store, tokens, tenants=tenants, reports=ReportStore(pool))
             tasks = [
                 asyncio.create_task(
                     store.reconcile_forever(settings.reconcile_interval), name="control-reconcile"
@@ -56,10 +61,20 @@ async def serve(settings: ControlSettings, tokens: Mapping[str, str]) -> None:
                               interval=settings.guard_interval),
                     name="control-guard",
                 ),
+                asyncio.create_task(
+                    autoscale(node.config, node.session, pool, node.etcd,
+                              etcd_prefix=settings.etcd_prefix,
+                              interval=settings.autoscaler_interval,
+                              metrics=AutoscalerMetrics(app[REGISTRY]),
+                              engine=settings.autoscaler_actuator,
+                              kube_api_url=settings.kube_api_url,
+                              kube_namespace=settings.kube_namespace,
+                              kube_deployment=settings.kube_deployment),
+                    name="control-autoscaler",
+                ),
             ]
             try:
-                await node.serve(create_app(store, tokens, tenants=tenants,
-                                            reports=ReportStore(pool)))
+                await node.serve(app)
             finally:
                 await _stop(tasks)
                 await probe.aclose()

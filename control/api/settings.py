@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from services.mesh.domain.errors import InvalidInput
 from services.mesh.infra.settings import ServiceSettings
 
 
@@ -25,3 +26,19 @@ class ControlSettings(ServiceSettings):
     and tenants, API keys and model limits that etcd holds differently from Postgres."""
     guard_interval: float = 1.0
     """Seconds between evaluations of guarded rollouts."""
+    autoscaler_interval: float = 2.0
+    """Seconds between autoscaler ticks (versions whose `models/` record has `autoscaling`)."""
+    autoscaler_actuator: str = "etcd"
+    """`etcd`: publish `scale/` records the local launcher follows; `kubernetes`: also patch
+    the scale of each version's worker Deployment."""
+    kube_api_url: str = ""
+    """Kubernetes API server for the `kubernetes` actuator; empty: the pod's service account."""
+    kube_namespace: str = "default"
+    """Namespace of the worker Deployments."""
+    kube_deployment: str = "infermesh-worker-{model}-{version}"
+    """Name template of a version's worker Deployment (made a DNS-1123 label)."""
+
+    def __post_init__(self) -> None:
+        if self.autoscaler_actuator not in ("etcd", "kubernetes"):
+            raise InvalidInput("setting autoscaler_actuator: must be etcd or kubernetes, not "
+                               f"{self.autoscaler_actuator!r}")

@@ -11,6 +11,7 @@ from services.mesh.infra import telemetry
 from services.mesh.infra.runtime import MeshNode, run
 from services.mesh.infra.settings import load_settings
 from services.mesh.transport.linked import LinkedWorkerPool
+from services.mesh.transport.spread import WorkerShare
 
 
 async def main() -> None:
@@ -22,8 +23,10 @@ async def main() -> None:
         workers.start()
         stack.push_async_callback(workers.aclose)
         node.watch_health(pools=[workers])
+        catalog = ModelCatalog(node.config)
+        share = WorkerShare(node.config, instance=node.instance, batchers=catalog.batchers)
         batcher = await build_batcher(
-            settings, stack, catalog=ModelCatalog(node.config), workers=LinkedWorkerPool(workers),
+            settings, stack, catalog=catalog, workers=LinkedWorkerPool(workers, share=share),
         )
         await node.serve(batcher.link_app(node.credential),
                          roles={"batcher": {"link": node.link_url}})

@@ -43,6 +43,8 @@ def parse_batching(raw: Any) -> BatchingPolicy:
         return BatchingPolicy()
     if not isinstance(raw, Mapping):
         raise InvalidInput("batching: must be an object")
+    for field, value in raw.items():
+        _check_batching_type(field, value)
     try:
         # Defaults filled in here: BatchingPolicy.from_json cannot read them off a slots class.
         policy = BatchingPolicy.from_json({**BatchingPolicy().to_json(), **raw})
@@ -87,6 +89,7 @@ def _check_batching_type(field: str, value: Any) -> None:
             "a list of integers", lambda v: isinstance(v, list) and all(map(integer, v))
         ),
         "admission": ("a string", lambda v: isinstance(v, str)),
+        "batchers": ("an integer", integer),
     }
     if field in expected and not expected[field][1](value):
         raise InvalidInput(f"batching: '{field}' must be {expected[field][0]}")

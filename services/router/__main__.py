@@ -22,9 +22,10 @@ async def main() -> None:
         batchers.start()
         stack.push_async_callback(batchers.aclose)
         node.watch_health(pools=[batchers])
+        catalog = ModelCatalog(node.config)
         router = await build_router(
-            settings, stack, catalog=ModelCatalog(node.config),
-            batcher=LinkedInferTarget(batchers, affinity=True),
+            settings, stack, catalog=catalog,
+            batcher=LinkedInferTarget(batchers, affinity=True, spread=catalog.batchers),
         )
         await node.serve(router.link_app(node.credential),
                          roles={"router": {"link": node.link_url}})

@@ -41,6 +41,7 @@ async def test_models_batching_changes_only_the_fields_given(
     assert published == {
         "max_batch_size": 8, "max_queue_delay_ms": 2.0, "max_queue_size": 4096,
         "preferred_batch_sizes": [4, 8], "default_timeout_ms": 250.0, "admission": "off",
+        "batchers": 1,
     }
     code = await asyncio.to_thread(main, [
         "models", "batching", "iris", "1", "--default-timeout-ms", "none",

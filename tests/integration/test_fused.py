@@ -1,4 +1,7 @@
-"""`infermesh up --fused` on its own private etcd and Postgres, as `make up` runs it."""
+"""`infermesh up --fused --processes 2` on its own private etcd and Postgres, as `make up` runs
+it: a core process (gateway, router, batcher, worker) and a front (gateway, router) sharing the
+gateway's ports. Everything below passes through either process; `build_fused` itself (the
+one-process mode's wiring) is covered by tests/deploy/test_fused_settings.py."""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def fused() -> Iterator[RunningMesh]:
     """The launcher with no URLs given: it starts its own etcd and Postgres."""
     root = Path(tempfile.mkdtemp(prefix="infermesh-fused-"))
     root.chmod(0o755)
-    running = start_mesh(root / "state", fused=True, env={})
+    running = start_mesh(root / "state", fused=True, env={"INFERMESH_FUSED_PROCESSES": "2"})
     try:
         yield running
         stop_and_check(running)
@@ -77,3 +80,24 @@ async def test_fused_serves_grpc(fused: RunningMesh) -> None:
     output = result.as_numpy(result.get_response().outputs[0].name)
     expected = reference(fused.state_dir, "mlp", array)
     np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
+
+
+async def test_both_processes_serve_and_the_front_reaches_the_cores_batcher(
+    fused: RunningMesh,
+) -> None:
+    """Each process stamps its own random prefix on request ids. New connections are spread
+    by the kernel (SO_REUSEPORT hashes the 4-tuple): 64 of them all landing on one of two
+    processes has probability 2**-63, so seeing both prefixes is certain in practice. The front
+    has no batcher or worker: its 200s crossed the link to the core's batcher."""
+    prefixes: set[str] = set()
+    body = infer_body("features", mlp_input(1))
+    for _ in range(64):
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            status, answer, _ = await post_infer(
+                session, f"{fused.gateway}/v2/models/mlp/infer", body, headers=fused.auth())
+        assert status == 200, answer
+        prefixes.add(str(answer["id"])[:16])
+        if len(prefixes) == 2:
+            break
+    assert len(prefixes) == 2, prefixes

@@ -89,6 +89,13 @@ class ModelCatalog:
             raise NotFound(f"model '{model}' has no version to serve")
         return self.version(model, primary)
 
+    def batchers(self, model: str, version: str | None) -> int:
+        """How many batcher instances share the traffic of `model` at `version`: the version's
+        `batching.batchers` (1 for a version not known here). Routers and batchers both read
+        it, so a router spreads over the same top-k batchers that split the workers."""
+        found = self._versions.get((model, version or ""))
+        return 1 if found is None else found.batching.batchers
+
     def ready_workers(self, model: str, version: str) -> int:
         """How many worker instances report (model, version) loaded and warm."""
         return self._ready.get((model, version), 0)

@@ -143,6 +143,9 @@ class BatchingPolicy:
     `preferred_batch_sizes`: sizes a batch is formed at when it cannot be full (empty: any).
     `default_timeout_ms`: the deadline of a request that names none (None: no deadline).
     `admission`: one of `ADMISSION_MODES`.
+    `batchers`: how many batcher instances share the model's traffic (the top ones by
+    rendezvous score on the model name), each with its own share of the version's workers;
+    1 keeps the whole model on one batcher, which forms the fullest batches.
     """
 
     max_batch_size: int = 32
@@ -151,6 +154,7 @@ class BatchingPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
     default_timeout_ms: float | None = None
     admission: str = "predictive"
+    batchers: int = 1
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> BatchingPolicy:
@@ -169,6 +173,7 @@ class BatchingPolicy:
                 preferred_batch_sizes=tuple(sorted({int(size) for size in preferred})),
                 default_timeout_ms=None if timeout is None else float(timeout),
                 admission=str(raw.get("admission", default.admission)),
+                batchers=int(raw.get("batchers", default.batchers)),
             )
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"batching: {exc}") from None
@@ -178,6 +183,8 @@ class BatchingPolicy:
             raise InvalidInput("batching: 'max_queue_delay_ms' must be within 0..60000")
         if policy.max_queue_size < 1:
             raise InvalidInput("batching: 'max_queue_size' must be >= 1")
+        if policy.batchers < 1:
+            raise InvalidInput("batching: 'batchers' must be >= 1")
         if any(not 1 <= size <= policy.max_batch_size for size in policy.preferred_batch_sizes):
             raise InvalidInput(
                 "batching: 'preferred_batch_sizes' must lie within 1..max_batch_size"
@@ -200,6 +207,7 @@ class BatchingPolicy:
             "preferred_batch_sizes": list(self.preferred_batch_sizes),
             "default_timeout_ms": self.default_timeout_ms,
             "admission": self.admission,
+            "batchers": self.batchers,
         }
 
 

@@ -63,10 +63,13 @@ and each dropped SYN came back after TCP's 1 s, 3 s, ... retransmission timeouts
 "answered in time" by the gateway's clock arrived seconds late at the client)."""
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; port 0 picks a free one."""
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; port 0 picks a free one. With `reuse_port`, several processes
+    listen on one port and the kernel spreads new connections over them (`SO_REUSEPORT`)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
@@ -229,11 +232,14 @@ class MeshNode:
     async def serve(
         self, app: web.Application, *, roles: dict[str, dict[str, Any]] | None = None,
         handoff: Callable[[], Awaitable[None]] | None = None,
+        public: tuple[web.Application, socket.socket] | None = None,
     ) -> None:
         """Serve `app` until stopped; `roles` maps endpoint roles to their records.
 
         With `handoff`, SIGTERM marks the records draining and waits for `handoff()` (at most
-        `handoff_timeout` seconds) before deregistering and draining.
+        `handoff_timeout` seconds) before deregistering and draining. With `public`, that app
+        is served on that socket too (a port shared by several processes): drained before
+        `app`, which may serve the links it calls.
         """
         assert self.sock is not None and self._stop is not None
         if REGISTRY in app:
@@ -242,6 +248,11 @@ class MeshNode:
         await runner.setup()
         await web.SockSite(runner, self.sock, ssl_context=self._server_tls,
                            backlog=LISTEN_BACKLOG).start()
+        outer: web.AppRunner | None = None
+        if public is not None:
+            outer = app_runner(public[0], drain_timeout=self.settings.drain_timeout)
+            await outer.setup()
+            await web.SockSite(outer, public[1], backlog=LISTEN_BACKLOG).start()
         # What exists now (modules, clients, caches) lives as long as the process: move it out
         # of the cyclic collector's reach, or every full collection rescans it. Measured: the
         # OTLP exporter's imports alone (protobuf, requests) cost each service ~15 % more CPU
@@ -264,6 +275,8 @@ class MeshNode:
                 watcher.cancel()
             log.info("%s %s shutting down: deregister, drain, close", self.service, self.instance)
             await self.deregister()
+            if outer is not None:
+                await outer.cleanup()
             await runner.cleanup()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)

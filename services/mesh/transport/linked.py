@@ -24,6 +24,7 @@ from services.mesh.domain.types import Batch, BatchResult, InferRequest, InferRe
 from services.mesh.transport import frames
 from services.mesh.transport.links import Handler, LinkClient
 from services.mesh.transport.peers import LinkPool
+from services.mesh.transport.spread import WorkerShare
 
 Q = TypeVar("Q")
 A = TypeVar("A")
@@ -33,16 +34,23 @@ class LinkedInferTarget:
     """Forwards requests over links to instances of one service.
 
     With `affinity=True`, requests for one model go to the same instance while it lives
-    (rendezvous hashing), so a batcher sees all of a model's traffic and batches it together.
+    (rendezvous hashing), so a batcher sees all of a model's traffic and batches it together;
+    with `spread` (model, version → k, `ModelCatalog.batchers`), to the least busy of the
+    model's top k instances (services/mesh/transport/spread.py).
     """
 
-    def __init__(self, pool: LinkPool, *, affinity: bool = False) -> None:
+    def __init__(
+        self, pool: LinkPool, *, affinity: bool = False,
+        spread: Callable[[str, str | None], int] | None = None,
+    ) -> None:
         self._pool = pool
         self._affinity = affinity
+        self._spread = spread
 
     async def infer(self, request: InferRequest) -> InferResponse:
         if self._affinity:
-            link = self._pool.pick_by_key(request.model)
+            k = 1 if self._spread is None else self._spread(request.model, request.version)
+            link = self._pool.pick_by_key(request.model, k=k)
         else:
             link = self._pool.pick()
         meta, buffers = frames.encode_request(request)
@@ -100,10 +108,12 @@ class _LinkedWorker:
 
 class LinkedWorkerPool:
     """Workers found in etcd (`endpoints/worker/*`) that list the version as loaded; those
-    draining only while no other has it."""
+    draining only while no other has it. With `share`, only this batcher's share of them
+    while the model is spread over several batchers (services/mesh/transport/spread.py)."""
 
-    def __init__(self, pool: LinkPool) -> None:
+    def __init__(self, pool: LinkPool, *, share: WorkerShare | None = None) -> None:
         self._pool = pool
+        self._share = share
         self._handles: dict[int, _LinkedWorker] = {}
 
     def candidates(self, model: str, version: str) -> list[WorkerHandle]:
@@ -116,7 +126,13 @@ class LinkedWorkerPool:
                     self._handle(link, record))
         # A draining worker (SIGTERM) gets new batches only while no other worker has the
         # version: it serves on until its replacement is ready, then takes nothing new.
-        return found or draining
+        return self._mine(model, version, found) or draining
+
+    def _mine(self, model: str, version: str, found: list[WorkerHandle]) -> list[WorkerHandle]:
+        if self._share is None or len(found) < 2:
+            return found
+        mine = self._share.mine(model, version, [handle.key for handle in found])
+        return found if mine is None else [handle for handle in found if handle.key in mine]
 
     def _handle(self, link: LinkClient, record: dict[str, Any]) -> _LinkedWorker:
         handle = self._handles.get(id(link))

@@ -30,6 +30,9 @@ from services.mesh.transport.links import DEFAULT_MAX_FRAME_BYTES, LinkClient
 log = logging.getLogger(__name__)
 
 
+MAX_RANKED_KEYS = 4096
+"""Keys whose ranking a pool caches at most (model names: far fewer in practice)."""
+
 DEFAULT_ORPHAN_GRACE = 20.0
 """Seconds an orphan may serve: twice the endpoint lease's TTL (10 s), time enough for its
 instance to notice the lapse and re-register once etcd answers again."""
@@ -65,6 +68,8 @@ class LinkPool:
         self._orphans: dict[str, _Orphan] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._rankings: dict[str, list[LinkClient]] = {}
+        """Open links best first per key (`pick_by_key`), forgotten on any change."""
         self._closed = False
         self.drops = 0
         """Links that closed under this pool (each is then reconnected while its peer is listed)."""
@@ -113,16 +118,31 @@ class LinkPool:
             raise Unavailable(f"no live {self.service} instance is reachable")
         return best
 
-    def pick_by_key(self, key: str) -> LinkClient:
-        """The open link chosen for `key` by rendezvous hashing (stable while peers live)."""
-        best: tuple[int, LinkClient] | None = None
-        for link, record in self.links():
-            score = rendezvous_score(key, str(record.get("instance", link.url)))
-            if best is None or score > best[0]:
-                best = (score, link)
+    def pick_by_key(self, key: str, *, k: int = 1) -> LinkClient:
+        """Of the `k` open links that rank highest for `key` by rendezvous hashing (stable
+        while peers live), the one with the fewest calls in flight; `k=1`: the top one.
+
+        The ranking is cached per key until a link or record changes: this is the router's
+        per-request path, so a pick walks a ready list and allocates nothing."""
+        ranking = self._rankings.get(key)
+        best = None if ranking is None else _least_busy(ranking, k)
+        if best is None:  # not ranked yet, or every ranked link closed before the pool saw it
+            ranking = self._rank(key)
+            best = _least_busy(ranking, k)
         if best is None:
             raise Unavailable(f"no live {self.service} instance is reachable")
-        return best[1]
+        return best
+
+    def _rank(self, key: str) -> list[LinkClient]:
+        if len(self._rankings) >= MAX_RANKED_KEYS:
+            self._rankings.clear()
+        ranking = [link for _, link in sorted(
+            ((rendezvous_score(key, _instance(link, record)), link)
+             for link, record in self.links()),
+            key=_score, reverse=True,  # stable: equal scores keep the pool's order
+        )]
+        self._rankings[key] = ranking
+        return ranking
 
     def _sync(self) -> None:
         if self._closed:
@@ -218,6 +238,7 @@ class LinkPool:
             self._notify()
 
     def _notify(self) -> None:
+        self._rankings.clear()
         for listener in self._listeners:
             try:
                 listener()
@@ -248,3 +269,26 @@ class _Orphan(NamedTuple):
 def rendezvous_score(key: str, instance: str) -> int:
     """Highest-random-weight hash: stable choice of an instance for a key."""
     return zlib.crc32(f"{key}\0{instance}".encode())
+
+
+def _instance(link: LinkClient, record: dict[str, Any]) -> str:
+    return str(record.get("instance", link.url))
+
+
+def _score(scored: tuple[int, LinkClient]) -> int:
+    return scored[0]
+
+
+def _least_busy(ranking: list[LinkClient], k: int) -> LinkClient | None:
+    """The link with the fewest calls in flight among the first `k` open ones of `ranking`
+    (the better ranked on a tie)."""
+    best: LinkClient | None = None
+    for link in ranking:
+        if link.closed:
+            continue
+        if best is None or link.inflight < best.inflight:
+            best = link
+        k -= 1
+        if k <= 0:
+            break
+    return best

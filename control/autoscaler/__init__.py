@@ -1,0 +1,1 @@
+"""The autoscaler: batcher load in, desired worker replicas per model version out."""
