@@ -1,7 +1,8 @@
 """Private etcd and Postgres instances for the local launcher and for test fixtures.
 
-Each instance lives in a data directory of its own, listens on 127.0.0.1 only, and runs in
-its own process group so that Ctrl-C in a terminal does not reach it before ``stop()``.
+Each instance lives in a data directory of its own, listens on 127.0.0.1 (and on ``host`` when
+one is given: a network namespace's address, tests/integration/netns.py), and runs in its own
+process group so that Ctrl-C in a terminal does not reach it before ``stop()``.
 Starting again on an existing data directory reuses its contents (``make up`` is idempotent),
 and a server left running by a killed launcher is stopped before the new one starts.
 
@@ -112,11 +113,13 @@ class LocalEtcd(_ContextStop):
 
     def __init__(
         self, process: subprocess.Popen[bytes], log: IO[bytes], data_dir: Path, port: int,
-        *, passwords: dict[str, str] | None = None,
+        *, passwords: dict[str, str] | None = None, host: str = "127.0.0.1",
     ):
         self.process = process
         self.data_dir = data_dir
         self.port = port
+        self.host = host
+        """The address clients dial (`url_for`); `endpoint` stays on loopback."""
         self.endpoint = f"http://127.0.0.1:{port}"
         self.passwords = dict(passwords or {})
         self._log = log
@@ -128,7 +131,7 @@ class LocalEtcd(_ContextStop):
 
     def url_for(self, user: str) -> str:
         """Client URL with `user`'s credentials (a service name, ``fused`` or ``root``)."""
-        return f"http://{user}:{quote(self.passwords[user], safe='')}@127.0.0.1:{self.port}"
+        return f"http://{user}:{quote(self.passwords[user], safe='')}@{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -169,13 +172,15 @@ def _kill_stale_etcd(data_dir: Path) -> None:
     _wait_gone(pid)
 
 
-def _etcd_command(data_dir: Path, port: int, peer_port: int, fast: bool) -> list[str]:
+def _etcd_command(data_dir: Path, port: int, peer_port: int, fast: bool,
+                  host: str = "127.0.0.1") -> list[str]:
     client, peer = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer_port}"
+    advertised = f"http://{host}:{port}"
     flags = {
         "--name": "infermesh",
         "--data-dir": str(data_dir / "data"),
-        "--listen-client-urls": client,
-        "--advertise-client-urls": client,
+        "--listen-client-urls": client if advertised == client else f"{client},{advertised}",
+        "--advertise-client-urls": advertised,
         "--listen-peer-urls": peer,
         "--initial-advertise-peer-urls": peer,
         "--initial-cluster": f"infermesh={peer}",
@@ -199,10 +204,11 @@ def _etcd_healthy(url: str) -> bool:
 
 def start_etcd(
     data_dir: Path, *, port: int | None = None, fast: bool = False,
-    prefix: str = "/infermesh/", secrets_dir: Path | None = None,
+    prefix: str = "/infermesh/", secrets_dir: Path | None = None, host: str = "127.0.0.1",
 ) -> LocalEtcd:
     """Start etcd on ``data_dir``, wait until it reports healthy (RuntimeError otherwise), and
-    make sure auth is on with the users of ``deploy/etcd_users.py`` on the mesh ``prefix``."""
+    make sure auth is on with the users of ``deploy/etcd_users.py`` on the mesh ``prefix``.
+    It listens on loopback and on ``host``, the address its URLs name."""
     data_dir = data_dir.resolve()
     passwords = etcd_passwords(secrets_dir or data_dir.parent / "secrets")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -216,14 +222,14 @@ def start_etcd(
     log_path = data_dir / "etcd.log"
     log = _private_log(log_path)
     process = subprocess.Popen(
-        _etcd_command(data_dir, port, free_port(), fast),
+        _etcd_command(data_dir, port, free_port(), fast, host),
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,
     )
-    etcd = LocalEtcd(process, log, data_dir, port, passwords=passwords)
+    etcd = LocalEtcd(process, log, data_dir, port, passwords=passwords, host=host)
     (data_dir / "etcd.pid").write_text(str(process.pid))
     deadline = time.monotonic() + _START_TIMEOUT
     while not _etcd_healthy(etcd.endpoint):
@@ -312,9 +318,11 @@ class LocalPostgres(_ContextStop):
     database as the application role; ``superuser_dsn`` at ``postgres`` as the superuser."""
 
     def __init__(self, data_dir: Path, port: int, socket_dir: Path, *, superuser_password: str = "",
-                 app_password: str = ""):
+                 app_password: str = "", host: str = "127.0.0.1"):
         self.data_dir = data_dir
         self.port = port
+        self.host = host
+        """The address the DSNs name (the superuser's psql stays on loopback)."""
         self.superuser_password = superuser_password
         self.app_password = app_password
         self.dsn = self._dsn(APP_ROLE, app_password, APP_ROLE)
@@ -324,7 +332,7 @@ class LocalPostgres(_ContextStop):
         self._stopped = False
 
     def _dsn(self, role: str, password: str, database: str) -> str:
-        return f"postgresql://{role}:{quote(password, safe='')}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{role}:{quote(password, safe='')}@{self.host}:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
         """Create an empty database called ``name``, owned by the application role, and return
@@ -360,8 +368,9 @@ class LocalPostgres(_ContextStop):
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
-def _server_options(port: int, socket_dir: Path, fast: bool) -> str:
-    options = f"-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1"
+def _server_options(port: int, socket_dir: Path, fast: bool, host: str = "127.0.0.1") -> str:
+    listen = "127.0.0.1" if host == "127.0.0.1" else f"127.0.0.1,{host}"
+    options = f"-p {port} -k {socket_dir} -c listen_addresses={listen}"
     if fast:
         # Throwaway test clusters only: durability traded for speed.
         options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -389,10 +398,11 @@ SELECT 'CREATE DATABASE {APP_ROLE} OWNER {APP_ROLE}'
 
 def start_postgres(
     data_dir: Path, *, port: int | None = None, fast: bool = False,
-    secrets_dir: Path | None = None,
+    secrets_dir: Path | None = None, host: str = "127.0.0.1",
 ) -> LocalPostgres:
     """Start (initialising if needed) a Postgres cluster in ``data_dir`` and wait until ready;
-    the superuser and the application role have passwords from ``secrets_dir``."""
+    the superuser and the application role have passwords from ``secrets_dir``. With a
+    ``host`` other than loopback it listens there too, for clients on that host's subnets."""
     data_dir = data_dir.resolve()
     secrets_dir = secrets_dir or data_dir.parent / "secrets"
     initialised = (data_dir / "PG_VERSION").exists()
@@ -404,13 +414,15 @@ def start_postgres(
     _prepare_pg_dir(data_dir)
     if not initialised:
         _initdb(data_dir, superuser)
+    if host != "127.0.0.1":
+        _allow_samenet(data_dir)
     _recover_pid_file(data_dir)
     port = port or free_port()
     socket_dir = _make_socket_dir()
     postgres = LocalPostgres(data_dir, port, socket_dir, superuser_password=superuser,
-                             app_password=app)
+                             app_password=app, host=host)
     try:
-        options = _server_options(port, socket_dir, fast)
+        options = _server_options(port, socket_dir, fast, host)
         log = str(data_dir / "server.log")
         _checked(data_dir, "pg_ctl", "-D", str(data_dir), "-l", log, "-w", "-t", "30",
                  "-o", options, "start")
@@ -438,6 +450,17 @@ def _initdb(data_dir: Path, superuser_password: str) -> None:
         _checked(data_dir, "initdb", "-D", str(data_dir), *flags)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+_SAMENET = "host all all samenet scram-sha-256\n"
+
+
+def _allow_samenet(data_dir: Path) -> None:
+    """Let clients on the server's own subnets in, with a password (initdb allows loopback)."""
+    hba = data_dir / "pg_hba.conf"
+    if _SAMENET not in hba.read_text():
+        with hba.open("a") as handle:
+            handle.write(_SAMENET)
 
 
 def _checked(data_dir: Path, *args: str) -> None:
