@@ -45,7 +45,8 @@ from bench.payloads import infer_path, request_body
 from bench.report import write_report
 from bench.run_all import start_launcher, start_plain
 
-SYSTEMS = ("plain", "fused", "mesh")
+SYSTEMS = ("plain", "fused", "fused2", "mesh")
+"""fused2 is `infermesh up --fused --processes 2`: a core process and a front on one port."""
 MODEL = "mlp"
 
 

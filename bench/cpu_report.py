@@ -8,7 +8,8 @@ from datetime import datetime
 from bench.report import heading, machine
 
 HOPS = ("nginx (edge)", "gateway", "router", "batcher", "worker",
-        "fused (gateway+router+batcher+worker)", "plain server")  # fmt: skip
+        "fused front (gateway+router)", "fused (gateway+router+batcher+worker)",
+        "plain server")  # fmt: skip
 """Data-plane processes, in request order (workers are named ``worker <model>/<version>``)."""
 STORES = ("postgres", "etcd")
 CONTROL_PLANE = ("registry", "control API", "launcher")

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+FUSED_FRONT = "fused front (gateway+router)"
+"""A front process of `infermesh up --fused --processes N` (deploy/fused.py)."""
 MODULE_LABELS = {
     "services.gateway": "gateway", "services.router": "router", "services.batcher": "batcher",
     "services.worker": "worker", "deploy.fused": "fused (gateway+router+batcher+worker)",
@@ -101,6 +103,8 @@ def label_of(pid: int) -> str:
         label = MODULE_LABELS.get(module, module)
         if module == "services.worker" and (models := _environ(pid, "INFERMESH_WORKER_MODELS")):
             label = f"worker {models}"
+        if module == "deploy.fused" and _environ(pid, "INFERMESH_FUSED_ROLE") == "front":
+            label = FUSED_FRONT
         return label
     if len(args) > 1 and Path(args[1]).name == "infermesh" and "up" in args:
         return "launcher"

@@ -113,7 +113,7 @@ def _tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-SETUPS = {"mesh": (8000, 8200), "fused": (8010, 8210)}
+SETUPS = {"mesh": (8000, 8200), "fused": (8010, 8210), "fused2": (8020, 8220)}
 """Gateway and registry ports of each launcher, so both run side by side; the gRPC port is the
 gateway's + 1 and the control API's the registry's - 100."""
 
@@ -156,7 +156,9 @@ def start_launcher(
     stack.callback(shutil.copytree, Path(state_dir) / "logs", logs / f"{setup}-services",
                    dirs_exist_ok=True)  # fmt: skip
     command = [args.infermesh, "up", "--state-dir", state_dir]
-    command += ["--fused"] if setup == "fused" else []
+    command += ["--fused"] if setup.startswith("fused") else []
+    # fused2: two processes share the gateway's ports (a core and a front, deploy/fused.py).
+    command += ["--processes", "2"] if setup == "fused2" else []
     url = f"http://127.0.0.1:{gateway_port}"
     env = {"INFERMESH_GATEWAY_HTTP_PORT": str(gateway_port),
            "INFERMESH_GATEWAY_GRPC_PORT": str(gateway_port + 1),
