@@ -191,8 +191,8 @@ class Launcher:
         smallest `i` no live process has (it names the log file too)."""
         base = f"worker-{model}-{version}"
         taken = {child.name for child in self._children if not child.finished}
-        name = next(n for n in (base, *(f"{base}-{i}" for i in itertools.count(1)))
-                    if n not in taken)
+        names = itertools.chain([base], (f"{base}-{i}" for i in itertools.count(1)))
+        name = next(n for n in names if n not in taken)
         return self._spawn(name, "services.worker", INFERMESH_WORKER_MODELS=f"{model}/{version}")
 
     def worker(self, model: str, version: str) -> Supervised | None:

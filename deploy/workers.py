@@ -1,5 +1,14 @@
-"""The launcher's worker processes: one per registered (model, version), replaced, never just
-stopped while they serve.
+"""The launcher's worker processes: `replicas` per registered (model, version), replaced, never
+just stopped while they serve.
+
+How many: the autoscaler's `scale/{model}/{version}` record (`{"replicas": n, ...}`) when there
+is one, else the version record's `replicas.min` (1 when absent); at most its `replicas.max`
+and `LOCAL_CEILING`. This is the local actuator: the fleet spawns what is missing (a new worker
+publishes its versions only once warm, so it takes traffic only then) and stops the newest
+extra workers with SIGTERM: each marks itself draining (batchers send it nothing new while
+another worker has its versions), finishes what it holds and exits. The last worker of a
+version scaled to 0 gets SIGINT instead (no replacement is coming to hand off to): it drains
+and exits, and the batchers hold that version's requests until a worker is back.
 
 A worker that gets SIGTERM marks its endpoint record `draining: true` and serves on until
 another ready worker has its versions; on seeing the mark the fleet starts that replacement at
@@ -9,7 +18,8 @@ the other order: start the new process, wait until it is ready, then SIGTERM the
 
 A `models/` record is control-plane data: one that fails the mesh's trust checks (its key's
 names, its sha256, its bounds; `services.mesh.domain.trust`) starts no process; it is logged,
-once per content, naming the key and the field.
+once per content, naming the key and the field. So is a `scale/` record or a `replicas` field
+that does not parse; the count then stays what it was.
 """
 
 from __future__ import annotations
@@ -29,6 +39,10 @@ log = logging.getLogger("infermesh.up")
 Key = tuple[str, str]
 """(model, version)."""
 
+LOCAL_CEILING = 16
+"""Most worker processes the launcher runs for one version: a `scale/` value is control-plane
+data, and a wrong one must not fork hundreds of processes on one machine."""
+
 
 class WorkerProcess(Protocol):
     """What the fleet needs of a supervised process (`deploy.supervisor.Supervised`)."""
@@ -47,7 +61,8 @@ P = TypeVar("P", bound=WorkerProcess)
 
 
 class WorkerFleet(Generic[P]):
-    """The supervised worker processes, kept one per (model, version) in `config`."""
+    """The supervised worker processes, `replicas` per (model, version) in `config`, oldest
+    first."""
 
     def __init__(
         self, spawn: Callable[[str, str], P], config: ConfigView, *,
@@ -56,28 +71,78 @@ class WorkerFleet(Generic[P]):
         self._spawn = spawn
         self._config = config
         self._handoff_bound = handoff_bound
-        self._workers: dict[Key, P] = {}
-        self._replacing: set[Key] = set()
+        self._workers: dict[Key, list[P]] = {}
+        self._replacing: set[int] = set()
+        """`id()` of the processes `replace` is replacing: their draining starts no other."""
+        self._counts: dict[Key, int] = {}
+        """The replica count last applied per version (kept while its records do not parse)."""
+        self._stopping: set[asyncio.Task[None]] = set()
         self._rolling: asyncio.Task[None] | None = None
-        self._refused: dict[str, Any] = {}
+        self._refused: dict[tuple[str, str], Any] = {}
+        """What was refused, by (key, what was done about it): logged once per content."""
 
     def ensure(self) -> None:
-        """A worker for every registered version; a replacement for every draining one.
+        """Every registered version at its replica count; a replacement for every draining
+        worker.
 
         Separate processes per version let a canary's worker fail (or be stopped) alone.
         """
         for name, record in self._config.items("models/").items():
             key = self._trusted(name, record)
-            if key is not None and key not in self._workers:
-                self._workers[key] = self._spawn(*key)
+            if key is not None:
+                self._scale(key, self._replicas(key, record))
         draining = {r.get("pid") for r in self._config.items("endpoints/worker/").values()
                     if isinstance(r, dict) and r.get("draining")}
-        for key, child in list(self._workers.items()):
-            if child.pid in draining and key not in self._replacing:
-                log.info("%s (pid %s) is draining: starting its replacement", child.name,
-                         child.pid)
-                child.retire()
-                self._workers[key] = self._spawn(*key)
+        for key, children in self._workers.items():
+            for index, child in enumerate(children):
+                if child.pid in draining and id(child) not in self._replacing:
+                    log.info("%s (pid %s) is draining: starting its replacement", child.name,
+                             child.pid)
+                    child.retire()
+                    children[index] = self._spawn(*key)
+
+    def _scale(self, key: Key, count: int) -> None:
+        """Spawn or stop processes of `key` until `count` remain; the newest go first."""
+        children = self._workers.setdefault(key, [])
+        if len(children) != count:
+            log.info("%s/%s: %d worker(s) -> %d", *key, len(children), count)
+        while len(children) < count:
+            children.append(self._spawn(*key))
+        while len(children) > count:
+            self._stop(children.pop(), now=count == 0)
+
+    def _stop(self, child: P, *, now: bool) -> None:
+        """Let `child` go in the background: SIGTERM (it drains while the others serve), or
+        with `now` SIGINT (the version goes to zero: there is no one to hand off to)."""
+        log.info("stopping %s (pid %s)%s", child.name, child.pid, " now" if now else "")
+        task = asyncio.create_task(child.stop(timeout=self._handoff_bound, now=now),
+                                   name=f"stop-{child.name}")
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    def _replicas(self, key: Key, record: dict[str, Any]) -> int:
+        """How many processes `key` should have (see the module docstring). A `replicas`
+        field or a `scale/` record that does not parse is logged and ignored: the count stays
+        what it was."""
+        name, scale_key = "models/{}/{}".format(*key), "scale/{}/{}".format(*key)
+        last = self._counts.get(key)
+        try:
+            low, high = replica_bounds(record.get("replicas"))
+        except InvalidInput as exc:
+            self._refuse(name, record, exc, "ignoring the replica bounds of")
+            return 1 if last is None else last
+        self._refused.pop((name, "ignoring the replica bounds of"), None)
+        scale = self._config.get(scale_key)
+        try:
+            wanted = low if scale is None else scale_replicas(scale)
+        except InvalidInput as exc:
+            self._refuse(scale_key, scale, exc, "ignoring")
+            wanted = low if last is None else last
+        else:
+            self._refused.pop((scale_key, "ignoring"), None)
+        ceiling = LOCAL_CEILING if high is None else min(high, LOCAL_CEILING)
+        count = self._counts[key] = min(wanted, ceiling)
+        return count
 
     def _trusted(self, name: str, record: Any) -> Key | None:
         """(model, version) of the `models/` record `record` at key `name`, or None (logged
@@ -88,36 +153,52 @@ class WorkerFleet(Generic[P]):
                 raise InvalidInput("record: not a JSON object")
             check_version_record(ModelVersion.from_json(record), key=name)
         except (InvalidInput, AttributeError, KeyError, TypeError, ValueError) as exc:
-            if self._refused.get(name) != record:
-                log.warning("not starting a worker for %s: %s", name[:200], _reason(exc))
-            self._refused[name] = record
+            self._refuse(name, record, exc, "not starting a worker for")
             return None
-        self._refused.pop(name, None)
+        self._refused.pop((name, "not starting a worker for"), None)
         return key
 
+    def _refuse(self, name: str, value: Any, exc: Exception, action: str) -> None:
+        """Log (once per content of `name`) that `value` was refused, naming the field."""
+        if (name, action) not in self._refused or self._refused[name, action] != value:
+            log.warning("%s %s: %s", action, name[:200], _reason(exc))
+        self._refused[name, action] = value
+
     def worker(self, model: str, version: str) -> P | None:
-        return self._workers.get((model, version))
+        """The oldest process of (model, version), if any."""
+        children = self._workers.get((model, version))
+        return children[0] if children else None
+
+    def workers(self, model: str, version: str) -> list[P]:
+        """The processes of (model, version), oldest first (those being stopped excluded)."""
+        return list(self._workers.get((model, version), ()))
 
     async def replace(self, model: str, version: str, *, timeout: float = 300.0) -> None:
         """Start a new worker for (model, version), wait until it is ready (registered and
-        serving the version), then SIGTERM the old one, which drains and exits.
+        serving the version), then SIGTERM the oldest one, which drains and exits.
 
         Raises TimeoutError (and stops the new process, keeping the old) when the new one is
         not ready within `timeout` seconds.
         """
-        key = (model, version)
-        old = self._workers.get(key)
-        self._replacing.add(key)
+        await self._replace((model, version), self.worker(model, version), timeout)
+
+    async def _replace(self, key: Key, old: P | None, timeout: float) -> None:
+        if old is not None:
+            self._replacing.add(id(old))
         try:
-            new = self._spawn(model, version)
+            new = self._spawn(*key)
             try:
-                await self._until_ready(new, f"{model}/{version}", timeout)
+                await self._until_ready(new, "{}/{}".format(*key), timeout)
             except BaseException:
                 await new.stop(now=True)
                 raise
-            self._workers[key] = new
+            children = self._workers.setdefault(key, [])
+            if old in children:
+                children[children.index(old)] = new
+            else:  # scaled down meanwhile: the next `ensure` trims it again if need be
+                children.append(new)
         finally:
-            self._replacing.discard(key)
+            self._replacing.discard(id(old))
         if old is not None:
             # The old worker sees its replacement at once: its handoff ends, its drain runs.
             await old.stop(timeout=self._handoff_bound)
@@ -138,19 +219,25 @@ class WorkerFleet(Generic[P]):
         self._rolling = asyncio.create_task(self._roll(), name="rolling-restart")
 
     async def _roll(self) -> None:
-        log.info("rolling restart of %d workers", len(self._workers))
-        for model, version in sorted(self._workers):
+        processes = [(key, child) for key, children in sorted(self._workers.items())
+                     for child in list(children)]
+        log.info("rolling restart of %d workers", len(processes))
+        for key, child in processes:
+            if child not in self._workers.get(key, ()):
+                continue  # stopped or replaced meanwhile
             try:
-                await self.replace(model, version)
+                await self._replace(key, child, 300.0)
             except Exception as exc:  # keep the old worker; go on with the others
-                log.error("could not replace the worker of %s/%s: %r", model, version, exc)
+                log.error("could not replace %s: %r", child.name, exc)
         log.info("rolling restart done")
 
     async def aclose(self) -> None:
-        """Stop a rolling restart under way (the launcher then stops every process)."""
-        if self._rolling is not None:
-            self._rolling.cancel()
-            await asyncio.gather(self._rolling, return_exceptions=True)
+        """Stop a rolling restart under way and stop waiting for the processes being stopped
+        (the launcher then stops every process)."""
+        tasks = [*self._stopping, *([self._rolling] if self._rolling is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _serves(records: dict[str, Any], pid: int | None, version: str) -> bool:
@@ -159,6 +246,34 @@ def _serves(records: dict[str, Any], pid: int | None, version: str) -> bool:
         isinstance(r, dict) and r.get("pid") == pid and version in r.get("models", ())
         and not r.get("draining") for r in records.values()
     )
+
+
+def replica_bounds(raw: Any) -> tuple[int, int | None]:
+    """(min, max) of a version record's `replicas` field (`{"min": 1, "max": 4}`, both
+    optional; absent: (1, None)); InvalidInput naming the field otherwise."""
+    if raw is None:
+        return 1, None
+    if not isinstance(raw, dict):
+        raise InvalidInput("replicas: must be an object with 'min' and 'max'")
+    low = _count(raw.get("min", 1), "replicas.min")
+    high = None if raw.get("max") is None else _count(raw["max"], "replicas.max")
+    if high is not None and high < low:
+        raise InvalidInput("replicas.max: must be >= replicas.min")
+    return low, high
+
+
+def scale_replicas(raw: Any) -> int:
+    """The count of a `scale/{model}/{version}` record (`{"replicas": n, "reason": ...,
+    "at": ...}`); InvalidInput naming the field otherwise."""
+    if not isinstance(raw, dict):
+        raise InvalidInput("record: not a JSON object")
+    return _count(raw.get("replicas"), "replicas")
+
+
+def _count(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{field}: must be an integer >= 0")
+    return value
 
 
 def _reason(exc: Exception) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from services.batcher.admission import HEADROOM, Backlog, refusal
 from services.batcher.batches import batch_span, batch_timeout, build_batch, shape_key
 from services.batcher.bisection import Outcome, bisect, lone_failure
+from services.batcher.coldstart import worker_expected
 from services.batcher.deadlines import EarliestDeadline
 from services.batcher.dispatch import WorkerBook
 from services.batcher.fairness import FairQueue
@@ -87,12 +88,13 @@ class Batcher:
         self, catalog: ModelCatalog, workers: WorkerPool, *, pipeline_depth: int = 2,
         no_worker_grace: float = 5.0, bulk_max_wait: float = 1.0,
         metrics: BatcherMetrics | None = None, clock: Callable[[], float] = time.monotonic,
-        tenant_weights: Callable[[str], float] | None = None,
+        tenant_weights: Callable[[str], float] | None = None, cold_start_grace: float = 300.0,
     ) -> None:
         self._catalog = catalog
         self._workers = workers
         self._depth = pipeline_depth
         self._grace = no_worker_grace
+        self._cold_grace = cold_start_grace
         self._bulk_max_wait = bulk_max_wait
         self._metrics = metrics or BatcherMetrics()
         self._metrics.watch_queues(self._depths)
@@ -320,18 +322,21 @@ class Batcher:
 
     def _await_worker(self, queue: _Queue) -> None:
         """No worker serves this version: fail what waited past the grace period, or past its
-        deadline, whichever comes first; look again when the next of those is due."""
+        deadline, whichever comes first; look again when the next of those is due. A version
+        that scales (`coldstart.worker_expected`) has a worker on its way: its grace is
+        `cold_start_grace`, so its requests wait up to their deadlines."""
         now = self._clock()
         if queue.no_worker_since is None:
             queue.no_worker_since = now
-        for pending in queue.pending.expire(now - self._grace):
+        scales = worker_expected(self._catalog.config, queue.model, queue.version)
+        grace = self._cold_grace if scales else self._grace
+        for pending in queue.pending.expire(now - grace):
             pending.queued = False
             _fail(pending, Unavailable(
-                f"no ready worker for {queue.model}/{queue.version} "
-                f"after {self._grace:.1f}s"
+                f"no ready worker for {queue.model}/{queue.version} after {grace:.1f}s"
             ))
         if queue.pending:
-            wait = self._grace - (now - queue.pending.oldest_enqueued)
+            wait = grace - (now - queue.pending.oldest_enqueued)
             self._arm(queue, min(wait, _fail_overdue(queue.pending)))
 
     def _arm(self, queue: _Queue, wait: float) -> None:

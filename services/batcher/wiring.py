@@ -45,6 +45,7 @@ async def build_batcher(
     core = Batcher(
         catalog, workers, metrics=metrics, pipeline_depth=settings.pipeline_depth,
         no_worker_grace=settings.no_worker_grace, bulk_max_wait=settings.bulk_max_wait,
+        cold_start_grace=settings.cold_start_grace,
     )
     core.start()
     stack.push_async_callback(core.aclose)
