@@ -3,6 +3,7 @@
 PY := .venv/bin/python
 ARGS ?=
 CPU_ARGS ?=
+OPEN_ARGS ?=
 PYTEST_ARGS ?=
 
 bootstrap:
@@ -21,6 +22,7 @@ lint: bootstrap
 bench: bootstrap
 	$(PY) -m bench.run_all $(ARGS)
 	$(PY) -m bench.cpu_per_request $(CPU_ARGS)
+	$(PY) -m bench.open_tails $(OPEN_ARGS)
 
 clean:
 	rm -rf .infermesh
