@@ -214,6 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--model", choices=sorted(SLO_CLASSES), default="mlp")
     parser.add_argument("--fused", action="store_true", help="infermesh up --fused")
+    parser.add_argument("--processes", type=int, choices=(1, 2), default=1,
+                        help="with --fused: 2 runs a core and a front process on one port")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=float, default=20.0, help="measured s per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured s per run")
@@ -240,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.loads, args.duration, args.warmup = 1, [1.0, 2.0], 3.0, 1.0
         args.capacity_duration = 3.0
     started = datetime.now(UTC)
-    setup = "fused" if args.fused else "mesh"
+    if args.processes == 2 and not args.fused:
+        raise SystemExit("--processes 2 goes with --fused")
+    setup = ("fused2" if args.processes == 2 else "fused") if args.fused else "mesh"
     command = shlex.join(["python", "-m", "bench.goodput", *argv])
     report = GoodputReport(command, started, model=args.model, setup=setup,
                            deadlines=SLO_CLASSES[args.model])  # fmt: skip
