@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from cli.autoscaling import add_autoscaling_command
 from cli.batching import add_batching_command
 from cli.common import (
     Parser,
@@ -217,6 +218,7 @@ def _add_models(commands: Any) -> None:
     )
     register.set_defaults(run=_with_registry(_cmd_models_register))
     add_batching_command(models, common, _with_registry)
+    add_autoscaling_command(models, common, _with_registry)
     control = control_options()
     listing = models.add_parser("list", parents=[control], help="list models")
     listing.set_defaults(run=with_control(_cmd_models_list))

@@ -89,6 +89,15 @@ class RegistryClient:
                 "/batching")
         return await self._call("PATCH", path, json=dict(batching))
 
+    async def change_autoscaling(
+        self, model: str, version: str, autoscaling: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Merge fields into a version's `autoscaling` block (null: back to the default;
+        a version without one becomes autoscaled); returns its record."""
+        path = (f"/v1/models/{quote(model, safe='')}/versions/{quote(version, safe='')}"
+                "/autoscaling")
+        return await self._call("PATCH", path, json=dict(autoscaling))
+
     async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         if "json" in kwargs:
             kwargs["data"] = orjson.dumps(kwargs.pop("json"))

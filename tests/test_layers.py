@@ -66,10 +66,12 @@ through the transitive walk, so one of them importing an adapter fails the test 
 
 PURE_INFRASTRUCTURE = (
     "services.mesh.infra.settings", "services.mesh.infra", "services.mesh.infra.instruments",
+    "services.mesh.infra.failpoints",
 )
 """Infrastructure a core may reach: the settings base (frozen dataclasses, parsed from the
 environment in `__main__` only; the module imports the standard library alone, checked below
-like everything a core reaches)."""
+like everything a core reaches) and the failpoints (the standard library and the domain's
+errors; unarmed, a set lookup)."""
 
 STDLIB = frozenset(sys.stdlib_module_names) | {"__future__"}
 

@@ -2,7 +2,9 @@
 
 One protocol, two engines (like httpx's transports: one interface, several implementations):
 
-- `EtcdActuator` writes `scale/{model}/{version}` = {"replicas", "reason", "at"}. The local
+- `EtcdActuator` writes `scale/{model}/{version}` = {"replicas", "reason", "at"} and, from
+  the autoscaler, "batchers" (the k routers and batchers spread the version over, read by
+  `ModelCatalog.batchers`). The local
   launcher's supervisor follows those records (starting warmed-up workers, draining stopping
   ones). The autoscaler always writes this record, whatever the engine: it is the published
   desired state, and the next tick reads it back to count workers still starting.
@@ -54,10 +56,14 @@ class EtcdActuator:
     async def apply(self, model: str, version: str, replicas: int) -> None:
         await self.publish(model, version, replicas, reason="")
 
-    async def publish(self, model: str, version: str, replicas: int, *, reason: str) -> None:
-        """Write the record with the decision's reason and the wall-clock time."""
-        record = {"replicas": replicas, "reason": reason,
-                  "at": datetime.datetime.now(datetime.UTC).isoformat()}
+    async def publish(self, model: str, version: str, replicas: int, *, reason: str,
+                      batchers: int | None = None) -> None:
+        """Write the record with the decision's reason and the wall-clock time (and the
+        batchers the version spreads over, when given)."""
+        record: dict[str, object] = {"replicas": replicas, "reason": reason,
+                                     "at": datetime.datetime.now(datetime.UTC).isoformat()}
+        if batchers is not None:
+            record["batchers"] = batchers
         key = f"{self._prefix}scale/{model}/{version}".encode()
         try:
             await self._etcd.put(key, orjson.dumps(record))

@@ -4,9 +4,10 @@ Load comes from every batcher registered under `endpoints/batcher/*`: its `{http
 (services/batcher/metrics.py), summed over batchers per (model, version):
 
 - `queue_rows`: the gauge `infermesh_batcher_queue_rows`, all lanes;
-- `inflight_rows`: `infermesh_inference_pending_request_count` (requests queued or in a batch)
-  less the queued rows, at least 0. The batchers export in-flight *requests*, not rows, so
-  this is exact when each request carries one row and low otherwise;
+- `inflight_rows`: the gauge `infermesh_batcher_inflight_rows` (rows in batches on workers).
+  From a batcher that does not export it (an older one), an estimate:
+  `infermesh_inference_pending_request_count` (requests queued or in a batch) less the queued
+  rows, at least 0, exact when each request carries one row and low otherwise;
 - `served_rate`: the rise of `infermesh_inference_count` (rows executed) per second since the
   previous tick; `occupancy`: those rows over (batches executed × the version's
   `max_batch_size`);
@@ -14,7 +15,9 @@ Load comes from every batcher registered under `endpoints/batcher/*`: its `{http
   (rows are conserved: what arrived was either served or is still waiting), at least 0;
 - `wait_p95`: the 95th percentile of `infermesh_inference_queue_duration_seconds` over the
   interval, interpolated inside its bucket as Prometheus' `histogram_quantile` does;
-- `predicted_wait`: None (no batcher exports its latency model's prediction yet).
+- `predicted_wait`: the gauge `infermesh_batcher_predicted_wait_seconds` (how long a row
+  arriving now waits for its batch, by the batcher's admission latency model), the largest over
+  the version's batchers (a row may land on any of them); None when no batcher exports it.
 
 A counter that went down (the batcher restarted) counts from zero; a batcher seen for the first
 time contributes its gauges but no rates until its next scrape. A failed scrape skips that
@@ -49,6 +52,8 @@ SCALE = "scale/"
 
 QUEUE_ROWS = "infermesh_batcher_queue_rows"
 PENDING = "infermesh_inference_pending_request_count"
+INFLIGHT = "infermesh_batcher_inflight_rows"
+PREDICTED_WAIT = "infermesh_batcher_predicted_wait_seconds"
 ROWS = "infermesh_inference_count_total"
 BATCHES = "infermesh_inference_exec_count_total"
 WAIT = "infermesh_inference_queue_duration_seconds_bucket"
@@ -63,11 +68,13 @@ class VersionFigures:
     or the sum or difference of such figures."""
 
     queue_rows: float = 0.0
-    pending: float = 0.0
+    inflight: float = 0.0
+    """Rows in batches on workers (exported, or estimated: see the module)."""
     rows: float = 0.0
     batches: float = 0.0
     wait: dict[float, float] = field(default_factory=dict)
     """Queue-wait histogram: upper bound `le` -> cumulative count."""
+    predicted_wait: float | None = None
 
     def since(self, earlier: VersionFigures) -> VersionFigures:
         """Counters' rise since `earlier` (everything, after a restart); gauges as now."""
@@ -76,14 +83,21 @@ class VersionFigures:
         if restarted:
             return self
         return VersionFigures(
-            self.queue_rows, self.pending, self.rows - earlier.rows,
+            self.queue_rows, self.inflight, self.rows - earlier.rows,
             self.batches - earlier.batches,
             {le: count - earlier.wait.get(le, 0.0) for le, count in self.wait.items()},
+            self.predicted_wait,
         )
+
+    def gauges(self) -> VersionFigures:
+        """The gauges alone (a series seen for the first time has no interval yet)."""
+        return VersionFigures(self.queue_rows, self.inflight, predicted_wait=self.predicted_wait)
 
     def add(self, other: VersionFigures) -> None:
         self.queue_rows += other.queue_rows
-        self.pending += other.pending
+        self.inflight += other.inflight
+        if other.predicted_wait is not None:
+            self.predicted_wait = max(self.predicted_wait or 0.0, other.predicted_wait)
         self.rows += other.rows
         self.batches += other.batches
         for le, count in other.wait.items():
@@ -94,23 +108,36 @@ def parse_batcher(text: str) -> dict[VersionKey, VersionFigures]:
     """Figures per (model, version) in one batcher's exposition text (ValueError if not
     Prometheus text)."""
     figures: dict[VersionKey, VersionFigures] = {}
+    pending: dict[VersionKey, float] = {}
+    exported: set[VersionKey] = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name not in (QUEUE_ROWS, PENDING, ROWS, BATCHES, WAIT):
+            if sample.name not in _READ:
                 continue
             key = (sample.labels.get("model", ""), sample.labels.get("version", ""))
             each = figures.setdefault(key, VersionFigures())
             if sample.name == QUEUE_ROWS:
                 each.queue_rows += sample.value
             elif sample.name == PENDING:
-                each.pending += sample.value
+                pending[key] = pending.get(key, 0.0) + sample.value
+            elif sample.name == INFLIGHT:
+                exported.add(key)
+                each.inflight += sample.value
+            elif sample.name == PREDICTED_WAIT:
+                each.predicted_wait = max(each.predicted_wait or 0.0, sample.value)
             elif sample.name == ROWS:
                 each.rows += sample.value
             elif sample.name == BATCHES:
                 each.batches += sample.value
             else:
                 each.wait[float(sample.labels["le"])] = sample.value
+    for key, each in figures.items():
+        if key not in exported:
+            each.inflight = max(0.0, pending.get(key, 0.0) - each.queue_rows)
     return figures
+
+
+_READ = frozenset({QUEUE_ROWS, PENDING, INFLIGHT, PREDICTED_WAIT, ROWS, BATCHES, WAIT})
 
 
 def quantile(q: float, wait: Mapping[float, float]) -> float:
@@ -162,6 +189,13 @@ def scale_replicas(config: ConfigView, model: str, version: str) -> int | None:
     return replicas if isinstance(replicas, int) and replicas >= 0 else None
 
 
+def scale_batchers(config: ConfigView, model: str, version: str) -> int:
+    """Batchers in the `scale/{model}/{version}` record (1 without a readable one)."""
+    record = config.get(f"{SCALE}{model}/{version}")
+    count = record.get("batchers") if isinstance(record, Mapping) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 1 else 1
+
+
 def _scale_keys(config: ConfigView) -> list[VersionKey]:
     keys = []
     for key in config.items(SCALE):
@@ -200,7 +234,7 @@ class LoadReader:
 
     def _observation(self, now: float, key: VersionKey, interval: VersionFigures,
                      elapsed: float, each: Workers, max_batch: int) -> Observation:
-        inflight = max(0, round(interval.pending - interval.queue_rows))
+        inflight = max(0, round(interval.inflight))
         waiting = interval.queue_rows + inflight
         served = interval.rows / elapsed if elapsed else 0.0
         grew = (waiting - self._waiting.get(key, waiting)) / elapsed if elapsed else 0.0
@@ -208,7 +242,7 @@ class LoadReader:
         return Observation(
             at=now, queue_rows=round(interval.queue_rows), inflight_rows=inflight,
             arrival_rate=max(0.0, served + grew), served_rate=served,
-            wait_p95=quantile(0.95, interval.wait), predicted_wait=None,
+            wait_p95=quantile(0.95, interval.wait), predicted_wait=interval.predicted_wait,
             occupancy=min(1.0, interval.rows / slots) if slots > 0 else 0.0,
             ready=each.ready, starting=each.starting,
         )
@@ -251,7 +285,7 @@ class LoadReader:
 def _interval(now: VersionFigures, before: VersionFigures | None) -> VersionFigures:
     """What a batcher's series did since its previous scrape; a new series has gauges only."""
     if before is None:
-        return VersionFigures(now.queue_rows, now.pending)
+        return now.gauges()
     return now.since(before)
 
 

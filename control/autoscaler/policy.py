@@ -10,14 +10,17 @@ clock and does no I/O. Each decision moves from the previous desired count:
   start are what those workers are for, so a slow start never orders more
   (knative/serving#13284).
 - **Capacity per replica** is `rows_per_replica` when set, else learned: an EWMA of served
-  rows/s per ready worker over intervals with full batches (occupancy >= `HIGH_OCCUPANCY`),
-  each sample clipped to [1/2, 2] x the estimate so one odd interval cannot swing it. The mean
-  per-replica rate over the stable window is a lower bound: it raises the estimate, and alone
-  (nothing learned yet) it may justify a scale-down, never a scale-up.
+  rows/s per ready worker over intervals with full batches (occupancy >= `HIGH_OCCUPANCY`)
+  and rows left waiting (a queue, or a wait at `target_wait`): a fleet with idle time shows
+  its load, not its capacity. Each sample is clipped to [1/2, 2] x the estimate so one odd
+  interval cannot swing it. The mean per-replica rate over the stable window is a lower
+  bound: it raises the estimate, and alone (nothing learned yet) it may justify a
+  scale-down, never a scale-up.
 - **Scale up** to ceil(demand / (capacity x `TARGET_UTILISATION`)) over the stable window, at
   most `max_step` more per decision. Latency speaks too, even without a capacity: a queue wait
   (p95, or the batcher's predicted wait if higher) above `target_wait` on busy workers adds
-  one replica once the fleet has settled.
+  one replica once the fleet has settled, unless a known capacity says the ready replicas
+  already cover the demand: then the wait is a backlog draining, and it lags the fleet.
 - **Panic** while the panic window's demand reaches `panic_threshold` x what the *ready*
   replicas serve, or its wait `panic_threshold` x `target_wait`: the panic window's demand
   sizes the fleet now (starting replicas count), and nothing is removed. Panic ends a whole
@@ -31,8 +34,12 @@ clock and does no I/O. Each decision moves from the previous desired count:
   arrivals, queued or in-flight rows; at zero, any of them asks for one replica at once.
 - Without an observation inside the stable window the count holds: missing figures are not
   an idle model.
+- **Batchers** follow the replicas (`batchers_for`): one batcher per `workers_per_batcher`
+  desired workers, so a hot model spreads over more batcher pipelines as it grows (issue 17,
+  point 3); the catalog takes the larger of that and the version's `batching.batchers`.
 
-`ScaleSpec` and `parse_spec` live in `control.autoscaler.spec` and are re-exported here.
+`ScaleSpec` and `parse_spec` live in `services.mesh.domain.autoscaling` (the registry checks
+a version's `autoscaling` with them) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from control.autoscaler.spec import ScaleSpec, parse_spec
+from services.mesh.domain.trust import MAX_BATCHERS
 
-__all__ = ["Decision", "Observation", "ScalePolicy", "ScaleSpec", "parse_spec"]
+__all__ = ["Decision", "Observation", "ScalePolicy", "ScaleSpec", "batchers_for", "parse_spec"]
 
 TARGET_UTILISATION = 0.85
 """Scale up so replicas run at most this busy: headroom for noise and the next burst."""
@@ -156,7 +164,13 @@ class ScalePolicy:
             self._desired = self._clamp(self._desired)
 
     def _learn_capacity(self, obs: Observation) -> None:
-        if obs.ready <= 0 or obs.served_rate <= 0 or obs.occupancy < HIGH_OCCUPANCY:
+        # Only a saturated fleet shows its capacity: full batches *and* rows left waiting.
+        # Full batches alone are no sign at max_batch_size 1 (every batch is full), and
+        # served/ready of a fleet with idle time is its load, not its capacity: learning from
+        # it shrinks the estimate as replicas are added, which then asks for more replicas.
+        saturated = obs.queue_rows > 0 or obs.wait_p95 >= self._spec.target_wait
+        if (obs.ready <= 0 or obs.served_rate <= 0 or obs.occupancy < HIGH_OCCUPANCY
+                or not saturated):
             return
         sample = obs.served_rate / obs.ready
         if self._capacity is None:
@@ -280,13 +294,23 @@ class _Load:
         threshold, demand = self.spec.panic_threshold, self.panic.demand
         burst = bool(self.capacity) and demand > 0 and demand >= (
             threshold * (self.capacity or 0.0) * self.latest.ready)
-        slow = self.panic.busy and self.panic.wait >= threshold * self.spec.target_wait
+        slow = (self.panic.busy and self.panic.wait >= threshold * self.spec.target_wait
+                and self.short_of(self.panic))
         return burst or slow
 
     def pressure(self, panicking: bool) -> bool:
         """The queue wait is over target on busy workers: more capacity is needed."""
         window = self.panic if panicking else self.stable
-        return window.busy and window.wait > self.spec.target_wait
+        return window.busy and window.wait > self.spec.target_wait and self.short_of(window)
+
+    def short_of(self, window: _Window) -> bool:
+        """Whether a long wait means too few replicas. With a known capacity that the ready
+        replicas' rate covers (the window's demand, backlog included), it is a backlog
+        draining (left by a burst or by a start-up) and more replicas would overshoot:
+        the wait lags the fleet by a window. Without a capacity, the wait is all we have."""
+        if not self.capacity or self.latest.ready <= 0:
+            return True
+        return window.demand > self.capacity * TARGET_UTILISATION * self.latest.ready
 
     def fits_fewer(self, replicas: int) -> bool:
         """The stable demand fits one replica fewer at DOWNSCALE_UTILISATION."""
@@ -324,6 +348,13 @@ class _Load:
         if latest.predicted_wait is not None:
             figures["predicted_wait"] = latest.predicted_wait
         return figures
+
+
+def batchers_for(desired: int, *, workers_per_batcher: int) -> int:
+    """How many batchers `desired` workers need: ceil(desired / workers_per_batcher), at least
+    1 (a version at zero still has a batcher to hold its requests) and at most MAX_BATCHERS.
+    It moves only when the desired count does, so it inherits the count's hysteresis."""
+    return min(MAX_BATCHERS, max(1, math.ceil(desired / workers_per_batcher)))
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -9,7 +9,8 @@ Each tick (every ~2 s) feeds every autoscaled version's `ScalePolicy` one `Obser
 (control/autoscaler/inputs.py) and asks it for a `Decision`. When the desired count differs
 from the one in effect, the change is recorded first (Postgres `scale_decisions`, with the
 reason and the inputs; control-plane writes go to Postgres first), then published
-(`scale/{model}/{version}` in etcd), then handed to the engine (Kubernetes) when there is one.
+(`scale/{model}/{version}` in etcd, with the batchers the version spreads over:
+`policy.batchers_for`), then handed to the engine (Kubernetes) when there is one.
 A tick never raises for one version: a spec that does not parse skips that version (warned
 once), a failed write or actuation is logged and retried on the next tick.
 """
@@ -36,9 +37,22 @@ from control.autoscaler.actuators import (
     KubeActuator,
     open_kube_api,
 )
-from control.autoscaler.inputs import LoadReader, VersionKey, max_batch_size, scale_replicas
+from control.autoscaler.inputs import (
+    LoadReader,
+    VersionKey,
+    max_batch_size,
+    scale_batchers,
+    scale_replicas,
+)
 from control.autoscaler.metrics import AutoscalerMetrics
-from control.autoscaler.policy import Decision, Observation, ScalePolicy, ScaleSpec, parse_spec
+from control.autoscaler.policy import (
+    Decision,
+    Observation,
+    ScalePolicy,
+    ScaleSpec,
+    batchers_for,
+    parse_spec,
+)
 from control.guard.runner import Leadership
 from services.mesh.domain.config import ConfigView
 from services.mesh.domain.errors import InvalidInput
@@ -79,7 +93,8 @@ class Autoscaler:
         self._engine = engine
         self._metrics = metrics or AutoscalerMetrics()
         self._scrape_timeout = scrape_timeout
-        self._leadership = Leadership(pool, key=AUTOSCALER_LOCK)
+        self._leadership = Leadership(pool, key=AUTOSCALER_LOCK, name="autoscaler",
+                                      duty="scales model versions")
         self._reader = LoadReader(config, session, scrape_timeout=scrape_timeout)
         self._policies: dict[VersionKey, ScalePolicy] = {}
         self._specs: dict[VersionKey, ScaleSpec] = {}
@@ -87,6 +102,8 @@ class Autoscaler:
         """The latest desired count written to `scale_decisions` by this leader."""
         self._applied: dict[VersionKey, int] = {}
         """The latest desired count published (and actuated) without error."""
+        self._spread: dict[VersionKey, int] = {}
+        """The latest batchers count published, see `policy.batchers_for`."""
         self._unparsed: set[tuple[str, str, str]] = set()
         self._leading = False
         self._closed = False
@@ -103,6 +120,7 @@ class Autoscaler:
             self._reader = LoadReader(self._config, self._session,
                                       scrape_timeout=self._scrape_timeout)
             self._policies, self._specs, self._recorded, self._applied = {}, {}, {}, {}
+            self._spread = {}
         records = self._autoscaled()
         observed = await self._reader.observe(
             now, {key: max_batch_size(record) for key, record in records.items()})
@@ -141,18 +159,22 @@ class Autoscaler:
         decision = report.decisions[key] = policy.decide(now)
         self._metrics.desired.labels(*key).set(decision.desired)
         previous = self._in_effect(key, obs)
-        if decision.desired == previous:
+        spread = batchers_for(decision.desired,
+                              workers_per_batcher=self._specs[key].workers_per_batcher)
+        if decision.desired == previous and spread == self._spread_in_effect(key):
             self._applied[key] = previous
             return
-        if self._recorded.get(key) != decision.desired:
+        if decision.desired != previous and self._recorded.get(key) != decision.desired:
             await self._record(key, previous, decision, obs)
             report.changed[key] = decision.desired
-        await self._board.publish(*key, decision.desired, reason=decision.reason)
+        await self._board.publish(*key, decision.desired, reason=decision.reason,
+                                  batchers=spread)
+        self._spread[key] = spread
         if self._engine is not None:
             await self._engine.apply(*key, decision.desired)
         self._applied[key] = decision.desired
-        log.info("autoscaler: %s/%s: %d -> %d: %s", *key, previous, decision.desired,
-                 decision.reason)
+        log.info("autoscaler: %s/%s: %d -> %d replicas over %d batchers: %s", *key, previous,
+                 decision.desired, spread, decision.reason)
 
     def _in_effect(self, key: VersionKey, obs: Observation) -> int:
         """The count now asked for: ours, else the published record's, else what runs."""
@@ -160,6 +182,10 @@ class Autoscaler:
             return self._applied[key]
         published = scale_replicas(self._config, *key)
         return published if published is not None else obs.ready + obs.starting
+
+    def _spread_in_effect(self, key: VersionKey) -> int:
+        """The batchers count now published: ours, else the record's (1 without one)."""
+        return self._spread.get(key) or scale_batchers(self._config, *key)
 
     def _policy(self, key: VersionKey, record: Mapping[str, Any]) -> ScalePolicy | None:
         try:

@@ -44,11 +44,16 @@ class RolloutStore(Protocol):
 
 
 class Leadership:
-    """Which replica guards: a session advisory lock held on one connection from `pool`."""
+    """Which replica leads: a session advisory lock held on one connection from `pool`.
 
-    def __init__(self, pool: asyncpg.Pool, *, key: int = GUARD_LOCK) -> None:
+    `name` and `duty` only word the log lines (the autoscaler leads on a lock of its own)."""
+
+    def __init__(self, pool: asyncpg.Pool, *, key: int = GUARD_LOCK, name: str = "guard",
+                 duty: str = "guards rollouts") -> None:
         self._pool = pool
         self._key = key
+        self._name = name
+        self._duty = duty
         self._conn: asyncpg.Connection | None = None
 
     async def hold(self) -> bool:
@@ -58,13 +63,13 @@ class Leadership:
                 await self._conn.fetchval("SELECT 1", timeout=2)
                 return True
             except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
-                log.warning("guard: lost the leader connection (%r)", exc)
+                log.warning("%s: lost the leader connection (%r)", self._name, exc)
                 await self._release()
         conn = await self._pool.acquire(timeout=5)
         try:
             if await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._key, timeout=2):
                 self._conn = conn
-                log.info("guard: this replica now guards rollouts")
+                log.info("%s: this replica now %s", self._name, self._duty)
                 return True
         except BaseException:
             await self._pool.release(conn)

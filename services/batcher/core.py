@@ -69,6 +69,8 @@ class _Queue:
     deadlines: EarliestDeadline[_Pending]
     inflight: int = 0
     """Requests in batches on workers (for the pending-request gauge)."""
+    inflight_rows: int = 0
+    """Rows in batches on workers (for the autoscaler's in-flight gauge)."""
     timer: asyncio.TimerHandle | None = None
     batch_seconds: float = 0.0
     """Moving average of how long a worker takes for one batch of this version."""
@@ -99,6 +101,7 @@ class Batcher:
         self._metrics = metrics or BatcherMetrics()
         self._metrics.watch_queues(self._depths)
         self._metrics.watch_pending(self._pending_counts)
+        self._metrics.watch_load(self._loads)
         self._clock = clock
         self._weights = tenant_weights or TenantWeights(catalog.config)
         self._queues: dict[tuple[str, str], _Queue] = {}
@@ -267,6 +270,14 @@ class Batcher:
         for queue in list(self._queues.values()):
             yield queue.model, queue.version, len(queue.pending) + queue.inflight
 
+    def _loads(self) -> Iterator[tuple[str, str, int, float | None]]:
+        """Per version, at scrape: rows in flight, and the wait `admission` predicts for a
+        row arriving now (what the autoscaler reads)."""
+        for queue in list(self._queues.values()):
+            workers = self._workers.candidates(queue.model, queue.version)
+            wait = self._backlog(queue, workers).clears_in() if workers else None
+            yield queue.model, queue.version, queue.inflight_rows, wait
+
     def _pump_all(self) -> None:
         for queue in list(self._queues.values()):
             self._pump(queue)
@@ -390,8 +401,10 @@ class Batcher:
         return keep
 
     def _launch(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
-        self._book.launched(worker.key, sum(m.rows for m in members))
+        rows = sum(m.rows for m in members)
+        self._book.launched(worker.key, rows)
         queue.inflight += len(members)
+        queue.inflight_rows += rows
         task = asyncio.create_task(self._run(queue, worker, members))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -416,8 +429,10 @@ class Batcher:
                 span.set("infermesh.batch_splits", outcome.splits)
         finally:
             span.end(errors[0] if errors else None)
+            rows = sum(m.rows for m in members)
             queue.inflight -= len(members)
-            self._finished(queue, worker.key, dispatched, sum(m.rows for m in members))
+            queue.inflight_rows -= rows
+            self._finished(queue, worker.key, dispatched, rows)
             self._pump_all()
 
     async def _attempt(

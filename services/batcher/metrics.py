@@ -21,6 +21,10 @@ DepthSource = Callable[[], Iterable[tuple[str, str, str, int]]]
 PendingSource = Callable[[], Iterable[tuple[str, str, int]]]
 """Yields (model, version, requests queued or in flight)."""
 
+LoadSource = Callable[[], Iterable[tuple[str, str, int, float | None]]]
+"""Yields (model, version, rows in batches on workers, the admission model's predicted wait of
+a row arriving now in seconds: `admission.Backlog.clears_in()`, None while nothing is known)."""
+
 ERROR_BUCKETS = (-0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 2.5, 5)
@@ -176,9 +180,11 @@ class BatcherMetrics:
         self._depth = _QueueDepth()
         self._tenant_rows = _TenantRows()
         self._pending = _PendingRequests()
+        self._load = _VersionLoad()
         self.registry.register(self._depth)
         self.registry.register(self._tenant_rows)
         self.registry.register(self._pending)
+        self.registry.register(self._load)
         self._rejections: dict[tuple[str, str], Counter] = {}
 
     def version(self, model: str, version: str) -> VersionMetrics:
@@ -217,6 +223,11 @@ class BatcherMetrics:
     def watch_pending(self, source: PendingSource) -> None:
         """Report `source`'s pending request counts at each scrape."""
         self._pending.sources.append(source)
+
+    def watch_load(self, source: LoadSource) -> None:
+        """Report `source`'s rows in flight and predicted waits at each scrape (what the
+        autoscaler reads, control/autoscaler/inputs.py)."""
+        self._load.sources.append(source)
 
 
 class _QueueDepth:
@@ -258,6 +269,39 @@ class _PendingRequests:
             for model, version, count in source():
                 family.add_metric([model, version], count)
         yield family
+
+
+class _VersionLoad:
+    """Per (model, version), read at scrape: `infermesh_batcher_inflight_rows`, rows in batches
+    on workers, and `infermesh_batcher_predicted_wait_seconds`, how long a row arriving now
+    would wait for its batch by the admission model (left out while that model knows
+    nothing). The autoscaler reads both, so it needs no estimate of rows per request."""
+
+    INFLIGHT = "infermesh_batcher_inflight_rows"
+    INFLIGHT_HELP = "Rows in batches dispatched to workers and not yet answered"
+    WAIT = "infermesh_batcher_predicted_wait_seconds"
+    WAIT_HELP = ("Seconds a row arriving now would wait before its batch runs, by the "
+                 "admission latency model (queued rows over the workers' throughput, plus "
+                 "the running batches' time left)")
+
+    def __init__(self) -> None:
+        self.sources: list[LoadSource] = []
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self.INFLIGHT, self.INFLIGHT_HELP, labels=["model", "version"])
+        yield GaugeMetricFamily(self.WAIT, self.WAIT_HELP, labels=["model", "version"])
+
+    def collect(self) -> Iterator[Metric]:
+        inflight = GaugeMetricFamily(self.INFLIGHT, self.INFLIGHT_HELP,
+                                     labels=["model", "version"])
+        wait = GaugeMetricFamily(self.WAIT, self.WAIT_HELP, labels=["model", "version"])
+        for source in self.sources:
+            for model, version, rows, predicted in source():
+                inflight.add_metric([model, version], rows)
+                if predicted is not None:
+                    wait.add_metric([model, version], predicted)
+        yield inflight
+        yield wait
 
 
 class _TenantRows:

@@ -79,6 +79,7 @@ async def register_version(request: web.Request) -> web.Response:
         device=body.get("device", "auto"),
         platform=body.get("platform", "pytorch_torchscript"),
         prediction_log=body.get("prediction_log", "digest"),
+        autoscaling=body.get("autoscaling"),
     )
     return json_response(stored.value.to_json(), 201 if stored.created else 200)
 
@@ -86,6 +87,14 @@ async def register_version(request: web.Request) -> web.Response:
 async def change_batching(request: web.Request) -> web.Response:
     body = await read_json_object(request)
     record = await request.app[REGISTRY].change_batching(
+        request.match_info["name"], request.match_info["version"], body
+    )
+    return json_response(record.to_json())
+
+
+async def change_autoscaling(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    record = await request.app[REGISTRY].change_autoscaling(
         request.match_info["name"], request.match_info["version"], body
     )
     return json_response(record.to_json())
@@ -124,6 +133,8 @@ def create_app(registry: Registry, *, credential: Credential) -> web.Application
     app.router.add_get("/v1/models/{name}", get_model)
     app.router.add_put("/v1/models/{name}/versions/{version}", register_version)
     app.router.add_patch("/v1/models/{name}/versions/{version}/batching", change_batching)
+    app.router.add_patch("/v1/models/{name}/versions/{version}/autoscaling",
+                         change_autoscaling)
     app.router.add_put("/v1/artifacts", put_artifact)
     app.router.add_get("/v1/artifacts/{sha256}", get_artifact)
     return app

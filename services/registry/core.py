@@ -30,6 +30,8 @@ from services.registry.ports import (
 from services.registry.validation import (
     check_name,
     check_sha256,
+    parse_autoscaling,
+    parse_autoscaling_change,
     parse_batching,
     parse_batching_change,
     parse_device,
@@ -107,12 +109,14 @@ class Registry:
         self, model: str, version: str, *, artifact_sha256: str, signature: Mapping[str, Any],
         batching: Mapping[str, Any] | None = None, device: str = "auto",
         platform: str = "pytorch_torchscript", prediction_log: str = "digest",
+        autoscaling: Mapping[str, Any] | None = None,
     ) -> Stored[ModelVersion]:
         """Register an immutable version (creating the model and its first rollout if needed).
 
         Re-registering identical content is a no-op; different content raises VersionConflict.
-        The queue policy is not part of that content: a saved version keeps its own (changed
-        through `change_batching`), whatever a re-registration sends.
+        The queue and scaling policies are not part of that content: a saved version keeps its
+        own (changed through `change_batching`, `change_autoscaling`), whatever a
+        re-registration sends.
         """
         record = ModelVersion(
             model=check_name(model, field="model"),
@@ -124,6 +128,7 @@ class Registry:
             device=parse_device(device),
             platform=check_name(platform, field="platform"),
             prediction_log=parse_prediction_log(prediction_log),
+            autoscaling=parse_autoscaling(autoscaling),
         )
         check_frame_fit(record.signature, record.batching, max_frame_bytes=self._max_frame_bytes)
         await self._require_artifact(artifact_sha256)
@@ -152,6 +157,25 @@ class Registry:
             model, version,
             lambda current: replace(
                 current, batching=self._fitting(current, batching)
+            ),
+        )
+        await self._publish_if_stale(version_key(model, version), record.to_json())
+        return record
+
+    async def change_autoscaling(
+        self, model: str, version: str, autoscaling: Mapping[str, Any]
+    ) -> ModelVersion:
+        """Merge a partial `autoscaling` object over a version's (a field set to null goes
+        back to its default), save and publish it; a version without one becomes autoscaled.
+
+        The autoscaler reads the record on its next tick, the launcher's fleet its bounds.
+        """
+        check_name(model, field="model")
+        check_name(version, field="version")
+        record = await self._store.update_version(
+            model, version,
+            lambda current: replace(
+                current, autoscaling=parse_autoscaling_change(current.autoscaling, autoscaling)
             ),
         )
         await self._publish_if_stale(version_key(model, version), record.to_json())
@@ -214,11 +238,12 @@ def _stale(published: Any, record: dict[str, Any]) -> bool:
 
 def _check_same(existing: ModelVersion, wanted: ModelVersion) -> ModelVersion:
     # artifact_uri is derived from the registry's public URL, which may change between runs;
-    # the queue policy may have been changed since (`change_batching`): the saved one stands,
-    # so re-running a registration script after such a change is still a no-op.
+    # the queue and scaling policies may have been changed since (`change_batching`,
+    # `change_autoscaling`): the saved ones stand, so re-running a registration script after
+    # such a change is still a no-op.
     def content(v: ModelVersion) -> dict[str, Any]:
         return {k: val for k, val in v.to_json().items()
-                if k not in ("artifact_uri", "batching")}
+                if k not in ("artifact_uri", "batching", "autoscaling", "replicas")}
 
     if content(existing) != content(wanted):
         raise VersionConflict(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from services.mesh.domain.autoscaling import parse_spec
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.trust import check_batching, check_name, check_sha256, check_signature
 from services.mesh.domain.types import (
@@ -21,8 +22,9 @@ from services.mesh.domain.types import (
 )
 
 __all__ = [
-    "check_name", "check_sha256", "parse_batching", "parse_batching_change", "parse_device",
-    "parse_prediction_log", "parse_signature",
+    "check_name", "check_sha256", "parse_autoscaling", "parse_autoscaling_change",
+    "parse_batching", "parse_batching_change", "parse_device", "parse_prediction_log",
+    "parse_signature",
 ]
 
 
@@ -109,3 +111,28 @@ def parse_prediction_log(raw: Any) -> str:
             f"prediction_log: must be one of {', '.join(PREDICTION_LOG_POLICIES)}"
         )
     return str(raw)
+
+
+def parse_autoscaling(raw: Any) -> dict[str, Any] | None:
+    """An `autoscaling` block as the autoscaler will read it (None: not autoscaled), checked
+    by the autoscaler's own parser, with `min_replicas` and `max_replicas` filled in (the
+    launcher's fleet reads them as the version's `replicas` bounds)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise InvalidInput("autoscaling: must be an object")
+    return _checked_autoscaling(raw)
+
+
+def parse_autoscaling_change(current: Mapping[str, Any] | None, raw: Any) -> dict[str, Any]:
+    """`current` with a partial `autoscaling` object `raw` merged over it (a JSON merge patch:
+    a field set to null goes back to its default), checked as a whole."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise InvalidInput("autoscaling: must be an object naming at least one field")
+    merged = {k: v for k, v in {**(current or {}), **raw}.items() if v is not None}
+    return _checked_autoscaling(merged)
+
+
+def _checked_autoscaling(raw: Mapping[str, Any]) -> dict[str, Any]:
+    spec = parse_spec({"autoscaling": raw})
+    return {**raw, "min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas}

@@ -23,6 +23,7 @@ from services.mesh.domain.errors import (
 )
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Batch, BatchResult, ModelVersion
+from services.mesh.infra.failpoints import failpoint
 from services.worker.backends.base import (
     Backend,
     BackendError,
@@ -248,6 +249,7 @@ def _run_if_due(
     the batch waited for the thread (behind another batch); then _Expired."""
     if deadline is not None and time.time() >= deadline:
         raise _Expired
+    failpoint("worker.run_batch")  # `sleep:<ms>` models a slow model in the tests and bench
     return backend.run_batch(inputs)
 
 

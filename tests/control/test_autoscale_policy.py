@@ -6,6 +6,7 @@ ready, `startup` seconds after being asked for; rows that cannot be served wait 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -270,3 +271,26 @@ def test_parse_spec_reads_the_record() -> None:
 def test_parse_spec_names_the_bad_field(record: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidInput, match=field.replace(".", r"\.")):
         parse_spec(record)
+
+
+@dataclass
+class OneRowBatches(Fleet):
+    """A version at max_batch_size 1: every batch it runs is full, busy or not."""
+
+    def step(self, now: float, arrival: float) -> Observation:
+        obs = super().step(now, arrival)
+        return dataclasses.replace(obs, occupancy=1.0 if obs.served_rate else 0.0)
+
+
+def test_full_batches_without_a_queue_do_not_shrink_the_learned_capacity() -> None:
+    """At max_batch_size 1 occupancy is always 1: were idle replicas' load learned as their
+    capacity, each added replica would lower it and ask for another, up to the maximum
+    (seen on a real mesh: 1.5 workers' worth of load took the fleet to its maximum of 6)."""
+    spec = ScaleSpec(min_replicas=1, max_replicas=6, target_wait=0.1, stable_window=6.0,
+                     panic_window=6.0, startup_seconds=3.0, downscale_delay=30.0)
+    policy, fleet = ScalePolicy(spec), OneRowBatches(ready=1, startup=3.0)
+    trace = simulate(policy, fleet, lambda now: 1.5 * CAPACITY, until=120.0)
+    # 1.5 workers' worth at 85 % target utilisation needs 2; one more for the backlog the
+    # first seconds left is tolerated, the maximum is not.
+    assert max(d.desired for _, d in trace) <= 3, changes(trace, initial=1)
+    assert trace[-1][1].desired == 2, changes(trace, initial=1)

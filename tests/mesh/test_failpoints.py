@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -45,3 +46,15 @@ def test_exit_ends_the_process_at_once_with_75() -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert (result.returncode, result.stdout) == (EXIT_CODE, "before\n")
+
+
+@pytest.mark.usefixtures("disarm_after")
+def test_sleep_blocks_the_caller_then_goes_on() -> None:
+    assert parse_failpoints("w=sleep:50,v=sleep:0.5") == {"w": "sleep:50", "v": "sleep:0.5"}
+    for bad in ("w=sleep", "w=sleep:", "w=sleep:-1", "w=sleep:nan", "w=nap:5"):
+        with pytest.raises(ValueError, match="sleep:<ms>"):
+            parse_failpoints(bad)
+    set_failpoints("worker.run_batch=sleep:30")
+    started = time.monotonic()
+    failpoint("worker.run_batch")
+    assert time.monotonic() - started >= 0.03  # a lower bound: never flaky on a busy machine

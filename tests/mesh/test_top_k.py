@@ -266,3 +266,21 @@ async def test_pick_by_key_spreads_over_the_top_k_by_calls_in_flight() -> None:
             await asyncio.gather(*calls, return_exceptions=True)
         finally:
             await pool.aclose()
+
+
+# -- k from the load: the autoscaler's `scale/` record ----------------------------------------
+
+def test_a_scale_records_batchers_raise_k_never_lower_it() -> None:
+    config = spread_config(2)
+    catalog = ModelCatalog(config)
+    config.put("scale/m/1", {"replicas": 12, "reason": "load", "batchers": 3})
+    assert catalog.batchers("m", "1") == 3  # the load asks for more than the setting
+    config.put("scale/m/1", {"replicas": 1, "reason": "idle", "batchers": 1})
+    assert catalog.batchers("m", "1") == 2  # never fewer than the setting
+    config.put("scale/m/1", {"replicas": 1, "batchers": MAX_BATCHERS + 10})
+    assert catalog.batchers("m", "1") == MAX_BATCHERS
+    for bad in ("3", 2.5, True, None):
+        config.put("scale/m/1", {"replicas": 1, "batchers": bad})
+        assert catalog.batchers("m", "1") == 2
+    config.put("scale/x/1", {"replicas": 9, "batchers": 3})
+    assert catalog.batchers("x", "1") == 1  # a version not known here

@@ -12,20 +12,22 @@ from typing import Any
 
 from services.mesh.domain.config import ConfigView
 from services.mesh.domain.errors import InfermeshError, NotFound
-from services.mesh.domain.trust import check_version_record
+from services.mesh.domain.trust import MAX_BATCHERS, check_version_record
 from services.mesh.domain.types import ModelVersion, Rollout
 
 log = logging.getLogger(__name__)
 
 
 class ModelCatalog:
-    """Parsed, cached views over `models/`, `rollouts/` and `endpoints/worker/`."""
+    """Parsed, cached views over `models/`, `rollouts/`, `endpoints/worker/` and the
+    autoscaler's `scale/` records (their `batchers`)."""
 
     def __init__(self, config: ConfigView) -> None:
         self.config = config
         self._versions: dict[tuple[str, str], ModelVersion] = {}
         self._rollouts: dict[str, Rollout] = {}
         self._ready: dict[tuple[str, str], int] = {}
+        self._spread: dict[tuple[str, str], int] = {}
         config.subscribe(self._refresh)
         self._refresh()
 
@@ -46,6 +48,7 @@ class ModelCatalog:
                 model, _, version = str(served).partition("/")
                 ready[(model, version)] = ready.get((model, version), 0) + 1
         self._versions, self._rollouts, self._ready = versions, rollouts, ready
+        self._spread = _scaled_batchers(self.config.items("scale/"))
         self._sticky_keys = frozenset(r.sticky_key for r in rollouts.values() if r.sticky_key)
 
     def models(self) -> list[str]:
@@ -91,14 +94,28 @@ class ModelCatalog:
 
     def batchers(self, model: str, version: str | None) -> int:
         """How many batcher instances share the traffic of `model` at `version`: the version's
-        `batching.batchers` (1 for a version not known here). Routers and batchers both read
-        it, so a router spreads over the same top-k batchers that split the workers."""
-        found = self._versions.get((model, version or ""))
-        return 1 if found is None else found.batching.batchers
+        `batching.batchers`, or more when the autoscaler's `scale/` record asks for more (its
+        `batchers`, from the load); 1 for a version not known here. Routers and batchers both
+        read it, so a router spreads over the same top-k batchers that split the workers."""
+        key = (model, version or "")
+        found = self._versions.get(key)
+        return 1 if found is None else max(found.batching.batchers, self._spread.get(key, 1))
 
     def ready_workers(self, model: str, version: str) -> int:
         """How many worker instances report (model, version) loaded and warm."""
         return self._ready.get((model, version), 0)
+
+
+def _scaled_batchers(records: Mapping[str, Any]) -> dict[tuple[str, str], int]:
+    """`batchers` of each `scale/{model}/{version}` record that asks for more than one (at
+    most MAX_BATCHERS); a record without a positive integer there asks for nothing."""
+    spread: dict[tuple[str, str], int] = {}
+    for key, record in records.items():
+        count = record.get("batchers") if isinstance(record, dict) else None
+        if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+            model, _, version = key.removeprefix("scale/").partition("/")
+            spread[(model, version)] = min(count, MAX_BATCHERS)
+    return spread
 
 
 def _version_at(key: str) -> Callable[[Mapping[str, Any]], ModelVersion]:

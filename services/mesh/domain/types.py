@@ -231,13 +231,17 @@ class ModelVersion:
     state: str = "ready"
     prediction_log: str = "digest"
     """How predictions of this version are logged: one of `PREDICTION_LOG_POLICIES`."""
+    autoscaling: Mapping[str, Any] | None = None
+    """The autoscaler's block (`services.mesh.domain.autoscaling`), with `min_replicas` and
+    `max_replicas` filled in; None: the version is not autoscaled (a fixed fleet). Like the
+    batching policy, it may change after registration."""
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> ModelVersion:
         device = raw.get("device", "auto")
         if device not in DEVICE_POLICIES:
             raise InvalidInput(f"device: must be one of {', '.join(DEVICE_POLICIES)}")
-        prediction_log = raw.get("prediction_log", "digest")
+        prediction_log, scaling = raw.get("prediction_log", "digest"), raw.get("autoscaling")
         if prediction_log not in PREDICTION_LOG_POLICIES:
             raise InvalidInput(
                 f"prediction_log: must be one of {', '.join(PREDICTION_LOG_POLICIES)}"
@@ -253,6 +257,7 @@ class ModelVersion:
             platform=str(raw.get("platform", "pytorch_torchscript")),
             state=str(raw.get("state", "ready")),
             prediction_log=prediction_log,
+            autoscaling=scaling if isinstance(scaling, Mapping) else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -267,7 +272,17 @@ class ModelVersion:
             "platform": self.platform,
             "state": self.state,
             "prediction_log": self.prediction_log,
+            **self._scaling_json(),
         }
+
+    def _scaling_json(self) -> dict[str, Any]:
+        """`autoscaling`, and the `replicas` bounds the launcher's fleet reads, when set."""
+        if self.autoscaling is None:
+            return {}
+        scaling = dict(self.autoscaling)
+        bounds = {"min": scaling.get("min_replicas"), "max": scaling.get("max_replicas")}
+        return {"autoscaling": scaling,
+                "replicas": {k: v for k, v in bounds.items() if v is not None}}
 
 
 @dataclass(frozen=True, slots=True)

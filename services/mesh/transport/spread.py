@@ -13,7 +13,8 @@ workers that list the version), so no batcher asks another which workers are its
 their views differ (a link not yet open, a key not yet seen), a worker may briefly serve two
 batchers or none; the next change of either view settles it.
 
-k comes from the setting alone: the autoscaler raises the setting as the model's load grows.
+k is the larger of the version's `batchers` setting and the `batchers` the autoscaler
+publishes in `scale/{model}/{version}` as the model's load grows (`ModelCatalog.batchers`).
 """
 
 from __future__ import annotations
