@@ -17,6 +17,10 @@ until the workers are back at the minimum (at most ``--after`` s). Every request
 requests sent in that second, worker processes of mlp/1 (started, not necessarily ready: read
 from /proc) and the autoscaler's desired count (the control API's /metrics).
 
+With ``--noise 0.2 --step 1 --during 300`` it is the steady-load check instead (the rate
+changes by up to ±20 % every ``--noise-period`` s; target: at most one change of direction of
+the desired count, reported as ``direction_changes``).
+
 Reported: seconds from the step until p99 stays within ``--slo-ms`` for the rest of the step
 (target: <= one worker start-up + 10 s, the start-up being the spec's `startup_seconds`),
 seconds from the end of the load until the worker count is back at the minimum (target: the
@@ -30,6 +34,7 @@ import argparse
 import asyncio
 import math
 import os
+import random
 import sys
 import time
 import urllib.request
@@ -176,9 +181,11 @@ async def drive(url: str, args: argparse.Namespace, marker: str, control: str
             await asyncio.sleep(1.0)
 
     sampler = asyncio.create_task(sample())
+    noise = noise_factors(args.noise, args.noise_period, load_end, seed=args.seed)
     at = 0.0
     while at < load_end:
         rate = args.base_rate * (args.step if at >= step_at else 1.0)
+        rate *= noise[int(at // args.noise_period)]
         await asyncio.sleep(max(0.0, started + at - time.monotonic()))
         task = asyncio.create_task(one(at))
         tasks.add(task)
@@ -190,6 +197,20 @@ async def drive(url: str, args: argparse.Namespace, marker: str, control: str
     return sent, fleet, step_at, load_end
 
 
+def noise_factors(noise: float, period: float, length: float, *, seed: int) -> list[float]:
+    """One rate factor in [1 - noise, 1 + noise] per `period` seconds of the load (seeded)."""
+    draw = random.Random(seed)
+    return [1.0 + noise * draw.uniform(-1.0, 1.0)
+            for _ in range(int(length // period) + 2)]
+
+
+def direction_changes(rows: Sequence[Second]) -> int:
+    """How often the desired count turned from rising to falling or back."""
+    desired = [r.desired for r in rows if r.desired is not None]
+    moves = [b - a for a, b in zip(desired, desired[1:], strict=False) if b != a]
+    return sum(1 for a, b in zip(moves, moves[1:], strict=False) if (a > 0) != (b > 0))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--base-rate", type=float, default=15.0, help="1x load, requests/s")
@@ -197,6 +218,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--before", type=int, default=30, help="seconds at 1x")
     parser.add_argument("--during", type=int, default=90, help="seconds at the step")
     parser.add_argument("--after", type=int, default=150, help="most seconds to wait after")
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="steady-load check: each --noise-period the rate is scaled by a "
+                        "factor in [1-noise, 1+noise] (e.g. 0.2 with --step 1 --during 300)")
+    parser.add_argument("--noise-period", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--slo-ms", type=float, default=1000.0)
     parser.add_argument("--max-replicas", type=int, default=6)
     parser.add_argument("--startup-seconds", type=float, default=10.0)
@@ -240,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_target_s": args.startup_seconds + 10,
         "back_to_min_s": back_to_min_s(rows, load_end=load_end),
         "max_workers": max((r.workers for r in rows), default=0),
+        "direction_changes": direction_changes(rows),
         "seconds": [asdict(r) for r in rows],
     }
     out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
