@@ -30,6 +30,8 @@ from cli.common import (
     with_control,
 )
 from cli.control_client import ControlClient, ControlError
+from cli.convert import add_convert_command
+from cli.quantize import add_quantize_command, derived_versions_text
 from cli.report import add_report_command
 from cli.rollouts import add_rollout_commands
 from cli.tenants import add_limit_command, add_tenant_commands
@@ -110,6 +112,7 @@ def _model_text(model: dict[str, Any]) -> str:
         routes = ", ".join(f"{r['version']} {r['weight']:g}%" for r in rollout["routes"])
         epoch, fallback = rollout["epoch"], rollout["fallback"]
         lines.append(f"rollout (epoch {epoch}): {routes}; fallback {fallback}")
+    lines += derived_versions_text(model["versions"])
     return "\n".join(lines)
 
 
@@ -219,6 +222,8 @@ def _add_models(commands: Any) -> None:
     register.set_defaults(run=_with_registry(_cmd_models_register))
     add_batching_command(models, common, _with_registry)
     add_autoscaling_command(models, common, _with_registry)
+    add_convert_command(models, common, _with_registry)
+    add_quantize_command(models, common, _with_registry)
     control = control_options()
     listing = models.add_parser("list", parents=[control], help="list models")
     listing.set_defaults(run=with_control(_cmd_models_list))

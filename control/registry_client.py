@@ -98,6 +98,37 @@ class RegistryClient:
                 "/autoscaling")
         return await self._call("PATCH", path, json=dict(autoscaling))
 
+    async def quantize_version(
+        self, model: str, version: str, *, mode: str = "int8-dynamic",
+        new_version: str | None = None,
+    ) -> dict[str, Any]:
+        """Derive a quantized version from an ONNX one; the registry measures it against the
+        source first (speed-ups, output errors: the record's `quantization`). Returns it."""
+        body: dict[str, Any] = {"mode": mode}
+        if new_version is not None:
+            body["version"] = new_version
+        path = (f"/v1/models/{quote(model, safe='')}/versions/{quote(version, safe='')}"
+                "/quantize")
+        return await self._call("POST", path, json=body)
+
+    async def download_artifact(self, sha256: str, dest: Path) -> None:
+        """Write the stored artifact `sha256` to `dest`; RegistryError when the registry
+        answers an error. The caller checks the digest of what arrived."""
+        url = f"{self._base_url}/v1/artifacts/{quote(sha256, safe='')}"
+        try:
+            async with self._session.get(url, headers=bearer(self._credential)) as response:
+                if response.status >= 400:
+                    raise RegistryError(f"artifact {sha256}: HTTP {response.status}",
+                                        status=response.status)
+                file: IO[bytes] = await asyncio.to_thread(dest.open, "wb")
+                try:
+                    async for block in response.content.iter_chunked(READ_SIZE):
+                        await asyncio.to_thread(file.write, block)
+                finally:
+                    await asyncio.to_thread(file.close)
+        except aiohttp.ClientError as exc:
+            raise RegistryError(f"cannot reach the registry at {self._base_url}: {exc}") from exc
+
     async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         if "json" in kwargs:
             kwargs["data"] = orjson.dumps(kwargs.pop("json"))

@@ -22,6 +22,8 @@ command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 # kubectl 1.20 (`kubectl kustomize` renders deploy/k8s in tests); any kubectl already here will do.
 command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
+# Debian's python3.11 with venv: the Triton tests make pytriton's own venv from it.
+/usr/bin/python3.11 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3.11-venv)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "bootstrap: installing ${missing[*]}" >&2

@@ -13,6 +13,8 @@ from services.mesh.infra.settings import load_settings
 from services.registry.app import create_app
 from services.registry.artifacts import ArtifactStore
 from services.registry.core import Registry
+from services.registry.onnx_signatures import OnnxSignatureReader
+from services.registry.quantize import OnnxQuantizer
 from services.registry.settings import RegistrySettings
 from services.registry.store import PostgresEtcdStore
 
@@ -28,7 +30,8 @@ async def main() -> None:
                 ArtifactStore(Path(settings.artifact_dir),
                               max_bytes=settings.max_artifact_bytes),
                 public_url=settings.public_url or node.http_url,
-                max_frame_bytes=settings.max_frame_bytes,
+                max_frame_bytes=settings.max_frame_bytes, quantizer=OnnxQuantizer(),
+                signatures=OnnxSignatureReader(),
             )
             await registry.reconcile()
             probe = PostgresProbe(pool)

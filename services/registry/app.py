@@ -74,12 +74,14 @@ async def register_version(request: web.Request) -> web.Response:
     stored = await request.app[REGISTRY].register_version(
         request.match_info["name"], request.match_info["version"],
         artifact_sha256=_required(body, "artifact_sha256"),
-        signature=_required(body, "signature"),
+        signature=body.get("signature"),  # an ONNX artifact declares its own
         batching=body.get("batching"),
         device=body.get("device", "auto"),
+        cpu_fallback=body.get("cpu_fallback", False),
         platform=body.get("platform", "pytorch_torchscript"),
         prediction_log=body.get("prediction_log", "digest"),
         autoscaling=body.get("autoscaling"),
+        cache=body.get("cache"),
     )
     return json_response(stored.value.to_json(), 201 if stored.created else 200)
 
@@ -98,6 +100,27 @@ async def change_autoscaling(request: web.Request) -> web.Response:
         request.match_info["name"], request.match_info["version"], body
     )
     return json_response(record.to_json())
+
+
+async def change_cache(request: web.Request) -> web.Response:
+    """PUT sets the version's prediction cache policy (the body); DELETE turns it off."""
+    body = None if request.method == "DELETE" else await read_json_object(request)
+    record = await request.app[REGISTRY].change_cache(
+        request.match_info["name"], request.match_info["version"], body
+    )
+    return json_response(record.to_json())
+
+
+async def quantize_version(request: web.Request) -> web.Response:
+    body = await read_json_object(request, optional=True)
+    new_version = body.get("version")
+    if new_version is not None and not isinstance(new_version, str):
+        raise errors.InvalidInput("version: must be a string naming the new version")
+    stored = await request.app[REGISTRY].quantize_version(
+        request.match_info["name"], request.match_info["version"],
+        mode=body.get("mode", "int8-dynamic"), new_version=new_version,
+    )
+    return json_response(stored.value.to_json(), 201 if stored.created else 200)
 
 
 def _http_text(exc: web.HTTPException) -> str:
@@ -135,6 +158,9 @@ def create_app(registry: Registry, *, credential: Credential) -> web.Application
     app.router.add_patch("/v1/models/{name}/versions/{version}/batching", change_batching)
     app.router.add_patch("/v1/models/{name}/versions/{version}/autoscaling",
                          change_autoscaling)
+    app.router.add_post("/v1/models/{name}/versions/{version}/quantize", quantize_version)
+    app.router.add_put("/v1/models/{name}/versions/{version}/cache", change_cache)
+    app.router.add_delete("/v1/models/{name}/versions/{version}/cache", change_cache)
     app.router.add_put("/v1/artifacts", put_artifact)
     app.router.add_get("/v1/artifacts/{sha256}", get_artifact)
     return app

@@ -15,15 +15,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from services.mesh.domain.errors import Conflict, InvalidInput, NotFound
+from services.mesh.domain.errors import Conflict, InvalidInput, NotFound, Unavailable
 from services.mesh.domain.trust import DEFAULT_MAX_FRAME_BYTES, check_frame_fit
-from services.mesh.domain.types import BatchingPolicy, ModelVersion, Rollout
+from services.mesh.domain.types import BatchingPolicy, ModelVersion, Rollout, Signature
 from services.registry.ports import (
+    QUANTIZATION_MODES,
     ArtifactInfo,
     Artifacts,
     ModelDetail,
     ModelSummary,
+    Quantizer,
     RegistryStore,
+    SignatureReader,
     rollout_key,
     version_key,
 )
@@ -34,9 +37,11 @@ from services.registry.validation import (
     parse_autoscaling_change,
     parse_batching,
     parse_batching_change,
+    parse_cache,
+    parse_cpu_fallback,
     parse_device,
     parse_prediction_log,
-    parse_signature,
+    resolve_signature,
 )
 
 log = logging.getLogger(__name__)
@@ -61,9 +66,13 @@ class Registry:
 
     def __init__(
         self, store: RegistryStore, artifacts: Artifacts, *, public_url: str,
-        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, quantizer: Quantizer | None = None,
+        signatures: SignatureReader | None = None,
     ) -> None:
         self._store = store
+        self._signatures = signatures
+        """Reads signatures out of artifacts that declare one (ONNX); None: none is read."""
+        self._quantizer = quantizer
         self._artifacts = artifacts
         self._public_url = public_url.rstrip("/")
         self._max_frame_bytes = max_frame_bytes
@@ -106,32 +115,43 @@ class Registry:
     # -- versions -------------------------------------------------------------------------
 
     async def register_version(
-        self, model: str, version: str, *, artifact_sha256: str, signature: Mapping[str, Any],
+        self, model: str, version: str, *, artifact_sha256: str,
+        signature: Mapping[str, Any] | None = None,
         batching: Mapping[str, Any] | None = None, device: str = "auto",
         platform: str = "pytorch_torchscript", prediction_log: str = "digest",
-        autoscaling: Mapping[str, Any] | None = None,
+        autoscaling: Mapping[str, Any] | None = None, cpu_fallback: bool = False,
+        cache: Mapping[str, Any] | None = None,
     ) -> Stored[ModelVersion]:
         """Register an immutable version (creating the model and its first rollout if needed).
 
         Re-registering identical content is a no-op; different content raises VersionConflict.
         The queue and scaling policies are not part of that content: a saved version keeps its
         own (changed through `change_batching`, `change_autoscaling`), whatever a
-        re-registration sends.
+        re-registration sends. An ONNX version's signature is read from its artifact; any
+        `signature` given must agree with it and may be partial (`resolve_signature`).
         """
+        read = await self._read_signature(platform, artifact_sha256)
         record = ModelVersion(
             model=check_name(model, field="model"),
             version=check_name(version, field="version"),
-            signature=parse_signature(signature),
+            signature=resolve_signature(signature, read),
             artifact_uri=self.artifact_uri(check_sha256(artifact_sha256, field="artifact_sha256")),
             sha256=artifact_sha256,
             batching=parse_batching(batching),
             device=parse_device(device),
+            cpu_fallback=parse_cpu_fallback(cpu_fallback),
             platform=check_name(platform, field="platform"),
             prediction_log=parse_prediction_log(prediction_log),
             autoscaling=parse_autoscaling(autoscaling),
+            cache=parse_cache(cache),
         )
         check_frame_fit(record.signature, record.batching, max_frame_bytes=self._max_frame_bytes)
         await self._require_artifact(artifact_sha256)
+        return await self._save(record)
+
+    async def _save(self, record: ModelVersion) -> Stored[ModelVersion]:
+        """Insert a new version (or find it identical) and publish it."""
+        model, version = record.model, record.version
         inserted = await self._store.insert_version(
             record, first_rollout=Rollout.stable(record.model, record.version)
         )
@@ -162,6 +182,18 @@ class Registry:
         await self._publish_if_stale(version_key(model, version), record.to_json())
         return record
 
+    async def change_cache(self, model: str, version: str, cache: Any) -> ModelVersion:
+        """Set (a policy object) or clear (None) a version's prediction cache policy, save and
+        publish it; routers apply it from their next request and drop the model's entries."""
+        check_name(model, field="model")
+        check_name(version, field="version")
+        policy = parse_cache(cache)
+        record = await self._store.update_version(
+            model, version, lambda current: replace(current, cache=policy)
+        )
+        await self._publish_if_stale(version_key(model, version), record.to_json())
+        return record
+
     async def change_autoscaling(
         self, model: str, version: str, autoscaling: Mapping[str, Any]
     ) -> ModelVersion:
@@ -181,11 +213,57 @@ class Registry:
         await self._publish_if_stale(version_key(model, version), record.to_json())
         return record
 
+    async def quantize_version(
+        self, model: str, version: str, *, mode: str = "int8-dynamic",
+        new_version: str | None = None,
+    ) -> Stored[ModelVersion]:
+        """Derive a quantized version (default name `<version>-int8`) from an ONNX version,
+        measured against it before it is saved: speed-ups and output errors go on the record
+        even when int8 is slower (its verdict says so). Same signature, queue and scaling
+        policies; its own artifact and sha256. A target derived already is returned as is.
+        """
+        if mode not in QUANTIZATION_MODES:
+            raise InvalidInput(f"mode: must be one of {', '.join(QUANTIZATION_MODES)}")
+        versions = {v.version: v for v in (await self._store.model_detail(model)).versions}
+        source = versions.get(version)
+        if source is None:
+            raise NotFound(f"unknown version '{version}' of model '{model}'")
+        if source.derived_from is not None:
+            raise InvalidInput(f"version: {version} of {model} is derived already; quantize "
+                               f"its source, version {source.derived_from.get('version')}")
+        if source.platform != "onnxruntime_onnx":
+            raise InvalidInput(
+                f"platform: version {version} of {model} is {source.platform}; quantization "
+                f"needs an ONNX version (onnxruntime_onnx): convert it first: infermesh "
+                f"models convert {model} {version}"
+            )
+        target = check_name(new_version or f"{version}-int8", field="version")
+        derived_from = {"version": version, "mode": mode}
+        existing = versions.get(target)
+        if existing is not None and existing.derived_from == derived_from:
+            return Stored(existing, False)
+        if self._quantizer is None:
+            raise Unavailable("quantization: this registry runs without a quantizer")
+        path = await self._artifacts.path(source.sha256)
+        quantized = await self._quantizer.quantize(path, source.signature, mode=mode)
+        info = await self._artifacts.put(_single(quantized.artifact))
+        return await self._save(replace(
+            source, version=target, sha256=info.sha256, artifact_uri=self.artifact_uri(info.sha256),
+            derived_from=derived_from, quantization=quantized.measurement,
+        ))
+
     def _fitting(self, current: ModelVersion, change: Mapping[str, Any]) -> BatchingPolicy:
         """`current`'s queue policy with `change` merged, if a full batch still fits a frame."""
         policy = parse_batching_change(current.batching, change)
         check_frame_fit(current.signature, policy, max_frame_bytes=self._max_frame_bytes)
         return policy
+
+    async def _read_signature(self, platform: Any, sha256: Any) -> Signature | None:
+        """What the artifact declares, for a platform whose files declare a signature."""
+        if self._signatures is None or not self._signatures.reads(platform):
+            return None
+        await self._require_artifact(check_sha256(sha256, field="artifact_sha256"))
+        return await self._signatures.read(await self._artifacts.path(sha256))
 
     async def _require_artifact(self, sha256: str) -> None:
         try:
@@ -240,10 +318,12 @@ def _check_same(existing: ModelVersion, wanted: ModelVersion) -> ModelVersion:
     # artifact_uri is derived from the registry's public URL, which may change between runs;
     # the queue and scaling policies may have been changed since (`change_batching`,
     # `change_autoscaling`): the saved ones stand, so re-running a registration script after
-    # such a change is still a no-op.
+    # such a change is still a no-op. A derived version's measurement differs run to run: the
+    # artifact and its source make it what it is.
     def content(v: ModelVersion) -> dict[str, Any]:
         return {k: val for k, val in v.to_json().items()
-                if k not in ("artifact_uri", "batching", "autoscaling", "replicas")}
+                if k not in ("artifact_uri", "batching", "autoscaling", "replicas",
+                             "quantization", "cache")}
 
     if content(existing) != content(wanted):
         raise VersionConflict(
@@ -251,3 +331,7 @@ def _check_same(existing: ModelVersion, wanted: ModelVersion) -> ModelVersion:
             "artifact/signature; versions are immutable, register a new version"
         )
     return existing
+
+
+async def _single(data: bytes) -> AsyncIterator[bytes]:
+    yield data

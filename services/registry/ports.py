@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.mesh.domain.types import ModelVersion, Rollout
+from services.mesh.domain.types import ModelVersion, Rollout, Signature
+
+QUANTIZATION_MODES = ("int8-dynamic",)
+"""How a version may be quantized: int8 weights, activations quantized per batch at run time."""
 
 
 def version_key(model: str, version: str) -> str:
@@ -155,4 +158,35 @@ class Artifacts(Protocol):
 
     async def info(self, sha256: str) -> ArtifactInfo:
         """Digest and size of a stored artifact; NotFound if it is not stored."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Quantized:
+    """A quantized artifact and what measuring it against its source found (JSON)."""
+
+    artifact: bytes
+    measurement: dict[str, Any]
+
+
+class Quantizer(Protocol):
+    """Derives a quantized artifact from an fp32 ONNX one, measured against it."""
+
+    async def quantize(self, source: Path, signature: Signature, *, mode: str) -> Quantized:
+        """Quantize the model at `source` (one of `QUANTIZATION_MODES`) and measure it on
+        inputs shaped from `signature`; InvalidInput when the model cannot be measured."""
+        ...
+
+
+class SignatureReader(Protocol):
+    """Reads the inputs and outputs a model file declares (an ONNX graph does; a TorchScript
+    file does not), so a version of such a platform may be registered without a signature."""
+
+    def reads(self, platform: str) -> bool:
+        """Whether artifacts of `platform` declare a signature this reader can read."""
+        ...
+
+    async def read(self, artifact: Path) -> Signature:
+        """The signature `artifact` declares (-1 for symbolic dims); InvalidInput naming the
+        artifact when it is not a readable model of its platform."""
         ...

@@ -23,6 +23,7 @@ async def main() -> None:
             settings, stack, catalog=ModelCatalog(node.config), session=session,
             publish_models=lambda ready: node.update_record(models=ready),
             publish_warmup=lambda timings: node.update_record(warmup=timings),
+            publish_fallbacks=lambda fallbacks: node.update_record(fallback=fallbacks),
         )
         # SIGTERM: marked draining, this worker serves on until another live, ready worker has
         # each of its versions (the launcher starts one on seeing the mark), then drains.

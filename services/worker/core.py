@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,8 +27,10 @@ from services.mesh.infra.failpoints import failpoint
 from services.worker.backends.base import (
     Backend,
     BackendError,
+    DeviceUnavailable,
     InputRejected,
     ModelCallFailed,
+    cuda_failure,
     model_call_failed,
 )
 from services.worker.metrics import WorkerMetrics
@@ -65,6 +67,10 @@ class Worker:
         self._rewarming: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._loading: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._failed: set[tuple[str, str, str]] = set()
+        self._specs: dict[tuple[str, str], ModelVersion] = {}
+        self._fallbacks: dict[tuple[str, str], str] = {}
+        self._refusals: dict[tuple[str, str], str] = {}
+        self._moving: dict[tuple[str, str], asyncio.Task[Backend]] = {}
         self._listeners: list[Callable[[], None]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
 
@@ -99,6 +105,11 @@ class Worker:
             for (m, v), warmup in sorted(self._warmup.items()) if (m, v) in self._backends
         }
 
+    def fallbacks(self) -> dict[str, str]:
+        """`{"model/version": reason}` of every version serving from CPU because CUDA failed
+        it (its `cpu_fallback`), as published in the endpoint record; cleared by a reload."""
+        return {f"{m}/{v}": reason for (m, v), reason in sorted(self._fallbacks.items())}
+
     def serves(self, model: str, version: str) -> bool:
         """Whether a selector names this version (`*`, the model, or `model/version`)."""
         selectors = self._models
@@ -125,24 +136,105 @@ class Worker:
         try:
             started = time.perf_counter()
             path = await self._artifacts.fetch(spec)
-            backend = self._factory(spec)
-            await asyncio.to_thread(backend.load, path)
-            # Warm up in the inference thread itself: torch's per-thread state (OpenMP team,
-            # allocator caches) is then ready for the first real batch.
-            top = spec.batching.max_batch_size
-            seconds = await asyncio.get_running_loop().run_in_executor(
-                self._executor, backend.warm_up, top
-            )
-            self._warmup[key] = _Warmup(top, seconds)
-            self._backends[key] = backend
+            self._fallbacks.pop(key, None)  # every load tries the policy's device again
+            self._refusals.pop(key, None)
+            backend = await self._start(spec, path)
+            self._backends[key], self._specs[key] = backend, spec
+            self._metrics.serving_on(*key, backend.device)
             log.info("loaded %s/%s on %s in %.2fs", *key, backend.device,
                      time.perf_counter() - started)
         except Exception as exc:
+            # Not retried until the record changes: a refusal is logged once, no load loop.
             self._failed.add((spec.model, spec.version, spec.sha256))
+            if isinstance(exc, DeviceUnavailable):
+                self._refusals[key] = str(exc)
             log.error("cannot serve %s/%s: %s", spec.model, spec.version, exc)
         finally:
             self._loading.pop(key, None)
         self._notify()
+
+    async def _start(self, spec: ModelVersion, path: Path) -> Backend:
+        """`spec` loaded and warm on its policy's device, or on CPU when CUDA fails it and
+        its `cpu_fallback` allows; DeviceUnavailable naming both when it does not."""
+        try:
+            backend = await self._load_on(spec, path)
+        except Exception as exc:
+            failure = cuda_failure(exc) if spec.device != "cpu" else None
+            if failure is None:
+                raise
+            if not spec.cpu_fallback:
+                raise DeviceUnavailable(_refusal(spec, failure[1])) from exc
+            return await self._load_on_cpu(spec, path, failure)
+        # A backend that took CPU itself at construction (ONNX's `device_fallback`).
+        chosen = getattr(backend, "device_fallback", None)
+        if isinstance(chosen, str):
+            self._note_fallback(spec, ("cuda_unavailable", chosen))
+        return backend
+
+    async def _load_on(self, spec: ModelVersion, path: Path) -> Backend:
+        backend = self._factory(spec)
+        top = spec.batching.max_batch_size
+        try:
+            await asyncio.to_thread(backend.load, path)
+            # Warm up in the inference thread itself: torch's per-thread state (OpenMP team,
+            # allocator caches) is then ready for the first real batch.
+            seconds = await asyncio.get_running_loop().run_in_executor(
+                self._executor, backend.warm_up, top
+            )
+        except BaseException:
+            await asyncio.to_thread(backend.unload)  # give back what a failed load holds
+            raise
+        self._warmup[(spec.model, spec.version)] = _Warmup(top, seconds)
+        return backend
+
+    async def _load_on_cpu(
+        self, spec: ModelVersion, path: Path, failure: tuple[str, str]
+    ) -> Backend:
+        backend = await self._load_on(replace(spec, device="cpu"), path)
+        self._note_fallback(spec, failure)
+        return backend
+
+    def _note_fallback(self, spec: ModelVersion, failure: tuple[str, str]) -> None:
+        kind, reason = failure
+        log.warning("%s/%s cannot run on CUDA (%s): serving it from CPU (cpu_fallback)",
+                    spec.model, spec.version, reason)
+        self._metrics.fell_back(spec.model, spec.version, kind)
+        self._fallbacks[(spec.model, spec.version)] = reason
+
+    async def _fall_back(
+        self, key: tuple[str, str], backend: Backend, exc: Exception
+    ) -> Backend | None:
+        """The backend to run a batch on again after `backend` raised `exc` on it: the CPU
+        one when that was CUDA failing and the version may fall back (one move however many
+        batches fail at once), None when the error stands."""
+        current = self._backends.get(key)
+        if current is not None and current is not backend:
+            return current  # another batch's failure moved it already
+        spec = self._specs.get(key)
+        failure = cuda_failure(exc) if backend.device.startswith("cuda") else None
+        if spec is None or failure is None or not spec.cpu_fallback:
+            return None
+        task = self._moving.get(key)
+        if task is None:
+            task = asyncio.create_task(self._move(spec, backend, failure), name=f"to-cpu-{key}")
+            self._moving[key] = task
+        return await asyncio.shield(task)
+
+    async def _move(
+        self, spec: ModelVersion, old: Backend, failure: tuple[str, str]
+    ) -> Backend:
+        key = (spec.model, spec.version)
+        try:
+            path = await self._artifacts.fetch(spec)
+            backend = await self._load_on_cpu(spec, path, failure)
+            self._backends[key] = backend
+            self._metrics.serving_on(*key, backend.device)
+            # In the inference thread, after any batch already queued on the old backend.
+            await asyncio.get_running_loop().run_in_executor(self._executor, old.unload)
+        finally:
+            self._moving.pop(key, None)
+        self._notify()
+        return backend
 
     def _rewarm_if_bigger(self, spec: ModelVersion) -> None:
         """A version's max_batch_size grew (the registry changed its queue policy): sweep the
@@ -202,15 +294,16 @@ class Worker:
         return result
 
     async def _run_batch(self, batch: Batch, deadline: float | None) -> BatchResult:
-        backend = self._backends.get((batch.model, batch.version))
+        key = (batch.model, batch.version)
+        backend = self._backends.get(key)
         if backend is None:
-            raise Unavailable(f"{batch.model}/{batch.version} is not loaded on this worker")
+            refusal = self._refusals.get(key)
+            raise Unavailable(f"{batch.model}/{batch.version} is not loaded on this worker"
+                              + (f": {refusal}" if refusal else ""))
         inputs = {tensor.name: tensor.array() for tensor in batch.inputs}
         started = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _run_if_due, backend, inputs, deadline
-            )
+            backend, outputs = await self._execute(key, backend, inputs, deadline)
         except _Expired:
             self._metrics.expired(batch)
             raise DeadlineExceeded(
@@ -226,9 +319,31 @@ class Worker:
             device=backend.device,
         )
 
+    async def _execute(
+        self, key: tuple[str, str], backend: Backend, inputs: dict[str, Any],
+        deadline: float | None,
+    ) -> tuple[Backend, dict[str, Any]]:
+        """Run a batch in the inference thread; a CUDA failure that moves the version to CPU
+        runs it again there. Returns the backend that ran it, and the outputs."""
+        loop = asyncio.get_running_loop()
+        try:
+            return backend, await loop.run_in_executor(
+                self._executor, _run_if_due, backend, inputs, deadline
+            )
+        except _Expired:
+            raise
+        except Exception as exc:
+            moved = await self._fall_back(key, backend, exc)
+            if moved is None:
+                raise
+        return moved, await loop.run_in_executor(
+            self._executor, _run_if_due, moved, inputs, deadline
+        )
+
     async def aclose(self) -> None:
         """Stop loading, unload every version, stop the inference thread."""
-        for task in [*self._loading.values(), *self._rewarming.values()]:
+        tasks = [*self._loading.values(), *self._rewarming.values(), *self._moving.values()]
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -259,6 +374,13 @@ class _Warmup:
 
     max_batch_size: int
     seconds: Mapping[int, float]
+
+
+def _refusal(spec: ModelVersion, reason: str) -> str:
+    """Why a version that may not leave CUDA is not served: its policy and the failure."""
+    return (f"{spec.model}/{spec.version} cannot run on CUDA ({reason}) and may not fall back "
+            f"to CPU: device policy '{spec.device}' with cpu_fallback false; register a version "
+            "with cpu_fallback true to serve it from CPU")
 
 
 def _batch_error(batch: Batch, exc: Exception) -> InternalError | InvalidInput:

@@ -8,7 +8,7 @@ same value as `infermesh_worker_compute_seconds`, labelled like the batcher's
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.mesh.domain.types import Batch
 from services.mesh.infra.instruments import deadline_exceeded
@@ -63,7 +63,18 @@ class WorkerMetrics:
             "Time in the model's forward per batch (nv_inference_compute_infer_duration_us)",
             ["model", "version"], registry=self.registry, buckets=COMPUTE_BUCKETS,
         )
+        self.device_fallbacks = Counter(
+            "infermesh_worker_device_fallbacks",
+            "Versions moved from CUDA to CPU (cpu_fallback) by a CUDA failure, by its kind",
+            ["model", "version", "reason"], registry=self.registry,
+        )
+        self.device_in_use = Gauge(
+            "infermesh_worker_device",
+            "1 on the device each loaded version runs on (cpu after a fallback), else 0",
+            ["model", "version", "device"], registry=self.registry,
+        )
         self._children: dict[tuple[str, str, str], _VersionChildren] = {}
+        self._devices: dict[tuple[str, str], str] = {}
 
     def observe(self, batch: Batch, device: str, seconds: float) -> None:
         key = (batch.model, batch.version, device)
@@ -75,6 +86,19 @@ class WorkerMetrics:
         children.compute_infer.observe(seconds)
         children.requests.inc(len(batch.rows))
         children.rows.inc(sum(batch.rows))
+
+    def fell_back(self, model: str, version: str, reason: str) -> None:
+        """Count a move of (model, version) to CPU; `reason` is the failure's kind."""
+        self.device_fallbacks.labels(model, version, reason).inc()
+
+    def serving_on(self, model: str, version: str, device: str | None) -> None:
+        """(model, version) now runs on `device` (None: unloaded)."""
+        previous = self._devices.pop((model, version), None)
+        if previous is not None:
+            self.device_in_use.labels(model, version, previous).set(0)
+        if device is not None:
+            self._devices[(model, version)] = device
+            self.device_in_use.labels(model, version, device).set(1)
 
     def expired(self, batch: Batch) -> None:
         """Count a batch dropped unrun, and its members, as deadline misses."""

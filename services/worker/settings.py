@@ -22,6 +22,13 @@ class WorkerSettings(ServiceSettings):
     (`http(s)://host:port`, whose artifacts are `{base}/v1/artifacts/{sha256}`) or `file:///`
     directories. A record naming any other URI is refused. Empty means the local registry,
     `http://{host}:{registry_port}`."""
+    triton_urls: tuple[str, ...] = ()
+    """Triton servers this worker may forward batches to (comma-separated gRPC endpoints,
+    `host:port` or `grpc://host:port`). A `triton` version naming any other server is refused;
+    empty: no `triton` version loads here."""
+    triton_timeout: float = 30.0
+    """Most seconds one call to a Triton server may take (a batch, or a check while loading);
+    a version's `default_timeout_ms`, when smaller, bounds its batches instead."""
     registry_port: int = 8200
     """The local registry's port (`INFERMESH_REGISTRY_PORT`, which the launcher sets)."""
 

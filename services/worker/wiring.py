@@ -46,6 +46,7 @@ async def build_worker(
     session: aiohttp.ClientSession, publish_models: Callable[[list[str]], None],
     registry: CollectorRegistry | None = None,
     publish_warmup: Callable[[dict[str, dict[str, float]]], None] | None = None,
+    publish_fallbacks: Callable[[dict[str, str]], None] | None = None,
 ) -> WorkerService:
     """The worker per `settings`, downloading artifacts with `session`, its metrics in
     `registry` (its own when None); started, and closed through `stack`.
@@ -53,18 +54,23 @@ async def build_worker(
     `publish_models(ready)` is called with the ready `model/version`s whenever they change,
     from the first load on (to update this worker's endpoint record); `publish_warmup` just
     before it, with the warm-up timings (`Worker.warmup_records`), so a batcher that sees a
-    version ready sees its timings too.
+    version ready sees its timings too. `publish_fallbacks` likewise, with the versions
+    serving from CPU because CUDA failed them (`Worker.fallbacks`).
     """
     metrics = WorkerMetrics(registry)
     core = Worker(
         catalog, models=settings.models,
         artifacts=ArtifactCache(session, Path(settings.cache_dir), stores=settings.stores),
-        backend_factory=backend_factory(settings.threads), metrics=metrics,
+        backend_factory=backend_factory(settings.threads, triton_urls=settings.triton_urls,
+                                        triton_timeout=settings.triton_timeout),
+        metrics=metrics,
     )
 
     def publish() -> None:
         if publish_warmup is not None:
             publish_warmup(core.warmup_records())
+        if publish_fallbacks is not None:
+            publish_fallbacks(core.fallbacks())
         publish_models(core.ready_versions())
 
     core.subscribe(publish)

@@ -17,23 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from services.mesh.domain.datatypes import DATATYPES as DATATYPES
+from services.mesh.domain.datatypes import DTYPES as DTYPES
 from services.mesh.domain.errors import InvalidInput
 
-DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype("bool"),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-DATATYPES = (*DTYPES, "BYTES")
 _OIP_OF_KIND = {(dt.kind, dt.itemsize): name for name, dt in DTYPES.items()}
 # The Python types JSON elements may have, by numpy kind; anything else takes the slow path.
 _JSON_TYPES: dict[str, frozenset[type]] = {

@@ -195,6 +195,34 @@ def check_artifact_uri(uri: Any, *, sha256: str, stores: Iterable[str]) -> str:
     )
 
 
+def check_triton_server(server: Any, *, allowed: Iterable[str], field: str = "url") -> str:
+    """`server` as `host:port` if it names (as `host:port` or `grpc://host:port`) one of the
+    `allowed` Triton gRPC endpoints (same forms): a version's record must not send the worker's
+    batches to any other host. Anything else is InvalidInput naming `field`."""
+    wanted = _triton_endpoint(server, field=field)
+    if wanted not in {_triton_endpoint(url, field="triton_urls") for url in allowed}:
+        raise InvalidInput(
+            f"{field}: Triton server {wanted!r} is not one of the configured Triton servers "
+            f"({', '.join(allowed) or 'none configured: set triton_urls'})"
+        )
+    return wanted
+
+
+def _triton_endpoint(server: Any, *, field: str) -> str:
+    if not isinstance(server, str) or not server.isprintable():
+        raise InvalidInput(f"{field}: must be a string host:port")
+    parts = urlsplit(server if server.startswith("grpc://") else f"grpc://{server}")
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not a number
+        port = None
+    if (not parts.hostname or port is None or parts.path or parts.query or parts.fragment
+            or parts.username is not None):
+        raise InvalidInput(f"{field}: {server[:200]!r} must be host:port or grpc://host:port")
+    host = parts.hostname
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _in_store(uri: SplitResult, sha256: str, store: SplitResult) -> bool:
     if uri.scheme != store.scheme or uri.query or uri.fragment:
         return False

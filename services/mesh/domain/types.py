@@ -11,7 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.mesh.domain.caching import CachePolicy
 from services.mesh.domain.errors import InvalidInput
+from services.mesh.domain.features import FeatureSpec, feature_spec_of
 from services.mesh.domain.tensors import DATATYPES, Tensor
 
 LANES = ("realtime", "bulk", "shadow")
@@ -87,6 +89,8 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    feature: FeatureSpec | None = None
+    """For an input the router may fill from the online feature store (`domain.features`)."""
 
     @classmethod
     def from_json(cls, raw: Any, *, where: str) -> TensorSpec:
@@ -101,10 +105,15 @@ class TensorSpec:
             isinstance(d, int) and d >= -1 for d in shape
         ):
             raise InvalidInput(f"{where} '{name}': 'shape' must be a list of ints >= -1")
-        return cls(name, datatype, tuple(shape))
+        feature = None
+        if raw.get("feature") is not None:
+            feature = feature_spec_of(raw["feature"], datatype, tuple(shape),
+                                      where=f"{where} '{name}'")
+        return cls(name, datatype, tuple(shape), feature)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        spec = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        return spec if self.feature is None else {**spec, "feature": self.feature.to_json()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,12 +238,25 @@ class ModelVersion:
     device: str = "auto"
     platform: str = "pytorch_torchscript"
     state: str = "ready"
+    cpu_fallback: bool = False
+    """Whether a CUDA failure (no device, out of memory, device lost) may move the version to
+    CPU, with degraded latency; fixed at registration."""
     prediction_log: str = "digest"
     """How predictions of this version are logged: one of `PREDICTION_LOG_POLICIES`."""
     autoscaling: Mapping[str, Any] | None = None
     """The autoscaler's block (`services.mesh.domain.autoscaling`), with `min_replicas` and
     `max_replicas` filled in; None: the version is not autoscaled (a fixed fleet). Like the
     batching policy, it may change after registration."""
+    derived_from: Mapping[str, Any] | None = None
+    """For a version the registry derived from another one (int8 from fp32): `{version,
+    mode}`; None for an uploaded version."""
+    quantization: Mapping[str, Any] | None = None
+    """What the registry measured before publishing a derived version: speed-ups at batch 32
+    and 1, max/mean absolute error per output against the source (`services.registry.
+    quantize`)."""
+    cache: CachePolicy | None = None
+    """The router's prediction cache policy (`services.mesh.domain.caching`); None: answers
+    of this version are never cached. May change after registration."""
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> ModelVersion:
@@ -242,6 +264,9 @@ class ModelVersion:
         if device not in DEVICE_POLICIES:
             raise InvalidInput(f"device: must be one of {', '.join(DEVICE_POLICIES)}")
         prediction_log, scaling = raw.get("prediction_log", "digest"), raw.get("autoscaling")
+        cpu_fallback = raw.get("cpu_fallback", False)
+        if not isinstance(cpu_fallback, bool):
+            raise InvalidInput("cpu_fallback: must be true or false")
         if prediction_log not in PREDICTION_LOG_POLICIES:
             raise InvalidInput(
                 f"prediction_log: must be one of {', '.join(PREDICTION_LOG_POLICIES)}"
@@ -256,8 +281,12 @@ class ModelVersion:
             device=device,
             platform=str(raw.get("platform", "pytorch_torchscript")),
             state=str(raw.get("state", "ready")),
+            cpu_fallback=cpu_fallback,
             prediction_log=prediction_log,
             autoscaling=scaling if isinstance(scaling, Mapping) else None,
+            derived_from=_mapping_or_none(raw.get("derived_from")),
+            quantization=_mapping_or_none(raw.get("quantization")),
+            cache=None if raw.get("cache") is None else CachePolicy.from_json(raw["cache"]),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -269,10 +298,15 @@ class ModelVersion:
             "sha256": self.sha256,
             "batching": self.batching.to_json(),
             "device": self.device,
+            "cpu_fallback": self.cpu_fallback,
             "platform": self.platform,
             "state": self.state,
             "prediction_log": self.prediction_log,
             **self._scaling_json(),
+            **{key: dict(value) for key, value in (("derived_from", self.derived_from),
+                                                   ("quantization", self.quantization))
+               if value is not None},
+            **({"cache": self.cache.to_json()} if self.cache is not None else {}),
         }
 
     def _scaling_json(self) -> dict[str, Any]:
@@ -283,6 +317,10 @@ class ModelVersion:
         bounds = {"min": scaling.get("min_replicas"), "max": scaling.get("max_replicas")}
         return {"autoscaling": scaling,
                 "replicas": {k: v for k, v in bounds.items() if v is not None}}
+
+
+def _mapping_or_none(value: Any) -> Mapping[str, Any] | None:
+    return value if isinstance(value, Mapping) else None
 
 
 @dataclass(frozen=True, slots=True)

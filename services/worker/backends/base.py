@@ -15,6 +15,7 @@ Errors::
 
     BackendError            the model could not be loaded or run
      ├── DeviceUnavailable  the device policy asks for hardware this host lacks
+     │                      (:func:`cuda_failure` tells CUDA's own failures from the model's)
      └── ModelCallFailed    the model itself raised on a batch (message sanitised)
           └── InputRejected the model raised because of the batch's input (an index out of range)
 
@@ -86,6 +87,33 @@ def sanitised_reason(exc: BaseException) -> str:
     if not _ERROR_NAME.match(line):
         line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
     return line[:_MAX_REASON]
+
+
+# What CUDA says when it, not the model, failed: out of memory, a lost or absent device, a
+# driver or library error. Checked only on a version whose device is CUDA.
+_CUDA_OOM = re.compile(r"(CUDA|GPU|device)\b.*out of memory|out of memory.*\b(CUDA|GPU|device)",
+                       re.IGNORECASE)
+_CUDA_FAULTS = re.compile(
+    r"CUDA error|CUDA driver|no CUDA GPUs|NVIDIA driver|CUDNN_STATUS|CUBLAS_STATUS|cudaError"
+    r"|device-side assert|device not ready|unspecified launch failure",
+)
+
+
+def cuda_failure(exc: BaseException) -> tuple[str, str] | None:
+    """``(kind, reason)`` when `exc` (or an exception it chains) is CUDA failing rather than
+    the model: kind ``cuda_unavailable`` (:class:`DeviceUnavailable`), ``cuda_oom`` or
+    ``cuda_error``, reason one sanitised line; None for any other error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DeviceUnavailable):
+            return "cuda_unavailable", str(seen)[:_MAX_REASON]
+        text = str(seen)
+        if type(seen).__name__ == "OutOfMemoryError" or _CUDA_OOM.search(text):
+            return "cuda_oom", sanitised_reason(seen)
+        if _CUDA_FAULTS.search(text):
+            return "cuda_error", sanitised_reason(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class Backend(Protocol):

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from services.mesh.domain.datatypes import DTYPES
 from services.worker.backends.base import (
     BackendError,
     model_call_failed,
@@ -39,17 +40,18 @@ _DEFAULT_THREADS = torch.get_num_threads()
 _calling_thread = threading.local()
 """The intra-op thread count last set in each thread (`torch.set_num_threads` is per thread)."""
 
-# OIP datatype -> (numpy dtype, torch dtype). BYTES has no tensor form, so it is absent.
-_TORCH_DTYPES: dict[str, tuple[np.dtype[Any], torch.dtype]] = {
-    "BOOL": (np.dtype(np.bool_), torch.bool),
-    "UINT8": (np.dtype(np.uint8), torch.uint8),
-    "INT8": (np.dtype(np.int8), torch.int8),
-    "INT16": (np.dtype(np.int16), torch.int16),
-    "INT32": (np.dtype(np.int32), torch.int32),
-    "INT64": (np.dtype(np.int64), torch.int64),
-    "FP16": (np.dtype(np.float16), torch.float16),
-    "FP32": (np.dtype(np.float32), torch.float32),
-    "FP64": (np.dtype(np.float64), torch.float64),
+# OIP datatype -> torch dtype; numpy's come from the project's one table (`DTYPES`). BYTES has
+# no tensor form, so it is absent.
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "FP16": torch.float16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
 }
 
 
@@ -70,7 +72,7 @@ class _TensorSpec:
             raise BackendError(f"tensor {name!r}: datatype {datatype!r} is not supported")
         if not shape or any(not isinstance(d, int) or d < -1 or d == 0 for d in shape):
             raise BackendError(f"tensor {name!r}: bad shape {list(shape)}")
-        return cls(name, datatype, _TORCH_DTYPES[datatype][0], shape)
+        return cls(name, datatype, DTYPES[datatype], shape)
 
     def dummy(self, batch_size: int) -> npt.NDArray[Any]:
         """Zeros shaped like this tensor, with ``batch_size`` rows and dynamic dims set to 1."""
