@@ -51,7 +51,7 @@ POLICIES = (
 CORE_SIDE = {
     "gateway": ("access", "auth", "quotas", "validation", "metrics", "settings", "sticky",
                 "overload"),
-    "router": ("policy", "shadow", "metrics", "settings", "compare"),
+    "router": ("policy", "shadow", "metrics", "settings", "compare", "cache"),
     "batcher": ("policy", "fairness", "lanes", "batches", "metrics", "tenants", "workers",
                 "settings", "bisection", "latency", "admission", "dispatch", "deadlines",
                 "coldstart"),

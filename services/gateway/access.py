@@ -72,6 +72,20 @@ class Access:
             return ANONYMOUS
         return self._auth.authenticate(presented_key(header))
 
+    def tenant(self, name: str, model: str) -> Tenant | AuthFailure:
+        """Tenant `name` as it is now, if it still exists, is enabled and may use `model`
+        (for work a key submitted earlier, such as a job's rows); else why not."""
+        if self._auth is None:
+            return ANONYMOUS
+        tenant = self._auth.tenant(name)
+        if tenant is None:
+            return AuthFailure("invalid", f"tenant '{name}' no longer exists")
+        if tenant.disabled:
+            return AuthFailure("disabled", f"tenant '{name}' is disabled")
+        if not tenant.allows(model):
+            return AuthFailure("forbidden_model", f"tenant '{name}' may not use model '{model}'")
+        return tenant
+
     def admit(self, tenant: Tenant, model: str) -> Permit | Rejection:
         """Take one request's quota, or say which limit refuses it (taking nothing)."""
         cap = self._model_caps.get(model, self._default_model_cap)

@@ -11,8 +11,12 @@ from aiohttp import web
 
 from services.gateway import binary, rest
 from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
+from services.gateway.feature_routes import add_feature_routes
+from services.gateway.features import FeatureWriter
 from services.gateway.feedback import FeedbackRecorder
 from services.gateway.feedback_routes import add_feedback_route
+from services.gateway.jobs import JobService
+from services.gateway.jobs_routes import add_job_routes
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.openapi import add_openapi_route
 from services.gateway.validation import max_body_bytes
@@ -149,7 +153,8 @@ def _infer_response(
 
 
 def create_app(
-    core: Gateway, *, max_body_bytes: int = 64 << 20, feedback: FeedbackRecorder | None = None
+    core: Gateway, *, max_body_bytes: int = 64 << 20, feedback: FeedbackRecorder | None = None,
+    features: FeatureWriter | None = None, jobs: JobService | None = None,
 ) -> web.Application:
     """The OIP v2 REST application over a gateway core; /metrics serves the core's registry.
 
@@ -170,5 +175,9 @@ def create_app(
         app.router.add_post(f"{base}/infer", infer)
     if feedback is not None:
         add_feedback_route(app, feedback)
+    if features is not None:  # PUT /v1/features/..., POST /v1/features/{type}:bulk
+        add_feature_routes(app, features)
+    if jobs is not None:  # POST /v1/jobs, GET|DELETE /v1/jobs/{id}, GET .../result
+        add_job_routes(app, jobs)
     add_openapi_route(app)
     return app

@@ -159,7 +159,11 @@ class Gateway:
         Use the result as `with admission:` around decoding and `infer`; raises
         Unauthenticated, PermissionDenied, NotFound or QuotaExceeded (with retry_after).
         """
-        tenant = self.authorize(model, header)
+        return self.admit_tenant(self.authorize(model, header), model, version)
+
+    def admit_tenant(self, tenant: Tenant, model: str, version: str | None) -> Admission:
+        """`admit` for a tenant already authorized for `model` (the job runner's way in: it
+        holds no key, only the tenant a key submitted the job as); NotFound or QuotaExceeded."""
         try:
             spec = self._catalog.resolve(model, version)
         except InfermeshError as exc:

@@ -188,13 +188,13 @@ def encode_infer_parts(
 
 _SERVED_PARAMETERS = (
     ("bucket", "Infermesh-Bucket"), ("rollout_epoch", "Infermesh-Rollout-Epoch"),
-    ("trace_id", "Infermesh-Trace-Id"),
+    ("trace_id", "Infermesh-Trace-Id"), ("cache", "Infermesh-Cache"),
 )
 
 
 def add_served_headers(headers: dict[str, str], response: InferResponse) -> None:
-    """Name the version that served, its bucket, rollout epoch, trace and fallback in
-    `headers`."""
+    """Name the version that served, its bucket, rollout epoch, trace, fallback and how the
+    prediction cache served it (`hit`, `miss`, `coalesced`) in `headers`."""
     headers["Infermesh-Model-Version"] = response.version
     parameters = response.parameters
     if not parameters:

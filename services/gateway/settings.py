@@ -40,3 +40,16 @@ class GatewaySettings(ServiceSettings):
     database_timeout: float = 2.0
     """Seconds a feedback post waits for a Postgres connection, and then for its write, before
     answering 503 with Retry-After."""
+    job_retention_s: float = 7 * 86400.0
+    """Seconds a finished job (status and results) is kept before the job runner's sweep
+    deletes it."""
+    job_runner: bool = True
+    """Run async jobs (`/v1/jobs`) in this gateway; needs `database_url`. Off: this gateway
+    still takes and shows jobs, and other replicas run them."""
+    job_concurrency: int = 64
+    """Rows of a job in flight at once on this gateway (each one inference request)."""
+    job_lease_s: float = 30.0
+    """Seconds a runner's claim on a job lasts unless renewed: how soon another gateway
+    takes over the job of one that died."""
+    job_max_rows: int = 100_000
+    """Most rows (inference requests) in one job; the body is bounded by `max_body_bytes`."""

@@ -89,7 +89,7 @@ def validate_request(request: InferRequest, signature: Signature, *, max_rows: i
         _check_spec(tensor.name, tensor.datatype, tensor.shape, spec)
         _check_not_empty(tensor.name, tensor.shape)
         tensor.check_size()
-    missing = sorted(set(declared) - seen)
+    missing = sorted(name for name in set(declared) - seen if declared[name].feature is None)
     if missing:
         raise InvalidInput(f"missing input '{missing[0]}' for model '{request.model}'")
     _check_rows(request, max_rows=max_rows)

@@ -13,13 +13,17 @@ from prometheus_client import CollectorRegistry
 from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
+from services.gateway.feature_store import open_feature_writes
+from services.gateway.features import FeatureWriter
 from services.gateway.feedback import FeedbackRecorder
 from services.gateway.feedback_store import open_feedback_store
 from services.gateway.grpc_app import create_grpc_server
+from services.gateway.jobs_wiring import open_jobs
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.hops import InferTarget
+from services.webhooks.dispatcher import config_allowlists, open_dispatcher
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +58,20 @@ async def build_gateway(
         open_feedback_store(settings.database_url, timeout=settings.database_timeout)
     )
     feedback = FeedbackRecorder(access, store, metrics=core.metrics)
+    feature_writes = await stack.enter_async_context(
+        open_feature_writes(settings.database_url, timeout=settings.database_timeout)
+    )
+    features = FeatureWriter(access, feature_writes, metrics=core.metrics)
     grpc_server, grpc_port = create_grpc_server(
         core, host=settings.host, port=settings.grpc_port,
         compression=settings.grpc_compression, max_message_bytes=settings.max_body_bytes,
     )
     await grpc_server.start()
     stack.push_async_callback(grpc_server.stop, grace=settings.drain_timeout)
-    app = create_app(core, max_body_bytes=settings.max_body_bytes, feedback=feedback)
+    jobs = await open_jobs(settings, stack, core=core, access=access)
+    if settings.database_url and settings.job_runner:  # jobs' webhooks go out from here
+        await stack.enter_async_context(open_dispatcher(
+            settings.database_url, allowlists=config_allowlists(catalog.config)))
+    app = create_app(core, max_body_bytes=settings.max_body_bytes, feedback=feedback,
+                     features=features, jobs=jobs)
     return GatewayService(core, app, f"{settings.host}:{grpc_port}")

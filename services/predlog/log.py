@@ -125,6 +125,7 @@ class PredictionLog:
                 response.version, response.parameters.get("bucket"), shadow, latency * 1000.0,
                 request.trace.get("traceparent"), policy,
                 request.inputs if kept else (), response.outputs if kept else (),
+                response.parameters.get("features"), response.parameters.get("cache"),
             )
         except Exception:  # a malformed request must not fail its answer
             self.metrics.dropped("error")

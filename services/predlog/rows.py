@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -42,15 +42,15 @@ from services.mesh.domain.tracing import parse_traceparent
 
 COLUMNS = (
     "ts", "request_id", "tenant", "model", "version", "bucket", "shadow", "latency_ms",
-    "trace_id", "label", "inputs", "outputs",
+    "trace_id", "label", "inputs", "outputs", "features", "cache",
 )
 """The `predictions` columns, in table order (the staging table is `LIKE predictions`)."""
 
 Row = tuple[
     datetime, str, str, str, str, int | None, bool, float, str | None, str | None, str | None,
-    str | None,
+    str | None, str | None, str | None,
 ]
-"""One table row; inputs and outputs are JSON text."""
+"""One table row; inputs, outputs and features are JSON text."""
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -83,6 +83,10 @@ class PredictionRecord(NamedTuple):
     policy: str
     inputs: Sequence[Tensor]
     outputs: Sequence[Tensor]
+    features: Mapping[str, str] | None = None
+    """{feature name: status} of the features the router filled (`domain.features`)."""
+    cache: str | None = None
+    """How the prediction cache served it (`hit`, `miss`, `coalesced`); None: not cached."""
 
     @property
     def tensor_bytes(self) -> int:
@@ -108,8 +112,15 @@ def to_row(record: PredictionRecord) -> Row:
         _key(record.version), bucket, record.shadow, float(record.latency_ms),
         trace_id_of(record.traceparent),
         None if label is None else _bounded(label, MAX_LABEL_CHARS),
-        inputs, outputs,
+        inputs, outputs, _features_json(record.features),
+        None if record.cache is None else _bounded(_clean(str(record.cache)), 16),
     )
+
+
+def _features_json(features: Mapping[str, str] | None) -> str | None:
+    if not isinstance(features, Mapping):
+        return None
+    return orjson.dumps({_clean(str(k)): _clean(str(v)) for k, v in features.items()}).decode()
 
 
 def _key(text: str) -> str:
@@ -226,6 +237,8 @@ def decode_row(line: bytes) -> Row:
         fields = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc}") from None
+    while isinstance(fields, list) and len(COLUMNS) - 2 <= len(fields) < len(COLUMNS):
+        fields.append(None)  # spilled before the features (and cache) columns existed
     if not isinstance(fields, list) or len(fields) != len(COLUMNS) or type(fields[0]) is not int:
         raise ValueError("not a prediction row")
     ts = EPOCH + timedelta(microseconds=fields[0])

@@ -10,11 +10,13 @@ from collections.abc import Awaitable
 from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.errors import DeadlineExceeded, InfermeshError, Unavailable
+from services.mesh.domain.features import FeatureFiller
 from services.mesh.domain.hops import InferTarget
 from services.mesh.domain.predictions import PredictionRecorder, policy_of
 from services.mesh.domain.signatures import request_misfit, require_fit
 from services.mesh.domain.types import InferRequest, InferResponse, Rollout
-from services.router.metrics import RouterMetrics, VersionStats
+from services.router.cache import PredictionCache
+from services.router.metrics import CacheMetrics, RouterMetrics, VersionStats
 from services.router.policy import Choice, choose_version
 from services.router.shadow import ShadowMirror
 
@@ -22,17 +24,21 @@ from services.router.shadow import ShadowMirror
 class Router:
     """Chooses a version from the rollout record (unless pinned) and forwards to a batcher.
 
-    Requests routed by the rollout are mirrored to its shadow versions after they are served
-    (see `shadow`); every primary request is counted and timed in `metrics`. Successful
-    answers, primary and shadow, go to `prediction_log` when there is one (the caller owns it).
+    With `features`, inputs the version fills from the online store are added once the version
+    is chosen (`services.router.features`). Requests routed by the rollout are mirrored to its
+    shadow versions after they are served (see `shadow`); every primary request is counted and
+    timed in `metrics`. Successful answers, primary and shadow, go to `prediction_log` when
+    there is one (the caller owns it).
     """
 
     def __init__(
         self, catalog: ModelCatalog, batcher: InferTarget, *,
         metrics: RouterMetrics | None = None, shadow_max_inflight: int = 64,
-        prediction_log: PredictionRecorder | None = None,
+        prediction_log: PredictionRecorder | None = None, features: FeatureFiller | None = None,
+        cache: PredictionCache | None = None,
     ) -> None:
         self._catalog = catalog
+        self._features = features
         self._batcher = batcher
         self.metrics = metrics or RouterMetrics()
         self._predictions = prediction_log
@@ -40,6 +46,8 @@ class Router:
             catalog, batcher, self.metrics, max_inflight=shadow_max_inflight,
             prediction_log=prediction_log,
         )
+        self.cache = cache or PredictionCache(catalog, CacheMetrics(self.metrics.registry))
+        """Answers of versions whose record opts in (services/router/cache.py)."""
         self._closed = False
 
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -69,6 +77,12 @@ class Router:
             self.metrics.unrouted(request.model, exc, time.perf_counter() - started)
             raise
         version = str(request.version)
+        try:  # the version's feature inputs the caller did not send, from the online store
+            filled = None if self._features is None else await self._features.fill(
+                request, self._catalog.version(request.model, version))
+        except InfermeshError as exc:
+            self.metrics.unrouted(request.model, exc, time.perf_counter() - started)
+            raise
         request.trace = span.carrier()
         stats = self.metrics.version(request.model, version)
         try:
@@ -82,6 +96,10 @@ class Router:
         if response.version != version:
             stats = self.metrics.version(request.model, response.version)
         stats.succeeded(time.perf_counter() - started)
+        if filled is not None:  # statuses in the answer and, from there, in the prediction log
+            response.parameters["features"] = filled.statuses
+            if filled.degraded:
+                response.parameters["degraded"] = True
         if self._predictions is not None:
             durable = self._log_prediction(self._predictions, request, response, started)
             if durable is not None:
@@ -123,7 +141,7 @@ class Router:
         try:
             if request.deadline is not None and time.time() >= request.deadline:
                 raise DeadlineExceeded("deadline exceeded before the router forwarded it")
-            return await self._batcher.infer(request)
+            return await self.cache.serve(request, self._batcher.infer)
         except asyncio.CancelledError:
             raise  # the caller left: not the version's failure (the rollout guard reads these)
         except BaseException as exc:
@@ -188,3 +206,4 @@ class Router:
         """Refuse new requests; cancel the shadow mirrors in flight and wait for them."""
         self._closed = True
         await self._mirror.aclose()
+        await self.cache.aclose()

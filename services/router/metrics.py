@@ -7,7 +7,7 @@ per (model, version) and cached, so a request costs a dict lookup rather than `.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.mesh.domain.errors import InvalidInput, NotFound
 from services.mesh.infra.instruments import deadline_exceeded
@@ -161,3 +161,31 @@ class RouterMetrics:
         if stats is None:
             stats = self._comparisons[key] = ComparisonStats(self, *key)
         return stats
+
+
+class CacheMetrics:
+    """The prediction cache's instruments, named after Triton's response cache
+    (`nv_cache_num_hits_per_model`, `nv_cache_num_misses_per_model`) as the
+    `infermesh_inference_*` families are after `nv_inference_*`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model", "version"]
+        self.hits = Counter(
+            "infermesh_cache_num_hits_per_model",
+            "Requests answered without an execution of their own: from the cache, or by "
+            "joining an identical request in flight", labels, registry=registry,
+        )
+        self.misses = Counter(
+            "infermesh_cache_num_misses_per_model",
+            "Requests of a cached version that executed (one per distinct key in flight)",
+            labels, registry=registry,
+        )
+        self.evictions = Counter(
+            "infermesh_cache_evictions_total",
+            "Entries dropped, by reason (ttl, lru, rollout: the model's config changed)",
+            ["model", "reason"], registry=registry,
+        )
+        self.bytes = Gauge(
+            "infermesh_cache_bytes", "Bytes the cache holds (outputs plus a fixed overhead "
+            "per entry)", labels, registry=registry,
+        )

@@ -20,6 +20,11 @@ class RouterSettings(ServiceSettings):
     prediction_log_buffer: int = 10_000
     """Most prediction records waiting in memory; beyond it records are dropped and counted
     (`infermesh_prediction_log_dropped_total{reason="buffer_full"}`)."""
+    feature_timeout: float = 0.05
+    """Seconds a feature lookup waits for Postgres (`database_url`) before serving defaults
+    (`store_down`, response `degraded`); the store is then left alone for a second."""
+    feature_cache_ttl: float = 1.0
+    """Seconds a fetched feature (or its absence) is reused; never past its `max_age_s`."""
     prediction_log_spill_max_bytes: int = 1 << 30
     """Most bytes of spilled rows on disk per instance; beyond it rows are dropped and counted
     (`reason="spill_full"`)."""

@@ -16,6 +16,8 @@ from services.mesh.transport.auth import Credential
 from services.predlog.log import start_prediction_log
 from services.router.app import create_app
 from services.router.core import Router
+from services.router.feature_store import open_feature_rows
+from services.router.features import OnlineFeatures
 from services.router.metrics import RouterMetrics
 from services.router.settings import RouterSettings
 
@@ -54,9 +56,15 @@ async def build_router(
     )
     if predictions is not None:
         stack.push_async_callback(predictions.aclose)
+    features = None
+    if settings.database_url:  # the online feature store shares the prediction log's Postgres
+        rows = await stack.enter_async_context(open_feature_rows(settings.database_url))
+        features = OnlineFeatures(rows, timeout=settings.feature_timeout,
+                                  cache_ttl=settings.feature_cache_ttl)
+        stack.push_async_callback(features.aclose)
     core = Router(
         catalog, batcher, metrics=metrics, shadow_max_inflight=settings.shadow_max_inflight,
-        prediction_log=predictions,
+        prediction_log=predictions, features=features,
     )
     stack.push_async_callback(core.aclose)
     return RouterService(core, settings)

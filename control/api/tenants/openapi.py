@@ -99,6 +99,9 @@ _TENANT_FIELDS: dict[str, Any] = {
     "priority_class": {"enum": ["realtime", "bulk"], "default": "realtime"},
     "weight": {"type": "number", "exclusiveMinimum": 0, "maximum": 1_000, "default": 1},
     "disabled": {"type": "boolean", "default": False},
+    "webhook_allowlist": {"type": "array", "items": {"type": "string"}, "maxItems": 50,
+                          "description": "Hosts webhooks may target: exact hosts (which may be "
+                          "internal), '*.domain' or '*' (public addresses only)"},
 }
 _NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
 _TIME = {"type": "string", "format": "date-time"}

@@ -14,10 +14,11 @@ from typing import Any
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.tenancy import PRIORITY_CLASSES, ModelLimits, Tenant
 from services.registry.validation import check_name
+from services.webhooks.targets import parse_allowlist
 
 TENANT_FIELDS = (
     "name", "rate", "burst", "max_concurrency", "allowed_models", "priority_class", "weight",
-    "disabled",
+    "disabled", "webhook_allowlist",
 )
 ECHOED = ("created_at", "updated_at")
 """Fields of a GET that a GET-edit-PATCH round trip sends back; they are ignored."""
@@ -99,6 +100,8 @@ def _changed(tenant: Tenant, body: Mapping[str, Any], models: Collection[str]) -
         if not isinstance(body["disabled"], bool):
             raise InvalidInput("disabled: must be true or false")
         changes["disabled"] = body["disabled"]
+    if "webhook_allowlist" in body:
+        changes["webhook_allowlist"] = parse_allowlist(body["webhook_allowlist"])
     return dataclasses.replace(tenant, **changes)
 
 

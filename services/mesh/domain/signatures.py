@@ -89,8 +89,10 @@ def request_misfit(
                     f"takes {_dims(spec.shape)}")
     if len(request.inputs) != len(signature.inputs):
         given = {t.name for t in request.inputs}
-        missing = next(s.name for s in signature.inputs if s.name not in given)
-        return f"input '{missing}' is required by {version_name}"
+        missing = next((s.name for s in signature.inputs
+                        if s.name not in given and s.feature is None), None)
+        if missing is not None:  # an input naming features is the router's to fill
+            return f"input '{missing}' is required by {version_name}"
     for wanted in request.outputs or ():
         if _named(signature.outputs, wanted) is None:
             return f"output '{wanted}' is not an output of {version_name}"

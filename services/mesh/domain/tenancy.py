@@ -44,6 +44,9 @@ class Tenant:
     weight: float = 1.0
     """Share of a busy model's batch rows relative to other tenants (weighted fair queuing)."""
     disabled: bool = False
+    webhook_allowlist: tuple[str, ...] = ()
+    """Hosts the tenant's webhooks may target: exact hosts, `*.domain` suffixes, or `*`
+    (services/webhooks/targets.py); empty: no webhooks."""
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Tenant:
@@ -54,16 +57,20 @@ class Tenant:
             allowed_models=None if models is None else tuple(str(m) for m in models),
             priority_class=str(raw.get("priority_class", "realtime")),
             weight=float(raw.get("weight", 1.0)), disabled=bool(raw.get("disabled", False)),
+            webhook_allowlist=tuple(str(h) for h in raw.get("webhook_allowlist") or ()),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "name": self.name, "rate": self.rate, "burst": self.burst,
             "max_concurrency": self.max_concurrency,
             "allowed_models": None if self.allowed_models is None else list(self.allowed_models),
             "priority_class": self.priority_class, "weight": self.weight,
             "disabled": self.disabled,
         }
+        if self.webhook_allowlist:  # absent when empty: older records read the same
+            record["webhook_allowlist"] = list(self.webhook_allowlist)
+        return record
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models

@@ -1,0 +1,267 @@
+"""The job runner: a task in each gateway that claims jobs from the store and runs their rows
+through the gateway core, in the bulk lane, under the tenant's quotas.
+
+One job at a time per runner, its lease renewed every third of `lease_s`. A job's rows stream
+through `concurrency` workers: a feeder reads pending rows in index order, each worker runs one
+row at a time, and finished rows are written `chunk_rows` at a time (one transaction each,
+one at a time, so at most about two chunks and the rows in flight are lost by a crash, to be
+run again by whoever takes the job over). A lost lease (the job cancelled, or taken over after
+this runner stalled) stops the run without writing anything more.
+
+A row that fails on its own (bad data for the model, the model failing on it) stores its
+error and the job goes on; a row refused for load (quota, overload, deadline, no worker) is
+retried with backoff, and stored as failed after `max_attempts`. A job whose tenant or model
+is gone fails as a whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import orjson
+
+from services.gateway.access import Access
+from services.gateway.auth import AuthFailure
+from services.gateway.core import Gateway
+from services.gateway.jobs import ClaimedJob, JobStore, RowOutcome, error_output
+from services.gateway.rest import decode_infer, encode_infer
+from services.mesh.domain.errors import (
+    DeadlineExceeded,
+    InfermeshError,
+    NotFound,
+    Overloaded,
+    QuotaExceeded,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+BULK = "bulk"
+TRANSIENT = (Overloaded, Unavailable, DeadlineExceeded)
+"""Refusals for load, not for the row: retried (QuotaExceeded is an Overloaded)."""
+
+
+class JobFailed(Exception):
+    """The job as a whole cannot run (its tenant or model is gone)."""
+
+
+class LeaseLost(Exception):
+    """This runner no longer holds the job: it was cancelled or taken over."""
+
+
+class RowExecutor(Protocol):
+    async def run(self, job: ClaimedJob, idx: int, raw: bytes) -> RowOutcome:
+        """Run one row; its outcome, or JobFailed."""
+        ...
+
+
+class GatewayRows:
+    """Runs a job's rows as inference requests through the gateway core."""
+
+    def __init__(
+        self, core: Gateway, access: Access, *, max_attempts: int = 8,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._core = core
+        self._access = access
+        self._max_attempts = max_attempts
+        self._sleep = sleep
+
+    async def run(self, job: ClaimedJob, idx: int, raw: bytes) -> RowOutcome:
+        attempts = 0
+        while True:
+            try:
+                return RowOutcome(idx, "done", await self._once(job, idx, raw))
+            except QuotaExceeded as exc:  # the tenant's own pace: wait, however long
+                await self._sleep(_pause(exc, 1))
+            except TRANSIENT as exc:
+                attempts += 1
+                if attempts >= self._max_attempts:
+                    return RowOutcome(idx, "failed", error_output(exc))
+                await self._sleep(_pause(exc, attempts))
+            except NotFound as exc:
+                raise JobFailed(exc.message) from exc
+            except InfermeshError as exc:
+                return RowOutcome(idx, "failed", error_output(exc))
+
+    async def _once(self, job: ClaimedJob, idx: int, raw: bytes) -> bytes:
+        tenant = self._access.tenant(job.tenant, job.model)
+        if isinstance(tenant, AuthFailure):
+            raise JobFailed(tenant.message)
+        with self._core.admit_tenant(tenant, job.model, job.version) as admission:
+            admission.lane = BULK
+            request = decode_infer(orjson.loads(raw), model=job.model, version=job.version,
+                                   request_id=f"{job.id}-{idx}", spec=admission.spec)
+            response = await self._core.infer(request, admission=admission)
+        return encode_infer(response)
+
+
+def _pause(error: InfermeshError, attempts: int) -> float:
+    """Seconds before trying a refused row again: what the refusal asked, else backoff."""
+    if error.retry_after is not None:
+        return min(max(float(error.retry_after), 0.01), 30.0)
+    return min(0.05 * 2.0 ** attempts, 5.0)
+
+
+class JobRunner:
+    """Claims and runs jobs until closed. `start()` in the running loop, `aclose()` to stop."""
+
+    def __init__(
+        self, store: JobStore, rows: RowExecutor, *, runner_id: str | None = None,
+        lease_s: float = 30.0, concurrency: int = 64, chunk_rows: int = 256,
+        poll_s: float = 1.0, retention_s: float = 7 * 86400.0, sweep_every_s: float = 60.0,
+    ) -> None:
+        self.runner_id = runner_id or f"{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"
+        self._store = store
+        self._rows = rows
+        self._lease_s = lease_s
+        self._concurrency = concurrency
+        self._chunk_rows = chunk_rows
+        self._poll_s = poll_s
+        self._retention_s = retention_s
+        self._sweep_every_s = sweep_every_s
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        if self._closed or self._task is not None:
+            raise RuntimeError("a job runner starts once")
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name="job-runner")
+
+    def wake(self) -> None:
+        """Look for a job now (one was just submitted here)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_sweep, failures = loop.time(), 0
+        while True:
+            try:
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + self._sweep_every_s
+                    if swept := await self._store.sweep():
+                        log.info("deleted %d expired jobs", swept)
+                ran = await self.run_one()
+                failures = 0
+                if not ran:
+                    await self._idle(self._poll_s)
+            except Exception as exc:  # Postgres away, or a bug: said once, then backing off
+                if failures == 0:
+                    log.warning("job runner failed (%r); retrying with backoff", exc,
+                                exc_info=not isinstance(exc, Unavailable))
+                failures += 1
+                await self._idle(min(self._poll_s * 2.0 ** failures, 30.0))
+
+    async def _idle(self, seconds: float) -> None:
+        assert self._wake is not None, "started"
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def run_one(self) -> bool:
+        """Claim one runnable job and run it to its end or the loss of its lease; False when
+        there was none."""
+        job = await self._store.claim(self.runner_id, lease_s=self._lease_s)
+        if job is None:
+            return False
+        log.info("running job %s (%s, tenant %s)", job.id, job.model, job.tenant)
+        lease = asyncio.create_task(self._keep_lease(job))
+        try:
+            error = await _JobRun(self, job).run()
+        except LeaseLost:
+            log.info("job %s: lease lost (cancelled or taken over); stopping", job.id)
+            return True
+        finally:
+            lease.cancel()
+        if not await self._store.finish(job.id, self.runner_id, error=error,
+                                        retention_s=self._retention_s):
+            log.warning("job %s: rows still pending after a run; running them again", job.id)
+        return True
+
+    async def _keep_lease(self, job: ClaimedJob) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            try:
+                if not await self._store.renew(job.id, self.runner_id, lease_s=self._lease_s):
+                    return  # the next chunk's write finds out and stops the run
+            except Unavailable:
+                log.warning("job %s: cannot renew the lease now", job.id)
+
+
+class _JobRun:
+    """One run of one job: a feeder, `concurrency` workers, chunked writes."""
+
+    def __init__(self, runner: JobRunner, job: ClaimedJob) -> None:
+        self._runner, self._job = runner, job
+        self._queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(
+            maxsize=runner._chunk_rows)
+        self._finished: list[RowOutcome] = []
+        self._writing = asyncio.Lock()
+
+    async def run(self) -> str | None:
+        """Run every pending row; the job's error when it failed as a whole."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._feed())
+                for _ in range(self._runner._concurrency):
+                    group.create_task(self._work())
+        except* JobFailed as failed:
+            error: str | None = str(failed.exceptions[0])
+        except* LeaseLost as lost:
+            raise lost.exceptions[0] from None
+        else:
+            error = None
+        if error is not None:
+            return error
+        async with self._writing:
+            await self._write()
+        return None
+
+    async def _feed(self) -> None:
+        runner, after = self._runner, -1
+        while rows := await runner._store.pending(self._job.id, after=after,
+                                                  limit=runner._chunk_rows):
+            for row in rows:
+                await self._queue.put(row)
+            after = rows[-1][0]
+        for _ in range(runner._concurrency):
+            await self._queue.put(None)
+
+    async def _work(self) -> None:
+        chunk = self._runner._chunk_rows
+        while (row := await self._queue.get()) is not None:
+            outcome = await self._runner._rows.run(self._job, *row)
+            self._finished.append(outcome)  # after the await: a write may swap the list
+            # One write at a time; the rows behind it wait only when two chunks pile up.
+            if len(self._finished) >= chunk and (
+                not self._writing.locked() or len(self._finished) >= 2 * chunk
+            ):
+                async with self._writing:
+                    await self._write()
+
+    async def _write(self) -> None:
+        batch, self._finished = self._finished, []
+        if not batch:
+            return
+        runner = self._runner
+        if not await runner._store.complete(self._job.id, runner.runner_id, batch,
+                                            lease_s=runner._lease_s):
+            raise LeaseLost(self._job.id)

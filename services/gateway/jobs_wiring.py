@@ -1,0 +1,54 @@
+"""Building the gateway's async jobs from its settings: the store, the service behind
+`/v1/jobs`, and the runner task (see jobs.py for why jobs run inside the gateway)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from services.gateway.access import Access
+from services.gateway.core import Gateway
+from services.gateway.jobs import JobService
+from services.gateway.jobs_runner import GatewayRows, JobRunner
+from services.gateway.jobs_store import open_job_store
+from services.gateway.settings import GatewaySettings
+from services.mesh.domain.errors import InvalidInput
+from services.webhooks.outbox import enqueue
+from services.webhooks.signing import new_secret
+from services.webhooks.targets import check_target_async
+
+
+async def open_jobs(
+    settings: GatewaySettings, stack: contextlib.AsyncExitStack, *, core: Gateway,
+    access: Access,
+) -> JobService | None:
+    """The job service per `settings` (None without a database), its runner started when
+    `job_runner` is on; both closed through `stack` (the runner first, then the pool).
+    The job settings are checked first, database or not: a bad one fails at start."""
+    check_job_settings(settings)
+    if not settings.database_url:
+        return None
+    store = await stack.enter_async_context(open_job_store(settings.database_url, outbox=enqueue))
+    runner: JobRunner | None = None
+    if settings.job_runner:
+        runner = JobRunner(
+            store, GatewayRows(core, access), lease_s=settings.job_lease_s,
+            concurrency=settings.job_concurrency, retention_s=settings.job_retention_s,
+        )
+        runner.start()
+        stack.push_async_callback(runner.aclose)
+    return JobService(
+        core, access, store, max_rows=settings.job_max_rows,
+        retention_s=settings.job_retention_s, webhook_targets=check_target_async,
+        new_secret=new_secret,
+        on_submitted=runner.wake if runner is not None else None,
+    )
+
+
+def check_job_settings(settings: GatewaySettings) -> None:
+    """InvalidInput naming the first job setting out of its range."""
+    bounds = {"job_lease_s": settings.job_lease_s, "job_concurrency": settings.job_concurrency,
+              "job_retention_s": settings.job_retention_s, "job_max_rows": settings.job_max_rows}
+    for name, value in bounds.items():
+        if not value > 0:
+            raise InvalidInput(f"setting INFERMESH_GATEWAY_{name.upper()}: must be > 0, "
+                               f"not {value}")
