@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -132,9 +133,18 @@ def test_bad_input_unknown_models_and_timeouts_are_clear_errors(
     finally:
         served.unload()
     assert "/" not in str(bad.value).split("model 'mlp'")[0]  # one line, no paths
-    hurried = backend(mlp, triton.url, timeout=1e-6)
-    with pytest.raises(BackendError, match=f"Triton server {triton.url} did not answer within"):
-        hurried.load(reference(tmp_path, triton.url))
+
+    # A server that takes the connection and never speaks: the call can only end at its
+    # deadline. (A 1 µs deadline against the real server was not deterministic: under two CPU
+    # hogs one load went through.)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        mute = f"127.0.0.1:{silent.getsockname()[1]}"
+        hurried = TritonBackend(Signature.from_json(mlp.signature), triton_urls=(mute,),
+                                timeout=0.3)
+        with pytest.raises(BackendError, match=f"Triton server {mute} did not answer within"):
+            hurried.load(reference(tmp_path, mute))
 
 
 def test_a_server_that_is_down_is_a_clear_error(mlp: DemoModel, tmp_path: Path) -> None:
