@@ -284,9 +284,9 @@ async def test_a_burst_past_the_deadline_is_refused_at_once_not_answered_late(
     assert refused[len(refused) // 2] < deadline_s / 2, f"median refusal {refused}"
     # Not answered late: a 504 means an admitted request missed; the latency model and the
     # gateway's sojourn refuse most of those up front. The prediction is made before the
-    # burst runs, so a machine that stalls mid-burst turns admitted requests into 504s: on an
-    # idle machine none of 160 were in four runs, beside two CPU hogs (tests/README.md, "Under load") up to
-    # 21, the encoder's two intra-op threads falling far behind its warm-up timings. A quarter
-    # of the burst bounds that; the refusals above are the behaviour under test.
+    # burst runs, so a machine that stalls mid-burst turns admitted requests into 504s: none
+    # of 160 did in four idle runs; beside two CPU hogs (tests/README.md, "Under load") 21
+    # did once, the encoder's two intra-op threads falling far behind its warm-up timings. A
+    # quarter of the burst bounds that; the refusals above are the behaviour under test.
     assert len(by_status.get(504, [])) <= burst // 4, {s: len(t) for s, t in by_status.items()}
     assert by_status.get(200), "nothing admitted"
