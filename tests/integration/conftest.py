@@ -151,15 +151,3 @@ def mesh_on_session_deps(
         yield running
     finally:
         stop_and_check(running)
-
-
-@pytest.fixture(scope="module")
-def mesh(
-    local_etcd: LocalEtcd, local_postgres: LocalPostgres,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[RunningMesh]:
-    """The full mesh (separate processes) on the session's etcd and a fresh database, in dev
-    mode (auth off: these tests drive stock clients; the tenancy tests cover auth)."""
-    with mesh_on_session_deps("mesh", local_etcd, local_postgres, tmp_path_factory,
-                              INFERMESH_GATEWAY_AUTH="0") as running:
-        yield running
