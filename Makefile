@@ -2,7 +2,7 @@
 
 PY := .venv/bin/python
 ARGS ?=
-CPU_ARGS ?=
+CPU_ARGS ?= --protocols rest,grpc
 OPEN_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -23,6 +23,9 @@ bench: bootstrap
 	$(PY) -m bench.run_all $(ARGS)
 	$(PY) -m bench.cpu_per_request $(CPU_ARGS)
 	$(PY) -m bench.open_tails $(OPEN_ARGS)
+	$(PY) -m bench.features
+	$(PY) -m bench.cache
+	$(PY) -m bench.jobs
 
 clean:
 	rm -rf .infermesh

@@ -1,7 +1,7 @@
 """CPU time per request, per hop: the plain server, fused mode and the mesh, one after another.
 
     python -m bench.cpu_per_request [--requests 20000] [--concurrency 64]
-                                    [--systems plain,fused,mesh]
+                                    [--systems plain,fused,mesh] [--protocols rest,grpc]
 
 Each system runs alone, started as ``bench.run_all`` starts it (``bench.plain_server``;
 ``infermesh up`` and ``infermesh up --fused`` with their own etcd, Postgres and state dir, auth
@@ -19,6 +19,11 @@ their figures are idle costs spread over the requests. ``all processes`` sums ev
 the client. Ratios are to the plain server's figure of the same run. CPU time is counted in
 clock ticks (10 ms), so at 20,000 requests a hop's figure is good to a few µs. A process that
 exits during the run loses its CPU from the count; one that starts is counted from zero.
+
+``--protocols rest,grpc`` measures unary gRPC ``ModelInfer`` too, on the same running system
+right after its REST run (the plain server has no gRPC): h2load over h2c, ``--concurrency``
+streams as ``--grpc-connections`` connections of equal shares, the tensor in
+``raw_input_contents`` (see ``bench.grpc_load``); its column is ``<system> grpc``.
 """
 
 from __future__ import annotations
@@ -32,12 +37,13 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import proc_cpu
+from bench import grpc_load, proc_cpu
 from bench.cpu_report import CpuReport, SystemRun
 from bench.credentials import auth_headers, remember_key
 from bench.goodput import unlimited_tenant
@@ -50,6 +56,7 @@ from bench.run_all import SETUPS, start_launcher, start_plain
 SYSTEMS = ("plain", "fused", "fused2", "mesh")
 """fused2 is `infermesh up --fused --processes 2`: a core process and a front on one port."""
 MODEL = "mlp"
+PROTOCOLS = ("rest", "grpc")
 
 
 @dataclass(frozen=True)
@@ -111,9 +118,11 @@ def start_system(stack: ExitStack, system: str, args: argparse.Namespace, logs: 
     return url
 
 
-def measure(system: str, args: argparse.Namespace, logs: Path) -> SystemRun:
-    """Start ``system`` alone, warm it up, measure one run, stop it (and anything it left)."""
+def measure(system: str, args: argparse.Namespace, logs: Path) -> list[SystemRun]:
+    """Start ``system`` alone, warm it up, measure one run per protocol, stop it (and anything
+    it left)."""
     seen: set[proc_cpu.ProcessKey] = set()
+    runs: list[SystemRun] = []
     with ExitStack() as stack:
         # Registered first, so it runs last: after the system's own stop.
         stack.callback(proc_cpu.kill_leftovers, seen)
@@ -121,21 +130,62 @@ def measure(system: str, args: argparse.Namespace, logs: Path) -> SystemRun:
         url = start_system(stack, system, args, logs)
         roots = proc_cpu.with_postmasters(proc_cpu.children_of(os.getpid()) - before_start)
         seen.update(proc_cpu.tree_cpu(roots))
-        if args.warmup_requests:
-            run_h2load(url, requests=args.warmup_requests, concurrency=args.concurrency,
-                       timeout=args.run_timeout)  # fmt: skip
-        before = proc_cpu.tree_cpu(roots)
-        client = run_h2load(url, requests=args.requests, concurrency=args.concurrency,
-                            timeout=args.run_timeout)  # fmt: skip
-        after = proc_cpu.tree_cpu(roots)
-        seen.update(after)
-        labels = {key: proc_cpu.label_of(key.pid) for key in after}
-    cpu_s: dict[str, float] = {}
-    for key, seconds in after.items():
-        cpu_s[labels[key]] = cpu_s.get(labels[key], 0.0) + seconds - before.get(key, 0.0)
-    return SystemRun(system, requests=client.done, succeeded=client.succeeded,
-                     seconds=client.seconds, client_cpu_s=client.cpu_s, cpu_s=cpu_s)  # fmt: skip
+        for protocol in _protocols_of(system, args):
+            load = _rest_load(url, args) if protocol == "rest" else _grpc_load(url, args)
+            if args.warmup_requests:
+                load(args.warmup_requests)
+            before = proc_cpu.tree_cpu(roots)
+            client = load(args.requests)
+            after = proc_cpu.tree_cpu(roots)
+            seen.update(after)
+            labels = {key: proc_cpu.label_of(key.pid) for key in after}
+            cpu_s: dict[str, float] = {}
+            for key, seconds in after.items():
+                cpu_s[labels[key]] = cpu_s.get(labels[key], 0.0) + seconds - before.get(key, 0.0)
+            name = system if protocol == "rest" else f"{system} grpc"
+            runs.append(SystemRun(name, requests=client.done, succeeded=client.succeeded,
+                                  seconds=client.seconds, client_cpu_s=client.cpu_s,
+                                  cpu_s=cpu_s))  # fmt: skip
+    return runs
 
+
+def _protocols_of(system: str, args: argparse.Namespace) -> list[str]:
+    protocols = [p for p in args.protocols.split(",") if p]
+    return [p for p in protocols if p == "rest" or system != "plain"]
+
+
+def _rest_load(url: str, args: argparse.Namespace) -> Callable[[int], ClientRun]:
+    def load(requests: int) -> ClientRun:
+        return run_h2load(url, requests=requests, concurrency=args.concurrency,
+                          timeout=args.run_timeout)  # fmt: skip
+    return load
+
+
+def _grpc_load(url: str, args: argparse.Namespace) -> Callable[[int], ClientRun]:
+    """Unary ModelInfer calls at the system's gRPC port (the gateway's HTTP port + 1)."""
+    port = int(url.rstrip("/").rsplit(":", 1)[1]) + 1
+    target = f"127.0.0.1:{port}"
+    metadata = auth_headers(url)
+    message = grpc_load.request_message(MODEL)
+    answer_bytes = grpc_load.probe(target, message, metadata)
+    connections = max(1, args.grpc_connections)
+    streams = max(1, args.concurrency // connections)
+
+    def load(requests: int) -> ClientRun:
+        with tempfile.TemporaryDirectory(prefix="infermesh-cpu-grpc-") as tmp:
+            body, output = Path(tmp) / "body.bin", Path(tmp) / "h2load.out"
+            body.write_bytes(grpc_load.framed(message))
+            command = grpc_load.h2load_command(
+                target, str(body), metadata, requests=requests, connections=connections,
+                streams=streams)
+            cpu_s = run_together([command], [output], args.run_timeout)
+            summary = output.read_text()
+        done, _, seconds = parse_summary(summary)
+        ok = grpc_load.succeeded(summary, answer_bytes, done)
+        if ok == 0:
+            raise RuntimeError(f"no gRPC call to {target} succeeded ({done} done)")
+        return ClientRun(done, ok, seconds, cpu_s)
+    return load
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,6 +198,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-requests", type=int, default=10_000, help="unmeasured, first")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help="comma-separated, in order, from: " + ", ".join(SYSTEMS))
+    parser.add_argument("--protocols", default="rest",
+                        help="comma-separated, from: rest, grpc (grpc: not for plain)")
+    parser.add_argument("--grpc-connections", type=int, default=16,
+                        help="h2c connections for gRPC; --concurrency streams in all")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/cpu-DATE.json)")
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds per h2load run")
     parser.add_argument("--plain-port", type=int, default=8500)
@@ -166,6 +220,10 @@ def _checked(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name)
         if value and value < args.concurrency:  # h2load refuses fewer requests than clients
             raise SystemExit(f"--{name.replace('_', '-')} must be at least --concurrency")
+    protocols = [p for p in args.protocols.split(",") if p]
+    if not protocols or set(protocols) - set(PROTOCOLS):
+        raise SystemExit(f"--protocols: choose from {', '.join(PROTOCOLS)}, "
+                         f"got {args.protocols!r}")
     return systems
 
 
@@ -185,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for system in systems:
             began = time.monotonic()
-            report.runs.append(run := measure(system, args, logs))
-            print(f"{system}: {run.summary()} ({time.monotonic() - began:.0f} s in all)",
-                  flush=True)  # fmt: skip
+            for run in measure(system, args, logs):
+                report.runs.append(run)
+                print(f"{run.system}: {run.summary()} "
+                      f"({time.monotonic() - began:.0f} s in all)", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
     write_report(report, out, logs)
