@@ -10,6 +10,7 @@ function: the core measures the inputs (`latency.VersionLatency`) and passes the
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from services.batcher.policy import MAX_RETRY_AFTER, MIN_RECHECK
@@ -37,11 +38,51 @@ class Backlog:
 
 HEADROOM = 1.25
 """What the batcher multiplies a predicted completion by before it compares it with the
-deadline. The model is seeded by the worker's warm-up, run while nothing else ran, and refits
-only every few batches; in a burst the gateway, router and batcher take CPU from the worker and
-its batches run slower than predicted until the model catches up (a 160-request encoder burst
-on 2 cores: ~100 rows/s against a prediction of ~130). A quarter more keeps what is admitted
-within its deadline; what that refuses would have been a close call."""
+deadline, until `Headroom` has seen enough batches to measure it. The model is seeded by the
+worker's warm-up, run while nothing else ran, and refits only every few batches; in a burst the
+gateway, router and batcher take CPU from the worker and its batches run slower than predicted
+until the model catches up (a 160-request encoder burst on 2 cores: ~100 rows/s against a
+prediction of ~130). A quarter more keeps what is admitted within its deadline."""
+MIN_HEADROOM, MAX_HEADROOM = 1.0, 2.0
+HEADROOM_QUANTILE = 0.9
+HEADROOM_WINDOW = 64
+HEADROOM_MIN_BATCHES = 16
+
+
+class Headroom:
+    """The multiplier admission applies to a predicted completion, measured: the 90th
+    percentile of actual ÷ predicted execution over the version's last 64 batches, held within
+    [1.0, 2.0]; `HEADROOM` until 16 batches have been timed.
+
+    A fixed margin is wrong both ways: on a quiet machine the line fits within a few percent and
+    a quarter more refuses requests that would have made it (goodput lost at the margin); under
+    CPU contention batches can run half again slower than the line until it refits, and a
+    quarter is too little (admitted requests miss). The measured ratio follows both. Recomputed
+    every 16 batches (a sort of 64 floats), not on every admission.
+    """
+
+    __slots__ = ("_ratios", "_stale", "_value")
+
+    def __init__(self) -> None:
+        self._ratios: deque[float] = deque(maxlen=HEADROOM_WINDOW)
+        self._value = HEADROOM
+        self._stale = 0
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def observe(self, predicted: float | None, actual: float) -> None:
+        """One batch predicted to take `predicted` seconds took `actual`."""
+        if predicted is None or predicted <= 0 or actual < 0:
+            return
+        self._ratios.append(actual / predicted)
+        self._stale += 1
+        if len(self._ratios) >= HEADROOM_MIN_BATCHES and self._stale >= HEADROOM_MIN_BATCHES:
+            self._stale = 0
+            ordered = sorted(self._ratios)
+            ratio = ordered[min(len(ordered) - 1, int(HEADROOM_QUANTILE * len(ordered)))]
+            self._value = min(max(ratio, MIN_HEADROOM), MAX_HEADROOM)
 
 
 def refusal(*, backlog: Backlog, execution: float | None, slack: float | None,

@@ -15,9 +15,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from services.batcher.admission import HEADROOM, Backlog, refusal
+from services.batcher.admission import Backlog, Headroom, refusal
 from services.batcher.batches import batch_span, batch_timeout, build_batch, shape_key
 from services.batcher.bisection import Outcome, bisect, lone_failure
 from services.batcher.coldstart import worker_expected
@@ -81,6 +81,8 @@ class _Queue:
     """Workers whose warm-up timings seeded `latency`."""
     pump_due: bool = False
     """Whether a look at the queue is scheduled for the next loop turn (`_pump_soon`)."""
+    headroom: Headroom = field(default_factory=Headroom)
+    """Admission's margin over the latency model, measured from its recent errors."""
 
 
 class Batcher:
@@ -207,7 +209,7 @@ class Batcher:
         ahead = min(backlog.queued_rows + request.rows, queue.policy.max_batch_size)
         retry_after = refusal(
             backlog=backlog, execution=queue.latency.predict(None, ahead), slack=slack,
-            headroom=HEADROOM,
+            headroom=queue.headroom.value,
         )
         if retry_after is not None:
             queue.metrics.refused("deadline_unmeetable")
@@ -502,7 +504,9 @@ class Batcher:
     def _timed(self, queue: _Queue, key: str, rows: int, called: float) -> None:
         """Feed a batch's execution time to the latency model; export the model's error."""
         actual = self._clock() - self._book.started(key, called)
-        queue.metrics.timed(queue.latency.predict(key, rows), actual)
+        predicted = queue.latency.predict(key, rows)
+        queue.metrics.timed(predicted, actual)
+        queue.headroom.observe(predicted, actual)
         queue.latency.observe(key, rows, actual)
 
     def _finished(self, queue: _Queue, key: str, dispatched: float, rows: int) -> None:
