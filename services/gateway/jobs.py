@@ -1,6 +1,7 @@
 """Async jobs: many inference requests of one model, submitted at once, run in the background.
 No HTTP and no SQL in here (routes: jobs_routes.py; Postgres: jobs_store.py; the runner that
-executes rows: jobs_runner.py).
+executes rows: jobs_runner.py; checking a submission: jobs_submission.py; uploaded rows:
+jobs_inputs.py).
 
 Why this shape:
 
@@ -19,7 +20,8 @@ Why this shape:
   be made transactional with Postgres, so a crash may execute at most one chunk twice, never
   store it twice).
 
-A job's rows are OIP inference request objects (`{"inputs": [...]}`), stored as sent and
+A job's rows are OIP inference request objects (`{"inputs": [...]}`), sent inline
+(`inputs`) or uploaded before and named (`inputs_ref`, see jobs_inputs.py), stored as sent and
 validated against the model's signature at submission, so a bad row is a 400 naming it
 before anything is queued.
 """
@@ -37,16 +39,15 @@ import orjson
 from services.gateway.access import Access
 from services.gateway.auth import AuthFailure, HeaderLookup
 from services.gateway.core import Gateway
-from services.gateway.rest import decode_infer
-from services.gateway.validation import validate_request
+from services.gateway.jobs_inputs import JobInputs
+from services.gateway.jobs_submission import encode_rows, parse_submission
 from services.mesh.domain.errors import Conflict, InfermeshError, InvalidInput, NotFound
 from services.mesh.domain.tenancy import Tenant
 from services.mesh.domain.types import ModelVersion
+from services.webhooks.endpoints import DisabledEndpoints
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
-FIELDS = ("model", "version", "inputs", "webhook")
-MAX_NAME = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,59 +161,13 @@ class JobStore(Protocol):
         """Delete the jobs past their expiry; how many."""
         ...
 
+    async def queued(self) -> int:
+        """How many jobs wait for a runner, all tenants (the queue-depth gauge)."""
+        ...
+
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
-
-
-def parse_submission(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a `POST /v1/jobs` body, its fields checked but not its rows."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"body: malformed JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("body: must be a JSON object")
-    unknown = sorted(set(body) - set(FIELDS))
-    if unknown:
-        raise InvalidInput(f"{unknown[0]}: unknown field (allowed: {', '.join(FIELDS)})")
-    _name(body.get("model"), "model", required=True)
-    _name(body.get("version"), "version", required=False)
-    webhook = body.get("webhook")
-    if webhook is not None and (
-        not isinstance(webhook, dict) or set(webhook) != {"url"}
-        or not isinstance(webhook["url"], str) or not webhook["url"]
-    ):
-        raise InvalidInput('webhook: must be an object {"url": "https://..."}')
-    return body
-
-
-def _name(value: Any, field: str, *, required: bool) -> None:
-    if value is None and not required:
-        return
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAME:
-        raise InvalidInput(f"{field}: must be a string of 1 to {MAX_NAME} characters")
-
-
-def encode_rows(inputs: Any, spec: ModelVersion, *, max_rows: int) -> list[bytes]:
-    """Each row of `inputs` as JSON, after checking it decodes into a request that fits the
-    signature; InvalidInput names the row (`inputs[3]: ...`)."""
-    if not isinstance(inputs, list) or not inputs:
-        raise InvalidInput("inputs: must be a non-empty list of inference request objects")
-    if len(inputs) > max_rows:
-        raise InvalidInput(f"inputs: {len(inputs)} rows, at most {max_rows} per job")
-    rows = []
-    for idx, row in enumerate(inputs):
-        if not isinstance(row, dict):
-            raise InvalidInput(f"inputs[{idx}]: must be an object like {{\"inputs\": [...]}}")
-        try:
-            request = decode_infer(row, model=spec.model, version=spec.version,
-                                   request_id="job", spec=spec)
-            validate_request(request, spec.signature, max_rows=spec.batching.max_batch_size)
-        except InfermeshError as exc:
-            raise InvalidInput(f"inputs[{idx}]: {exc.message}") from None
-        rows.append(orjson.dumps(row))
-    return rows
 
 
 def error_output(error: InfermeshError) -> bytes:
@@ -235,7 +190,8 @@ class JobService:
         self, core: Gateway, access: Access, store: JobStore, *, max_rows: int = 100_000,
         retention_s: float = 7 * 86400.0, webhook_targets: WebhookTargets | None = None,
         new_secret: Callable[[], str] | None = None,
-        on_submitted: Callable[[], None] | None = None,
+        on_submitted: Callable[[], None] | None = None, inputs: JobInputs | None = None,
+        webhook_endpoints: DisabledEndpoints | None = None,
     ) -> None:
         self._core = core
         self._access = access
@@ -245,6 +201,10 @@ class JobService:
         self._webhook_targets = webhook_targets
         self._new_secret = new_secret
         self._on_submitted = on_submitted
+        self.inputs = inputs
+        """Uploaded job inputs (`/v1/job-inputs`); None: only inline inputs here."""
+        self.webhook_endpoints = webhook_endpoints
+        """The tenant's webhook URLs disabled by a 410 (`/v1/webhooks/disabled`)."""
 
     def authenticate(self, header: HeaderLookup) -> Tenant:
         """The caller's tenant; Unauthenticated or PermissionDenied."""
@@ -261,14 +221,24 @@ class JobService:
         model, version = body["model"], body.get("version")
         tenant = self._core.authorize(model, header)
         spec = self._core.model_metadata(model, version, header=header)
-        rows = encode_rows(body.get("inputs"), spec, max_rows=self._max_rows)
+        rows = await self._rows(tenant, body, spec)
         url, secret = await self._webhook(tenant, body.get("webhook"))
         job = NewJob(new_job_id(), tenant.name, model, version, rows,
                      webhook_url=url, webhook_secret=secret)
         record = await self._store.create(job)
+        self._core.metrics.jobs_created.labels(tenant.name).inc()
         if self._on_submitted is not None:
             self._on_submitted()
         return record, secret
+
+    async def _rows(self, tenant: Tenant, body: dict[str, Any], spec: ModelVersion) -> list[bytes]:
+        """The job's rows: inline, or copied from the tenant's upload named by `inputs_ref`."""
+        if "inputs_ref" not in body:
+            return encode_rows(body.get("inputs"), spec, max_rows=self._max_rows)
+        if self.inputs is None:
+            raise InvalidInput("inputs_ref: uploaded job inputs are not available here")
+        uploaded = await self.inputs.rows(tenant.name, body["inputs_ref"])
+        return encode_rows(uploaded, spec, max_rows=self._max_rows, field="inputs_ref")
 
     async def _webhook(self, tenant: Tenant, webhook: Any) -> tuple[str | None, str | None]:
         """The job's webhook URL, checked against the tenant's allowlist, and a new secret."""
@@ -279,6 +249,11 @@ class JobService:
         url = str(webhook["url"])
         allowlist: Sequence[str] = getattr(tenant, "webhook_allowlist", None) or ()
         await self._webhook_targets(url, allowlist)
+        if self.webhook_endpoints is not None and (
+            reason := await self.webhook_endpoints.reason(tenant.name, url)
+        ):
+            raise InvalidInput(f"webhook.url: disabled for this tenant ({reason}); re-enable "
+                               "it with DELETE /v1/webhooks/disabled?url=...")
         return url, self._new_secret()
 
     async def status(self, tenant: Tenant, job_id: str) -> JobRecord:

@@ -5,6 +5,11 @@ middleware (services/mesh/transport/rest.py holds the one table).
     GET    /v1/jobs/{id}          200 with status and progress; 303 to .../result once succeeded
     GET    /v1/jobs/{id}/result   the rows' OIP responses in order (404 before success)
     DELETE /v1/jobs/{id}          cancels: rows not run yet never run
+
+    POST   /v1/job-inputs         201, Location: /v1/job-inputs/{id}: rows uploaded for jobs to
+                                  name (`inputs_ref`); a JSON array, or NDJSON by Content-Type
+    GET    /v1/job-inputs/{id}    the upload's row count, size, sha256 and expiry
+    DELETE /v1/job-inputs/{id}    204; jobs made from it keep their rows
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from services.gateway.jobs import JobService
+from services.gateway.jobs import JobService, new_job_id
+from services.gateway.jobs_inputs import JobInputs
+from services.gateway.webhook_routes import add_webhook_routes
 from services.mesh.transport.rest import json_response, read_body
 
 JOBS = web.AppKey("jobs", JobService)
 PATH = "/v1/jobs"
+INPUTS_PATH = "/v1/job-inputs"
 RETRY_AFTER = "1"
 """Seconds a client is told to wait before polling a job again."""
 
@@ -65,10 +73,45 @@ async def delete_job(request: web.Request) -> web.Response:
     return json_response(record.to_json())
 
 
+def _inputs(request: web.Request) -> JobInputs:
+    inputs = request.app[JOBS].inputs
+    assert inputs is not None, "routed only with uploads on"
+    return inputs
+
+
+async def post_inputs(request: web.Request) -> web.Response:
+    service, header = request.app[JOBS], request.headers.get
+    tenant = service.authenticate(header)  # 401/403 before the body is read
+    raw = await read_body(request)  # 413 past the gateway's max_body_bytes
+    record = await _inputs(request).upload(tenant, raw, content_type=request.content_type,
+                                           input_id=new_job_id())
+    headers = {"Location": f"{INPUTS_PATH}/{record.id}"}
+    return json_response(record.to_json(), status=201, headers=headers)
+
+
+async def get_inputs(request: web.Request) -> web.Response:
+    tenant = request.app[JOBS].authenticate(request.headers.get)
+    record = await _inputs(request).show(tenant, request.match_info["input_id"])
+    return json_response(record.to_json())
+
+
+async def delete_inputs(request: web.Request) -> web.Response:
+    tenant = request.app[JOBS].authenticate(request.headers.get)
+    await _inputs(request).delete(tenant, request.match_info["input_id"])
+    return web.Response(status=204)
+
+
 def add_job_routes(app: web.Application, service: JobService) -> None:
-    """Serve `/v1/jobs` through `service`."""
+    """Serve `/v1/jobs` through `service`, `/v1/job-inputs` when it takes uploads, and
+    `/v1/webhooks/disabled` when it knows the disabled webhook URLs."""
     app[JOBS] = service
     app.router.add_post(PATH, post_job)
     app.router.add_get(PATH + "/{job_id}", get_job)
     app.router.add_get(PATH + "/{job_id}/result", get_result)
     app.router.add_delete(PATH + "/{job_id}", delete_job)
+    if service.inputs is not None:
+        app.router.add_post(INPUTS_PATH, post_inputs)
+        app.router.add_get(INPUTS_PATH + "/{input_id}", get_inputs)
+        app.router.add_delete(INPUTS_PATH + "/{input_id}", delete_inputs)
+    if service.webhook_endpoints is not None:
+        add_webhook_routes(app, service.webhook_endpoints, authenticate=service.authenticate)

@@ -28,6 +28,7 @@ from services.gateway.access import Access
 from services.gateway.auth import AuthFailure
 from services.gateway.core import Gateway
 from services.gateway.jobs import ClaimedJob, JobStore, RowOutcome, error_output
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.rest import decode_infer, encode_infer
 from services.mesh.domain.errors import (
     DeadlineExceeded,
@@ -114,6 +115,7 @@ class JobRunner:
         self, store: JobStore, rows: RowExecutor, *, runner_id: str | None = None,
         lease_s: float = 30.0, concurrency: int = 64, chunk_rows: int = 256,
         poll_s: float = 1.0, retention_s: float = 7 * 86400.0, sweep_every_s: float = 60.0,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.runner_id = runner_id or f"{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"
         self._store = store
@@ -124,6 +126,7 @@ class JobRunner:
         self._poll_s = poll_s
         self._retention_s = retention_s
         self._sweep_every_s = sweep_every_s
+        self.metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
@@ -156,7 +159,8 @@ class JobRunner:
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + self._sweep_every_s
                     if swept := await self._store.sweep():
-                        log.info("deleted %d expired jobs", swept)
+                        log.info("deleted %d expired jobs and job inputs", swept)
+                await self.count_queued()
                 ran = await self.run_one()
                 failures = 0
                 if not ran:
@@ -202,8 +206,15 @@ class JobRunner:
             try:
                 if not await self._store.renew(job.id, self.runner_id, lease_s=self._lease_s):
                     return  # the next chunk's write finds out and stops the run
+                await self.count_queued()  # a long job must not freeze the gauge
             except Unavailable:
                 log.warning("job %s: cannot renew the lease now", job.id)
+
+    async def count_queued(self) -> None:
+        """Refresh the queue-depth gauge (every poll, and while a job runs, every lease
+        renewal)."""
+        if self.metrics is not None:
+            self.metrics.jobs_queued.set(await self._store.queued())
 
 
 class _JobRun:
@@ -265,3 +276,7 @@ class _JobRun:
         if not await runner._store.complete(self._job.id, runner.runner_id, batch,
                                             lease_s=runner._lease_s):
             raise LeaseLost(self._job.id)
+        if runner.metrics is not None:
+            for status in ("done", "failed"):
+                if count := sum(outcome.status == status for outcome in batch):
+                    runner.metrics.job_rows.labels(self._job.tenant, status).inc(count)

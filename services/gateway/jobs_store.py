@@ -82,6 +82,8 @@ WHERE id = $1 AND tenant = $2 AND status IN ('queued', 'running')
 RETURNING {_RECORD}, webhook_url, webhook_secret
 """
 
+Finished = Callable[[JobRecord], None]
+"""Told of every job as it finishes (succeeded, failed or cancelled), once: the metrics."""
 Outbox = Callable[..., Awaitable[str]]
 """`services.webhooks.outbox.enqueue(conn, *, tenant, url, secret, event_type, payload)`:
 queues a webhook in the caller's transaction; returns its webhook-id."""
@@ -91,12 +93,19 @@ class PostgresJobStore:
     """Jobs over a pool the caller owns (see `open_job_store`)."""
 
     def __init__(
-        self, pool: asyncpg.Pool, *, timeout: float = 10.0, outbox: Outbox | None = None
+        self, pool: asyncpg.Pool, *, timeout: float = 10.0, outbox: Outbox | None = None,
+        on_finished: Finished | None = None,
     ) -> None:
         self._pool = pool
         self._timeout = timeout
         self._outbox = outbox
         """Queues the webhook of a job that finishes, in the transaction that finishes it."""
+        self._on_finished = on_finished
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The pool, for the stores beside this one (uploaded job inputs)."""
+        return self._pool
 
     async def _finishing(self, conn: asyncpg.Connection, sql: str, *args: Any) -> Any:
         """Run a statement that finishes a job and queue its webhook, in one transaction."""
@@ -108,7 +117,9 @@ class PostgresJobStore:
                     conn, tenant=record.tenant, url=row["webhook_url"],
                     secret=row["webhook_secret"], event_type=f"job.{record.status}",
                     payload=_event(record))
-            return row
+        if row is not None and self._on_finished is not None:
+            self._on_finished(_record(row))  # committed: counted once, by whoever finished it
+        return row
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         try:
@@ -182,9 +193,19 @@ class PostgresJobStore:
         return row is not None
 
     async def sweep(self) -> int:
-        deleted = await self._run(lambda conn: conn.fetch(
-            "DELETE FROM jobs WHERE expires_at < now() RETURNING id"))
-        return len(deleted)
+        """Delete expired jobs and expired uploaded job inputs (jobs_inputs_store.py)."""
+        async def delete(conn: asyncpg.Connection) -> int:
+            jobs = await conn.fetch("DELETE FROM jobs WHERE expires_at < now() RETURNING id")
+            inputs = await conn.fetch(
+                "DELETE FROM job_inputs WHERE expires_at < now() RETURNING id")
+            return len(jobs) + len(inputs)
+        return await self._run(delete)
+
+    async def queued(self) -> int:
+        """How many jobs wait for a runner (all tenants)."""
+        count = await self._run(lambda conn: conn.fetchval(
+            "SELECT count(*) FROM jobs WHERE status = 'queued'"))
+        return int(count)
 
 
 def _record(row: Any) -> JobRecord:
@@ -201,12 +222,13 @@ def _event(record: JobRecord) -> dict[str, Any]:
 
 @asynccontextmanager
 async def open_job_store(
-    dsn: str, *, timeout: float = 10.0, outbox: Outbox | None = None
+    dsn: str, *, timeout: float = 10.0, outbox: Outbox | None = None,
+    on_finished: Finished | None = None,
 ) -> AsyncIterator[PostgresJobStore]:
     """A store over a fresh pool for `dsn`, closed on exit; opens no connection at start."""
     pool = await create_pool(dsn, min_size=0, max_size=4)
     try:
-        yield PostgresJobStore(pool, timeout=timeout, outbox=outbox)
+        yield PostgresJobStore(pool, timeout=timeout, outbox=outbox, on_finished=on_finished)
     finally:
         try:
             await asyncio.wait_for(pool.close(), timeout)

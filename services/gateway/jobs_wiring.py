@@ -1,5 +1,6 @@
-"""Building the gateway's async jobs from its settings: the store, the service behind
-`/v1/jobs`, and the runner task (see jobs.py for why jobs run inside the gateway)."""
+"""Building the gateway's async jobs from its settings: the stores, the service behind
+`/v1/jobs` (with `/v1/job-inputs` and `/v1/webhooks/disabled`), and the runner task (see
+jobs.py for why jobs run inside the gateway)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import contextlib
 
 from services.gateway.access import Access
 from services.gateway.core import Gateway
-from services.gateway.jobs import JobService
+from services.gateway.jobs import JobRecord, JobService
+from services.gateway.jobs_inputs import JobInputs
+from services.gateway.jobs_inputs_store import PostgresJobInputStore
 from services.gateway.jobs_runner import GatewayRows, JobRunner
 from services.gateway.jobs_store import open_job_store
 from services.gateway.settings import GatewaySettings
 from services.mesh.domain.errors import InvalidInput
+from services.webhooks.endpoints import DisabledEndpoints
 from services.webhooks.outbox import enqueue
 from services.webhooks.signing import new_secret
 from services.webhooks.targets import check_target_async
@@ -27,12 +31,17 @@ async def open_jobs(
     check_job_settings(settings)
     if not settings.database_url:
         return None
-    store = await stack.enter_async_context(open_job_store(settings.database_url, outbox=enqueue))
+    def finished(record: JobRecord) -> None:
+        core.metrics.jobs_finished.labels(record.tenant, record.status).inc()
+
+    store = await stack.enter_async_context(
+        open_job_store(settings.database_url, outbox=enqueue, on_finished=finished))
     runner: JobRunner | None = None
     if settings.job_runner:
         runner = JobRunner(
             store, GatewayRows(core, access), lease_s=settings.job_lease_s,
             concurrency=settings.job_concurrency, retention_s=settings.job_retention_s,
+            metrics=core.metrics,
         )
         runner.start()
         stack.push_async_callback(runner.aclose)
@@ -41,6 +50,9 @@ async def open_jobs(
         retention_s=settings.job_retention_s, webhook_targets=check_target_async,
         new_secret=new_secret,
         on_submitted=runner.wake if runner is not None else None,
+        inputs=JobInputs(PostgresJobInputStore(store.pool, timeout=settings.database_timeout),
+                         max_rows=settings.job_max_rows, retention_s=settings.job_retention_s),
+        webhook_endpoints=DisabledEndpoints(store.pool, timeout=settings.database_timeout),
     )
 
 

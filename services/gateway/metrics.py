@@ -70,6 +70,25 @@ class GatewayMetrics:
             "request waits before its handler runs",
             registry=self.registry,
         )
+        self.jobs_created = Counter(
+            "infermesh_gateway_jobs_created", "Async jobs accepted (202) by tenant",
+            ["tenant"], registry=self.registry,
+        )
+        self.jobs_finished = Counter(
+            "infermesh_gateway_jobs_finished",
+            "Async jobs finished by tenant and status: succeeded, failed or cancelled",
+            ["tenant", "status"], registry=self.registry,
+        )
+        self.job_rows = Counter(
+            "infermesh_gateway_job_rows",
+            "Rows of async jobs written by this gateway's runner, by status: done or failed",
+            ["tenant", "status"], registry=self.registry,
+        )
+        self.jobs_queued = Gauge(
+            "infermesh_gateway_jobs_queued",
+            "Async jobs waiting for a runner (all tenants), as of the runner's last poll",
+            registry=self.registry,
+        )
         # Children by label values: `labels()` costs microseconds a call; a dict lookup does
         # not. Every label here is bounded (models as in UNKNOWN_MODEL, tenants by operators).
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}

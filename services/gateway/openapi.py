@@ -1,7 +1,8 @@
 """The gateway's OpenAPI 3.1 document, written by hand and served at `GET /openapi.json`.
 
-It describes the Open Inference Protocol v2 REST routes the gateway serves (app.py) and
-`POST /v1/feedback` (feedback_routes.py), in the style of the control API's
+It describes the Open Inference Protocol v2 REST routes the gateway serves (app.py),
+`POST /v1/feedback` (feedback_routes.py) and async jobs with their uploads and disabled webhook
+URLs (jobs_openapi.py), in the style of the control API's
 (control/api/openapi.py). A test checks that every route the app registers appears here. The
 binary tensor extension (a JSON header, then raw bytes, with `Inference-Header-Content-Length`)
 is a body no JSON schema describes; it is named in the inference operation's description.
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from services.gateway import jobs_openapi
 from services.mesh.domain.tensors import DATATYPES
 
 JSON = "application/json"
@@ -102,6 +104,7 @@ PATHS: dict[str, Any] = {
                       **_errors(400, 401, 403, 413, 503),
                       "404": _json("This gateway takes no feedback", _ref("Error"))},
     }},
+    **jobs_openapi.PATHS,
     "/metrics": {"get": {
         "summary": "Prometheus metrics", "security": _PUBLIC,
         "responses": {"200": {"description": "Text exposition format",
@@ -178,6 +181,7 @@ SCHEMAS: dict[str, Any] = {
                        "properties": {"request_id": {"type": "string"},
                                       "kind": {"type": "string"},
                                       "stored": {"const": True}}},
+    **jobs_openapi.SCHEMAS,
 }
 
 
@@ -187,7 +191,8 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "infermesh gateway", "version": "1",
                  "description": "Open Inference Protocol v2 (KServe v2) over REST, with the "
-                                "binary tensor extension, and feedback on predictions."},
+                                "binary tensor extension, feedback on predictions, and "
+                                "async jobs with signed webhooks."},
         "servers": [{"url": "http://127.0.0.1:8000"}],
         "security": [{"bearer": []}, {"apiKey": []}],
         "paths": PATHS,

@@ -24,6 +24,7 @@ from services.gateway.settings import GatewaySettings
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.hops import InferTarget
 from services.webhooks.dispatcher import config_allowlists, open_dispatcher
+from services.webhooks.metrics import WebhookMetrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,8 @@ async def build_gateway(
     jobs = await open_jobs(settings, stack, core=core, access=access)
     if settings.database_url and settings.job_runner:  # jobs' webhooks go out from here
         await stack.enter_async_context(open_dispatcher(
-            settings.database_url, allowlists=config_allowlists(catalog.config)))
+            settings.database_url, allowlists=config_allowlists(catalog.config),
+            metrics=WebhookMetrics(core.metrics.registry)))
     app = create_app(core, max_body_bytes=settings.max_body_bytes, feedback=feedback,
                      features=features, jobs=jobs)
     return GatewayService(core, app, f"{settings.host}:{grpc_port}")

@@ -11,7 +11,8 @@ connection is made only to the addresses that check returned (`PinnedResolver`):
 that changed since the job was created (rebinding) cannot steer the POST inside the network.
 Redirects are not followed, for the same reason.
 
-Outcomes: 2xx delivered; 410 Gone stops for good and disables that URL for the tenant; anything
+Outcomes: 2xx delivered; 410 Gone stops and disables that URL for the tenant until the tenant
+re-enables it (`endpoints`, `DELETE /v1/webhooks/disabled` on the gateway); anything
 else (other statuses, connection errors, timeouts) retries per `backoff`, honouring Retry-After,
 until the schedule runs out (failed).
 """
@@ -37,6 +38,7 @@ from services.mesh.domain.tenancy import Tenant
 from services.mesh.infra.db import create_pool
 from services.webhooks import signing
 from services.webhooks.backoff import DEFAULT_SCHEDULE, next_delay, parse_retry_after, utc
+from services.webhooks.metrics import WebhookMetrics
 from services.webhooks.targets import AsyncResolve, Target, check_target_async
 
 log = logging.getLogger(__name__)
@@ -136,9 +138,10 @@ class Dispatcher:
         clock: Callable[[], float] = time.time, allowlists: AllowlistLookup | None = None,
         schedule: Sequence[float] = DEFAULT_SCHEDULE, timeout: float = 10.0,
         poll_interval: float = 1.0, batch: int = 16, rand: Callable[[], float] = random.random,
-        resolve: AsyncResolve | None = None,
+        resolve: AsyncResolve | None = None, metrics: WebhookMetrics | None = None,
     ) -> None:
         self._pool = pool
+        self._metrics = metrics if metrics is not None else WebhookMetrics()
         self._session_factory = session_factory
         self._clock = clock
         self._allowlists = allowlists
@@ -220,6 +223,7 @@ class Dispatcher:
             log.exception("webhook delivery %s failed unexpectedly", item.id)
             outcome = _Outcome(None, f"internal error: {type(exc).__name__}")
         duration_ms = (time.monotonic() - began) * 1000.0
+        self._metrics.attempt_seconds.observe(duration_ms / 1000.0)
         try:
             await self._record(item, outcome, started, duration_ms)
         except _DB_DOWN as exc:
@@ -273,12 +277,13 @@ class Dispatcher:
                 assert delay is not None
                 await conn.execute(RESCHEDULE, item.id, item.attempt,
                                    utc(self._clock() + delay), outcome.error)
-                return
-            await conn.execute(FINISH, item.id, item.attempt, final, utc(self._clock()),
-                               outcome.error)
-            if final == "gone" and outcome.status_code == 410:
-                await conn.execute(DISABLE, item.tenant, item.url, "answered 410 Gone")
-        if final != "delivered":
+            else:
+                await conn.execute(FINISH, item.id, item.attempt, final, utc(self._clock()),
+                                   outcome.error)
+                if final == "gone" and outcome.status_code == 410:
+                    await conn.execute(DISABLE, item.tenant, item.url, "answered 410 Gone")
+        self._metrics.deliveries.labels(final or "retried").inc()
+        if final not in (None, "delivered"):
             log.warning("webhook %s to %s stopped (%s): %s", item.id, item.url, final,
                         outcome.error)
 
@@ -295,12 +300,13 @@ def config_allowlists(config: ConfigView) -> AllowlistLookup:
 
 @contextlib.asynccontextmanager
 async def open_dispatcher(
-    dsn: str, *, allowlists: AllowlistLookup, close_timeout: float = 5.0
+    dsn: str, *, allowlists: AllowlistLookup, close_timeout: float = 5.0,
+    metrics: WebhookMetrics | None = None,
 ) -> AsyncIterator[Dispatcher]:
     """A started dispatcher over its own small pool for `dsn`; stopped, then the pool closed,
     on exit. Opens no connection at start: Postgres may be down (the loop retries)."""
     pool = await create_pool(dsn, min_size=0, max_size=2)
-    dispatcher = Dispatcher(pool, allowlists=allowlists)
+    dispatcher = Dispatcher(pool, allowlists=allowlists, metrics=metrics)
     try:
         await dispatcher.start()
         yield dispatcher

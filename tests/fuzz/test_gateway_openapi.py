@@ -1,7 +1,7 @@
 """schemathesis against the gateway's own OpenAPI document (GET /openapi.json): generated
 requests, valid and not, to every operation of a real gateway app (auth on, a fake router
-behind it) never get a 5xx, always get an answer within the timeout, and get a status the
-document lists.
+behind it, async jobs over a real Postgres) never get a 5xx, always get an answer within the
+timeout, and get a status the document lists.
 
 Bounded and deterministic: `derandomize` fixes the examples, `max_examples` bounds them.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,15 +23,23 @@ from hypothesis import HealthCheck, settings
 from schemathesis import Case
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
+from deploy.localdeps import LocalPostgres
 from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
 from services.gateway.feedback import Feedback, FeedbackRecorder
-from services.gateway.metrics import GatewayMetrics
+from services.gateway.jobs import JobService
+from services.gateway.jobs_inputs import JobInputs
+from services.gateway.jobs_inputs_store import PostgresJobInputStore
+from services.gateway.jobs_store import open_job_store
 from services.gateway.openapi import openapi_document
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.types import Signature, TensorSpec
+from services.mesh.infra.db import create_pool, migrate
+from services.webhooks.endpoints import DisabledEndpoints
+from services.webhooks.signing import new_secret
+from services.webhooks.targets import check_target_async
 from tests.fakes import model_records
 from tests.fuzz.serving import serve_in_thread
 from tests.gateway.echo import EchoRouter
@@ -58,11 +67,25 @@ class MemoryFeedbackStore:
 
 
 @asynccontextmanager
-async def gateway_app(config: StaticConfig) -> AsyncIterator[web.Application]:
+async def gateway_app(config: StaticConfig, database_url: str) -> AsyncIterator[web.Application]:
+    """The app with feedback (in memory) and jobs (no runner: they stay queued)."""
+    pool = await create_pool(database_url)
+    await migrate(pool)
+    await pool.close()
     access = Access(config)
     gateway = Gateway(ModelCatalog(config), EchoRouter(), access=access)
     recorder = FeedbackRecorder(access, MemoryFeedbackStore(), metrics=gateway.metrics)
-    yield create_app(gateway, feedback=recorder)
+    async with open_job_store(database_url) as store:
+        inputs = JobInputs(PostgresJobInputStore(store.pool))
+        jobs = JobService(gateway, access, store, webhook_targets=check_target_async,
+                          new_secret=new_secret, inputs=inputs,
+                          webhook_endpoints=DisabledEndpoints(store.pool))
+        yield create_app(gateway, feedback=recorder, jobs=jobs)
+
+
+@pytest.fixture(scope="module")
+def jobs_database(local_postgres: LocalPostgres) -> str:
+    return local_postgres.create_database(f"test_{uuid.uuid4().hex}")
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +98,8 @@ def api_key() -> Iterator[tuple[str, StaticConfig]]:
 
 
 @pytest.fixture(scope="module")
-def gateway_url(api_key: tuple[str, StaticConfig]) -> Iterator[str]:
-    with serve_in_thread(lambda: gateway_app(api_key[1])) as url:
+def gateway_url(api_key: tuple[str, StaticConfig], jobs_database: str) -> Iterator[str]:
+    with serve_in_thread(lambda: gateway_app(api_key[1], jobs_database)) as url:
         yield url
 
 
@@ -109,15 +132,11 @@ def test_no_generated_request_gets_a_5xx_or_hangs(
     case.validate_response(response, checks=CHECKS)
 
 
-def test_the_document_lists_every_route_the_app_serves(
-    api_key: tuple[str, StaticConfig],
+async def test_the_document_lists_every_route_the_app_serves(
+    api_key: tuple[str, StaticConfig], jobs_database: str,
 ) -> None:
-    config = api_key[1]
-    access = Access(config)
-    gateway = Gateway(ModelCatalog(config), EchoRouter(), access=access,
-                      metrics=GatewayMetrics())
-    recorder = FeedbackRecorder(access, MemoryFeedbackStore(), metrics=gateway.metrics)
-    app = create_app(gateway, feedback=recorder)
+    async with gateway_app(api_key[1], jobs_database) as app:
+        pass  # its routes are all this test reads
     served = {(route.method, route.resource.canonical) for route in app.router.routes()
               if route.method != "HEAD" and route.resource is not None}
     document = openapi_document()

@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 import asyncpg
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.mesh.domain.config import LocalConfig
 from services.mesh.domain.tenancy import Tenant
 from services.mesh.infra.db import create_pool, migrate
 from services.webhooks.dispatcher import Dispatcher, config_allowlists, open_dispatcher
+from services.webhooks.metrics import WebhookMetrics
 from services.webhooks.outbox import enqueue
 from services.webhooks.signing import InvalidSignature, new_secret, verify
 from tests.waiting import wait_for
@@ -194,3 +197,33 @@ async def test_a_named_target_connects_only_to_the_address_checked_at_delivery(
     second = await _enqueue(pool, receiver)
     assert await suffix.run_once() == 1
     assert (await _state(pool, second))[0] == "failed" and receiver.ids == [first]
+
+
+async def test_every_outcome_and_attempt_reaches_the_metrics_text(
+    pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    clock, metrics = receiver.clock, WebhookMetrics()
+    receiver.script = [(500, {}), (200, {}), (410, {})]
+    dispatcher = Dispatcher(pool, clock=clock, allowlists=lambda tenant: ["127.0.0.1"],
+                            schedule=(10,), rand=lambda: 1.0, timeout=5.0, metrics=metrics)
+    await _enqueue(pool, receiver)
+    for _ in range(2):  # 500 (retried), then 200 (delivered)
+        assert await dispatcher.run_once() == 1
+        clock.now += 10
+    await _enqueue(pool, receiver)
+    assert await dispatcher.run_once() == 1  # 410 (gone)
+    await _enqueue(pool, receiver)
+    assert await dispatcher.run_once() == 1  # disabled: gone without a POST
+    receiver.url = receiver.url.replace("/hook", "/other")  # 404 twice: retried, failed
+    await _enqueue(pool, receiver)
+    for _ in range(2):
+        assert await dispatcher.run_once() == 1
+        clock.now += 10
+    samples = {(s.name, s.labels.get("outcome")): s.value
+               for family in text_string_to_metric_families(generate_latest(metrics.registry)
+                                                             .decode())
+               for s in family.samples}
+    assert {outcome: samples["infermesh_webhook_deliveries_total", outcome]
+            for outcome in ("delivered", "retried", "gone", "failed")} == {
+        "delivered": 1, "retried": 2, "gone": 2, "failed": 1}
+    assert samples["infermesh_webhook_attempt_seconds_count", None] == 6
