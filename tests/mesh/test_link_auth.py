@@ -96,8 +96,10 @@ async def test_the_right_token_links_and_calls() -> None:
 
 async def test_an_oversize_message_closes_only_its_own_link() -> None:
     async with serving() as (callee, url), aiohttp.ClientSession() as session:
+        # A peer with a larger limit (our own client refuses to send past its own; this one
+        # is misconfigured or not ours): the receiver's limit is what holds.
         big = LinkClient(session, url, peer="callee", credential=CREDENTIAL,
-                         max_frame_bytes=LIMIT)
+                         max_frame_bytes=4 * LIMIT)
         other = LinkClient(session, url, peer="callee", credential=CREDENTIAL,
                            max_frame_bytes=LIMIT)
         await big.connect()

@@ -1,6 +1,7 @@
 """Binary link frames and the codec between domain types and frames.
 
-One WebSocket message carries one or more frames back to back. A frame is
+One WebSocket message carries one or more frames back to back (`split_messages` keeps each
+message under a size limit, never cutting a frame). A frame is
 
     header   16 bytes, little-endian: kind u8, flags u8, reserved u16, call id u32,
              metadata length u32, payload length u32
@@ -73,6 +74,27 @@ def unpack(message: bytes) -> Iterator[Frame]:
             raise InvalidInput("link frame: metadata is not a JSON object")
         yield Frame(kind, call_id, meta, view[end_meta:end])
         offset = end
+
+
+def split_messages(joined: bytes, limit: int) -> list[bytes | memoryview]:
+    """`joined` (frames back to back, as `pack` writes them) as messages of at most `limit`
+    bytes: frames go back to back until the next would pass the limit; a frame larger than
+    the limit goes alone. Frames are never cut, and the common case (all of it fits) costs
+    nothing: only an oversized message is walked, header by header, into views."""
+    if len(joined) <= limit:
+        return [joined]
+    view = memoryview(joined)
+    messages: list[bytes | memoryview] = []
+    start = offset = 0
+    while offset < len(view):
+        _, _, _, _, meta_len, payload_len = HEADER.unpack_from(view, offset)
+        end = offset + HEADER.size + meta_len + payload_len
+        if end - start > limit and offset > start:
+            messages.append(view[start:offset])
+            start = offset
+        offset = end
+    messages.append(view[start:])
+    return messages
 
 
 def _describe(tensors: list[Tensor]) -> tuple[list[list[Any]], Buffers]:

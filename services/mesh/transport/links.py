@@ -1,10 +1,11 @@
 """Persistent multiplexed links between service instances over aiohttp WebSockets.
 
 One link per (caller instance, callee instance) carries many calls at once as binary frames
-(see `frames`). Frames queued in the same loop iteration leave in one WebSocket message, so a
-busy link costs one write per iteration rather than one per request. A link that breaks fails
-its in-flight calls at once with `LinkClosed`; `LinkPool` reconnects while the peer is listed
-in etcd and forgets it when its leased key disappears.
+(see `frames`). Frames queued in the same loop iteration leave together (`outbox`): back to
+back in WebSocket messages of at most `coalesce_bytes`, so a busy link costs one write per
+iteration rather than one per request. A link that breaks fails its in-flight calls at once
+with `LinkClosed`; `LinkPool` reconnects while the peer is listed in etcd and forgets it when
+its leased key disappears.
 
 No WebSocket heartbeat: aiohttp's per-message heartbeat bookkeeping cost ~80 µs per round trip
 here. A crashed peer closes its TCP connection (the link fails at once); a vanished host loses
@@ -12,8 +13,10 @@ its etcd lease within its TTL (the pool drops it); a hung peer is caught by call
 
 Links are internal surfaces: a server refuses the WebSocket upgrade (401) unless the caller
 presents the mesh credential (`auth`), and a message larger than `max_frame_bytes` closes its
-link (logged); other links are unaffected. The limit must be at least the largest valid batch:
-the bound on max_batch_size times the bytes of a row, plus a little for frame headers.
+link (logged); other links are unaffected. A sender never writes one: a frame that large fails
+its own call instead (InvalidInput for a request, InternalError for a reply). The limit must be
+at least the largest valid batch: the bound on max_batch_size times the bytes of a row, plus a
+little for frame headers.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -34,11 +37,13 @@ from services.mesh.domain.errors import (
     DeadlineExceeded,
     InfermeshError,
     InternalError,
+    InvalidInput,
     LinkClosed,
     from_wire,
 )
 from services.mesh.transport import frames
 from services.mesh.transport.auth import AUTHORIZATION, Credential, bearer, unauthorized
+from services.mesh.transport.outbox import DEFAULT_COALESCE_BYTES, Outbox, coalesce_limit
 from services.mesh.transport.rest import add_metrics_route
 
 log = logging.getLogger(__name__)
@@ -48,48 +53,19 @@ DEFAULT_MAX_FRAME_BYTES = trust.DEFAULT_MAX_FRAME_BYTES
 Handler = Callable[[dict[str, Any], memoryview], Awaitable[tuple[dict[str, Any], frames.Buffers]]]
 
 
-class _Outbox:
-    """Coalesces frames into one WebSocket message per loop iteration."""
-
-    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
-        self._ws = ws
-        self._parts: list[bytes | memoryview] = []
-        self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name="link-outbox")
-
-    def send(self, parts: Sequence[bytes | memoryview]) -> None:
-        self._parts.extend(parts)
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            parts, self._parts = self._parts, []
-            try:
-                await self._ws.send_bytes(b"".join(parts))
-            except (ConnectionError, RuntimeError) as exc:
-                log.debug("link write failed: %r", exc)
-                await self._ws.close()
-                return
-
-    async def aclose(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-
 class LinkServer:
     """Serves links on an aiohttp route: `app.router.add_get("/link", server.handle)`."""
 
     def __init__(
         self, handler: Handler, *, name: str, credential: Credential,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        coalesce_bytes: int = DEFAULT_COALESCE_BYTES,
     ) -> None:
         self._handler = handler
         self._name = name
         self._credential = credential
         self._max_frame_bytes = max_frame_bytes
+        self._coalesce_bytes = coalesce_limit(coalesce_bytes, max_frame_bytes)
         self._sockets: set[web.WebSocketResponse] = set()
         self._links: list[dict[int, asyncio.Task[None]]] = []
         """The calls in progress on each open link."""
@@ -102,7 +78,10 @@ class LinkServer:
         ws = web.WebSocketResponse(max_msg_size=self._max_frame_bytes, compress=False)
         await ws.prepare(request)
         self._sockets.add(ws)
-        outbox = _Outbox(ws)
+        outbox = Outbox(
+            ws, limit=self._coalesce_bytes, max_frame_bytes=self._max_frame_bytes,
+            refuse=lambda _, call_id, size: self._refuse(outbox, call_id, size),
+        )
         calls: dict[int, asyncio.Task[None]] = {}
         self._links.append(calls)
         try:
@@ -124,7 +103,7 @@ class LinkServer:
         return ws
 
     def _dispatch(
-        self, frame: frames.Frame, calls: dict[int, asyncio.Task[None]], outbox: _Outbox
+        self, frame: frames.Frame, calls: dict[int, asyncio.Task[None]], outbox: Outbox
     ) -> None:
         if frame.kind == frames.CANCEL:
             task = calls.pop(frame.call_id, None)  # a task cancelled unstarted never runs
@@ -136,7 +115,7 @@ class LinkServer:
         calls[frame.call_id] = asyncio.create_task(self._answer(frame, outbox, calls))
 
     async def _answer(
-        self, frame: frames.Frame, outbox: _Outbox, calls: dict[int, asyncio.Task[None]]
+        self, frame: frames.Frame, outbox: Outbox, calls: dict[int, asyncio.Task[None]]
     ) -> None:
         try:
             meta, buffers = await self._handler(frame.meta, frame.payload)
@@ -149,6 +128,16 @@ class LinkServer:
             outbox.send(frames.pack(frames.ERROR, frame.call_id, error.to_wire()))
         finally:
             calls.pop(frame.call_id, None)
+
+    def _refuse(self, outbox: Outbox, call_id: int, size: int) -> None:
+        """A reply too large for the caller fails that call alone (a server sends no other
+        frame that large)."""
+        log.warning("%s refused a %d-byte reply over max_frame_bytes", self._name, size)
+        error = InternalError(
+            f"{self._name}: a reply of {size} bytes is over the link's max_frame_bytes "
+            f"({self._max_frame_bytes})"
+        )
+        outbox.send(frames.pack(frames.ERROR, call_id, error.to_wire()))
 
     async def drain(self, timeout: float) -> None:
         """Wait (up to `timeout`) for calls in progress to answer."""
@@ -168,14 +157,16 @@ class LinkClient:
     def __init__(
         self, session: aiohttp.ClientSession, url: str, *, peer: str, credential: Credential,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        coalesce_bytes: int = DEFAULT_COALESCE_BYTES,
     ) -> None:
         self.url = url
         self.peer = peer
         self._session = session
         self._credential = credential
         self._max_frame_bytes = max_frame_bytes
+        self._coalesce_bytes = coalesce_limit(coalesce_bytes, max_frame_bytes)
         self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._outbox: _Outbox | None = None
+        self._outbox: Outbox | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[frames.Frame]] = {}
         self._ids = itertools.count(1)
@@ -201,7 +192,10 @@ class LinkClient:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._closed.set()
             raise LinkClosed(f"cannot open a link to {self.peer} at {self.url}: {exc}") from exc
-        self._outbox = _Outbox(self._ws)
+        self._outbox = Outbox(
+            self._ws, limit=self._coalesce_bytes, max_frame_bytes=self._max_frame_bytes,
+            refuse=self._refuse,
+        )
         self._reader = asyncio.create_task(self._read(), name=f"link-reader-{self.peer}")
 
     async def call(
@@ -235,6 +229,15 @@ class LinkClient:
         if frame.kind == frames.ERROR:
             raise from_wire(frame.meta)
         return frame
+
+    def _refuse(self, kind: int, call_id: int, size: int) -> None:
+        """A call too large for the peer fails alone, before it is sent (a CANCEL is tiny)."""
+        future = self._pending.pop(call_id, None)
+        if future is not None and not future.done():
+            future.set_exception(InvalidInput(
+                f"a request of {size} bytes to {self.peer} is over the link's max_frame_bytes "
+                f"({self._max_frame_bytes})"
+            ))
 
     def _expire(self, call_id: int) -> None:
         future = self._pending.pop(call_id, None)
