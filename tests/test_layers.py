@@ -44,7 +44,7 @@ POLICIES = (
     "services.batcher.admission", "services.batcher.dispatch", "services.batcher.deadlines",
     "services.batcher.coldstart", "services.router.policy",
     "services.gateway.quotas", "services.gateway.validation", "control.guard.policy",
-    "control.guard.window", "control.autoscaler.policy",
+    "control.guard.window", "control.autoscaler.policy", "services.worker.placement",
 )
 """Pure policies: functions over a small context, fed by a core or a runner."""
 
@@ -55,7 +55,8 @@ CORE_SIDE = {
     "batcher": ("policy", "fairness", "lanes", "batches", "metrics", "tenants", "workers",
                 "settings", "bisection", "latency", "admission", "dispatch", "deadlines",
                 "coldstart"),
-    "worker": ("metrics", "settings", "artifacts", "backends", "backends.base"),
+    "worker": ("metrics", "settings", "artifacts", "backends", "backends.base", "placement",
+               "residency", "memory", "failures"),
     "guard": ("policy", "window", "spec", "metrics"),
     "autoscaler": ("policy", "spec"),
     "registry": ("ports", "validation"),

@@ -24,12 +24,13 @@ async def main() -> None:
             publish_models=lambda ready: node.update_record(models=ready),
             publish_warmup=lambda timings: node.update_record(warmup=timings),
             publish_fallbacks=lambda fallbacks: node.update_record(fallback=fallbacks),
+            publish_resident=lambda resident: node.update_record(resident=resident),
         )
         # SIGTERM: marked draining, this worker serves on until another live, ready worker has
         # each of its versions (the launcher starts one on seeing the mark), then drains.
         await node.serve(worker.link_app(node.credential), roles={
             "worker": {"link": node.link_url, "models": worker.core.ready_versions(),
-                       "pid": os.getpid()},
+                       "resident": worker.core.resident_versions(), "pid": os.getpid()},
         }, handoff=lambda: await_replacement(
             node.config, session, instance=node.instance,
             versions=worker.core.ready_versions(),

@@ -1,4 +1,9 @@
-"""The worker core: loads the versions it serves, warms them up, runs batches off the loop."""
+"""The worker core: loads the versions it serves, warms them up, runs batches off the loop.
+
+Within a memory budget (services/worker/placement.py decides, docs/PLACEMENT.md explains):
+versions that fit load at start; the others are published as loadable and load on their
+first batch, one load at a time, evicting idle versions to make room.
+"""
 
 from __future__ import annotations
 
@@ -14,30 +19,21 @@ from typing import Any, Protocol
 
 from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
-from services.mesh.domain.errors import (
-    DeadlineExceeded,
-    InternalError,
-    InvalidInput,
-    ModelFailed,
-    Unavailable,
-)
+from services.mesh.domain.errors import DeadlineExceeded, Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Batch, BatchResult, ModelVersion
 from services.mesh.infra.failpoints import failpoint
-from services.worker.backends.base import (
-    Backend,
-    BackendError,
-    DeviceUnavailable,
-    InputRejected,
-    ModelCallFailed,
-    cuda_failure,
-    model_call_failed,
-)
+from services.worker import memory
+from services.worker.backends.base import Backend, DeviceUnavailable, cuda_failure
+from services.worker.failures import batch_error, cuda_refusal
 from services.worker.metrics import WorkerMetrics
+from services.worker.placement import Key, Placement
+from services.worker.residency import Residency
 
 log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[ModelVersion], Backend]
+UNLIMITED = 1 << 62  # no budget: every version fits
 
 
 class ArtifactSource(Protocol):
@@ -56,13 +52,16 @@ class Worker:
     def __init__(
         self, catalog: ModelCatalog, *, models: tuple[str, ...], artifacts: ArtifactSource,
         backend_factory: BackendFactory, metrics: WorkerMetrics | None = None,
+        budget_bytes: int | None = None, thrash_window: float = 60.0,
     ) -> None:
+        """`budget_bytes`: what loaded versions may hold together (None: no limit, every
+        version loads at start); `thrash_window`: seconds after an eviction within which
+        a request for that version counts as a thrash."""
         self._catalog = catalog
         self._models = models
         self._artifacts = artifacts
         self._factory = backend_factory
         self._metrics = metrics or WorkerMetrics()
-        self._backends: dict[tuple[str, str], Backend] = {}
         self._warmup: dict[tuple[str, str], _Warmup] = {}
         self._rewarming: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._loading: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -73,9 +72,19 @@ class Worker:
         self._moving: dict[tuple[str, str], asyncio.Task[Backend]] = {}
         self._listeners: list[Callable[[], None]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._budget = budget_bytes
+        self._residency = Residency(
+            Placement(budget_bytes or UNLIMITED, thrash_window=thrash_window), self._metrics,
+            executor=self._executor, notify=self._notify,
+        )
+        self._backends = self._residency.backends  # loaded and warm
+        self._loadable = self._residency.loadable  # served, loaded on a first batch
 
     def start(self) -> None:
         """Load what the catalog lists now and whatever it lists later."""
+        self._residency.start()
+        if self._budget is not None:
+            self._metrics.placement.budget_bytes.set(self._budget)
         self._catalog.config.subscribe(self._reconcile)
         self._reconcile()
 
@@ -84,12 +93,22 @@ class Worker:
         self._listeners.append(listener)
 
     def ready_versions(self) -> list[str]:
-        """`model/version` of every loaded, warmed-up version."""
+        """`model/version` of every version this worker serves now: loaded and warm, or
+        loadable (beyond the budget: its first batch waits for its load)."""
+        return sorted(f"{m}/{v}" for m, v in self._backends.keys() | self._loadable)
+
+    def resident_versions(self) -> list[str]:
+        """`model/version` of every loaded, warmed-up version (no load before a batch)."""
         return sorted(f"{m}/{v}" for m, v in self._backends)
 
     def is_ready(self, model: str, version: str) -> bool:
-        """Whether (model, version) is loaded and warm here."""
-        return (model, version) in self._backends
+        """Whether (model, version) is served here: loaded, or loadable on its first batch."""
+        return (model, version) in self._backends or (model, version) in self._loadable
+
+    @property
+    def placement(self) -> Placement:
+        """Resident versions, their measured bytes and the budget (read-only use)."""
+        return self._residency.placement
 
     def warmup_timings(self, model: str, version: str) -> dict[int, float]:
         """Seconds a batch of each size (rows) took in the warm-up of (model, version) here,
@@ -102,7 +121,7 @@ class Worker:
         `{"model/version": {"rows": seconds}}`."""
         return {
             f"{m}/{v}": {str(rows): seconds for rows, seconds in warmup.seconds.items()}
-            for (m, v), warmup in sorted(self._warmup.items()) if (m, v) in self._backends
+            for (m, v), warmup in sorted(self._warmup.items()) if self.is_ready(m, v)
         }
 
     def fallbacks(self) -> dict[str, str]:
@@ -124,34 +143,81 @@ class Worker:
                 if key in self._backends:
                     self._rewarm_if_bigger(spec)
                     continue
+                if key in self._loadable:
+                    self._specs[key] = spec  # its next load takes the newest record
+                    continue
                 if key in self._loading:
                     continue
                 if (spec.model, spec.version, spec.sha256) in self._failed:
                     continue
-                task = asyncio.create_task(self._load(spec), name=f"load-{model}/{spec.version}")
-                self._loading[key] = task
+                self._loading[key] = asyncio.create_task(
+                    self._load(spec, on_demand=False), name=f"load-{model}/{spec.version}")
 
-    async def _load(self, spec: ModelVersion) -> None:
+    async def _load(self, spec: ModelVersion, *, on_demand: bool) -> None:
+        """Load `spec` (one load at a time per worker): at start only if it fits beside the
+        resident versions (else it becomes loadable); on demand, evicting to make room."""
         key = (spec.model, spec.version)
+        placement = self._residency.placement
         try:
-            started = time.perf_counter()
-            path = await self._artifacts.fetch(spec)
-            self._fallbacks.pop(key, None)  # every load tries the policy's device again
-            self._refusals.pop(key, None)
-            backend = await self._start(spec, path)
-            self._backends[key], self._specs[key] = backend, spec
-            self._metrics.serving_on(*key, backend.device)
-            log.info("loaded %s/%s on %s in %.2fs", *key, backend.device,
-                     time.perf_counter() - started)
+            async with self._residency.lock:
+                path = await self._artifacts.fetch(spec)
+                artifact_bytes = await asyncio.to_thread(memory.file_bytes, path)
+                need = placement.estimate(key, artifact_bytes=artifact_bytes)
+                self._specs[key] = spec
+                if on_demand:
+                    await self._residency.make_room(key, need)
+                if on_demand or placement.fits(need):
+                    await self._load_measured(spec, path, artifact_bytes)
+                else:
+                    self._residency.defer(key)
+                    log.info("%s/%s loads on its first batch (needs about %d bytes, beyond "
+                             "the budget)", *key, need)
         except Exception as exc:
             # Not retried until the record changes: a refusal is logged once, no load loop.
             self._failed.add((spec.model, spec.version, spec.sha256))
+            self._residency.forget(key)
             if isinstance(exc, DeviceUnavailable):
                 self._refusals[key] = str(exc)
             log.error("cannot serve %s/%s: %s", spec.model, spec.version, exc)
         finally:
             self._loading.pop(key, None)
         self._notify()
+
+    async def _load_measured(self, spec: ModelVersion, path: Path, artifact_bytes: int) -> None:
+        """Load and warm up `spec`, then note what it holds: the measured growth, at least
+        its artifact's bytes (another batch freeing memory meanwhile can hide some)."""
+        key = (spec.model, spec.version)
+        before = await asyncio.to_thread(memory.snapshot)  # after any eviction for room
+        started = time.perf_counter()
+        self._fallbacks.pop(key, None)  # every load tries the policy's device again
+        self._refusals.pop(key, None)
+        backend = await self._start(spec, path)
+        after = await asyncio.to_thread(memory.snapshot)
+        seconds = time.perf_counter() - started
+        size = max(memory.footprint(before, after, backend.device), artifact_bytes)
+        self._metrics.serving_on(*key, backend.device)
+        log.info("loaded %s/%s on %s in %.2fs (%d bytes)", *key, backend.device, seconds, size)
+        await self._residency.admit(key, backend, footprint=size, seconds=seconds)
+
+    async def _resident(self, key: Key, deadline: float | None) -> Backend:
+        """The backend of `key`, loading it first when it is loadable (the wait bounded by
+        `deadline`; the load goes on past it). Unavailable when not served here."""
+        while (backend := self._backends.get(key)) is None:
+            task = self._loading.get(key)
+            if task is None:
+                if key not in self._loadable:
+                    refusal = self._refusals.get(key)
+                    raise Unavailable(f"{key[0]}/{key[1]} is not loaded on this worker"
+                                      + (f": {refusal}" if refusal else ""))
+                task = asyncio.create_task(self._load(self._specs[key], on_demand=True),
+                                           name=f"load-{key[0]}/{key[1]}")
+                self._loading[key] = task
+            remaining = None if deadline is None else deadline - time.time()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), remaining)
+            except TimeoutError:
+                raise _Expired from None
+        return backend
 
     async def _start(self, spec: ModelVersion, path: Path) -> Backend:
         """`spec` loaded and warm on its policy's device, or on CPU when CUDA fails it and
@@ -163,7 +229,7 @@ class Worker:
             if failure is None:
                 raise
             if not spec.cpu_fallback:
-                raise DeviceUnavailable(_refusal(spec, failure[1])) from exc
+                raise DeviceUnavailable(cuda_refusal(spec, failure[1])) from exc
             return await self._load_on_cpu(spec, path, failure)
         # A backend that took CPU itself at construction (ONNX's `device_fallback`).
         chosen = getattr(backend, "device_fallback", None)
@@ -295,11 +361,21 @@ class Worker:
 
     async def _run_batch(self, batch: Batch, deadline: float | None) -> BatchResult:
         key = (batch.model, batch.version)
-        backend = self._backends.get(key)
-        if backend is None:
-            refusal = self._refusals.get(key)
-            raise Unavailable(f"{batch.model}/{batch.version} is not loaded on this worker"
-                              + (f": {refusal}" if refusal else ""))
+        self._residency.begin(key)  # queued here from now on: never evicted
+        try:
+            return await self._run_resident(batch, key, deadline)
+        finally:
+            self._residency.end(key)
+
+    async def _run_resident(
+        self, batch: Batch, key: Key, deadline: float | None
+    ) -> BatchResult:
+        try:
+            backend = await self._resident(key, deadline)
+        except _Expired:
+            self._metrics.expired(batch)
+            raise DeadlineExceeded(f"deadline exceeded while {batch.model}/{batch.version} "
+                                   "was loading on the worker (the load goes on)") from None
         inputs = {tensor.name: tensor.array() for tensor in batch.inputs}
         started = time.perf_counter()
         try:
@@ -310,7 +386,9 @@ class Worker:
                 f"deadline exceeded before the worker could start a batch of {batch.model}"
             ) from None
         except Exception as exc:
-            raise _batch_error(batch, exc) from exc
+            log.warning("%s/%s failed on a batch of %d rows", batch.model, batch.version,
+                        sum(batch.rows), exc_info=exc)
+            raise batch_error(batch, exc) from exc
         self._metrics.observe(batch, backend.device, time.perf_counter() - started)
         wanted = None if batch.outputs is None else set(batch.outputs)
         return BatchResult(
@@ -348,9 +426,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.to_thread(self._executor.shutdown, wait=True)
-        for backend in self._backends.values():
-            await asyncio.to_thread(backend.unload)
-        self._backends.clear()
+        await self._residency.aclose()
 
 
 class _Expired(Exception):
@@ -374,24 +450,3 @@ class _Warmup:
 
     max_batch_size: int
     seconds: Mapping[int, float]
-
-
-def _refusal(spec: ModelVersion, reason: str) -> str:
-    """Why a version that may not leave CUDA is not served: its policy and the failure."""
-    return (f"{spec.model}/{spec.version} cannot run on CUDA ({reason}) and may not fall back "
-            f"to CPU: device policy '{spec.device}' with cpu_fallback false; register a version "
-            "with cpu_fallback true to serve it from CPU")
-
-
-def _batch_error(batch: Batch, exc: Exception) -> InternalError | InvalidInput:
-    """What a caller is told when running `batch` raised `exc`: the model's error line only,
-    no traceback or path (the whole traceback goes to the log)."""
-    log.warning("%s/%s failed on a batch of %d rows", batch.model, batch.version,
-                sum(batch.rows), exc_info=exc)
-    if not isinstance(exc, BackendError):  # another backend's raw error: never its text as is
-        exc = model_call_failed(exc)
-    if isinstance(exc, InputRejected):
-        return InvalidInput(f"the model rejected the input: {exc}")
-    if isinstance(exc, ModelCallFailed):
-        return ModelFailed(f"the model failed: {exc}")
-    return InternalError(f"model {batch.model} version {batch.version} failed: {exc}")

@@ -4,6 +4,11 @@
 `nv_inference_compute_infer_duration_us` (in seconds, as a histogram); it is observed with the
 same value as `infermesh_worker_compute_seconds`, labelled like the batcher's
 `infermesh_inference_*` families (model, version) so the two join on a dashboard.
+
+Placement (docs/PLACEMENT.md): `infermesh_worker_model_loads_total`, `..._load_seconds`,
+`..._evictions_total`, `..._thrashes_total`, and resident bytes per version and in total
+against `infermesh_worker_memory_budget_bytes` (Triton's `nv_model_*` load metrics are the
+nearest kin; it has no memory budget).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from services.mesh.infra.instruments import deadline_exceeded
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 COMPUTE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
+LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 
 
 class _VersionChildren:
@@ -73,6 +79,7 @@ class WorkerMetrics:
             "1 on the device each loaded version runs on (cpu after a fallback), else 0",
             ["model", "version", "device"], registry=self.registry,
         )
+        self.placement = _PlacementMetrics(self.registry)
         self._children: dict[tuple[str, str, str], _VersionChildren] = {}
         self._devices: dict[tuple[str, str], str] = {}
 
@@ -104,3 +111,49 @@ class WorkerMetrics:
         """Count a batch dropped unrun, and its members, as deadline misses."""
         self.batches_expired.labels(batch.model, batch.version).inc()
         self.deadline_exceeded.inc(len(batch.rows))
+
+
+class _PlacementMetrics:
+    """Loads, evictions and thrashes of versions, and resident bytes against the budget."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model", "version"]
+        self.loads = Counter("infermesh_worker_model_loads",
+                             "Versions loaded (at start, or on a batch for a version not loaded)",
+                             labels, registry=registry)
+        self.load_seconds = Histogram(
+            "infermesh_worker_model_load_seconds", "Seconds a load took: fetch, load, warm-up",
+            labels, registry=registry, buckets=LOAD_BUCKETS,
+        )
+        self.evictions = Counter("infermesh_worker_model_evictions",
+                                 "Versions unloaded to make room for another", labels,
+                                 registry=registry)
+        self.thrashes = Counter(
+            "infermesh_worker_model_thrashes",
+            "Requests for a version evicted less than thrash_window seconds before", labels,
+            registry=registry,
+        )
+        self.version_bytes = Gauge("infermesh_worker_model_resident_bytes",
+                                   "Bytes a loaded version holds (measured after its load)",
+                                   labels, registry=registry)
+        self.resident_bytes = Gauge("infermesh_worker_resident_bytes",
+                                    "Bytes all loaded versions hold together", registry=registry)
+        self.budget_bytes = Gauge("infermesh_worker_memory_budget_bytes",
+                                  "The worker's memory budget (memory_budget_bytes)",
+                                  registry=registry)
+
+    def loaded(self, model: str, version: str, *, footprint: int, seconds: float,
+               total: int) -> None:
+        self.loads.labels(model, version).inc()
+        self.load_seconds.labels(model, version).observe(seconds)
+        self.version_bytes.labels(model, version).set(footprint)
+        self.resident_bytes.set(total)
+
+    def unloaded(self, model: str, version: str, *, total: int, evicted: bool) -> None:
+        if evicted:
+            self.evictions.labels(model, version).inc()
+        self.version_bytes.labels(model, version).set(0)
+        self.resident_bytes.set(total)
+
+    def thrashed(self, model: str, version: str) -> None:
+        self.thrashes.labels(model, version).inc()

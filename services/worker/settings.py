@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.mesh.domain.errors import InvalidInput
 from services.mesh.infra.settings import ServiceSettings
 
 
@@ -31,6 +32,22 @@ class WorkerSettings(ServiceSettings):
     a version's `default_timeout_ms`, when smaller, bounds its batches instead."""
     registry_port: int = 8200
     """The local registry's port (`INFERMESH_REGISTRY_PORT`, which the launcher sets)."""
+    memory_budget_bytes: int = 0
+    """Bytes the versions loaded here may hold together, each measured after its load (RSS
+    growth; CUDA allocations for a version on CUDA, so set it to a share of the GPU's memory
+    on a CUDA worker). Versions beyond it are loaded on their first batch, evicting the least
+    valuable idle ones (docs/PLACEMENT.md). 0: half the machine's memory (MemTotal)."""
+    thrash_window: float = 60.0
+    """Seconds after an eviction within which a request for the evicted version counts as a
+    thrash (`infermesh_worker_model_thrashes_total`)."""
+
+    def __post_init__(self) -> None:
+        if self.memory_budget_bytes < 0:
+            raise InvalidInput(f"setting memory_budget_bytes: must be 0 (half the machine's "
+                               f"memory) or positive bytes, not {self.memory_budget_bytes}")
+        if not self.thrash_window >= 0:  # NaN too
+            raise InvalidInput(f"setting thrash_window: must be seconds >= 0, "
+                               f"not {self.thrash_window}")
 
     @property
     def stores(self) -> tuple[str, ...]:

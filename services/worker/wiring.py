@@ -17,11 +17,13 @@ from prometheus_client import CollectorRegistry
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.config import ConfigView
 from services.mesh.transport.auth import Credential
+from services.worker import memory
 from services.worker.app import create_app
 from services.worker.artifacts import ArtifactCache
 from services.worker.core import Worker
 from services.worker.factory import backend_factory
 from services.worker.metrics import WorkerMetrics
+from services.worker.placement import default_budget
 from services.worker.settings import WorkerSettings
 
 
@@ -47,6 +49,7 @@ async def build_worker(
     registry: CollectorRegistry | None = None,
     publish_warmup: Callable[[dict[str, dict[str, float]]], None] | None = None,
     publish_fallbacks: Callable[[dict[str, str]], None] | None = None,
+    publish_resident: Callable[[list[str]], None] | None = None,
 ) -> WorkerService:
     """The worker per `settings`, downloading artifacts with `session`, its metrics in
     `registry` (its own when None); started, and closed through `stack`.
@@ -55,15 +58,19 @@ async def build_worker(
     from the first load on (to update this worker's endpoint record); `publish_warmup` just
     before it, with the warm-up timings (`Worker.warmup_records`), so a batcher that sees a
     version ready sees its timings too. `publish_fallbacks` likewise, with the versions
-    serving from CPU because CUDA failed them (`Worker.fallbacks`).
+    serving from CPU because CUDA failed them (`Worker.fallbacks`), and `publish_resident`
+    with the versions loaded now (`Worker.resident_versions`; the ready ones beyond them
+    load on their first batch, docs/PLACEMENT.md).
     """
     metrics = WorkerMetrics(registry)
+    budget = settings.memory_budget_bytes or default_budget(
+        await asyncio.to_thread(memory.memory_total))
     core = Worker(
         catalog, models=settings.models,
         artifacts=ArtifactCache(session, Path(settings.cache_dir), stores=settings.stores),
         backend_factory=backend_factory(settings.threads, triton_urls=settings.triton_urls,
                                         triton_timeout=settings.triton_timeout),
-        metrics=metrics,
+        metrics=metrics, budget_bytes=budget or None, thrash_window=settings.thrash_window,
     )
 
     def publish() -> None:
@@ -71,6 +78,8 @@ async def build_worker(
             publish_warmup(core.warmup_records())
         if publish_fallbacks is not None:
             publish_fallbacks(core.fallbacks())
+        if publish_resident is not None:
+            publish_resident(core.resident_versions())
         publish_models(core.ready_versions())
 
     core.subscribe(publish)
