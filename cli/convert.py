@@ -4,8 +4,8 @@ The command downloads the version's artifact (its sha256 checked), exports it to
 (`services.worker.onnx_export`: dynamic batch dim, the signature's names, checked against
 TorchScript on a sample batch), uploads the file and registers it as a new version (default
 ``VERSION-onnx``) with platform ``onnxruntime_onnx`` and the source's signature, queue policy,
-device and logging. The registry reads the ONNX model's own signature and refuses the version
-if the two disagree. Routing traffic to it is a rollout, as for any new version.
+device, CPU fallback and logging. The registry reads the ONNX model's own signature and refuses
+the version if the two disagree. Routing traffic to it is a rollout, as for any new version.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ async def _cmd_models_convert(client: RegistryClient, args: argparse.Namespace) 
         artifact_sha256=uploaded["sha256"], signature=source["signature"],
         batching=source["batching"], device=source["device"], platform=ONNX_PLATFORM,
         prediction_log=source.get("prediction_log", "digest"),
+        cpu_fallback=source.get("cpu_fallback", False),
     )
     result = {"version": record, "source": args.version, "traced_from": conversion[0],
               "max_abs_error": conversion[1]}

@@ -42,6 +42,11 @@ from services.mesh.domain.types import PREDICTION_LOG_POLICIES
 from services.mesh.infra.credentials import CredentialError, MeshCredential
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8200"
+PLATFORMS = ("pytorch_torchscript", "onnxruntime_onnx", "triton")
+_PLATFORM_OF_SUFFIX = {".onnx": "onnxruntime_onnx", ".json": "triton"}
+"""The platform an extension implies without --platform (a Triton reference is JSON); anything
+else is TorchScript, the registry's default. Only ONNX files declare their own signature."""
+READS_SIGNATURE = "onnxruntime_onnx"
 
 
 def tensor_spec(text: str) -> dict[str, Any]:
@@ -80,13 +85,14 @@ def _specs(specs: Sequence[dict[str, Any]]) -> str:
 def _version_text(record: dict[str, Any]) -> str:
     batching = record["batching"]
     return "\n".join([
-        f"registered {record['model']} version {record['version']}",
+        f"registered {record['model']} version {record['version']} ({record['platform']})",
         f"  sha256    {record['sha256']}",
         f"  artifact  {record['artifact_uri']}",
         f"  inputs    {_specs(record['signature']['inputs'])}",
         f"  outputs   {_specs(record['signature']['outputs'])}",
         f"  batching  max {batching['max_batch_size']}, delay {batching['max_queue_delay_ms']} ms",
-        f"  device    {record['device']}",
+        f"  device    {record['device']}"
+        + (", CPU fallback allowed" if record.get("cpu_fallback") else ""),
         f"  logging   {record.get('prediction_log', 'digest')}",
     ])
 
@@ -148,10 +154,17 @@ async def _cmd_models_register(client: RegistryClient, args: argparse.Namespace)
         batching["max_batch_size"] = args.max_batch_size
     if args.max_queue_delay_ms is not None:
         batching["max_queue_delay_ms"] = args.max_queue_delay_ms
-    signature = {"inputs": args.input, "outputs": args.output}
+    platform = args.platform or _PLATFORM_OF_SUFFIX.get(args.artifact.suffix, PLATFORMS[0])
+    given = {side: specs for side, specs in (("inputs", args.input), ("outputs", args.output))
+             if specs}
+    if platform != READS_SIGNATURE and len(given) < 2:
+        print(f"infermesh: error: argument --input and --output: required for platform "
+              f"{platform} (only an {READS_SIGNATURE} artifact declares its own)", file=sys.stderr)
+        return 2
     record = await register_file(
-        client, args.name, args.version, args.artifact, signature,
+        client, args.name, args.version, args.artifact, given or None,
         batching=batching or None, device=args.device, prediction_log=args.prediction_log,
+        platform=platform, cpu_fallback=args.cpu_fallback,
     )
     print_result(args, record, _version_text)
     return 0
@@ -208,13 +221,17 @@ def _add_models(commands: Any) -> None:
     register.add_argument("name")
     register.add_argument("--version", required=True)
     register.add_argument("--artifact", required=True, type=_existing_file)
-    register.add_argument("--input", action="append", required=True, type=tensor_spec,
-                          metavar="NAME:DTYPE:DIMS")
-    register.add_argument("--output", action="append", required=True, type=tensor_spec,
-                          metavar="NAME:DTYPE:DIMS")
+    register.add_argument("--input", action="append", type=tensor_spec, metavar="NAME:DTYPE:DIMS",
+                          help="required unless the artifact is ONNX (read from the model)")
+    register.add_argument("--output", action="append", type=tensor_spec, metavar="NAME:DTYPE:DIMS")
+    register.add_argument("--platform", choices=PLATFORMS,
+                          help="how workers run the artifact (default from its extension: .onnx "
+                               "onnxruntime_onnx, .json triton, else pytorch_torchscript)")
     register.add_argument("--max-batch-size", type=int)
     register.add_argument("--max-queue-delay-ms", type=float)
     register.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    register.add_argument("--cpu-fallback", action=argparse.BooleanOptionalAction, default=False,
+                          help="a CUDA failure moves the version to CPU (default: it fails)")
     register.add_argument(
         "--prediction-log", choices=PREDICTION_LOG_POLICIES, default="digest",
         help="what the prediction log keeps of each request's tensors (default %(default)s)",

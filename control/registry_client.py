@@ -64,15 +64,20 @@ class RegistryClient:
         )
 
     async def register_version(
-        self, model: str, version: str, *, artifact_sha256: str, signature: Mapping[str, Any],
+        self, model: str, version: str, *, artifact_sha256: str,
+        signature: Mapping[str, Any] | None,
         batching: Mapping[str, Any] | None = None, device: str = "auto",
         platform: str = "pytorch_torchscript", prediction_log: str = "digest",
+        cpu_fallback: bool = False,
     ) -> dict[str, Any]:
-        """Register an immutable version; identical re-registration is a no-op."""
+        """Register an immutable version; identical re-registration is a no-op. `signature`
+        None (or a side left out) lets the registry read it from an ONNX artifact."""
         body: dict[str, Any] = {
-            "artifact_sha256": artifact_sha256, "signature": dict(signature),
-            "device": device, "platform": platform, "prediction_log": prediction_log,
+            "artifact_sha256": artifact_sha256, "device": device, "platform": platform,
+            "prediction_log": prediction_log, "cpu_fallback": cpu_fallback,
         }
+        if signature is not None:
+            body["signature"] = dict(signature)
         if batching is not None:
             body["batching"] = dict(batching)
         path = f"/v1/models/{quote(model, safe='')}/versions/{quote(version, safe='')}"
@@ -154,8 +159,9 @@ class RegistryClient:
 
 async def register_file(
     client: RegistryClient, name: str, version: str, artifact: Path,
-    signature: Mapping[str, Any], batching: Mapping[str, Any] | None = None,
-    device: str = "auto", prediction_log: str = "digest",
+    signature: Mapping[str, Any] | None, batching: Mapping[str, Any] | None = None,
+    device: str = "auto", prediction_log: str = "digest", *,
+    platform: str = "pytorch_torchscript", cpu_fallback: bool = False,
 ) -> dict[str, Any]:
     """Create the model if needed, upload `artifact`, register the version; returns its record."""
     await client.create_model(name)
@@ -163,6 +169,7 @@ async def register_file(
     return await client.register_version(
         name, version, artifact_sha256=uploaded["sha256"], signature=signature,
         batching=batching, device=device, prediction_log=prediction_log,
+        platform=platform, cpu_fallback=cpu_fallback,
     )
 
 

@@ -26,7 +26,8 @@ async def test_a_torchscript_version_becomes_an_onnx_version(
     url, harness = registry_url
     assert await asyncio.to_thread(main, [
         "models", "register", "mlp", "--version", "1", "--artifact", str(mlp.artifact),
-        "--input", "features:FP32:-1,32", "--output", "probs:FP32:-1,2", "--registry", url,
+        "--input", "features:FP32:-1,32", "--output", "probs:FP32:-1,2", "--cpu-fallback",
+        "--registry", url,
     ]) == 0
     capsys.readouterr()
     assert await asyncio.to_thread(main, ["models", "convert", "mlp", "1", "--registry", url]) == 0
@@ -37,5 +38,6 @@ async def test_a_torchscript_version_becomes_an_onnx_version(
     converted = await harness.etcd_json("models/mlp/1-onnx")
     assert converted["platform"] == "onnxruntime_onnx" and converted["sha256"] != source["sha256"]
     assert converted["signature"] == source["signature"]
+    assert converted["cpu_fallback"] is source["cpu_fallback"] is True
     assert await asyncio.to_thread(main, ["models", "convert", "mlp", "7", "--registry", url]) == 1
     assert "model mlp has no version 7" in capsys.readouterr().err

@@ -118,6 +118,39 @@ def test_a_small_model_warms_up_onto_one_thread(
     assert fixed.session_options.intra_op_num_threads == 1
 
 
+class _BusyHostClock:
+    """A clock under which every run takes `slow` seconds except each `every`-th, `fast`: a
+    host where other processes start during the warm-up. Two reads (start, end) per run."""
+
+    def __init__(self, *, slow: float, fast: float, every: int) -> None:
+        self._now, self._reads, self._slow, self._fast, self._every = 0.0, 0, slow, fast, every
+
+    def __call__(self) -> float:
+        if self._reads % 2:  # the end of a run
+            run = self._reads // 2
+            self._now += self._fast if run % self._every == 0 else self._slow
+        self._reads += 1
+        return self._now
+
+
+@pytest.mark.skipif(available_cores() < 2, reason="one core: one thread anyway")
+def test_the_thread_decision_reads_the_fastest_run_not_the_median(
+    demo_models: dict[str, DemoModel], onnx_files: dict[str, Path]
+) -> None:
+    # One run in 7 is quick (0.1 ms), the rest slowed to 10 ms: each size's median of three
+    # spaced sweeps (6 sizes apart, so at most one lands on a quick run) reads 10 ms, over
+    # the 1 ms line, while the fastest of 7 back-to-back runs meets one quick run: 0.1 ms.
+    clock = _BusyHostClock(slow=0.01, fast=0.0001, every=7)
+    served = _onnx(demo_models["mlp"], onnx_files["mlp"], clock=clock)
+    seconds = served.warm_up(8)
+    assert served.intra_op_threads == served.session_options.intra_op_num_threads == 1
+    assert max(seconds.values()) == pytest.approx(0.01)  # the published medians
+    slow = _onnx(demo_models["mlp"], onnx_files["mlp"],
+                 clock=_BusyHostClock(slow=0.01, fast=0.01, every=7))
+    slow.warm_up(8)
+    assert slow.intra_op_threads == available_cores()
+
+
 def test_a_bad_token_id_is_rejected_in_one_safe_line(
     demo_models: dict[str, DemoModel], onnx_files: dict[str, Path]
 ) -> None:

@@ -11,9 +11,7 @@ models they kept outputs bit-identical but gave no consistent CPU speedup, and
 
 from __future__ import annotations
 
-import math
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from services.mesh.domain.datatypes import DTYPES
 from services.worker.backends.base import (
     BackendError,
+    fastest_run,
     model_call_failed,
     timed_sweep,
     warmup_sizes,
@@ -166,7 +165,9 @@ class TorchScriptBackend:
             for size in warmup_sizes(max_batch_size)
         }
         seconds = timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies))
-        small = self._fastest(dummies[max(dummies)]) < self._single_thread_below
+        # The fastest run, not a median: see fastest_run for the contended warm-up it avoids.
+        largest = dummies[max(dummies)]
+        small = fastest_run(lambda: self._run_dummy(largest)) < self._single_thread_below
         if small and self._intra_op_threads is None and self._threads > 1 and not self._cuda:
             # Small enough that a team's hand-off and spin cost more than they save; sweep
             # again so the timings published are those of the batches to come.
@@ -176,18 +177,6 @@ class TorchScriptBackend:
 
     def _run_dummy(self, inputs: Mapping[str, npt.NDArray[Any]]) -> None:
         self.run_batch(inputs)
-
-    def _fastest(self, inputs: Mapping[str, npt.NDArray[Any]], runs: int = 7) -> float:
-        """The fastest of `runs` runs of the largest batch: what the model costs, not what a
-        busy machine made it take. A median read under contention (the fused plane's other
-        processes starting, another model loading) once kept the mlp on two threads, and the
-        second thread's spin-waits then cost the process ~130 µs a request (bimodal runs)."""
-        fastest = math.inf
-        for _ in range(runs):
-            started = time.perf_counter()
-            self._run_dummy(inputs)
-            fastest = min(fastest, time.perf_counter() - started)
-        return fastest
 
     def run_batch(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Run one batch; see :meth:`Backend.run_batch`. Raises :class:`BackendError`:
