@@ -42,9 +42,18 @@ import orjson
 from bench.credentials import auth_headers, remember_key
 from bench.goodput_report import GoodputReport
 from bench.goodput_stats import Measurement, tally, window_of
-from bench.h2load import Arrivals, Response, parse_log, run_together, started_requests
+from bench.h2load import (
+    H2LOAD,
+    Arrivals,
+    Response,
+    StreamArrivals,
+    parse_log,
+    run_together,
+    started_requests,
+)
 from bench.payloads import infer_path, request_body
 from bench.report import write_report
+from bench.result import LoadResult, Percentiles
 from bench.run_all import closed_loop, start_launcher
 
 SLO_CLASSES = {"mlp": (0.05, 0.25), "encoder": (1.0, 3.0)}
@@ -132,6 +141,13 @@ class Target:
     """h2load's scripts, bodies and per-request logs (large; removed after)."""
     logs: Path
     """h2load's own summaries, kept with the report."""
+    edge: str = ""
+    """The nginx edge's h2c base URL, with ``--client h2`` (the load goes there)."""
+
+    @property
+    def load_url(self) -> str:
+        """Where the open-loop load goes: the edge over HTTP/2, else the gateway directly."""
+        return self.edge or self.gateway
 
 
 def open_run(
@@ -141,12 +157,13 @@ def open_run(
     how many requests got no answer at all (h2load gave up on their connection)."""
     deadlines = SLO_CLASSES[args.model]
     period_ms = max(1000, round(2000 * max(deadlines)))
-    url = target.gateway + infer_path(args.model)
-    auth = [f"{name}: {value}" for name, value in auth_headers(url).items()]
+    url = target.load_url + infer_path(args.model)
+    auth = [f"{name}: {value}" for name, value in auth_headers(target.gateway).items()]
     headers = ["Content-Type: application/json", *auth]
     commands, summaries, logs = [], [], {}
     for deadline in deadlines:
-        arrivals = Arrivals.plan(
+        schedule = StreamArrivals if target.edge else Arrivals
+        arrivals = schedule.plan(
             rate / len(deadlines), period_ms=period_ms, duty=PATTERNS[pattern],
             seconds=args.warmup + args.duration,
         )  # fmt: skip
@@ -186,13 +203,41 @@ def one_run(
     print(f"[{round_}] {report.line(run)}", flush=True)
 
 
+def edge_closed_loop(target: Target, args: argparse.Namespace) -> LoadResult:
+    """The capacity through the edge: h2load closed loop, 4 connections x 16 streams (c=64,
+    as wrk measures the direct path), ``--warmup`` seconds unmeasured first."""
+    url = target.edge + infer_path(args.model)
+    body = _beside(target.tmp / "capacity", ".json")
+    body.write_bytes(request_body(args.model, 1))
+    log = _beside(target.tmp / "capacity", ".tsv")
+    command = [H2LOAD, "-c", "4", "-m", "16", "-d", str(body),
+               "-D", str(round(args.warmup + args.capacity_duration)), "--log-file", str(log),
+               "-H", "content-type: application/json",
+               *[arg for name, value in auth_headers(target.gateway).items()
+                 for arg in ("-H", f"{name}: {value}")], url]  # fmt: skip
+    cpu = run_together([command], [target.logs / "h2load-capacity.out"],
+                       timeout=args.warmup + args.capacity_duration + 120)  # fmt: skip
+    responses = parse_log(log.read_text())
+    start = min(r.start_s for r in responses) + args.warmup
+    measured = [r for r in responses if r.start_s >= start]
+    ok = [r for r in measured if 200 <= r.status < 300]
+    seconds = max(r.start_s + r.latency_s for r in measured) - start if measured else 0.0
+    return LoadResult(
+        "h2load", "closed", args.model, url, seconds, len(measured), len(measured) - len(ok),
+        len(ok) / seconds if seconds > 0 else 0.0,
+        Percentiles.of([r.latency_s for r in ok] or [0.0]), concurrency=64,
+        client_cpu=cpu / max(seconds, 1e-9),
+    )
+
+
 def measure(report: GoodputReport, target: Target, args: argparse.Namespace) -> None:
     """The capacity, then every (round, pattern, load, mode), modes alternating per round."""
     modes = mode_policies(target.registry, args.model, args.static_delay_ms)
     if "current" in modes:
         report.notes.append("the registry has no PATCH .../batching: ran the current policy only")
     capacity_args = argparse.Namespace(duration=args.capacity_duration, warmup=args.warmup)
-    report.capacity = closed_loop(target.gateway, args.model, capacity_args)
+    report.capacity = (edge_closed_loop(target, args) if target.edge
+                       else closed_loop(target.gateway, args.model, capacity_args))
     print(f"capacity: {report.capacity.summary_line()}", flush=True)
     if report.capacity_rps <= 0:
         raise RuntimeError("the closed loop served nothing: no capacity to scale the load by")
@@ -229,6 +274,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ports", type=int, nargs=2, default=(8030, 8230),
                         metavar=("GATEWAY", "REGISTRY"),
                         help="gRPC on GATEWAY+1, control API on REGISTRY-100")  # fmt: skip
+    parser.add_argument("--client", choices=("h1", "h2"), default="h1",
+                        help="h1: HTTP/1.1 to the gateway, one connection per arrival slot; "
+                             "h2: HTTP/2 through the nginx edge (its port: GATEWAY+2), 8 "
+                             "connections with many streams each")  # fmt: skip
     parser.add_argument("--out", type=Path, help="JSON path")
     parser.add_argument("--infermesh", default=".venv/bin/infermesh", help="launcher executable")
     parser.add_argument("--ready-timeout", type=float, default=180.0)
@@ -254,11 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     gateway_port, registry_port = args.ports
     token = secrets.token_urlsafe(16)
     with ExitStack() as stack:
+        env = {"INFERMESH_CONTROL_ADMIN_TOKENS": f"bench:{token}"}
+        if args.client == "h2":
+            env |= {"INFERMESH_EDGE": "1", "INFERMESH_EDGE_PORT": str(gateway_port + 2)}
         gateway = start_launcher(stack, args, logs, setup, ports=(gateway_port, registry_port),
-                                 extra_env={"INFERMESH_CONTROL_ADMIN_TOKENS": f"bench:{token}"})
+                                 extra_env=env)
         remember_key(gateway, unlimited_tenant(f"http://127.0.0.1:{registry_port - 100}", token))
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="infermesh-goodput-")))
-        target = Target(gateway, f"http://127.0.0.1:{registry_port}", tmp, logs)
+        edge = f"http://127.0.0.1:{gateway_port + 2}" if args.client == "h2" else ""
+        target = Target(gateway, f"http://127.0.0.1:{registry_port}", tmp, logs, edge)
         measure(report, target, args)
     write_report(report, out, logs)
     return 0

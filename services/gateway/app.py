@@ -111,7 +111,9 @@ async def infer(request: web.Request) -> web.Response:
     # Access (401, 403, 404, 429) is settled before the body is read.
     with track(core.metrics, model), core.admit(model, version, header=header) as admission:
         request_id = _request_id(header(REQUEST_ID), core)
-        deadline = core.deadline_after(rest.request_timeout(header(rest.REQUEST_TIMEOUT)))
+        arrived = core.arrival(rest.request_start(header(rest.REQUEST_START)))
+        deadline = core.deadline_after(rest.request_timeout(header(rest.REQUEST_TIMEOUT)),
+                                       arrived)
         # Bounded by what a valid request could need (413 past it, the rest never read).
         body = await read_body(request, limit=max_body_bytes(admission.spec))
         try:
@@ -124,7 +126,8 @@ async def infer(request: web.Request) -> web.Response:
                                header=header)
             raise
         infer_request.deadline = deadline
-        response = await core.infer(infer_request, admission=admission, header=header)
+        response = await core.infer(infer_request, admission=admission, header=header,
+                                    arrived=arrived)
         body, header_length = rest.encode_infer_parts(response, output_format)
         core.ensure_on_time(infer_request.deadline)  # encoding a large answer takes time too
         return _infer_response(body, header_length, response,

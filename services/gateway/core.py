@@ -42,6 +42,9 @@ from services.mesh.domain.types import InferRequest, InferResponse, ModelVersion
 
 SERVER_NAME = "infermesh"
 SERVER_VERSION = "0.1.0"
+MAX_EDGE_WAIT = 60.0
+"""Seconds before the gateway's own arrival estimate within which an edge's `X-Request-Start`
+is believed (a request that waited longer in front of the gateway is long past any deadline)."""
 """What the OIP server metadata endpoints report."""
 
 
@@ -192,7 +195,8 @@ class Gateway:
         return self._catalog.ready_workers(model, spec.version) > 0
 
     async def infer(
-        self, request: InferRequest, *, admission: Admission, header: HeaderLookup | None = None
+        self, request: InferRequest, *, admission: Admission, header: HeaderLookup | None = None,
+        arrived: float | None = None,
     ) -> InferResponse:
         """Validate, stamp tenant, deadline and trace context, forward; raises InfermeshError.
 
@@ -201,11 +205,12 @@ class Gateway:
 
         `admission` is what `admit` gave for this request. `header` looks up the rollout's
         sticky key among the request's headers (or gRPC metadata) when the request's
-        parameters do not carry it.
+        parameters do not carry it. `arrived` (see `arrival`) dates its deadline; by default
+        the gateway's own estimate.
         """
         span = _infer_span(request.model, request.request_id, admission, header)
         try:
-            response = await self._infer(request, admission, header, span)
+            response = await self._infer(request, admission, header, span, arrived)
         except BaseException as exc:
             span.end(exc)
             if isinstance(exc, InfermeshError):
@@ -231,14 +236,14 @@ class Gateway:
 
     async def _infer(
         self, request: InferRequest, admission: Admission, header: HeaderLookup | None,
-        span: tracing.HopSpan,
+        span: tracing.HopSpan, arrived: float | None = None,
     ) -> InferResponse:
         request.tenant, request.lane = admission.tenant, admission.lane
         spec = admission.spec
         if (request.model, request.version) != (spec.model, admission.version):
             spec = self._catalog.resolve(request.model, request.version)
         validate_request(request, spec.signature, max_rows=spec.batching.max_batch_size)
-        self._stamp_deadline(request, spec)
+        self._stamp_deadline(request, spec, arrived)
         if spec.batching.admission != "off":
             self._refuse_if_late(request)
         if header is not None and request.version is None:
@@ -261,12 +266,24 @@ class Gateway:
             self._sticky_names = sticky_header_names(self._sticky_headers, keys)
         forward_sticky_headers(request.parameters, header, self._sticky_names)
 
-    def deadline_after(self, seconds: float | None) -> float | None:
-        """The deadline `seconds` after the request arrived on the gateway's clock (None for
-        None): what an adapter stamps on a request for a timeout its protocol carries
-        (X-Request-Timeout). Arrival is now less the loop's lag: under overload a request
-        waits in the socket before its handler runs, and its client counts that wait."""
-        return None if seconds is None else self.overload.now() + seconds
+    def deadline_after(self, seconds: float | None, arrived: float | None = None) -> float | None:
+        """The deadline `seconds` after the request arrived (None for None): what an adapter
+        stamps on a request for a timeout its protocol carries (X-Request-Timeout). `arrived`
+        defaults to now less the loop's lag: under overload a request waits in the socket
+        before its handler runs, and its client counts that wait."""
+        if seconds is None:
+            return None
+        return (self.overload.now() if arrived is None else arrived) + seconds
+
+    def arrival(self, edge_start: float | None) -> float:
+        """When the request arrived, as well as the gateway can tell: the edge's receive time
+        (`X-Request-Start`) when it is earlier than the gateway's own estimate (now less the
+        loop lag) and within `MAX_EDGE_WAIT` of it; else that estimate. A start in the future,
+        or from a clock far off, cannot lengthen a deadline or void it."""
+        estimate = self.overload.now()
+        if edge_start is None or not estimate - MAX_EDGE_WAIT <= edge_start < estimate:
+            return estimate
+        return edge_start
 
     def _refuse_if_late(self, request: InferRequest) -> None:
         """Overloaded (503 + Retry-After) at once if answers for the model take longer now
@@ -293,7 +310,9 @@ class Gateway:
             self.metrics.late_responses_avoided.inc()
             raise DeadlineExceeded("deadline exceeded: the answer came back too late")
 
-    def _stamp_deadline(self, request: InferRequest, spec: ModelVersion) -> None:
+    def _stamp_deadline(
+        self, request: InferRequest, spec: ModelVersion, arrived: float | None = None
+    ) -> None:
         """Set the request's deadline. The client's own limits come first, and the earliest
         of them wins: the transport's (gRPC `grpc-timeout`, REST `X-Request-Timeout`, already
         on `request.deadline`) and the OIP `timeout` parameter (seconds). A request that names
@@ -304,8 +323,8 @@ class Gateway:
             or not 0 < timeout < math.inf
         ):
             raise InvalidInput("parameter 'timeout': must be a positive number of seconds")
-        now = self.overload.now()
-        given = [d for d in (request.deadline, self.deadline_after(timeout)) if d is not None]
+        now = self.overload.now() if arrived is None else arrived
+        given = [d for d in (request.deadline, self.deadline_after(timeout, now)) if d is not None]
         if given:
             request.deadline = min(given)
         elif spec.batching.default_timeout_ms is not None:

@@ -51,6 +51,26 @@ def request_timeout(value: str | None) -> float | None:
     return seconds
 
 
+REQUEST_START = "X-Request-Start"
+"""When the edge received the request: `t=<seconds since the epoch>` (nginx's `${msec}`, the
+convention of Heroku's router and New Relic). The gateway dates deadlines from it, so the time a
+request waited in the edge and in the gateway's accept queue counts against its deadline."""
+
+
+def request_start(value: str | None) -> float | None:
+    """The epoch seconds an `X-Request-Start` header gives (`t=1733540000.123`, or a bare
+    number); None when absent or not a number. An infrastructure header: a malformed one is
+    ignored, never an error for the client."""
+    if not value:
+        return None
+    text = value.strip().removeprefix("t=")
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
 def decode_infer_body(
     body: bytes, *, header_length: str | None, model: str, version: str | None, request_id: str,
     spec: ModelVersion | None = None,

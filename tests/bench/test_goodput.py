@@ -15,7 +15,15 @@ from aiohttp import web
 from bench.goodput import slo_body
 from bench.goodput_report import GoodputReport
 from bench.goodput_stats import Measurement, Outcome, Window, tally, window_of
-from bench.h2load import H2LOAD, Arrivals, Response, parse_log, run_together, started_requests
+from bench.h2load import (
+    H2LOAD,
+    Arrivals,
+    Response,
+    StreamArrivals,
+    parse_log,
+    run_together,
+    started_requests,
+)
 
 LOG = (
     "1700000000000000\t200\t40000\n"  # on time for 50 ms
@@ -176,3 +184,19 @@ def test_run_files_of_a_fractional_load_do_not_collide(tmp_path: Path) -> None:
              for load in (0.5, 1.5) for mode in ("predictive", "static") for ms in (50, 250)}
     assert len(names) == 8
     assert all(name.name.endswith("ms.tsv") for name in names)
+
+
+def test_stream_arrivals_offer_the_rate_over_a_few_connections() -> None:
+    uniform = StreamArrivals.plan(2000, period_ms=1000, duty=1.0, seconds=3, clients=8)
+    assert uniform.clients == 8 and len(uniform.offsets_ms) == 250 * 3
+    assert uniform.rate == pytest.approx(2000, rel=0.01)
+    offsets = uniform.offsets_ms
+    gaps = {round(b - a, 6) for a, b in zip(offsets, offsets[1:], strict=False)}
+    assert gaps == {4.0}  # an even grid: 250 per client per second
+    bursty = StreamArrivals.plan(2000, period_ms=1000, duty=0.25, seconds=2, clients=8)
+    assert all(offset % 1000 < 250 for offset in bursty.offsets_ms)  # the on-phase only
+    assert len(bursty.offsets_ms) == 500
+    command = bursty.command(Path("s"), Path("b"), Path("l"), ["x: y"], idle_s=5)
+    assert "--h1" not in command and command[command.index("-m") + 1] == "1024"
+    assert command[command.index("-n") + 1] == str(8 * 500)
+    assert bursty.timing_script("http://e/v2/x").splitlines()[1] == "1.000\thttp://e/v2/x"

@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from deploy.edge import EdgeConfig, render, start_edge
 from deploy.localdeps import free_port
+from services.gateway import rest
 
 
 @pytest.fixture
@@ -33,6 +35,7 @@ async def rest_upstream() -> AsyncIterator[str]:
         return web.json_response({
             "request_id": request.headers.get("X-Request-Id"),
             "forwarded_for": request.headers.get("X-Forwarded-For"),
+            "request_start": request.headers.get("X-Request-Start"),
             "body": (await request.read()).decode(),
         })
 
@@ -74,10 +77,15 @@ async def test_rest_over_h2c_and_tls_h2_reaches_the_gateway_port(
     try:
         async with httpx.AsyncClient(http1=False, http2=True) as client:
             url = f"http://127.0.0.1:{config.h2c_port}/v2/x"
-            answer = await client.post(url, content=b"hi", headers={"X-Request-Id": "req-7"})
+            sent = time.time()
+            # A client's own X-Request-Start is replaced: only the edge's time is passed on.
+            answer = await client.post(url, content=b"hi", headers={
+                "X-Request-Id": "req-7", "X-Request-Start": "t=1"})
         assert answer.http_version == "HTTP/2"
-        assert answer.json() == {"request_id": "req-7", "forwarded_for": "127.0.0.1",
-                                 "body": "hi"}  # fmt: skip
+        echoed = answer.json()
+        start = rest.request_start(echoed.pop("request_start"))
+        assert start is not None and sent - 1.0 <= start <= time.time() + 0.01
+        assert echoed == {"request_id": "req-7", "forwarded_for": "127.0.0.1", "body": "hi"}
         async with httpx.AsyncClient(http2=True, verify=False) as client:
             answer = await client.get(f"https://127.0.0.1:{config.tls_port}/v2/x")
         assert answer.http_version == "HTTP/2"

@@ -155,6 +155,54 @@ async def test_rest_deadline_precedence(
     assert router.seen[0].deadline == pytest.approx(clock.now + expected)
 
 
+@pytest.mark.parametrize(
+    ("start_ago", "timeout", "parameter", "dated_from_ago"),
+    [
+        (0.4, "1", None, 0.4),  # the edge's receive time, 0.4 s ago: the deadline counts it
+        (0.4, None, 2, 0.4),  # the OIP timeout too
+        (-5.0, "1", None, 0.0),  # a start in the future never lengthens a deadline
+        (120.0, "1", None, 0.0),  # one from a clock far off is not believed
+        (None, "1", None, 0.0),
+    ],
+)
+async def test_deadlines_are_dated_from_the_edges_request_start(
+    make_client: Factory, router: Router, clock: FakeClock, start_ago: float | None,
+    timeout: str | None, parameter: float | None, dated_from_ago: float,
+) -> None:
+    _, client = await make_client(clock=clock)
+    headers = {} if timeout is None else {"X-Request-Timeout": timeout}
+    if start_ago is not None:
+        headers["X-Request-Start"] = f"t={clock.now - start_ago:.3f}"
+    response = await client.post(URL, json=body(parameter), headers=headers)
+    assert response.status == 200, await response.text()
+    given = float(timeout) if timeout is not None else float(parameter or 0)
+    assert router.seen[0].deadline == pytest.approx(clock.now - dated_from_ago + given, abs=1e-3)
+
+
+@pytest.mark.parametrize("value", ["abc", "t=", "t=nan", "t=-1", "", "t=1e400"])
+async def test_a_malformed_request_start_is_ignored(
+    make_client: Factory, router: Router, clock: FakeClock, value: str
+) -> None:
+    _, client = await make_client(clock=clock)
+    response = await client.post(URL, json=BODY, headers={"X-Request-Start": value,
+                                                          "X-Request-Timeout": "1"})
+    assert response.status == 200, await response.text()
+    assert router.seen[0].deadline == pytest.approx(clock.now + 1.0)
+
+
+async def test_a_request_that_waited_past_its_deadline_in_front_of_the_gateway_is_504_unrun(
+    make_client: Factory, router: Router
+) -> None:
+    """The edge got it 0.5 s ago with 0.3 s to live: answered 504 at once, never forwarded
+    (without the edge's start the gateway would date it from now and serve it late)."""
+    core, client = await make_client()
+    headers = {"X-Request-Start": f"t={time.time() - 0.5:.3f}", "X-Request-Timeout": "0.3"}
+    response = await client.post(URL, json=BODY, headers=headers)
+    assert response.status == 504, await response.text()
+    assert not router.seen
+    assert sample(core, MISSED, {"hop": "gateway"}) == 1
+
+
 @pytest.mark.parametrize("value", ["abc", "0", "-1", "1e3", "nan", "inf", "", "1_000"])
 async def test_a_bad_request_timeout_header_is_400_naming_it(
     make_client: Factory, router: Router, value: str
