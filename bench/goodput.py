@@ -175,7 +175,10 @@ def open_run(
         body.write_bytes(slo_body(args.model, deadline))
         logs[deadline] = _beside(stem, ".tsv")
         idle_s = round(period_ms / 1000 + 4 * max(deadlines) + 5)
-        commands.append(arrivals.command(script, body, logs[deadline], headers, idle_s=idle_s))
+        # The deadline in the body (OIP `timeout`) and, with --deadline-header, in
+        # X-Request-Timeout too: the gateway can then refuse before reading the body.
+        own = [*headers, f"X-Request-Timeout: {deadline:g}"] if args.deadline_header else headers
+        commands.append(arrivals.command(script, body, logs[deadline], own, idle_s=idle_s))
         summaries.append(target.logs / f"{stem.name}.out")
     cpu = run_together(commands, summaries, timeout=args.warmup + args.duration + 120)
     parsed = {d: parse_log(path.read_text()) for d, path in logs.items()}
@@ -278,6 +281,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="h1: HTTP/1.1 to the gateway, one connection per arrival slot; "
                              "h2: HTTP/2 through the nginx edge (its port: GATEWAY+2), 8 "
                              "connections with many streams each")  # fmt: skip
+    parser.add_argument("--deadline-header", action="store_true",
+                        help="send each class's deadline as X-Request-Timeout as well as the "
+                             "OIP timeout parameter (refusals before the body is read)")
     parser.add_argument("--out", type=Path, help="JSON path")
     parser.add_argument("--infermesh", default=".venv/bin/infermesh", help="launcher executable")
     parser.add_argument("--ready-timeout", type=float, default=180.0)

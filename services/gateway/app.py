@@ -114,6 +114,13 @@ async def infer(request: web.Request) -> web.Response:
         arrived = core.arrival(rest.request_start(header(rest.REQUEST_START)))
         deadline = core.deadline_after(rest.request_timeout(header(rest.REQUEST_TIMEOUT)),
                                        arrived)
+        if deadline is not None:
+            try:
+                core.refuse_before_reading(model, admission.spec, deadline)
+            except errors.InfermeshError as exc:
+                core.trace_refusal(exc, model=model, request_id=request_id,
+                                   admission=admission, header=header)
+                raise
         # Bounded by what a valid request could need (413 past it, the rest never read).
         body = await read_body(request, limit=max_body_bytes(admission.spec))
         try:

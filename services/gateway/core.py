@@ -212,9 +212,9 @@ class Gateway:
         try:
             response = await self._infer(request, admission, header, span, arrived)
         except BaseException as exc:
-            span.end(exc)
+            recorded = span.end(exc)
             if isinstance(exc, InfermeshError):
-                exc.trace_id = span.trace_id
+                exc.trace_id = self._trace_of(span, exc, recorded)
             if isinstance(exc, DeadlineExceeded):
                 self.metrics.deadline_exceeded.inc()
             raise
@@ -231,8 +231,18 @@ class Gateway:
         decode, or its tensors do not fit the signature) like any failed request: one errored
         span, and the error names its trace."""
         span = _infer_span(model, request_id, admission, header)
-        span.end(error)
-        error.trace_id = span.trace_id
+        error.trace_id = self._trace_of(span, error, span.end(error))
+
+    def _trace_of(
+        self, span: tracing.HopSpan, error: InfermeshError, recorded: bool
+    ) -> str | None:
+        """The trace id an error answer names: its span's, unless the span of this refusal was
+        left unrecorded by the shedding bound (`tracing.SHED_SPANS_PER_SECOND`): then none,
+        and it is counted."""
+        if recorded or span.sampled or not tracing.recording() or not tracing.is_shedding(error):
+            return span.trace_id
+        self.metrics.untraced_refusals.inc()
+        return None
 
     async def _infer(
         self, request: InferRequest, admission: Admission, header: HeaderLookup | None,
@@ -284,6 +294,22 @@ class Gateway:
         if edge_start is None or not estimate - MAX_EDGE_WAIT <= edge_start < estimate:
             return estimate
         return edge_start
+
+    def refuse_before_reading(self, model: str, spec: ModelVersion, deadline: float) -> None:
+        """With a deadline its transport gave (`X-Request-Timeout`, dated from the edge's
+        `X-Request-Start`), refuse a request before its body is read and decoded: 504 when the
+        deadline has passed already (it waited that long in front of the gateway), 503 when
+        answers take longer now than it has left. A refusal then costs HTTP parsing and access
+        checks only, so shedding load takes less from the requests being served."""
+        if self._clock() >= deadline:
+            self.metrics.deadline_exceeded.inc()
+            raise DeadlineExceeded("deadline exceeded before the gateway read the request")
+        if spec.batching.admission != "off":
+            try:
+                self.overload.check(model, deadline)
+            except Overloaded:
+                self.metrics.overload_refusals.inc()
+                raise
 
     def _refuse_if_late(self, request: InferRequest) -> None:
         """Overloaded (503 + Retry-After) at once if answers for the model take longer now

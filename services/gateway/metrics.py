@@ -58,6 +58,12 @@ class GatewayMetrics:
             "(no 200 leaves after its deadline)",
             registry=self.registry,
         )
+        self.untraced_refusals = Counter(
+            "infermesh_gateway_untraced_refusals",
+            "Load-shedding answers (503 overloaded, 429 quota, 504 deadline) of unsampled "
+            "traces not exported: past the per-process bound on their spans",
+            registry=self.registry,
+        )
         self.overload_refusals = Counter(
             "infermesh_gateway_overload_refusals",
             "Requests refused at once (503) because answers take longer now than they had "

@@ -24,6 +24,7 @@ from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
 from services.gateway.grpc_app import create_grpc_server
+from services.mesh.domain import tracing
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.tensors import Tensor
@@ -201,6 +202,48 @@ async def test_a_request_that_waited_past_its_deadline_in_front_of_the_gateway_i
     assert response.status == 504, await response.text()
     assert not router.seen
     assert sample(core, MISSED, {"hop": "gateway"}) == 1
+
+
+async def test_a_transport_deadline_refuses_before_the_body_is_read(
+    make_client: Factory, router: Router, clock: FakeClock
+) -> None:
+    """With the deadline in a header, a request that cannot make it is refused before its body
+    is read or decoded: a body that would be a 400 comes back 504 (expired in front of the
+    gateway) or 503 (answers take longer than it has left)."""
+    core, client = await make_client(clock=clock)
+    garbage = b"{not json"
+    expired = {"X-Request-Start": f"t={clock.now - 2:.3f}", "X-Request-Timeout": "1"}
+    response = await client.post(URL, data=garbage, headers=expired)
+    assert response.status == 504, await response.text()
+    # The mesh is stuck: a request in flight for 5 s and no answer since.
+    core.overload.started("m")
+    clock.advance(5.0)
+    response = await client.post(URL, data=garbage, headers={"X-Request-Timeout": "1"})
+    assert response.status == 503, await response.text()
+    assert "retry-after" in response.headers
+    assert sample(core, "infermesh_gateway_overload_refusals_total") == 1
+    # Without a transport deadline the body is read first (its timeout may be inside it).
+    response = await client.post(URL, data=garbage)
+    assert response.status == 400
+    assert not router.seen
+
+
+async def test_a_refusal_storm_is_traced_within_the_budget_and_counted_past_it(
+    make_client: Factory, router: Router, clock: FakeClock
+) -> None:
+    exported: list[str] = []
+    tracing.configure(0.0, lambda span, error, end_ns: exported.append(span.trace_id),
+                      shed_per_second=1, clock=clock)
+    try:
+        core, client = await make_client(clock=clock)
+        expired = {"X-Request-Start": f"t={clock.now - 2:.3f}", "X-Request-Timeout": "1"}
+        answers = [await client.post(URL, json=BODY, headers=expired) for _ in range(3)]
+    finally:
+        tracing.configure(tracing.DEFAULT_SAMPLE_RATIO, None)
+    assert [a.status for a in answers] == [504, 504, 504]
+    named = [a.headers.get("Infermesh-Trace-Id") for a in answers]
+    assert named[0] == exported[0] and named[1:] == [None, None]  # no id of an unexported trace
+    assert sample(core, "infermesh_gateway_untraced_refusals_total") == 2
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-1", "1e3", "nan", "inf", "", "1_000"])

@@ -9,7 +9,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from services.mesh.domain.errors import Unavailable
+from services.mesh.domain import tracing
+from services.mesh.domain.errors import (
+    DeadlineExceeded,
+    ModelFailed,
+    Overloaded,
+    QuotaExceeded,
+    Unavailable,
+)
 from services.mesh.infra import telemetry
 from services.mesh.infra.spanfile import SpanFileExporter, read_spans
 
@@ -166,3 +173,26 @@ def test_spans_reach_an_otlp_grpc_collector_named_by_the_environment() -> None:
         telemetry.setup_tracing("test", {})
         server.stop(None)
     assert received == ["gateway.infer"]
+
+
+def test_unsampled_load_shedding_spans_are_exported_within_a_budget() -> None:
+    """A refusal storm must not cost an export per refusal: unsampled Overloaded /
+    QuotaExceeded / DeadlineExceeded spans are recorded at most `shed_per_second` a second
+    (a burst of as many); other errors, and sampled traces, always."""
+    exported: list[str] = []
+    now = [100.0]
+    tracing.configure(0.0, lambda span, error, end_ns: exported.append(type(error).__name__),
+                      shed_per_second=2, clock=lambda: now[0])
+    try:
+        unsampled = PARENT[:-2] + "00"
+        ended = [telemetry.start("gateway.infer", traceparent=unsampled).end(error)
+                 for error in (Overloaded("x"), QuotaExceeded("x"), DeadlineExceeded("x"),
+                               Overloaded("x"), Unavailable("x"), ModelFailed("x"))]
+        assert ended == [True, True, False, False, True, True]
+        assert exported == ["Overloaded", "QuotaExceeded", "Unavailable", "ModelFailed"]
+        assert telemetry.start("gateway.infer", traceparent=PARENT).end(Overloaded("x"))
+        now[0] += 0.5  # one token back
+        assert telemetry.start("gateway.infer", traceparent=unsampled).end(Overloaded("x"))
+        assert not telemetry.start("gateway.infer", traceparent=unsampled).end(Overloaded("x"))
+    finally:
+        tracing.configure(tracing.DEFAULT_SAMPLE_RATIO, None)

@@ -5,7 +5,13 @@ Each hop opens one `HopSpan` per request (`start`): it continues the trace in th
 and hands the next hop a carrier naming itself as the parent (`carrier`). Sampling is decided
 once, at the root (`sample_ratio` of new traces) and followed downstream (parent-based); a span
 that ends with an error is exported whatever its trace's sampling decision, so errors are
-always traced.
+always traced, with one bound: load-shedding answers (`Overloaded`, `QuotaExceeded`,
+`DeadlineExceeded`) of unsampled traces are exported at most `SHED_SPANS_PER_SECOND` a second
+per process (a burst of as many), the rest not at all (`end` says so; the gateway counts them
+and sends no trace id with such an answer). Shedding must be cheap: exporting every span of a
+refusal storm cost a gateway ~250 µs of CPU per refused request, about what serving one costs
+(2026-12-07, mesh, mlp, 10,000 requests expired on arrival), half of it in the exporting
+thread, so refusing more to protect the served made the overload worse.
 
 A span costs two ids, a clock read and a small object until it ends. Where ended spans go is
 infrastructure: `services.mesh.infra.telemetry.setup_tracing` installs an exporter here
@@ -28,6 +34,9 @@ _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 _SAMPLED_FLAGS = frozenset(f"{flags:02x}" for flags in range(256) if flags & 1)
 
 Attribute = str | bool | int | float
+SHED_SPANS_PER_SECOND = 20.0
+"""Unsampled load-shedding error spans exported per second per process, at most."""
+_SHED_CODES = frozenset({"overloaded", "quota_exceeded", "deadline_exceeded"})
 
 
 class TraceContext(NamedTuple):
@@ -73,21 +82,51 @@ def _new_id(bits: int) -> str:
     return f"{random.getrandbits(bits) or 1:0{bits // 4}x}"
 
 
+class _ShedBudget:
+    """A token bucket: `rate` spans a second, bursts of `rate`, on `clock`."""
+
+    __slots__ = ("clock", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.clock = rate, clock
+        self.tokens, self.stamp = rate, clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 class _Tracing:
     """The process's tracing state: the root sampling ratio and where ended spans go."""
 
     def __init__(self) -> None:
         self.ratio = DEFAULT_SAMPLE_RATIO
         self.export: SpanExport | None = None
+        self.shed = _ShedBudget(SHED_SPANS_PER_SECOND)
 
 
 _tracing = _Tracing()
 
 
-def configure(ratio: float, export: SpanExport | None) -> None:
-    """Set the root sampling ratio and the exporter of recorded spans (None: record nothing)."""
+def configure(
+    ratio: float, export: SpanExport | None, *, shed_per_second: float = SHED_SPANS_PER_SECOND,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Set the root sampling ratio and the exporter of recorded spans (None: record nothing),
+    and the bound on unsampled load-shedding error spans (see the module doc)."""
     _tracing.ratio = ratio
     _tracing.export = export
+    _tracing.shed = _ShedBudget(shed_per_second, clock)
+
+
+def is_shedding(error: BaseException) -> bool:
+    """Whether `error` is a load-shedding answer (refused, over quota, past its deadline)."""
+    return getattr(error, "code", None) in _SHED_CODES
 
 
 def recording() -> bool:
@@ -147,12 +186,18 @@ class HopSpan:
         return Link(self.context.trace_id, self.context.span_id, self.context.sampled,
                     {"infermesh.request_id": str(self.attributes.get("infermesh.request_id", ""))})
 
-    def end(self, error: BaseException | None = None, *, end_ns: int | None = None) -> None:
-        """Finish the span: recorded when tracing is configured and it is sampled or failed."""
+    def end(self, error: BaseException | None = None, *, end_ns: int | None = None) -> bool:
+        """Finish the span: recorded when tracing is configured and it is sampled or failed (a
+        load-shedding failure of an unsampled trace within the process's budget). Returns
+        whether it was recorded."""
         export = _tracing.export
         if export is None or not (self.context.sampled or error is not None):
-            return
+            return False
+        if (not self.context.sampled and error is not None and is_shedding(error)
+                and not _tracing.shed.take()):
+            return False
         export(self, error, end_ns or time.time_ns())
+        return True
 
 
 SERVER, INTERNAL, CONSUMER = 1, 0, 4
