@@ -1,0 +1,178 @@
+"""A 100,000-row async job on the mlp: its rows/s against the mesh's closed loop, and what it
+does to realtime traffic beside it.
+
+    python -m bench.jobs [--rows 100000] [--realtime-fraction 0.3] [--quick]
+
+Issue 19's target: the job finishes at >= 0.8 x the mesh's closed-loop rows/s while realtime
+traffic beside it keeps its p99. Starts its own ``infermesh up`` (gateway 8060, registry 8260,
+control 8160), then:
+
+1. capacity: a closed loop of one-row requests (wrk c=64, as ``bench.goodput`` measures it);
+2. realtime alone: h2load open loop at ``--realtime-fraction`` of that capacity (one body,
+   ``--connections`` HTTP/1.1 connections on an even grid) for ``--realtime-duration`` s;
+3. the job alone: ``POST /v1/jobs`` with every row inline (one OIP request of one row each),
+   polled every ``--poll`` s until ``303 See Other``; rows/s from the POST to the 303 (and
+   from the 202, without the upload). Inline bodies are bounded by the gateway's
+   ``max_body_bytes`` (64 MiB); more rows than ``--max-body-mib`` holds are split over several
+   jobs submitted together (100,000 mlp rows are ~30 MiB: one job);
+4. the job again with the same open loop running beside it: the realtime p99 of requests sent
+   between the 202 and the 303, against step 2's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from bench.h2load import Response
+from bench.jobs_report import JobRun, JobsReport, Realtime
+from bench.mesh import Mesh, OpenRun, call, ok, open_loop, sigterm_unwinds, start_mesh
+from bench.payloads import infer_path, request_body
+from bench.report import write_report
+from bench.result import Percentiles
+from bench.run_all import closed_loop
+
+MODEL = "mlp"
+
+
+def job_bodies(rows: int, max_bytes: int) -> list[bytes]:
+    """``rows`` one-row mlp requests (seeded), as few job bodies of at most ``max_bytes``."""
+    data = np.round(np.random.default_rng(0).standard_normal((rows, 32)), 3).tolist()
+    encoded = [orjson.dumps({"inputs": [{"name": "features", "datatype": "FP32",
+                                         "shape": [1, 32], "data": row}]}) for row in data]
+    bodies: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
+    head = b'{"model":"' + MODEL.encode() + b'","inputs":['
+    for row in encoded:
+        if chunk and (size + len(row) + len(head) + 2 > max_bytes or len(chunk) == 100_000):
+            bodies.append(head + b",".join(chunk) + b"]}")
+            chunk, size = [], 0
+        chunk.append(row)
+        size += len(row) + 1
+    return [*bodies, head + b",".join(chunk) + b"]}"]
+
+
+def run_jobs(mesh: Mesh, bodies: list[bytes], rows: int, poll_s: float) -> JobRun:
+    """Submit every body, then poll each job until its 303."""
+    began, locations = time.time(), []
+    for body in bodies:
+        answer = call(mesh.gateway, "POST", "/v1/jobs", raw=body, timeout=600.0)
+        ok(answer, "POST /v1/jobs")
+        locations.append(answer.headers["Location"])
+    accepted = time.time()
+    pending, statuses = set(locations), {}
+    while pending:
+        time.sleep(poll_s)
+        for location in sorted(pending):
+            answer = call(mesh.gateway, "GET", location)
+            if answer.status == 303:
+                pending.discard(location)
+                statuses[location] = answer.body
+            elif answer.status != 200 or answer.body["status"] in ("failed", "cancelled"):
+                raise RuntimeError(f"job {location}: {answer.status} {str(answer.body)[:500]}")
+    done = time.time()
+    failed = sum(int(s["progress"]["failed"]) for s in statuses.values())
+    return JobRun(len(bodies), rows, began, accepted, done, failed,
+                  [_runner_seconds(s) for s in statuses.values()])  # fmt: skip
+
+
+def _runner_seconds(status: dict[str, Any]) -> float:
+    """finished_at − started_at of one job, as its status says (the runner's own time)."""
+    started, finished = status.get("started_at"), status.get("finished_at")
+    if not started or not finished:
+        return float("nan")
+    return (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
+
+
+def realtime(run: OpenRun, start: float, end: float, rate: float) -> Realtime:
+    """The open loop's requests sent in [start, end]: their 2xx latencies and failures."""
+    inside: list[Response] = [r for r in run.responses if start <= r.start_s <= end]
+    ok_latencies = [r.latency_s for r in inside if 200 <= r.status < 300]
+    return Realtime(rate, len(inside), len(inside) - len(ok_latencies) + run.unanswered,
+                    Percentiles.of(ok_latencies), end - start)  # fmt: skip
+
+
+def measure(mesh: Mesh, args: argparse.Namespace, report: JobsReport, logs: Path) -> None:
+    capacity = closed_loop(mesh.gateway, MODEL, argparse.Namespace(
+        duration=args.capacity_duration, warmup=1.0))  # fmt: skip
+    report.capacity_rows_per_s = capacity.rows_per_s
+    print(f"capacity: {capacity.summary_line()}", flush=True)
+    rate, url = args.realtime_fraction * capacity.rows_per_s, mesh.gateway + infer_path(MODEL)
+    body = [request_body(MODEL, 1)]
+    alone = open_loop(url, body, rate=rate, connections=args.connections, logs=logs,
+                      seconds=args.realtime_duration + 1, name="h2load-alone")  # fmt: skip
+    first = min(r.start_s for r in alone.responses)
+    report.realtime_alone = realtime(alone, first + 1, first + 1 + args.realtime_duration, rate)
+    bodies = job_bodies(args.rows, args.max_body_mib << 20)
+    report.job_alone = run_jobs(mesh, bodies, args.rows, args.poll)
+    print(f"job alone: {report.job_alone.rows_per_s:,.0f} rows/s", flush=True)
+    beside_s = 1.5 * report.job_alone.seconds / (1 - args.realtime_fraction) + 2
+    with ThreadPoolExecutor(1) as pool:
+        loop = pool.submit(open_loop, url, body, rate=rate, connections=args.connections,
+                           seconds=beside_s, logs=logs, name="h2load-beside")  # fmt: skip
+        time.sleep(1.0)  # the open loop is under way before the job is submitted
+        report.job_beside = run_jobs(mesh, bodies, args.rows, args.poll)
+        beside = loop.result()
+    last = max(r.start_s for r in beside.responses)
+    job = report.job_beside
+    report.realtime_beside = realtime(beside, job.accepted, min(job.done, last), rate)
+    report.overlap_complete = last >= job.done
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.jobs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--rows", type=int, default=100_000, help="rows of the job")
+    add("--realtime-fraction", type=float, default=0.3, help="of the capacity, beside the job")
+    add("--realtime-duration", type=float, default=20.0, help="s of realtime alone, measured")
+    add("--capacity-duration", type=float, default=10.0, help="closed-loop seconds")
+    add("--connections", type=int, default=32, help="realtime open-loop connections")
+    add("--poll", type=float, default=0.25, help="s between GETs of a job")
+    add("--max-body-mib", type=int, default=60, help="largest job body (gateway: 64 MiB)")
+    add("--quick", action="store_true", help="smoke run: 2,000 rows, 3 s runs")
+    add("--ports", type=int, nargs=2, default=(8060, 8260), metavar=("GATEWAY", "REGISTRY"))
+    add("--out", type=Path, help="JSON path (default bench/results/jobs-DATE.json)")
+    add("--infermesh", default=".venv/bin/infermesh", help="launcher executable")
+    add("--ready-timeout", type=float, default=180.0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.realtime_duration, args.capacity_duration = 2_000, 3.0, 3.0
+        args.connections = 4
+    for name in ("rows", "realtime_duration", "capacity_duration", "connections", "poll",
+                 "max_body_mib"):  # fmt: skip
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if not 0 < args.realtime_fraction < 1:
+        parser.error("--realtime-fraction must be within (0, 1)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = datetime.now(UTC)
+    report = JobsReport(shlex.join(["python", "-m", "bench.jobs", *argv]), started,
+                        realtime_fraction=args.realtime_fraction)  # fmt: skip
+    out = args.out or Path("bench/results") / f"jobs-{started:%Y-%m-%dT%H%M%SZ}.json"
+    logs = out.with_suffix(".logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    with sigterm_unwinds(), ExitStack() as stack:
+        measure(start_mesh(stack, args, logs, tuple(args.ports)), args, report, logs)
+    write_report(report, out, logs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

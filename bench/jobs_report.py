@@ -1,0 +1,111 @@
+"""`bench.jobs`' figures and its Markdown: a job's rows/s against the closed loop, and the
+realtime p99 beside it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from bench.report import heading, machine
+from bench.result import Percentiles
+
+TARGET_RATIO = 0.8
+"""Issue 19: a job finishes at >= 0.8 x the mesh's closed-loop rows/s."""
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """One submission of every row (one job per body) until the last 303."""
+
+    jobs: int
+    rows: int
+    began: float
+    """Epoch s before the first POST."""
+    accepted: float
+    """Epoch s after the last 202."""
+    done: float
+    """Epoch s of the GET that saw the last 303."""
+    failed_rows: int
+    runner_seconds: list[float]
+    """Per job, finished_at − started_at from its status."""
+
+    @property
+    def seconds(self) -> float:
+        return self.done - self.began
+
+    @property
+    def rows_per_s(self) -> float:
+        """From the first POST to the last 303 (upload and validation included)."""
+        return self.rows / self.seconds
+
+    @property
+    def rows_per_s_after_202(self) -> float:
+        return self.rows / (self.done - self.accepted)
+
+
+@dataclass(frozen=True)
+class Realtime:
+    """The realtime open loop's requests sent inside a window."""
+
+    rate: float
+    requests: int
+    failed: int
+    """Non-2xx answers, failed streams and requests never answered."""
+    latency: Percentiles
+    seconds: float
+
+
+@dataclass
+class JobsReport:
+    command: str
+    started: datetime
+    realtime_fraction: float
+    capacity_rows_per_s: float = 0.0
+    realtime_alone: Realtime | None = None
+    job_alone: JobRun | None = None
+    job_beside: JobRun | None = None
+    realtime_beside: Realtime | None = None
+    overlap_complete: bool = True
+    """Whether the open loop beside the job lasted until its 303."""
+    notes: list[str] = field(default_factory=list)
+
+    def _job_row(self, label: str, job: JobRun | None) -> str:
+        if job is None:
+            return f"| {label} | not run | | | | |"
+        ratio = job.rows_per_s / self.capacity_rows_per_s if self.capacity_rows_per_s else 0.0
+        verdict = "ok" if ratio >= TARGET_RATIO else f"under {TARGET_RATIO}"
+        runner = ", ".join(f"{s:.1f}" for s in job.runner_seconds)
+        return (f"| {label} | {job.rows:,} in {job.jobs} job(s) | {job.seconds:.1f} "
+                f"| {job.rows_per_s:,.0f} ({job.rows_per_s_after_202:,.0f} after the 202) "
+                f"| {ratio:.2f} ({verdict}) | {runner} | {job.failed_rows} |")
+
+    def _realtime_row(self, label: str, run: Realtime | None) -> str:
+        if run is None:
+            return f"| {label} | not run | | | | |"
+        return (f"| {label} | {run.rate:,.0f} | {run.requests / run.seconds:,.0f} "
+                f"| {run.latency.p50:.2f} | {run.latency.p99:.2f} | {run.failed} |")
+
+    def markdown(self) -> str:
+        lines = [*heading(self.command, self.started),
+                 f"Closed loop (wrk c=64, one row per request): "
+                 f"{self.capacity_rows_per_s:,.0f} rows/s.", "",
+                 "| job | rows | s to 303 | rows/s | ÷ closed loop | runner s | failed rows |",
+                 "|---|---|---|---|---|---|---|", self._job_row("alone", self.job_alone),
+                 self._job_row("beside realtime", self.job_beside), "",
+                 f"| realtime ({self.realtime_fraction:.0%} of capacity) | offered req/s "
+                 "| sent req/s | p50 ms | p99 ms | failed |", "|---|---|---|---|---|---|",
+                 self._realtime_row("alone", self.realtime_alone),
+                 self._realtime_row("beside the job", self.realtime_beside)]  # fmt: skip
+        if not self.overlap_complete:
+            lines += ["", "The open loop ended before the job: the realtime window is cut short."]
+        return "\n".join([*lines, *self.notes])
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data.update(started=self.started.isoformat(), machine=machine())
+        for key in ("job_alone", "job_beside"):
+            job = getattr(self, key)
+            if job is not None:
+                data[key].update(rows_per_s=job.rows_per_s,
+                                 ratio=job.rows_per_s / self.capacity_rows_per_s)
+        return data
