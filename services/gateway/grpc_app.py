@@ -28,7 +28,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from services.gateway import grpc_messages
+from services.gateway import grpc_messages, rest
 from services.gateway.auth import HeaderLookup
 from services.gateway.core import SERVER_NAME, SERVER_VERSION, Gateway
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
@@ -147,12 +147,14 @@ def metadata_lookup(context: Any) -> HeaderLookup:
     return lookup
 
 
-def deadline_of(context: Any) -> float | None:
+def deadline_of(context: Any, waited: float = 0.0) -> float | None:
     """The call's gRPC deadline (`grpc-timeout`) as wall-clock time, None when it has none;
     the core takes the earliest of it and the request's `timeout` parameter (see
-    `Gateway._stamp_deadline` for the whole precedence)."""
+    `Gateway._stamp_deadline` for the whole precedence). grpc dates `grpc-timeout` from when
+    the gateway's server got the call; `waited` (seconds the call spent in front of it, from the
+    edge's `X-Request-Start`) comes off it."""
     remaining = context.time_remaining()
-    return None if remaining is None else time.time() + remaining
+    return None if remaining is None else time.time() + remaining - waited
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -187,7 +189,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     @mapped
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        answer = await self._infer(request, context)
+        answer = await self._infer(request, context, unary=True)
         context.set_trailing_metadata(grpc_messages.served_metadata(answer.response))
         return answer.encoded
 
@@ -199,8 +201,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         async for response in stream.responses(request_iterator):
             yield response
 
-    async def _infer(self, request: Any, context: Any) -> _Answer:
+    async def _infer(self, request: Any, context: Any, *, unary: bool = False) -> _Answer:
+        """One request; `unary`: a ModelInfer call, whose `x-request-start` (set by the edge)
+        dates its deadline. A stream's would date the stream, not each of its requests."""
         core, model, header = self._core, request.model_name, metadata_lookup(context)
+        arrived = core.arrival(rest.request_start(header("x-request-start"))) if unary else None
+        waited = 0.0 if arrived is None else max(0.0, core.arrival(None) - arrived)
         version = request.model_version or None
         # Access (auth, model, quotas) is settled before the tensors are decoded.
         with track(core.metrics, model), core.admit(model, version, header=header) as admission:
@@ -209,13 +215,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             request_id = request.id or core.new_request_id()
             try:
                 infer_request = grpc_messages.decode_infer(
-                    request, request_id=request_id, deadline=deadline_of(context),
+                    request, request_id=request_id, deadline=deadline_of(context, waited),
                 )
             except errors.InfermeshError as exc:
                 core.trace_refusal(exc, model=model, request_id=request_id,
                                    admission=admission, header=header)
                 raise
-            response = await core.infer(infer_request, admission=admission, header=header)
+            response = await core.infer(infer_request, admission=admission, header=header,
+                                        arrived=arrived)
             encoded = grpc_messages.encode_infer(response)
             core.ensure_on_time(infer_request.deadline)  # encoding a large answer takes time
             return _Answer(response, encoded, infer_request.deadline)

@@ -414,3 +414,21 @@ async def test_a_closed_stream_cancels_its_requests(
         await router.cancelled.wait()
     reading.cancel()
     more.set()
+
+
+async def test_a_grpc_call_dates_its_deadline_from_the_edges_request_start(
+    stub_for: Callable[..., Awaitable[Any]], router: Router
+) -> None:
+    """Through the edge a unary call carries `x-request-start`: a call that waited 0.4 s in
+    front of the gateway has 0.4 s less of its grpc-timeout; one that waited past it all is
+    DEADLINE_EXCEEDED unrun."""
+    _, stub = await stub_for()
+    waited = [("x-request-start", f"t={time.time() - 0.4:.3f}")]
+    await stub.ModelInfer(grpc_request(), timeout=10.0, metadata=waited)
+    assert router.seen[0].deadline is not None
+    assert router.seen[0].deadline == pytest.approx(time.time() + 10.0 - 0.4, abs=0.3)
+    expired = [("x-request-start", f"t={time.time() - 2:.3f}")]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ModelInfer(grpc_request(), timeout=1.0, metadata=expired)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(router.seen) == 1
