@@ -150,13 +150,18 @@ class Target:
         return self.edge or self.gateway
 
 
+def period_of(deadlines: tuple[float, ...]) -> int:
+    """Milliseconds of one arrival period: 1 s, or twice the longest deadline if longer."""
+    return max(1000, round(2000 * max(deadlines)))
+
+
 def open_run(
     target: Target, rate: float, pattern: str, args: argparse.Namespace, name: str
 ) -> tuple[dict[float, list[Response]], float, int]:
     """Both SLO classes at ``rate / 2`` each, together: their logs, h2load's CPU seconds and
     how many requests got no answer at all (h2load gave up on their connection)."""
     deadlines = SLO_CLASSES[args.model]
-    period_ms = max(1000, round(2000 * max(deadlines)))
+    period_ms = period_of(deadlines)
     url = target.load_url + infer_path(args.model)
     auth = [f"{name}: {value}" for name, value in auth_headers(target.gateway).items()]
     headers = ["Content-Type: application/json", *auth]
@@ -301,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--processes 2 goes with --fused")
     setup = ("fused2" if args.processes == 2 else "fused") if args.fused else "mesh"
     command = shlex.join(["python", "-m", "bench.goodput", *argv])
-    report = GoodputReport(command, started, model=args.model, setup=setup,
-                           deadlines=SLO_CLASSES[args.model])  # fmt: skip
+    deadlines = SLO_CLASSES[args.model]
+    report = GoodputReport(command, started, model=args.model, setup=setup, deadlines=deadlines,
+                           duties=dict(PATTERNS), period_s=period_of(deadlines) / 1000)
     out = args.out or Path("bench/results") / f"goodput-{started:%Y-%m-%dT%H%M%SZ}.json"
     logs = out.with_suffix(".logs")
     logs.mkdir(parents=True, exist_ok=True)

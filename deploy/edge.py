@@ -35,6 +35,9 @@ class EdgeConfig:
     certificate: Path | None = None
     key: Path | None = None
     max_body: str = "64m"
+    max_conns: int = 512
+    """Requests the edge keeps in flight at the gateway's REST port at once; past it nginx
+    answers 503 with Retry-After itself, in C, for a few microseconds (see edge.conf)."""
 
 
 def render(config: EdgeConfig, prefix: Path) -> str:
@@ -49,6 +52,7 @@ def render(config: EdgeConfig, prefix: Path) -> str:
     )
     return template.format(
         prefix=prefix, max_body=config.max_body, rest_upstream=config.rest_upstream,
+        max_conns=config.max_conns,
         grpc_upstream=config.grpc_upstream, h2c_listen=f"{config.host}:{config.h2c_port}",
         tls_listen=tls_listen,
         tls_block_note=f"TLS h2 on {config.host}:{config.tls_port}" if tls else "no TLS listener",

@@ -200,3 +200,16 @@ def test_stream_arrivals_offer_the_rate_over_a_few_connections() -> None:
     assert "--h1" not in command and command[command.index("-m") + 1] == "1024"
     assert command[command.index("-n") + 1] == str(8 * 500)
     assert bursty.timing_script("http://e/v2/x").splitlines()[1] == "1.000\thttp://e/v2/x"
+
+
+def test_the_goodput_bound_is_what_arrivals_and_deadlines_allow() -> None:
+    from bench.goodput_report import goodput_bound
+
+    # Uniform: whatever is offered up to capacity.
+    assert goodput_bound(0.5, duty=1.0, period_s=1.0, longest_deadline_s=0.25) == 0.5
+    assert goodput_bound(2.0, duty=1.0, period_s=1.0, longest_deadline_s=0.25) == 1.0
+    # Bursty, the mlp (1 s period, 250 ms on, 250 ms deadline): busy half of each period.
+    assert goodput_bound(2.0, duty=0.25, period_s=1.0, longest_deadline_s=0.25) == 0.5
+    # The encoder (6 s period, 1.5 s on, 3 s deadline): three quarters.
+    assert goodput_bound(1.5, duty=0.25, period_s=6.0, longest_deadline_s=3.0) == 0.75
+    assert goodput_bound(0.4, duty=0.25, period_s=6.0, longest_deadline_s=3.0) == 0.4

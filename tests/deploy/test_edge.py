@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -93,3 +94,49 @@ async def test_rest_over_h2c_and_tls_h2_reaches_the_gateway_port(
     finally:
         await asyncio.to_thread(edge.stop)
     assert edge.process.poll() is not None
+
+
+async def test_past_max_conns_the_edge_answers_503_with_retry_after_itself(prefix: Path) -> None:
+    """The edge keeps at most `max_conns` requests in flight at the gateway; the next one is
+    refused by nginx at once (503 + Retry-After), never queued behind them."""
+    release, both_in = asyncio.Event(), asyncio.Event()
+    entered = 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal entered
+        entered += 1
+        if entered == 2:
+            both_in.set()
+        async with asyncio.timeout(30):
+            await release.wait()
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = EdgeConfig(free_port(), f"127.0.0.1:{port}", "127.0.0.1:9", max_conns=2)
+    assert "max_conns=2;" in await asyncio.to_thread(render, config, prefix)
+    edge = await asyncio.to_thread(start_edge, config, prefix / "run")
+    try:
+        url = f"http://127.0.0.1:{config.h2c_port}/v2/models/m/infer"
+        # One client (one HTTP/2 connection) per request.
+        async with contextlib.AsyncExitStack() as clients:
+            first, second, third = [
+                await clients.enter_async_context(
+                    httpx.AsyncClient(http1=False, http2=True, timeout=30))
+                for _ in range(3)
+            ]
+            held = [asyncio.create_task(c.post(url, content=b"x")) for c in (first, second)]
+            async with asyncio.timeout(20):  # both at the upstream
+                await both_in.wait()
+            refused = await third.post(url, content=b"x")
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1" and "overloaded" in refused.text
+            release.set()
+            assert [(await task).status_code for task in held] == [200, 200]
+    finally:
+        await asyncio.to_thread(edge.stop)
+        await runner.cleanup()
