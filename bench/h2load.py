@@ -69,7 +69,10 @@ class Arrivals:
         each period of (about) ``period_ms``, for at least ``seconds``."""
         clients = max(1, round(rate * period_ms / 1000))
         period_ms = round(clients / rate * 1000)  # the mean rate exactly, with whole clients
-        per_tick, tick_ms = _ticks(rate / duty / 1000)
+        per_ms = rate / duty / 1000
+        per_tick, tick_ms = _ticks(per_ms)
+        if per_tick > clients:  # h2load refuses -r > -c: start them all in one tick
+            per_tick, tick_ms = clients, max(1, round(clients / per_ms))
         cycles = max(1, -(-round(seconds * 1000) // period_ms))
         return cls(clients, per_tick, tick_ms, period_ms, cycles)
 

@@ -213,3 +213,16 @@ def test_the_goodput_bound_is_what_arrivals_and_deadlines_allow() -> None:
     # The encoder (6 s period, 1.5 s on, 3 s deadline): three quarters.
     assert goodput_bound(1.5, duty=0.25, period_s=6.0, longest_deadline_s=3.0) == 0.75
     assert goodput_bound(0.4, duty=0.25, period_s=6.0, longest_deadline_s=3.0) == 0.4
+
+
+@pytest.mark.parametrize("rate", [502.5, 1000.0, 3048.0, 0.5])
+@pytest.mark.parametrize("clients", [1, 4, 32])
+def test_arrivals_never_start_more_clients_per_tick_than_there_are(
+    rate: float, clients: int
+) -> None:
+    """h2load refuses `-r` larger than `-c` (a realtime loop over 4 connections at 500 req/s
+    asked for 5 per tick of 4 clients)."""
+    period_ms = max(1, round(clients / rate * 1000))
+    arrivals = Arrivals.plan(rate, period_ms=period_ms, duty=1.0, seconds=4)
+    assert 1 <= arrivals.per_tick <= arrivals.clients
+    assert arrivals.rate == pytest.approx(rate, rel=0.5)
