@@ -1,0 +1,87 @@
+"""Flame graphs of each hop under load: the mesh's gateway, router, batcher and mlp worker, and
+the fused process.
+
+    python -m bench.flamegraphs [--out docs/flamegraphs] [--seconds 15]
+
+For each system (started as ``bench.cpu_per_request`` starts it: auth on, a tenant whose quotas
+never bind), h2load drives the mlp in a closed loop (HTTP/1.1, c=64) for ``--seconds`` + 15 s;
+after 6 s, py-spy records every hop at 100 Hz for ``--seconds`` seconds, all at once, into
+``<out>/<system>-<hop>.svg``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench import proc_cpu
+from bench.cpu_per_request import start_system
+from bench.credentials import auth_headers
+from bench.h2load import H2LOAD
+from bench.models import DEFAULT_CACHE_DIR
+from bench.payloads import infer_path, request_body
+
+HOPS = ("gateway", "router", "batcher", "worker mlp", "fused")
+PY_SPY = ".venv/bin/py-spy"
+
+
+def record(system: str, args: argparse.Namespace) -> list[Path]:
+    """Start ``system``, load it, record each hop; the SVGs written."""
+    written: list[Path] = []
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="infermesh-flames-") as tmp:
+        url = start_system(stack, system, args, Path(tmp))
+        mine = proc_cpu.tree_cpu(proc_cpu.children_of(os.getpid()))
+        hops = {proc_cpu.label_of(key.pid): key.pid for key in mine
+                if proc_cpu.label_of(key.pid).startswith(HOPS)}  # fmt: skip
+        body = Path(tmp) / "body.json"
+        body.write_bytes(request_body("mlp", 1))
+        load = [H2LOAD, "--h1", "-t", "1", "-D", str(args.seconds + 15), "-c", "64",
+                "-d", str(body), "-H", "content-type: application/json"]  # fmt: skip
+        for name, value in auth_headers(url).items():
+            load += ["-H", f"{name}: {value}"]
+        client = subprocess.Popen([*load, url + infer_path("mlp")], stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(6)  # past the first seconds' one-off costs
+            spies = []
+            for label, pid in hops.items():
+                name = label.split(" (")[0].replace(" ", "-").replace("/", "-")
+                svg = args.out / f"{system}-{name}.svg"
+                spies.append(subprocess.Popen(
+                    [PY_SPY, "record", "-p", str(pid), "-d", str(args.seconds), "-r", "100",
+                     "-f", "flamegraph", "-o", str(svg)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+                written.append(svg)
+            for spy in spies:
+                spy.wait(timeout=args.seconds + 60)
+        finally:
+            client.wait(timeout=args.seconds + 60)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.flamegraphs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/flamegraphs"))
+    parser.add_argument("--seconds", type=int, default=15, help="recorded per hop")
+    parser.add_argument("--systems", default="mesh,fused")
+    parser.add_argument("--infermesh", default=".venv/bin/infermesh")
+    parser.add_argument("--ready-timeout", type=float, default=180.0)
+    args = parser.parse_args(argv)
+    if args.seconds <= 0:
+        parser.error("--seconds must be positive")
+    args.cache_dir, args.artifact_dir, args.plain_port = DEFAULT_CACHE_DIR, None, 8500
+    args.out.mkdir(parents=True, exist_ok=True)
+    for system in args.systems.split(","):
+        for svg in record(system, args):
+            print(svg, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
