@@ -86,10 +86,11 @@ class Access:
             return AuthFailure("forbidden_model", f"tenant '{name}' may not use model '{model}'")
         return tenant
 
-    def admit(self, tenant: Tenant, model: str) -> Permit | Rejection:
-        """Take one request's quota, or say which limit refuses it (taking nothing)."""
+    def admit(self, tenant: Tenant, model: str, *, cost: int = 1) -> Permit | Rejection:
+        """Take one request's quota (`cost` requests' worth of rate), or say which limit
+        refuses it (taking nothing)."""
         cap = self._model_caps.get(model, self._default_model_cap)
-        return self._ledger.admit(tenant, model, model_cap=cap)
+        return self._ledger.admit(tenant, model, model_cap=cap, cost=cost)
 
     def _refresh(self) -> None:
         caps: dict[str, int] = {}

@@ -164,15 +164,18 @@ class Gateway:
         """
         return self.admit_tenant(self.authorize(model, header), model, version)
 
-    def admit_tenant(self, tenant: Tenant, model: str, version: str | None) -> Admission:
+    def admit_tenant(
+        self, tenant: Tenant, model: str, version: str | None, *, cost: int = 1,
+    ) -> Admission:
         """`admit` for a tenant already authorized for `model` (the job runner's way in: it
-        holds no key, only the tenant a key submitted the job as); NotFound or QuotaExceeded."""
+        holds no key, only the tenant a key submitted the job as); NotFound or QuotaExceeded.
+        `cost`: the requests it stands for against the tenant's rate (a pack of job rows)."""
         try:
             spec = self._catalog.resolve(model, version)
         except InfermeshError as exc:
             self.metrics.count_tenant(tenant.name, exc.code)
             raise
-        decision = self._access.admit(tenant, model)
+        decision = self._access.admit(tenant, model, cost=cost)
         if isinstance(decision, Rejection):
             self.metrics.quota_rejections.labels(tenant.name, decision.limit).inc()
             self.metrics.count_tenant(tenant.name, QuotaExceeded.code)
@@ -184,6 +187,10 @@ class Gateway:
     ) -> ModelVersion:
         """The version named, or the one a request without a version is validated against."""
         self.authorize(model, header)
+        return self._catalog.resolve(model, version)
+
+    def resolve(self, model: str, version: str | None) -> ModelVersion:
+        """The version named, or the rollout's default for None; NotFound."""
         return self._catalog.resolve(model, version)
 
     def model_versions(self, model: str) -> list[str]:

@@ -10,10 +10,11 @@ Why this shape:
   queue needs: `FOR UPDATE SKIP LOCKED` to claim, a lease column to take over after a crash,
   and one transaction to write a chunk's outputs with the job's progress.
 - **Run by a task inside every gateway.** The gateway owns tenants, quotas and the request
-  path; a row of a job is one request through `Gateway.infer`, admitted under the tenant's
-  quotas like any other and sent in the batcher's **bulk** lane, so realtime traffic beside a
-  job keeps its latency. Each gateway runs one job at a time with a bounded number of rows in
-  flight; more gateway replicas take more jobs.
+  path; a job's rows go through `Gateway.infer`, packed several to a request where they may
+  share one (jobs_packing.py), admitted under the tenant's quotas (a token per row) and sent
+  in the batcher's **bulk** lane, so realtime traffic beside a job keeps its latency. Each
+  gateway runs one job at a time with a bounded number of requests in flight; more gateway
+  replicas take more jobs.
 - **Exactly-once outputs.** A row's output is written only while it is still `pending`, by the
   runner holding the job's lease, so it is written once. A runner killed mid-chunk loses only
   the rows it had not written yet; the next runner executes those again (a model call cannot

@@ -2,8 +2,10 @@
 through the gateway core, in the bulk lane, under the tenant's quotas.
 
 One job at a time per runner, its lease renewed every third of `lease_s`. A job's rows stream
-through `concurrency` workers: a feeder reads pending rows in index order, each worker runs one
-row at a time, and finished rows are written `chunk_rows` at a time (one transaction each,
+through `concurrency` workers: a feeder reads pending rows in index order, each worker takes up
+to `pack_rows` of them at a time and runs them as one request where they may share one
+(jobs_packing.py: a row alone costs a whole request at every hop, and realtime traffic beside
+a job needs that CPU), and finished rows are written `chunk_rows` at a time (one transaction each,
 one at a time, so at most about two chunks and the rows in flight are lost by a crash, to be
 run again by whoever takes the job over). A lost lease (the job cancelled, or taken over after
 this runner stalled) stops the run without writing anything more.
@@ -26,8 +28,9 @@ import orjson
 
 from services.gateway.access import Access
 from services.gateway.auth import AuthFailure
-from services.gateway.core import Gateway
+from services.gateway.core import Admission, Gateway
 from services.gateway.jobs import ClaimedJob, JobStore, RowOutcome, error_output
+from services.gateway.jobs_packing import join, packable, packs, unpack
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.rest import decode_infer, encode_infer
 from services.mesh.domain.errors import (
@@ -38,6 +41,7 @@ from services.mesh.domain.errors import (
     QuotaExceeded,
     Unavailable,
 )
+from services.mesh.domain.types import InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,8 @@ class LeaseLost(Exception):
 
 
 class RowExecutor(Protocol):
-    async def run(self, job: ClaimedJob, idx: int, raw: bytes) -> RowOutcome:
-        """Run one row; its outcome, or JobFailed."""
+    async def run_many(self, job: ClaimedJob, rows: list[tuple[int, bytes]]) -> list[RowOutcome]:
+        """Run these rows (index, request); one outcome each, or JobFailed."""
         ...
 
 
@@ -90,15 +94,77 @@ class GatewayRows:
                 return RowOutcome(idx, "failed", error_output(exc))
 
     async def _once(self, job: ClaimedJob, idx: int, raw: bytes) -> bytes:
-        tenant = self._access.tenant(job.tenant, job.model)
-        if isinstance(tenant, AuthFailure):
-            raise JobFailed(tenant.message)
-        with self._core.admit_tenant(tenant, job.model, job.version) as admission:
-            admission.lane = BULK
+        with self._admit(job) as admission:
             request = decode_infer(orjson.loads(raw), model=job.model, version=job.version,
                                    request_id=f"{job.id}-{idx}", spec=admission.spec)
             response = await self._core.infer(request, admission=admission)
         return encode_infer(response)
+
+    def _admit(self, job: ClaimedJob, cost: int = 1) -> Admission:
+        tenant = self._access.tenant(job.tenant, job.model)
+        if isinstance(tenant, AuthFailure):
+            raise JobFailed(tenant.message)
+        admission = self._core.admit_tenant(tenant, job.model, job.version, cost=cost)
+        admission.lane = BULK
+        return admission
+
+    async def run_many(self, job: ClaimedJob, rows: list[tuple[int, bytes]]) -> list[RowOutcome]:
+        """Run rows, packed into shared requests where they may be (see jobs_packing.py); a
+        row that does not decode, or does not pack, runs alone."""
+        if len(rows) == 1:
+            return list(await asyncio.gather(*(self.run(job, *row) for row in rows)))
+        try:
+            spec = self._core.resolve(job.model, job.version)
+        except NotFound as exc:
+            raise JobFailed(exc.message) from exc
+        if not packable(spec):
+            return list(await asyncio.gather(*(self.run(job, *row) for row in rows)))
+        alone: list[tuple[int, bytes]] = []
+        decoded: dict[int, tuple[int, bytes]] = {}
+        requests: list[InferRequest] = []
+        for idx, raw in rows:
+            try:
+                request = decode_infer(orjson.loads(raw), model=job.model, version=job.version,
+                                       request_id=f"{job.id}-{idx}", spec=spec)
+            except (InfermeshError, orjson.JSONDecodeError):
+                alone.append((idx, raw))  # it fails alone, naming its own field
+                continue
+            decoded[id(request)] = (idx, raw)
+            requests.append(request)
+        max_rows = spec.batching.max_batch_size
+        runs: list[Awaitable[list[RowOutcome]]] = [
+            self._run_pack(job, group, [decoded[id(r)] for r in group])
+            for group in packs(requests, max_rows)
+        ]
+        runs += [self.run_many(job, [row]) for row in alone]
+        return [outcome for outcomes in await asyncio.gather(*runs) for outcome in outcomes]
+
+    async def _run_pack(
+        self, job: ClaimedJob, group: list[InferRequest], rows: list[tuple[int, bytes]],
+    ) -> list[RowOutcome]:
+        """`run` for a pack: refusals for load retry the pack; an error of the model or the
+        data runs each row alone, so only the row at fault fails."""
+        if len(group) == 1:
+            return [await self.run(job, *rows[0])]
+        attempts = 0
+        while True:
+            try:
+                with self._admit(job, cost=len(group)) as admission:
+                    joined = join(group, f"{job.id}-{rows[0][0]}+{len(group)}")
+                    response = await self._core.infer(joined, admission=admission)
+                return [RowOutcome(idx, "done", encode_infer(answer))
+                        for (idx, _), answer in zip(rows, unpack(response, group), strict=True)]
+            except QuotaExceeded as exc:
+                await self._sleep(_pause(exc, 1))
+            except TRANSIENT as exc:
+                attempts += 1
+                if attempts >= self._max_attempts:
+                    return [RowOutcome(idx, "failed", error_output(exc)) for idx, _ in rows]
+                await self._sleep(_pause(exc, attempts))
+            except NotFound as exc:
+                raise JobFailed(exc.message) from exc
+            except InfermeshError:
+                return list(await asyncio.gather(*(self.run(job, *row) for row in rows)))
 
 
 def _pause(error: InfermeshError, attempts: int) -> float:
@@ -113,7 +179,7 @@ class JobRunner:
 
     def __init__(
         self, store: JobStore, rows: RowExecutor, *, runner_id: str | None = None,
-        lease_s: float = 30.0, concurrency: int = 64, chunk_rows: int = 256,
+        lease_s: float = 30.0, concurrency: int = 4, pack_rows: int = 32, chunk_rows: int = 256,
         poll_s: float = 1.0, retention_s: float = 7 * 86400.0, sweep_every_s: float = 60.0,
         metrics: GatewayMetrics | None = None,
     ) -> None:
@@ -122,6 +188,7 @@ class JobRunner:
         self._rows = rows
         self._lease_s = lease_s
         self._concurrency = concurrency
+        self._pack_rows = pack_rows
         self._chunk_rows = chunk_rows
         self._poll_s = poll_s
         self._retention_s = retention_s
@@ -257,16 +324,30 @@ class _JobRun:
             await self._queue.put(None)
 
     async def _work(self) -> None:
-        chunk = self._runner._chunk_rows
-        while (row := await self._queue.get()) is not None:
-            outcome = await self._runner._rows.run(self._job, *row)
-            self._finished.append(outcome)  # after the await: a write may swap the list
+        chunk, pack = self._runner._chunk_rows, self._runner._pack_rows
+        while rows := await self._take(pack):
+            outcomes = await self._runner._rows.run_many(self._job, rows)
+            self._finished.extend(outcomes)  # after the await: a write may swap the list
             # One write at a time; the rows behind it wait only when two chunks pile up.
             if len(self._finished) >= chunk and (
                 not self._writing.locked() or len(self._finished) >= 2 * chunk
             ):
                 async with self._writing:
                     await self._write()
+
+    async def _take(self, most: int) -> list[tuple[int, bytes]]:
+        """The next rows for one request: one, waited for, then up to `most` of those queued
+        already; none once the feeder has ended."""
+        row = await self._queue.get()
+        if row is None:
+            return []
+        rows = [row]
+        while len(rows) < most and not self._queue.empty():
+            if (row := self._queue.get_nowait()) is None:
+                self._queue.put_nowait(None)  # this worker's end, for its next call
+                break
+            rows.append(row)
+        return rows
 
     async def _write(self) -> None:
         batch, self._finished = self._finished, []

@@ -40,7 +40,8 @@ async def open_jobs(
     if settings.job_runner:
         runner = JobRunner(
             store, GatewayRows(core, access), lease_s=settings.job_lease_s,
-            concurrency=settings.job_concurrency, retention_s=settings.job_retention_s,
+            concurrency=settings.job_concurrency, pack_rows=settings.job_pack_rows,
+            retention_s=settings.job_retention_s,
             metrics=core.metrics,
         )
         runner.start()
@@ -59,6 +60,7 @@ async def open_jobs(
 def check_job_settings(settings: GatewaySettings) -> None:
     """InvalidInput naming the first job setting out of its range."""
     bounds = {"job_lease_s": settings.job_lease_s, "job_concurrency": settings.job_concurrency,
+              "job_pack_rows": settings.job_pack_rows,
               "job_retention_s": settings.job_retention_s, "job_max_rows": settings.job_max_rows}
     for name, value in bounds.items():
         if not value > 0:

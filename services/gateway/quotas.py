@@ -84,15 +84,18 @@ class TokenBucket:
             self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
 
-    def wait(self, now: float) -> float:
-        """Seconds until a token is available: 0.0 when one is there now."""
+    def wait(self, now: float, cost: float = 1.0) -> float:
+        """Seconds until `cost` tokens may be taken: 0.0 when they may be now. A cost above
+        the capacity needs a full bucket and leaves it in debt (below zero), so the rate over
+        time holds whatever the cost."""
         self.refill(now)
-        if self.tokens + _EPSILON >= 1.0:
+        needed = min(cost, self.capacity)
+        if self.tokens + _EPSILON >= needed:
             return 0.0
-        return min(MAX_RETRY_AFTER, (1.0 - self.tokens) / self.rate)
+        return min(MAX_RETRY_AFTER, (needed - self.tokens) / self.rate)
 
-    def take(self) -> None:
-        self.tokens -= 1.0
+    def take(self, cost: float = 1.0) -> None:
+        self.tokens -= cost
 
     def resize(self, rate: float, capacity: float, now: float) -> None:
         """New rate and capacity, keeping the token level (clamped): no free burst."""
@@ -149,9 +152,9 @@ class _TenantAccount:
             rate, capacity = rate_share(tenant.rate, replicas), burst_share(tenant.burst, replicas)
             self.bucket.resize(rate, capacity, now)
 
-    def check(self, now: float) -> Rejection | None:
+    def check(self, now: float, cost: int = 1) -> Rejection | None:
         if self.bucket is not None:
-            wait = self.bucket.wait(now)
+            wait = self.bucket.wait(now, cost)
             if wait > 0.0:
                 tenant = self.tenant
                 return Rejection("rate", wait, f"tenant '{tenant.name}' is over its rate quota "
@@ -202,8 +205,12 @@ class QuotaLedger:
         for account in self._tenants.values():
             account.conform(account.tenant, replicas, now)
 
-    def admit(self, tenant: Tenant, model: str, *, model_cap: int = 0) -> Permit | Rejection:
-        """A permit for one request of `tenant` to `model`, or why not (nothing consumed)."""
+    def admit(
+        self, tenant: Tenant, model: str, *, model_cap: int = 0, cost: int = 1,
+    ) -> Permit | Rejection:
+        """A permit for one request of `tenant` to `model`, or why not (nothing consumed).
+        `cost`: the requests it stands for against the rate (a pack of a job's rows, each
+        one request as submitted); it holds one concurrency slot whatever its cost."""
         now = self._clock()
         account = self._tenants.get(tenant.name)
         if account is None:
@@ -213,13 +220,13 @@ class QuotaLedger:
         model_slots = self._models.get(model)
         if model_slots is None:
             model_slots = self._models[model] = _Slots()
-        rejection = account.check(now)
+        rejection = account.check(now, cost)
         if rejection is None and model_cap > 0:
             rejection = self._check_model(tenant, model, model_slots, model_cap)
         if rejection is not None:
             return rejection
         if account.bucket is not None:
-            account.bucket.take()
+            account.bucket.take(cost)
         account.slots.in_flight += 1
         model_slots.in_flight += 1
         return Permit(account.slots, model_slots)

@@ -46,8 +46,13 @@ class GatewaySettings(ServiceSettings):
     job_runner: bool = True
     """Run async jobs (`/v1/jobs`) in this gateway; needs `database_url`. Off: this gateway
     still takes and shows jobs, and other replicas run them."""
-    job_concurrency: int = 64
-    """Rows of a job in flight at once on this gateway (each one inference request)."""
+    job_concurrency: int = 4
+    """Requests of a job in flight at once on this gateway, each of up to `job_pack_rows`
+    rows."""
+    job_pack_rows: int = 32
+    """Rows of a job sent as one request where they may share one (same tensors' shapes,
+    outputs and parameters; never for a version with features or a cache), at most the
+    version's `max_batch_size`; 1: each row its own request."""
     job_lease_s: float = 30.0
     """Seconds a runner's claim on a job lasts unless renewed: how soon another gateway
     takes over the job of one that died."""

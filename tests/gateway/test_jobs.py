@@ -24,6 +24,8 @@ from services.gateway.jobs_store import open_job_store
 from services.gateway.metrics import GatewayMetrics
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.config import StaticConfig
+from services.mesh.domain.errors import ModelFailed
+from services.mesh.domain.types import InferRequest, InferResponse
 from services.mesh.infra.db import create_pool, migrate
 from services.webhooks.signing import new_secret
 from services.webhooks.targets import check_target_async
@@ -115,6 +117,44 @@ async def test_a_job_walks_202_to_303_and_its_result_equals_single_calls(jobs: J
         expected = await single.json()
         assert served["outputs"] == expected["outputs"]
         assert served["model_version"] == expected["model_version"]
+
+
+async def test_rows_travel_packed_and_only_the_row_the_model_fails_on_fails(
+    jobs: Jobs,
+) -> None:
+    """Rows alike share a request (jobs_packing.py), one quota token per row; a row of another
+    shape travels alone; when the model fails on a pack, its rows run alone and only the row
+    at fault fails."""
+    key = add_tenant(jobs.config, "acme")
+    echo = jobs.router.infer
+
+    async def fails_on_13(request: InferRequest) -> InferResponse:
+        if (request.inputs[0].array() == 13).any():
+            raise ModelFailed("the model cannot take 13")
+        return await echo(request)
+
+    jobs.router.infer = fails_on_13  # type: ignore[method-assign]
+    rows = [_row(i) for i in range(20)]
+    rows[5] = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 3],
+                           "data": [5, 5, 5]}]}
+    response = await jobs.client.post(JOBS, json={"model": "echo", "inputs": rows},
+                                      headers=bearer(key))
+    assert response.status == 202, await response.text()
+    location = response.headers["Location"]
+    jobs.start_runner()
+    _, body = await wait_for(lambda: _status(jobs, location, key),
+                             lambda got: got[0] == 303, timeout=30, what="job done")
+    assert body["progress"] == {"done": 19, "failed": 1, "total": 20}
+    result = await (await jobs.client.get(f"{location}/result", headers=bearer(key))).json()
+    for i, served in enumerate(result["outputs"]):
+        if i == 13:
+            assert served == {"error": "the model cannot take 13", "code": ModelFailed.code}
+            continue
+        assert served["id"] == f"{location.rsplit('/', 1)[1]}-{i}"
+        assert served["outputs"][0]["data"] == rows[i]["inputs"][0]["data"]
+    sizes = [r.rows for r in jobs.router.seen]
+    assert max(sizes) > 1, f"no row was packed: {sizes}"
+    assert [r.inputs[0].shape for r in jobs.router.seen].count((1, 3)) == 1
 
 
 async def test_a_cancelled_job_runs_no_row_and_has_no_result(jobs: Jobs) -> None:

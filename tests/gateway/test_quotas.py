@@ -162,3 +162,24 @@ def test_concurrency_share_rounds_up(cap: int, replicas: int, share: int) -> Non
 def test_burst_share_is_at_least_one_request() -> None:
     assert burst_share(10, 20) == 1.0
     assert burst_share(10, 4) == 2.5
+
+
+def test_a_request_standing_for_several_takes_that_many_tokens(clock: FakeClock) -> None:
+    """A pack of a job's rows costs one token per row: the tenant's rate holds in rows."""
+    ledger, acme = QuotaLedger(clock=clock), tenant(rate=10, burst=8)
+    permit = ledger.admit(acme, "m", cost=5)
+    assert isinstance(permit, Permit)
+    refusal = ledger.admit(acme, "m", cost=5)  # 3 tokens left
+    assert isinstance(refusal, Rejection) and refusal.limit == "rate"
+    assert refusal.retry_after == pytest.approx(0.2)
+    assert len(admitted(ledger, acme, 100)) == 3
+
+
+def test_a_cost_above_the_burst_needs_a_full_bucket_and_leaves_a_debt(clock: FakeClock) -> None:
+    """Otherwise a pack larger than the burst could never pass; the debt keeps the rate."""
+    ledger, acme = QuotaLedger(clock=clock), tenant(rate=10, burst=4)
+    assert isinstance(ledger.admit(acme, "m", cost=10), Permit)  # 4 - 10 = -6 tokens
+    clock.advance(0.6)  # -6 + 6 = 0: not yet one token
+    assert rejected(ledger, acme).retry_after == pytest.approx(0.1)
+    clock.advance(0.1)
+    assert len(admitted(ledger, acme, 100)) == 1

@@ -1,9 +1,10 @@
 """A gateway job runner in a process of its own, for test_jobs_crash to SIGKILL mid-job.
 
 `python -m tests.integration.jobs_runner_proc DSN EXECUTIONS` runs jobs of tenant `acme` on
-model `echo` until killed. Its router echoes each row after a short pause (so the kill lands
-midway) and first appends the row's first feature value to EXECUTIONS with one `os.write`
-each: what the process executed survives its SIGKILL.
+model `echo` until killed. Its router echoes each request after a short pause per row (so
+the kill lands midway) and first appends each row's first feature value to EXECUTIONS with
+one `os.write` per request (a request may carry a pack of rows): what the process executed
+survives its SIGKILL.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from tests.gateway.tenancy import add_tenant
 
 PAUSE_S = 0.003
 CONCURRENCY = 8
+ROWS_IN_FLIGHT = CONCURRENCY * 8
+"""Each of CONCURRENCY requests packs at most the echo model's max_batch_size (8) rows."""
 CHUNK_ROWS = 100
 LEASE_S = 1.0
 
@@ -40,9 +43,9 @@ class RecordingRouter(EchoRouter):
         self._fd = fd
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        first = int(np.frombuffer(request.inputs[0].data, dtype=np.float32)[0])
-        os.write(self._fd, b"%d\n" % first)
-        await asyncio.sleep(PAUSE_S)
+        firsts = np.frombuffer(request.inputs[0].data, dtype=np.float32)[::2]
+        os.write(self._fd, b"".join(b"%d\n" % int(first) for first in firsts))
+        await asyncio.sleep(PAUSE_S * request.rows)  # packed or not, the same pace in rows
         return await super().infer(request)
 
 
