@@ -96,6 +96,10 @@ class JobsReport:
                  "| sent req/s | p50 ms | p99 ms | failed |", "|---|---|---|---|---|---|",
                  self._realtime_row("alone", self.realtime_alone),
                  self._realtime_row("beside the job", self.realtime_beside)]  # fmt: skip
+        alone, beside = self.realtime_alone, self.realtime_beside
+        if alone is not None and beside is not None and alone.latency.p99 > 0:
+            lines += ["", f"Realtime p99 beside the job ÷ alone: "
+                          f"{beside.latency.p99 / alone.latency.p99:.2f}."]
         if not self.overlap_complete:
             lines += ["", "The open loop ended before the job: the realtime window is cut short."]
         return "\n".join([*lines, *self.notes])
