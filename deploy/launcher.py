@@ -44,7 +44,8 @@ from deploy.edge import Edge, EdgeConfig, nginx_binary, start_edge
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
 from deploy.secrets import ensure_mesh_credential
 from deploy.supervisor import Supervised
-from deploy.workers import WorkerFleet, handoff_bound, workers_per_version
+from deploy.worker_counts import handoff_bound, workers_per_version
+from deploy.workers import WorkerFleet
 from services.mesh.infra.credentials import MeshCredential
 from services.mesh.infra.db import create_pool, migrate
 from services.mesh.infra.etcd import ConfigCache, connect_client, redact_url

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from deploy.workers import WorkerFleet, workers_per_version
+from deploy.worker_counts import workers_per_version
+from deploy.workers import WorkerFleet
 from services.mesh.domain.config import StaticConfig
 from tests.deploy.test_fleet_scale import StoppableProcess, stopped
 from tests.deploy.test_workers import MLP_1, FakeProcess, fleet_over, register, worker_name
