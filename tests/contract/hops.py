@@ -81,7 +81,7 @@ class ScriptedWorker:
         return dict(WARMUP) if (model, version) == (MODEL, VERSION) else {}
 
     def is_resident(self, model: str, version: str) -> bool:
-        return self.is_ready(model, version)
+        return (model, version) == (MODEL, VERSION)
 
     async def run_batch(self, batch: Batch, *, timeout: float | None = None) -> BatchResult:
         # Like the real worker core, it ignores `timeout`: holding a batch to its deadline is
