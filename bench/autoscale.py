@@ -120,14 +120,18 @@ def back_to_min_s(rows: Sequence[Second], *, load_end: int) -> float | None:
 
 
 def mlp_workers(marker: str) -> int:
-    """Live worker processes of mlp/1 in this run's mesh (their environment carries both)."""
+    """Live worker processes of mlp/1 in this run's mesh (their environment carries both):
+    the mlp model's shared workers (the default), or mlp/1's own under
+    `INFERMESH_WORKERS_PER=version`."""
     count = 0
     for entry in Path("/proc").iterdir():
         try:
             environ = (entry / "environ").read_bytes() if entry.name.isdigit() else b""
         except OSError:
             continue
-        if marker.encode() in environ and b"INFERMESH_WORKER_MODELS=mlp/1\0" in environ:
+        if marker.encode() in environ and any(
+                f"INFERMESH_WORKER_MODELS={served}\0".encode() in environ
+                for served in ("mlp", "mlp/1")):
             count += 1
     return count
 

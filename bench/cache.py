@@ -184,7 +184,7 @@ def _served_as(raw: bytes) -> str:
 
 
 def burst(mesh: Mesh, seed: int, count: int) -> Burst:
-    worker = mesh.service_url(f"worker-{MODEL}-1")
+    worker = mesh.service_url(f"worker-{MODEL}")  # the model's shared worker
     before = metric_total(worker, ROWS)
     served = uvloop.run(concurrent(mesh, request_body(MODEL, 1, seed=seed), count))
     return Burst(count, metric_total(worker, ROWS) - before, dict(served))

@@ -45,7 +45,7 @@ class Mesh:
     state_dir: Path
 
     def service_url(self, log_name: str) -> str:
-        """Where a service (``router``, ``worker-mlp-1``) listens, from its log's first line."""
+        """Where a service (``router``, ``worker-mlp``) listens, from its log's first line."""
         log = self.state_dir / "logs" / f"{log_name}.log"
         found = SERVING.search(log.read_bytes()) if log.exists() else None
         if found is None:

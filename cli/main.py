@@ -38,7 +38,7 @@ from cli.tenants import add_limit_command, add_tenant_commands
 from cli.trace import add_trace_command
 from control.registry_client import RegistryClient, RegistryError, register_file
 from services.mesh.domain.tensors import DATATYPES
-from services.mesh.domain.types import PREDICTION_LOG_POLICIES
+from services.mesh.domain.types import PREDICTION_LOG_POLICIES, WORKER_PLACEMENTS
 from services.mesh.infra.credentials import CredentialError, MeshCredential
 
 DEFAULT_REGISTRY = "http://127.0.0.1:8200"
@@ -94,6 +94,7 @@ def _version_text(record: dict[str, Any]) -> str:
         f"  device    {record['device']}"
         + (", CPU fallback allowed" if record.get("cpu_fallback") else ""),
         f"  logging   {record.get('prediction_log', 'digest')}",
+        f"  workers   {record.get('worker', 'shared')}",
     ])
 
 
@@ -164,7 +165,7 @@ async def _cmd_models_register(client: RegistryClient, args: argparse.Namespace)
     record = await register_file(
         client, args.name, args.version, args.artifact, given or None,
         batching=batching or None, device=args.device, prediction_log=args.prediction_log,
-        platform=platform, cpu_fallback=args.cpu_fallback,
+        platform=platform, cpu_fallback=args.cpu_fallback, worker=args.worker,
     )
     print_result(args, record, _version_text)
     return 0
@@ -232,6 +233,11 @@ def _add_models(commands: Any) -> None:
     register.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     register.add_argument("--cpu-fallback", action=argparse.BooleanOptionalAction, default=False,
                           help="a CUDA failure moves the version to CPU (default: it fails)")
+    register.add_argument(
+        "--worker", choices=WORKER_PLACEMENTS, default="shared",
+        help="shared: served by the model's workers beside its other versions; dedicated: "
+             "workers of its own (default %(default)s)",
+    )
     register.add_argument(
         "--prediction-log", choices=PREDICTION_LOG_POLICIES, default="digest",
         help="what the prediction log keeps of each request's tensors (default %(default)s)",

@@ -68,14 +68,17 @@ class RegistryClient:
         signature: Mapping[str, Any] | None,
         batching: Mapping[str, Any] | None = None, device: str = "auto",
         platform: str = "pytorch_torchscript", prediction_log: str = "digest",
-        cpu_fallback: bool = False,
+        cpu_fallback: bool = False, worker: str = "shared",
     ) -> dict[str, Any]:
         """Register an immutable version; identical re-registration is a no-op. `signature`
-        None (or a side left out) lets the registry read it from an ONNX artifact."""
+        None (or a side left out) lets the registry read it from an ONNX artifact; `worker`
+        `dedicated` gives the version workers of its own under the launcher."""
         body: dict[str, Any] = {
             "artifact_sha256": artifact_sha256, "device": device, "platform": platform,
             "prediction_log": prediction_log, "cpu_fallback": cpu_fallback,
         }
+        if worker != "shared":
+            body["worker"] = worker
         if signature is not None:
             body["signature"] = dict(signature)
         if batching is not None:
@@ -161,7 +164,7 @@ async def register_file(
     client: RegistryClient, name: str, version: str, artifact: Path,
     signature: Mapping[str, Any] | None, batching: Mapping[str, Any] | None = None,
     device: str = "auto", prediction_log: str = "digest", *,
-    platform: str = "pytorch_torchscript", cpu_fallback: bool = False,
+    platform: str = "pytorch_torchscript", cpu_fallback: bool = False, worker: str = "shared",
 ) -> dict[str, Any]:
     """Create the model if needed, upload `artifact`, register the version; returns its record."""
     await client.create_model(name)
@@ -169,7 +172,7 @@ async def register_file(
     return await client.register_version(
         name, version, artifact_sha256=uploaded["sha256"], signature=signature,
         batching=batching, device=device, prediction_log=prediction_log,
-        platform=platform, cpu_fallback=cpu_fallback,
+        platform=platform, cpu_fallback=cpu_fallback, worker=worker,
     )
 
 

@@ -2,8 +2,10 @@
 
 Starts private etcd and Postgres under the state dir (unless `INFERMESH_ETCD_URL` /
 `INFERMESH_DATABASE_URL` are given), applies migrations, starts the registry, gateway, router,
-batcher (or the fused data plane) and the workers of each registered version (as many as its
-`scale/` record asks: `deploy.workers`), registers the demo models, prints the endpoints and
+batcher (or the fused data plane) and the workers: one set per model, each serving all of its
+versions, plus one per version registered `worker: dedicated` (or one per version with
+`INFERMESH_WORKERS_PER=version`), as many as the `scale/` records ask: `deploy.workers`),
+registers the demo models, prints the endpoints and
 a curl line, and stops everything on Ctrl-C or SIGTERM.
 
 Workers are replaced, never just stopped: a worker that gets SIGTERM marks its endpoint record
@@ -42,7 +44,8 @@ from deploy.edge import Edge, EdgeConfig, nginx_binary, start_edge
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
 from deploy.secrets import ensure_mesh_credential
 from deploy.supervisor import Supervised
-from deploy.workers import WorkerFleet, handoff_bound
+from deploy.worker_counts import handoff_bound, workers_per_version
+from deploy.workers import WorkerFleet
 from services.mesh.infra.credentials import MeshCredential
 from services.mesh.infra.db import create_pool, migrate
 from services.mesh.infra.etcd import ConfigCache, connect_client, redact_url
@@ -63,6 +66,7 @@ class Launcher:
         self.control_port = int(os.environ.get("INFERMESH_CONTROL_PORT", "8100"))
         self.router_replicas = int(os.environ.get("INFERMESH_ROUTER_REPLICAS", "1"))
         self.fused_processes = int(os.environ.get("INFERMESH_FUSED_PROCESSES", "1"))
+        self.workers_per_version = workers_per_version(os.environ)
         self.auth = os.environ.get("INFERMESH_GATEWAY_AUTH", "1").lower() not in OFF
         self.edge = _edge_config(BindHosts.from_env(os.environ).public, self.gateway_port,
                                  self.grpc_port)
@@ -154,8 +158,9 @@ class Launcher:
         try:
             await config.start()
             if not self.fused:
-                fleet = self._fleet = WorkerFleet(self._spawn_worker, config,
-                                                  handoff_bound=handoff_bound(self._env))
+                fleet = self._fleet = WorkerFleet(
+                    self._spawn_worker, config, handoff_bound=handoff_bound(self._env),
+                    per_version=self.workers_per_version)
                 config.subscribe(fleet.ensure)
                 fleet.ensure()
             await self._start_edge()
@@ -185,18 +190,21 @@ class Launcher:
         await asyncio.to_thread(prefix.chmod, 0o755)
         self._edge = await asyncio.to_thread(start_edge, self.edge, prefix)
 
-    def _spawn_worker(self, model: str, version: str) -> Supervised:
-        """A worker process of (model, version): the first is `worker-{model}-{version}`,
-        the others (scaled up, or a replacement while the old one drains) `...-{i}`, the
-        smallest `i` no live process has (it names the log file too)."""
-        base = f"worker-{model}-{version}"
+    def _spawn_worker(self, model: str, version: str | None) -> Supervised:
+        """A worker process of `model`'s shared versions (`version` None), named
+        `worker-{model}`, or of `version` alone, `worker-{model}-{version}`; the others
+        (scaled up, or a replacement while the old one drains) `...-{i}`, the smallest `i` no
+        live process has (it names the log file too)."""
+        served = model if version is None else f"{model}/{version}"
+        base = "worker-" + served.replace("/", "-")
         taken = {child.name for child in self._children if not child.finished}
         names = itertools.chain([base], (f"{base}-{i}" for i in itertools.count(1)))
         name = next(n for n in names if n not in taken)
-        return self._spawn(name, "services.worker", INFERMESH_WORKER_MODELS=f"{model}/{version}")
+        return self._spawn(name, "services.worker", INFERMESH_WORKER_MODELS=served)
 
     def worker(self, model: str, version: str) -> Supervised | None:
-        """The supervised worker process of (model, version), if one was started."""
+        """The oldest supervised worker process serving (model, version), if one was
+        started: the model's shared one, or the version's own when it is dedicated."""
         return self._fleet.worker(model, version) if self._fleet is not None else None
 
     async def replace_worker(self, model: str, version: str, *, timeout: float = 300.0) -> None:

@@ -1,14 +1,25 @@
-"""The launcher's worker processes: `replicas` per registered (model, version), replaced, never
-just stopped while they serve.
+"""The launcher's worker processes: by default one set per model, serving every version of it
+within each worker's memory budget, so a canary costs no process; a version registered with
+`worker: dedicated` gets a set of its own, and `INFERMESH_WORKERS_PER=version` gives every
+version one (the layout before shared workers). Either way they are replaced, never just
+stopped while they serve.
 
-How many: the autoscaler's `scale/{model}/{version}` record (`{"replicas": n, ...}`) when there
-is one, else the version record's `replicas.min` (1 when absent); at most its `replicas.max`
-and `LOCAL_CEILING`. This is the local actuator: the fleet spawns what is missing (a new worker
-publishes its versions only once warm, so it takes traffic only then) and stops the newest
-extra workers with SIGTERM: each marks itself draining (batchers send it nothing new while
-another worker has its versions), finishes what it holds and exits. The last worker of a
-version scaled to 0 gets SIGINT instead (no replacement is coming to hand off to): it drains
-and exits, and the batchers hold that version's requests until a worker is back.
+How many: per version, the autoscaler's `scale/{model}/{version}` record (`{"replicas": n,
+...}`) when there is one, else the version record's `replicas.min` (1 when absent); at most its
+`replicas.max` and `LOCAL_CEILING`. A model's shared workers number the largest of its shared
+versions' counts: every one of them loads in every shared worker (lazily beyond the budget),
+so the busiest version sizes the set. This is the local actuator: the fleet spawns what is
+missing (a new worker publishes its versions only once warm, so it takes traffic only then) and
+stops the newest extra workers with SIGTERM: each marks itself draining (batchers send it
+nothing new while another worker has its versions), finishes what it holds and exits. The last
+worker of a set scaled to 0 gets SIGINT instead (no replacement is coming to hand off to): it
+drains and exits, and the batchers hold its versions' requests until a worker is back.
+
+A shared worker is started with `INFERMESH_WORKER_MODELS=<model>`, which leaves out the
+versions whose records say `dedicated` (`services.worker.settings`): those run in workers
+started with `<model>/<version>`. The record, not an exclusion list in the shared workers'
+environment, decides, because the field is fixed at registration: a dedicated version
+registered later never lands in the running shared workers, and nothing restarts them.
 
 A worker that gets SIGTERM marks its endpoint record `draining: true` and serves on until
 another ready worker has its versions; on seeing the mark the fleet starts that replacement at
@@ -26,9 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
+from deploy.worker_counts import replica_bounds, scale_replicas
 from services.mesh.domain.config import ConfigView
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.trust import check_version_record, parse_version_key
@@ -39,8 +51,12 @@ log = logging.getLogger("infermesh.up")
 Key = tuple[str, str]
 """(model, version)."""
 
+Group = tuple[str, str | None]
+"""Whose workers a set is: (model, version) for a dedicated version, (model, None) for the
+model's shared workers."""
+
 LOCAL_CEILING = 16
-"""Most worker processes the launcher runs for one version: a `scale/` value is control-plane
+"""Most worker processes the launcher runs for one set: a `scale/` value is control-plane
 data, and a wrong one must not fork hundreds of processes on one machine."""
 
 
@@ -61,17 +77,22 @@ P = TypeVar("P", bound=WorkerProcess)
 
 
 class WorkerFleet(Generic[P]):
-    """The supervised worker processes, `replicas` per (model, version) in `config`, oldest
-    first."""
+    """The supervised worker processes per set (a model's shared workers, or a dedicated
+    version's) in `config`, oldest first.
+
+    `spawn(model, version)` starts a worker of `version` alone, or with `version` None one
+    serving the model's shared versions; `per_version` treats every version as dedicated.
+    """
 
     def __init__(
-        self, spawn: Callable[[str, str], P], config: ConfigView, *,
-        handoff_bound: float,
+        self, spawn: Callable[[str, str | None], P], config: ConfigView, *,
+        handoff_bound: float, per_version: bool = False,
     ) -> None:
         self._spawn = spawn
         self._config = config
         self._handoff_bound = handoff_bound
-        self._workers: dict[Key, list[P]] = {}
+        self._per_version = per_version
+        self._workers: dict[Group, list[P]] = {}
         self._replacing: set[int] = set()
         """`id()` of the processes `replace` is replacing: their draining starts no other."""
         self._counts: dict[Key, int] = {}
@@ -82,32 +103,38 @@ class WorkerFleet(Generic[P]):
         """What was refused, by (key, what was done about it): logged once per content."""
 
     def ensure(self) -> None:
-        """Every registered version at its replica count; a replacement for every draining
-        worker.
-
-        Separate processes per version let a canary's worker fail (or be stopped) alone.
-        """
+        """Every set of workers at its replica count (the largest of its versions'); a
+        replacement for every draining worker."""
+        counts: dict[Group, int] = {}
         for name, record in self._config.items("models/").items():
-            key = self._trusted(name, record)
-            if key is not None:
-                self._scale(key, self._replicas(key, record))
+            spec = self._trusted(name, record)
+            if spec is not None:
+                group = self._group_of(spec)
+                count = self._replicas((spec.model, spec.version), record)
+                counts[group] = max(counts.get(group, 0), count)
+        for group, count in counts.items():
+            self._scale(group, count)
         draining = {r.get("pid") for r in self._config.items("endpoints/worker/").values()
                     if isinstance(r, dict) and r.get("draining")}
-        for key, children in self._workers.items():
+        for group, children in self._workers.items():
             for index, child in enumerate(children):
                 if child.pid in draining and id(child) not in self._replacing:
                     log.info("%s (pid %s) is draining: starting its replacement", child.name,
                              child.pid)
                     child.retire()
-                    children[index] = self._spawn(*key)
+                    children[index] = self._spawn(*group)
 
-    def _scale(self, key: Key, count: int) -> None:
-        """Spawn or stop processes of `key` until `count` remain; the newest go first."""
-        children = self._workers.setdefault(key, [])
+    def _group_of(self, spec: ModelVersion) -> Group:
+        dedicated = self._per_version or spec.worker == "dedicated"
+        return (spec.model, spec.version if dedicated else None)
+
+    def _scale(self, group: Group, count: int) -> None:
+        """Spawn or stop processes of `group` until `count` remain; the newest go first."""
+        children = self._workers.setdefault(group, [])
         if len(children) != count:
-            log.info("%s/%s: %d worker(s) -> %d", *key, len(children), count)
+            log.info("%s: %d worker(s) -> %d", _label(group), len(children), count)
         while len(children) < count:
-            children.append(self._spawn(*key))
+            children.append(self._spawn(*group))
         while len(children) > count:
             self._stop(children.pop(), now=count == 0)
 
@@ -121,7 +148,7 @@ class WorkerFleet(Generic[P]):
         task.add_done_callback(self._stopping.discard)
 
     def _replicas(self, key: Key, record: dict[str, Any]) -> int:
-        """How many processes `key` should have (see the module docstring). A `replicas`
+        """How many processes version `key` asks for (see the module docstring). A `replicas`
         field or a `scale/` record that does not parse is logged and ignored: the count stays
         what it was."""
         name, scale_key = "models/{}/{}".format(*key), "scale/{}/{}".format(*key)
@@ -144,19 +171,19 @@ class WorkerFleet(Generic[P]):
         count = self._counts[key] = min(wanted, ceiling)
         return count
 
-    def _trusted(self, name: str, record: Any) -> Key | None:
-        """(model, version) of the `models/` record `record` at key `name`, or None (logged
-        once per content) when it fails the trust checks."""
+    def _trusted(self, name: str, record: Any) -> ModelVersion | None:
+        """The `models/` record `record` at key `name`, or None (logged once per content)
+        when it fails the trust checks."""
         try:
-            key = parse_version_key(name)
+            parse_version_key(name)
             if not isinstance(record, dict):
                 raise InvalidInput("record: not a JSON object")
-            check_version_record(ModelVersion.from_json(record), key=name)
+            spec = check_version_record(ModelVersion.from_json(record), key=name)
         except (InvalidInput, AttributeError, KeyError, TypeError, ValueError) as exc:
             self._refuse(name, record, exc, "not starting a worker for")
             return None
         self._refused.pop((name, "not starting a worker for"), None)
-        return key
+        return spec
 
     def _refuse(self, name: str, value: Any, exc: Exception, action: str) -> None:
         """Log (once per content of `name`) that `value` was refused, naming the field."""
@@ -164,35 +191,46 @@ class WorkerFleet(Generic[P]):
             log.warning("%s %s: %s", action, name[:200], _reason(exc))
         self._refused[name, action] = value
 
+    def _group_serving(self, model: str, version: str) -> Group:
+        """The set that serves (model, version): its own when it has one, else the model's."""
+        return (model, version) if (model, version) in self._workers else (model, None)
+
     def worker(self, model: str, version: str) -> P | None:
-        """The oldest process of (model, version), if any."""
-        children = self._workers.get((model, version))
+        """The oldest process serving (model, version), if any."""
+        children = self._workers.get(self._group_serving(model, version))
         return children[0] if children else None
 
     def workers(self, model: str, version: str) -> list[P]:
-        """The processes of (model, version), oldest first (those being stopped excluded)."""
-        return list(self._workers.get((model, version), ()))
+        """The processes serving (model, version), oldest first (those being stopped
+        excluded): the model's shared workers, or the version's own when it is dedicated."""
+        return list(self._workers.get(self._group_serving(model, version), ()))
 
     async def replace(self, model: str, version: str, *, timeout: float = 300.0) -> None:
-        """Start a new worker for (model, version), wait until it is ready (registered and
-        serving the version), then SIGTERM the oldest one, which drains and exits.
+        """Start a new worker for the set serving (model, version), wait until it is ready
+        (registered, serving the version and whatever the old one serves), then SIGTERM the
+        oldest one, which drains and exits.
 
         Raises TimeoutError (and stops the new process, keeping the old) when the new one is
         not ready within `timeout` seconds.
         """
-        await self._replace((model, version), self.worker(model, version), timeout)
+        group = self._group_serving(model, version)
+        await self._replace(group, self.worker(model, version), timeout,
+                            also=f"{model}/{version}")
 
-    async def _replace(self, key: Key, old: P | None, timeout: float) -> None:
+    async def _replace(
+        self, group: Group, old: P | None, timeout: float, *, also: str | None = None
+    ) -> None:
         if old is not None:
             self._replacing.add(id(old))
         try:
-            new = self._spawn(*key)
+            versions = self._published(old) | ({also} if also else set())
+            new = self._spawn(*group)
             try:
-                await self._until_ready(new, "{}/{}".format(*key), timeout)
+                await self._until_ready(new, versions, timeout)
             except BaseException:
                 await new.stop(now=True)
                 raise
-            children = self._workers.setdefault(key, [])
+            children = self._workers.setdefault(group, [])
             if old in children:
                 children[children.index(old)] = new
             else:  # scaled down meanwhile: the next `ensure` trims it again if need be
@@ -203,11 +241,17 @@ class WorkerFleet(Generic[P]):
             # The old worker sees its replacement at once: its handoff ends, its drain runs.
             await old.stop(timeout=self._handoff_bound)
 
-    async def _until_ready(self, child: P, version: str, timeout: float) -> None:
+    def _published(self, child: P | None) -> set[str]:
+        """The `model/version`s `child`'s endpoint record lists (empty when it has none)."""
+        records = self._config.items("endpoints/worker/").values()
+        return {str(v) for r in records if child is not None and isinstance(r, dict)
+                and r.get("pid") == child.pid for v in r.get("models", ())}
+
+    async def _until_ready(self, child: P, versions: set[str], timeout: float) -> None:
         changed = asyncio.Event()
         self._config.subscribe(changed.set)
         async with asyncio.timeout(timeout):
-            while not _serves(self._config.items("endpoints/worker/"), child.pid, version):
+            while not _serves(self._config.items("endpoints/worker/"), child.pid, versions):
                 await changed.wait()
                 changed.clear()
 
@@ -219,14 +263,15 @@ class WorkerFleet(Generic[P]):
         self._rolling = asyncio.create_task(self._roll(), name="rolling-restart")
 
     async def _roll(self) -> None:
-        processes = [(key, child) for key, children in sorted(self._workers.items())
+        processes = [(group, child) for group, children in sorted(self._workers.items(),
+                                                                  key=lambda g: _label(g[0]))
                      for child in list(children)]
         log.info("rolling restart of %d workers", len(processes))
-        for key, child in processes:
-            if child not in self._workers.get(key, ()):
+        for group, child in processes:
+            if child not in self._workers.get(group, ()):
                 continue  # stopped or replaced meanwhile
             try:
-                await self._replace(key, child, 300.0)
+                await self._replace(group, child, 300.0)
             except Exception as exc:  # keep the old worker; go on with the others
                 log.error("could not replace %s: %r", child.name, exc)
         log.info("rolling restart done")
@@ -240,40 +285,19 @@ class WorkerFleet(Generic[P]):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _serves(records: dict[str, Any], pid: int | None, version: str) -> bool:
-    """Whether the worker process `pid` is registered, serving `version`, not draining."""
+def _serves(records: dict[str, Any], pid: int | None, versions: set[str]) -> bool:
+    """Whether the worker process `pid` is registered, serving each of `versions` (at least
+    one), not draining."""
     return pid is not None and any(
-        isinstance(r, dict) and r.get("pid") == pid and version in r.get("models", ())
-        and not r.get("draining") for r in records.values()
+        isinstance(r, dict) and r.get("pid") == pid and not r.get("draining")
+        and (served := set(r.get("models", ()))) and versions <= served
+        for r in records.values()
     )
 
 
-def replica_bounds(raw: Any) -> tuple[int, int | None]:
-    """(min, max) of a version record's `replicas` field (`{"min": 1, "max": 4}`, both
-    optional; absent: (1, None)); InvalidInput naming the field otherwise."""
-    if raw is None:
-        return 1, None
-    if not isinstance(raw, dict):
-        raise InvalidInput("replicas: must be an object with 'min' and 'max'")
-    low = _count(raw.get("min", 1), "replicas.min")
-    high = None if raw.get("max") is None else _count(raw["max"], "replicas.max")
-    if high is not None and high < low:
-        raise InvalidInput("replicas.max: must be >= replicas.min")
-    return low, high
-
-
-def scale_replicas(raw: Any) -> int:
-    """The count of a `scale/{model}/{version}` record (`{"replicas": n, "reason": ...,
-    "at": ...}`); InvalidInput naming the field otherwise."""
-    if not isinstance(raw, dict):
-        raise InvalidInput("record: not a JSON object")
-    return _count(raw.get("replicas"), "replicas")
-
-
-def _count(value: Any, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"{field}: must be an integer >= 0")
-    return value
+def _label(group: Group) -> str:
+    model, version = group
+    return f"{model} (shared)" if version is None else f"{model}/{version}"
 
 
 def _reason(exc: Exception) -> str:
@@ -282,13 +306,3 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, KeyError):
         return f"missing field {exc}"
     return str(exc)
-
-
-def handoff_bound(env: Mapping[str, str]) -> float:
-    """How long a worker may take to leave after SIGTERM: its handoff, its drain, a margin
-    (the workers' settings, `INFERMESH_[WORKER_]HANDOFF_TIMEOUT` and `..._DRAIN_TIMEOUT`)."""
-    handoff = float(env.get("INFERMESH_WORKER_HANDOFF_TIMEOUT")
-                    or env.get("INFERMESH_HANDOFF_TIMEOUT") or 30.0)
-    drain = float(env.get("INFERMESH_WORKER_DRAIN_TIMEOUT")
-                  or env.get("INFERMESH_DRAIN_TIMEOUT") or 10.0)
-    return handoff + drain + 5.0

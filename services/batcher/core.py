@@ -331,7 +331,7 @@ class Batcher:
             return None
         queue.no_worker_since = None
         self._seed(queue, candidates)
-        return self._book.pick(candidates, self._depth)
+        return self._book.pick(candidates, self._depth, resident=_loaded(queue))
 
     def _await_worker(self, queue: _Queue) -> None:
         """No worker serves this version: fail what waited past the grace period, or past its
@@ -524,7 +524,8 @@ class Batcher:
                     dead, error)
         self._book.suspect(dead)
         target = self._book.pick(
-            self._workers.candidates(queue.model, queue.version), 0, exclude=dead)
+            self._workers.candidates(queue.model, queue.version), 0, exclude=dead,
+            resident=_loaded(queue))
         execution = queue.latency.predict(target.key if target else dead,
                                           sum(m.rows for m in members))
         wall, again = time.time(), []
@@ -633,6 +634,11 @@ def _cancel_when_abandoned(
             future.remove_done_callback(gone)
 
     return forget
+
+
+def _loaded(queue: _Queue) -> Callable[[WorkerHandle], bool]:
+    """Whether a worker has the queue's version loaded (its batch waits for no load)."""
+    return lambda worker: worker.resident(queue.model, queue.version)
 
 
 def _fail(pending: _Pending, error: InfermeshError) -> None:

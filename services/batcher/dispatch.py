@@ -1,8 +1,9 @@
 """The batcher's books on its workers: batches in flight, outstanding rows, suspects.
 
 Pure bookkeeping fed by the core (no I/O, the clock injected): which worker gets the next
-batch (the fewest outstanding rows among those with a free pipeline slot, workers that just
-failed a batch last), when a worker's running batch is expected to end, and when a batch
+batch (among those with a free pipeline slot, workers that just failed a batch last: one that
+has the version loaded before one that would load it first, then the fewest outstanding rows),
+when a worker's running batch is expected to end, and when a batch
 called on a busy worker actually started executing (the end of the one before it), so the
 latency model is fed execution time, not time spent queued in the worker.
 """
@@ -50,10 +51,17 @@ class WorkerBook:
         batches = self._batches.get(key)
         return batches[0] if batches else 0
 
-    def pick(self, candidates: Sequence[W], depth: int, *, exclude: str | None = None) -> W | None:
+    def pick(
+        self, candidates: Sequence[W], depth: int, *, exclude: str | None = None,
+        resident: Callable[[W], bool] | None = None,
+    ) -> W | None:
         """The worker for the next batch: a free pipeline slot (depth < 1: any), not
-        suspect unless all are, the fewest outstanding rows; among equals, the one used
-        least recently."""
+        suspect unless all are, the version `resident` on it (a load takes seconds, a busy
+        worker's queue milliseconds), the fewest outstanding rows; among equals, the one used
+        least recently.
+
+        A worker that would load the version gets the batch only while every one that has it
+        loaded has no free slot: that is the version spreading under load, not a thrash."""
         now = self._clock()
         usable = [w for w in candidates if w.key != exclude
                   and (depth < 1 or self.inflight(w.key) < depth)]
@@ -61,7 +69,8 @@ class WorkerBook:
         pool = trusted or usable
         if not pool:
             return None
-        return min(pool, key=lambda w: (self.outstanding(w.key), self.inflight(w.key),
+        return min(pool, key=lambda w: (resident is not None and not resident(w),
+                                        self.outstanding(w.key), self.inflight(w.key),
                                         self._last_launch.get(w.key, -1)))
 
     def launched(self, key: str, rows: int) -> None:

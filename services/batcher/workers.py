@@ -38,6 +38,8 @@ class LocalWorker(Protocol):
 
     def warmup_timings(self, model: str, version: str) -> Mapping[int, float]: ...
 
+    def is_resident(self, model: str, version: str) -> bool: ...
+
 
 class _LocalHandle:
     """A worker core as a `WorkerHandle`: gives up on a batch at its deadline."""
@@ -51,6 +53,9 @@ class _LocalHandle:
 
     def warmup_timings(self, model: str, version: str) -> Mapping[int, float]:
         return self._worker.warmup_timings(model, version)
+
+    def resident(self, model: str, version: str) -> bool:
+        return self._worker.is_resident(model, version)
 
     async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
         try:

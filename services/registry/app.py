@@ -82,6 +82,7 @@ async def register_version(request: web.Request) -> web.Response:
         prediction_log=body.get("prediction_log", "digest"),
         autoscaling=body.get("autoscaling"),
         cache=body.get("cache"),
+        worker=body.get("worker", "shared"),
     )
     return json_response(stored.value.to_json(), 201 if stored.created else 200)
 

@@ -41,6 +41,7 @@ from services.registry.validation import (
     parse_cpu_fallback,
     parse_device,
     parse_prediction_log,
+    parse_worker_placement,
     resolve_signature,
 )
 
@@ -120,7 +121,7 @@ class Registry:
         batching: Mapping[str, Any] | None = None, device: str = "auto",
         platform: str = "pytorch_torchscript", prediction_log: str = "digest",
         autoscaling: Mapping[str, Any] | None = None, cpu_fallback: bool = False,
-        cache: Mapping[str, Any] | None = None,
+        cache: Mapping[str, Any] | None = None, worker: str = "shared",
     ) -> Stored[ModelVersion]:
         """Register an immutable version (creating the model and its first rollout if needed).
 
@@ -140,6 +141,7 @@ class Registry:
             batching=parse_batching(batching),
             device=parse_device(device),
             cpu_fallback=parse_cpu_fallback(cpu_fallback),
+            worker=parse_worker_placement(worker),
             platform=check_name(platform, field="platform"),
             prediction_log=parse_prediction_log(prediction_log),
             autoscaling=parse_autoscaling(autoscaling),

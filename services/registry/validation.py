@@ -18,6 +18,7 @@ from services.mesh.domain.trust import check_batching, check_name, check_sha256,
 from services.mesh.domain.types import (
     DEVICE_POLICIES,
     PREDICTION_LOG_POLICIES,
+    WORKER_PLACEMENTS,
     BatchingPolicy,
     Signature,
 )
@@ -26,7 +27,7 @@ __all__ = [
     "check_name", "check_sha256", "parse_autoscaling", "parse_autoscaling_change",
     "parse_batching", "parse_batching_change", "parse_cache", "parse_cpu_fallback", "parse_device",
     "parse_prediction_log",
-    "parse_signature", "resolve_signature",
+    "parse_signature", "parse_worker_placement", "resolve_signature",
 ]
 
 
@@ -113,6 +114,13 @@ def parse_device(raw: Any) -> str:
     """A device policy: auto, cuda or cpu."""
     if raw not in DEVICE_POLICIES:
         raise InvalidInput(f"device: must be one of {', '.join(DEVICE_POLICIES)}")
+    return str(raw)
+
+
+def parse_worker_placement(raw: Any) -> str:
+    """Where the launcher runs a version: `shared` (its model's workers) or `dedicated`."""
+    if raw not in WORKER_PLACEMENTS:
+        raise InvalidInput(f"worker: must be one of {', '.join(WORKER_PLACEMENTS)}")
     return str(raw)
 
 

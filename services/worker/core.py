@@ -45,7 +45,8 @@ class ArtifactSource(Protocol):
 
 
 class Worker:
-    """Serves the versions its selectors name: `model` (every version), `model/version`, `*`."""
+    """Serves the versions its selectors name: `model` (every version not registered
+    `dedicated`), `model/version`, `*`."""
 
     key = "local"
 
@@ -101,6 +102,10 @@ class Worker:
         """`model/version` of every loaded, warmed-up version (no load before a batch)."""
         return sorted(f"{m}/{v}" for m, v in self._backends)
 
+    def is_resident(self, model: str, version: str) -> bool:
+        """Whether (model, version) is loaded and warm here (its batches wait for no load)."""
+        return (model, version) in self._backends
+
     def is_ready(self, model: str, version: str) -> bool:
         """Whether (model, version) is served here: loaded, or loadable on its first batch."""
         return (model, version) in self._backends or (model, version) in self._loadable
@@ -129,15 +134,18 @@ class Worker:
         it (its `cpu_fallback`), as published in the endpoint record; cleared by a reload."""
         return {f"{m}/{v}": reason for (m, v), reason in sorted(self._fallbacks.items())}
 
-    def serves(self, model: str, version: str) -> bool:
-        """Whether a selector names this version (`*`, the model, or `model/version`)."""
+    def serves(self, spec: ModelVersion) -> bool:
+        """Whether a selector names this version: `*`, `model/version`, or the model unless
+        the version is `dedicated` (its own workers name it by `model/version`)."""
         selectors = self._models
-        return "*" in selectors or model in selectors or f"{model}/{version}" in selectors
+        if "*" in selectors or f"{spec.model}/{spec.version}" in selectors:
+            return True
+        return spec.model in selectors and spec.worker != "dedicated"
 
     def _reconcile(self) -> None:
         for model in self._catalog.models():
             for spec in self._catalog.versions(model):
-                if not self.serves(spec.model, spec.version):
+                if not self.serves(spec):
                     continue
                 key = (spec.model, spec.version)
                 if key in self._backends:

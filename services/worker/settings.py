@@ -11,8 +11,14 @@ from services.mesh.infra.settings import ServiceSettings
 @dataclass(frozen=True, kw_only=True)
 class WorkerSettings(ServiceSettings):
     models: tuple[str, ...] = ("*",)
-    """What this worker serves (comma-separated): `model` (all its versions), `model/version`,
-    or `*` for every model."""
+    """What this worker serves (comma-separated): `model` (its versions, less those registered
+    `worker: dedicated`), `model/version` (that one, dedicated or not), or `*` for every
+    version of every model.
+
+    A dedicated version is left out by its record, not by an exclusion listed here: the
+    worker reads each record anyway and the field is fixed at registration, so a shared
+    worker started before a dedicated version was registered never loads it and needs no
+    restart to learn of it."""
     cache_dir: str = ".infermesh/worker-cache"
     """Where downloaded artifacts are kept, by sha256."""
     threads: int = 0

@@ -43,6 +43,8 @@ class FakeWorker:
         self.gate = asyncio.Event()
         self.gate.set()
         self.failures: list[Exception] = []
+        self.loaded = True
+        """What `resident` answers: False for a worker that would load the version first."""
 
     def hold(self) -> None:
         """Make batches wait (after arriving) until `release()`."""
@@ -70,6 +72,9 @@ class FakeWorker:
 
     def warmup_timings(self, model: str, version: str) -> dict[int, float]:
         return {}
+
+    def resident(self, model: str, version: str) -> bool:
+        return self.loaded
 
 
 class RejectingWorker(FakeWorker):

@@ -285,3 +285,15 @@ async def test_requests_arriving_in_one_loop_turn_leave_in_one_batch(
     tasks = await submit_all(batcher, [request(float(i)) for i in range(5)])
     assert len(await results(tasks)) == 5
     assert [b.rows for b in worker.batches] == [[1, 1, 1, 1, 1]]
+
+
+async def test_batches_go_to_the_worker_that_has_the_version_loaded(
+    make_batcher: BatcherFactory,
+) -> None:
+    cold, warm = FakeWorker("cold"), FakeWorker("warm")
+    cold.loaded = False
+    batcher = make_batcher(FakePool(cold, warm), pipeline_depth=1)
+    for i in range(3):
+        async with asyncio.timeout(5):
+            await batcher.infer(request(float(i)))
+    assert len(warm.batches) == 3 and cold.batches == [], "no load while a loaded one is free"

@@ -28,3 +28,39 @@ def test_the_fewest_outstanding_rows_wins_over_turns() -> None:
     book.finished("a", 1)
     book.launched("b", 8)  # b is busy with 8 rows; a was used last but is idle
     assert book.pick([a, b], depth=2) == a
+
+
+def loading(key: str) -> _Worker:
+    """A worker that serves the version but would load it before running the batch."""
+    worker = _Worker(key)
+    worker.loaded = False
+    return worker
+
+
+def test_a_worker_with_the_version_loaded_wins_over_an_idle_one_that_would_load_it() -> None:
+    book = WorkerBook(clock=lambda: 0.0)
+    cold, warm = loading("cold"), _Worker("warm")
+    book.launched("warm", 8)
+
+    def resident(worker: _Worker) -> bool:
+        return worker.resident("m", "1")
+
+    assert book.pick([cold, warm], depth=2, resident=resident) == warm
+    assert book.pick([cold, warm], depth=2) == cold, "without residency: fewest rows"
+
+
+def test_among_loaded_workers_the_fewest_outstanding_rows_win() -> None:
+    book = WorkerBook(clock=lambda: 0.0)
+    cold, busy, idle = loading("cold"), _Worker("busy"), _Worker("idle")
+    book.launched("busy", 8)
+    book.launched("idle", 1)
+    assert book.pick([cold, busy, idle], depth=2,
+                     resident=lambda w: w.resident("m", "1")) == idle
+
+
+def test_a_worker_that_would_load_gets_the_batch_once_the_loaded_ones_are_full() -> None:
+    book = WorkerBook(clock=lambda: 0.0)
+    cold, warm = loading("cold"), _Worker("warm")
+    book.launched("warm", 8)
+    book.launched("warm", 8)
+    assert book.pick([warm, cold], depth=2, resident=lambda w: w.resident("m", "1")) == cold

@@ -1,4 +1,5 @@
-"""`infermesh models register`'s runtime flags: --platform, --device, --cpu-fallback."""
+"""`infermesh models register`'s runtime flags: --platform, --device, --cpu-fallback,
+--worker."""
 
 from __future__ import annotations
 
@@ -99,17 +100,19 @@ async def test_platform_and_no_cpu_fallback_are_sent_as_given(
     code = await asyncio.to_thread(main, [
         "models", "register", "iris", "--version", "1", "--artifact", str(unnamed_file),
         "--input", "x:FP32:-1,4", "--output", "y:FP32:-1,2", "--platform", "triton",
-        "--device", "cuda", "--no-cpu-fallback", "--registry", url,
+        "--device", "cuda", "--no-cpu-fallback", "--worker", "dedicated", "--registry", url,
     ])
     assert code == 0
     out = capsys.readouterr().out
-    assert "(triton)" in out and "device    cuda\n" in out
+    assert "(triton)" in out and "device    cuda\n" in out and "workers   dedicated" in out
     record = await harness.etcd_json("models/iris/1")
     assert record["platform"] == "triton" and record["cpu_fallback"] is False
+    assert record["worker"] == "dedicated"
 
 
 @pytest.mark.parametrize(("flag", "value"), [
     ("--platform", "tensorflow"), ("--device", "gpu"), ("--cpu-fallback=yes", None),
+    ("--worker", "own"),
 ])
 def test_a_bad_value_exits_2_naming_the_flag(
     flag: str, value: str | None, script_file: Path, capsys: pytest.CaptureFixture[str]

@@ -67,6 +67,7 @@ async def worker_hop(request: pytest.FixtureRequest) -> AsyncIterator[WorkerHop]
         else:
             async with served(batch_handler(worker)) as (url, kill), linked_pool(
                 "worker", {"instance": worker.key, "link": url, "models": [f"{MODEL}/{VERSION}"],
+                           "resident": [f"{MODEL}/{VERSION}"],
                            "warmup": {f"{MODEL}/{VERSION}": {str(k): v for k, v in WARMUP.items()}}}
             ) as pool:
                 yield WorkerHop(LinkedWorkerPool(pool), worker, kill, inflight_of(pool))

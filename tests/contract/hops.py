@@ -80,6 +80,9 @@ class ScriptedWorker:
     def warmup_timings(self, model: str, version: str) -> dict[int, float]:
         return dict(WARMUP) if (model, version) == (MODEL, VERSION) else {}
 
+    def is_resident(self, model: str, version: str) -> bool:
+        return (model, version) == (MODEL, VERSION)
+
     async def run_batch(self, batch: Batch, *, timeout: float | None = None) -> BatchResult:
         # Like the real worker core, it ignores `timeout`: holding a batch to its deadline is
         # the handle's job, in-process or over a link.

@@ -185,6 +185,15 @@ def test_a_worker_handle_gives_the_warm_up_timings_of_its_worker(
     assert handle.warmup_timings(MODEL, "2") == {}
 
 
+def test_a_worker_handle_says_whether_the_version_is_loaded_on_its_worker(
+    worker_hop: WorkerHop,
+) -> None:
+    # In-process from the worker core; over a link from its endpoint record's `resident`.
+    handle = only_candidate(worker_hop)
+    assert handle.resident(MODEL, VERSION)
+    assert not handle.resident(MODEL, "2")
+
+
 async def test_worker_pool_passes_invalid_input_through_as_itself(
     worker_hop: WorkerHop,
 ) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from deploy.workers import LOCAL_CEILING, WorkerFleet
 from services.mesh.domain.config import StaticConfig
-from tests.deploy.test_workers import MLP_1, FakeProcess, register
+from tests.deploy.test_workers import MLP_1, FakeProcess, register, worker_name
 
 
 class StoppableProcess(FakeProcess):
@@ -34,8 +34,8 @@ def scaled_fleet(
     config = StaticConfig({"models/mlp/1": record or MLP_1})
     spawned: list[StoppableProcess] = []
 
-    def spawn(model: str, version: str) -> StoppableProcess:
-        spawned.append(StoppableProcess(f"worker-{model}-{version}"))
+    def spawn(model: str, version: str | None) -> StoppableProcess:
+        spawned.append(StoppableProcess(worker_name(model, version)))
         return spawned[-1]
 
     fleet = WorkerFleet(spawn, config, handoff_bound=1.0)

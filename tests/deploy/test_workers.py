@@ -38,22 +38,32 @@ class FakeProcess:
         self.stopped.append(now)
 
 
-def fleet_over(config: StaticConfig) -> tuple[WorkerFleet[FakeProcess], list[FakeProcess]]:
+def worker_name(model: str, version: str | None) -> str:
+    """The launcher's name for a worker of `model`'s shared versions or of `version` alone."""
+    return f"worker-{model}" if version is None else f"worker-{model}-{version}"
+
+
+def fleet_over(
+    config: StaticConfig, *, per_version: bool = False,
+) -> tuple[WorkerFleet[FakeProcess], list[FakeProcess]]:
     spawned: list[FakeProcess] = []
 
-    def spawn(model: str, version: str) -> FakeProcess:
-        spawned.append(FakeProcess(f"worker-{model}-{version}"))
+    def spawn(model: str, version: str | None) -> FakeProcess:
+        spawned.append(FakeProcess(worker_name(model, version)))
         return spawned[-1]
 
-    fleet = WorkerFleet(spawn, config, handoff_bound=1.0)
+    fleet = WorkerFleet(spawn, config, handoff_bound=1.0, per_version=per_version)
     config.subscribe(fleet.ensure)
     return fleet, spawned
 
 
-def register(config: StaticConfig, process: FakeProcess, *, draining: bool = False) -> None:
-    """What the worker process publishes once `mlp/1` is loaded (and on SIGTERM)."""
+def register(
+    config: StaticConfig, process: FakeProcess, *, draining: bool = False,
+    models: tuple[str, ...] = ("mlp/1",),
+) -> None:
+    """What the worker process publishes once `models` are ready (and on SIGTERM)."""
     config.put(f"endpoints/worker/i{process.pid}", {
-        "instance": f"i{process.pid}", "pid": process.pid, "models": ["mlp/1"],
+        "instance": f"i{process.pid}", "pid": process.pid, "models": list(models),
         "draining": draining,
     })
 

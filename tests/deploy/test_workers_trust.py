@@ -41,7 +41,7 @@ def test_hostile_records_start_no_worker_and_are_logged_naming_key_and_field(
     fleet, spawned = fleet_over(config)
     with caplog.at_level(logging.WARNING, logger="infermesh.up"):
         fleet.ensure()
-    assert spawned_names(spawned) == ["worker-mlp-1"]
+    assert spawned_names(spawned) == ["worker-mlp"]
     for key, _, field in HOSTILE:
         [line] = [r.getMessage() for r in caplog.records if f"for {key}:" in r.getMessage()]
         assert field in line, line
@@ -56,5 +56,5 @@ def test_a_refused_record_is_logged_once_and_a_fixed_one_starts_its_worker(
         fleet.ensure()
         config.put("endpoints/worker/x", {"pid": 1, "models": []})  # any change: ensure() again
     assert sum("models/mlp/2:" in r.getMessage() for r in caplog.records) == 1
-    config.put("models/mlp/2", {**MLP_1, "version": "2"})
-    assert spawned_names(spawned) == ["worker-mlp-1", "worker-mlp-2"]
+    config.put("models/mlp/2", {**MLP_1, "version": "2", "worker": "dedicated"})
+    assert spawned_names(spawned) == ["worker-mlp", "worker-mlp-2"]

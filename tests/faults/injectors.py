@@ -152,7 +152,9 @@ async def stop_postgres(bed: FaultBed) -> float:
     return time.monotonic()
 
 
-WORKER = "INFERMESH_WORKER_MODELS=mlp/"
+WORKER = "INFERMESH_WORKER_MODELS=mlp\0"
+"""The environment entry of the mlp model's shared worker (every mlp version but a dedicated
+one), as /proc/<pid>/environ ends it."""
 
 FAULTS: dict[str, Fault] = {
     "worker kill -9": Fault(signal_service("services.worker", signal.SIGKILL, environ=WORKER),

@@ -52,6 +52,9 @@ from tests.waiting import wait_for
 # The mesh comes up first (up to 240 s on a busy machine); the test itself takes ~30 s.
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
+VERSION = "1"
+"""The demo mlp version, served by the model's shared worker (and by the extra one, started
+with its environment)."""
 SHORT = 0.5
 """The tighter deadline every other request carries (seconds)."""
 MARGIN = 1.0
@@ -144,14 +147,12 @@ async def ready(mesh: RunningMesh, pids: set[int]) -> dict[int, int]:
     """Wait until each worker process in `pids` is registered for mlp (not draining) and the
     batcher holds a link to it (an established connection to its port): what makes it a
     candidate for batches. Returns each one's port."""
-    version = _mlp_version(next(iter(pids)))
-
     async def linked() -> dict[int, int]:
-        ports = await _worker_ports(mesh, version)
+        ports = await _worker_ports(mesh, VERSION)
         return {pid: port for pid, port in ports.items() if _link_queues(port)}
 
     found = await wait_for(linked, lambda now: pids <= now.keys(), timeout=120, interval=0.2,
-                           what=f"workers {sorted(pids)} registered for mlp/{version} and linked")
+                           what=f"workers {sorted(pids)} registered for mlp/{VERSION} and linked")
     return {pid: found[pid] for pid in pids}
 
 
@@ -204,12 +205,6 @@ def _link_queues(port: int) -> list[int]:
             if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
                 queues.append(int(tx_rx.split(":")[1], 16))
     return queues
-
-
-def _mlp_version(pid: int) -> str:
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    (models,) = [e for e in environ if e.startswith(WORKER.encode())]
-    return models.decode().split("/", 1)[1]
 
 
 async def _worker_ports(mesh: RunningMesh, version: str) -> dict[int, int]:

@@ -118,10 +118,11 @@ async def bed(
     }
     numbers = itertools.count()
 
-    def spawn(model: str, version: str) -> Supervised:
-        child = Supervised(f"worker-{model}-{version}-{next(numbers)}", ["-m", "services.worker"],
-                           env={**env, "INFERMESH_WORKER_MODELS": f"{model}/{version}"},
-                           log_dir=tmp_path)
+    def spawn(model: str, version: str | None) -> Supervised:
+        served = model if version is None else f"{model}/{version}"  # as the launcher does
+        child = Supervised(f"worker-{served.replace('/', '-')}-{next(numbers)}",
+                           ["-m", "services.worker"],
+                           env={**env, "INFERMESH_WORKER_MODELS": served}, log_dir=tmp_path)
         child.start()
         spawned.append(child)
         return child

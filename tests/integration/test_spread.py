@@ -102,6 +102,9 @@ class _Noted:
     def warmup_timings(self, model: str, version: str) -> Mapping[int, float]:
         return self._handle.warmup_timings(model, version)
 
+    def resident(self, model: str, version: str) -> bool:
+        return self._handle.resident(model, version)
+
     async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
         self._used.add(self.key)
         return await self._handle.run_batch(batch, timeout=timeout)

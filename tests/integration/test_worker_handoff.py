@@ -1,9 +1,10 @@
 """Stopping a worker under load strands nothing: SIGTERM hands off, SIGHUP rolls every worker.
 
 The real launcher runs the mesh; a client sends a steady 20 mlp requests/s throughout.
-SIGTERM of the mlp worker: the worker marks itself draining, the launcher starts its
-replacement at once, the old one leaves once the new one is ready (exit code 0) and is not
-restarted. SIGHUP to the launcher: each worker is replaced in turn. No request fails.
+SIGTERM of the mlp worker (the model's shared one, serving each of its versions): the worker
+marks itself draining, the launcher starts its replacement at once, the old one leaves once
+the new one is ready (exit code 0) and is not restarted. SIGHUP to the launcher: each worker
+is replaced in turn. No request fails.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def mesh(
 
 
 def worker_pids(mesh: RunningMesh) -> dict[str, int]:
-    """The live worker processes of `mesh`, by the `model/version` each serves."""
+    """The live worker processes of `mesh`, by what each serves (`INFERMESH_WORKER_MODELS`:
+    a model for its shared workers, `model/version` for a dedicated version's)."""
     found = {}
     for pid in mesh_processes(mesh.prefix):
         with contextlib.suppress(OSError):
@@ -130,21 +132,21 @@ async def serves_on(client: SteadyClient, more: int) -> None:
 async def test_sigterm_of_a_worker_hands_off_without_a_failed_request(
     mesh: RunningMesh,
 ) -> None:
-    old = worker_pids(mesh)["mlp/1"]
+    old = worker_pids(mesh)["mlp"]
     async with steady_load(mesh) as client:
         await serves_on(client, 10)
         os.kill(old, signal.SIGTERM)
-        new = await wait_for(lambda: worker_pids(mesh).get("mlp/1"),
+        new = await wait_for(lambda: worker_pids(mesh).get("mlp"),
                              lambda pid: pid is not None and pid != old, timeout=60,
                              what="a replacement mlp worker process")
         await wait_for(lambda: alive(old), lambda running: not running, timeout=60,
                        what=f"the old worker {old} to exit")
         await serves_on(client, 20)  # served by the replacement: the old one is gone
     assert set(client.statuses) == {"200"}, client.statuses
-    assert worker_pids(mesh)["mlp/1"] == new, "the replacement was itself replaced"
+    assert worker_pids(mesh)["mlp"] == new, "the replacement was itself replaced"
     output = "".join(mesh.output)
-    assert f"worker-mlp-1 pid {old} exited with 0" in output, "the drained worker's exit"
-    assert "worker-mlp-1 exited with" not in output, "restarted as if it had crashed"
+    assert f"worker-mlp pid {old} exited with 0" in output, "the drained worker's exit"
+    assert "worker-mlp exited with" not in output, "restarted as if it had crashed"
 
 
 async def test_sighup_to_the_launcher_replaces_every_worker_without_a_failed_request(

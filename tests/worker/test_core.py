@@ -192,3 +192,37 @@ async def test_a_model_version_selector_serves_only_that_version(
                 await worker.run_batch(batch("1", features(1)), timeout=5.0)
         finally:
             await worker.aclose()
+
+
+async def test_a_model_selector_leaves_out_dedicated_versions_its_own_worker_serves(
+    config: StaticConfig, mlp: DemoModel, tmp_path: Path
+) -> None:
+    def record(version: str, placement: str) -> dict[str, object]:
+        return {**mlp_record(mlp, version).to_json(), "worker": placement}
+
+    config.put("models/mlp/1", record("1", "shared"))
+    config.put("models/mlp/2", record("2", "dedicated"))
+    async with aiohttp.ClientSession() as session:
+        artifacts = ArtifactCache(session, tmp_path / "artifacts",
+                                  stores=[mlp.artifact.parent.as_uri()])
+        shared = Worker(ModelCatalog(config), models=("mlp",), artifacts=artifacts,
+                        backend_factory=backend_factory())
+        own = Worker(ModelCatalog(config), models=("mlp/2",), artifacts=artifacts,
+                     backend_factory=backend_factory())
+        try:
+            shared.start()
+            own.start()
+            await wait_until(own, lambda: own.ready_versions() == ["mlp/2"])
+            await wait_until(shared, lambda: "mlp/1" in shared.ready_versions())
+            # Registered later, while the shared worker runs: loads are serialised in
+            # catalog order, so mlp/4 ready means mlp/3 was passed over, not still loading.
+            config.put("models/mlp/3", record("3", "dedicated"))
+            config.put("models/mlp/4", record("4", "shared"))
+            await wait_until(shared, lambda: "mlp/4" in shared.ready_versions())
+            assert shared.ready_versions() == ["mlp/1", "mlp/4"]
+            with pytest.raises(Unavailable):
+                await shared.run_batch(batch("2", features(1)), timeout=5.0)
+            assert shared.is_resident("mlp", "1") and not own.is_resident("mlp", "1")
+        finally:
+            await shared.aclose()
+            await own.aclose()

@@ -34,6 +34,11 @@ class WorkerHandle(Protocol):
         (model, version): a seed for the latency model. Empty when unknown."""
         ...
 
+    def resident(self, model: str, version: str) -> bool:
+        """Whether (model, version) is loaded on this worker: False when it is served but
+        its next batch would wait for its load (beyond the worker's memory budget)."""
+        ...
+
 
 def warmup_timings_from_record(record: Any, model: str, version: str) -> dict[int, float]:
     """The warm-up timings of (model, version) in a worker's endpoint record
@@ -49,6 +54,14 @@ def warmup_timings_from_record(record: Any, model: str, version: str) -> dict[in
         except (TypeError, ValueError):
             continue
     return found
+
+
+def resident_in_record(record: Any, model: str, version: str) -> bool:
+    """Whether a worker's endpoint record lists (model, version) as loaded (`"resident":
+    ["model/version", ...]`); a record without the list (a worker that loads everything it
+    serves at start) counts every version it serves as loaded."""
+    resident = record.get("resident") if isinstance(record, dict) else None
+    return not isinstance(resident, list) or f"{model}/{version}" in resident
 
 
 class WorkerPool(Protocol):

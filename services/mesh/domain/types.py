@@ -222,6 +222,9 @@ class BatchingPolicy:
 
 DEVICE_POLICIES = ("auto", "cuda", "cpu")
 PREDICTION_LOG_POLICIES = ("full", "digest", "none")
+WORKER_PLACEMENTS = ("shared", "dedicated")
+"""Where a version runs under the launcher: in its model's shared workers, or in workers of
+its own (docs/PLACEMENT.md)."""
 """What the prediction log keeps of a version's tensors: all of them, a sha256 each, nothing."""
 
 
@@ -241,6 +244,10 @@ class ModelVersion:
     cpu_fallback: bool = False
     """Whether a CUDA failure (no device, out of memory, device lost) may move the version to
     CPU, with degraded latency; fixed at registration."""
+    worker: str = "shared"
+    """`shared`: served by its model's workers beside the model's other versions; `dedicated`:
+    by workers of its own, which it shares with no other version (one of `WORKER_PLACEMENTS`);
+    fixed at registration."""
     prediction_log: str = "digest"
     """How predictions of this version are logged: one of `PREDICTION_LOG_POLICIES`."""
     autoscaling: Mapping[str, Any] | None = None
@@ -271,6 +278,9 @@ class ModelVersion:
             raise InvalidInput(
                 f"prediction_log: must be one of {', '.join(PREDICTION_LOG_POLICIES)}"
             )
+        worker = raw.get("worker", "shared")
+        if worker not in WORKER_PLACEMENTS:
+            raise InvalidInput(f"worker: must be one of {', '.join(WORKER_PLACEMENTS)}")
         return cls(
             model=str(raw["model"]),
             version=str(raw["version"]),
@@ -282,6 +292,7 @@ class ModelVersion:
             platform=str(raw.get("platform", "pytorch_torchscript")),
             state=str(raw.get("state", "ready")),
             cpu_fallback=cpu_fallback,
+            worker=worker,
             prediction_log=prediction_log,
             autoscaling=scaling if isinstance(scaling, Mapping) else None,
             derived_from=_mapping_or_none(raw.get("derived_from")),
@@ -299,6 +310,7 @@ class ModelVersion:
             "batching": self.batching.to_json(),
             "device": self.device,
             "cpu_fallback": self.cpu_fallback,
+            **({"worker": self.worker} if self.worker != "shared" else {}),
             "platform": self.platform,
             "state": self.state,
             "prediction_log": self.prediction_log,

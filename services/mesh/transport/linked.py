@@ -18,6 +18,7 @@ from services.mesh.domain.hops import (
     InferTarget,
     WorkerHandle,
     remaining,
+    resident_in_record,
     warmup_timings_from_record,
 )
 from services.mesh.domain.types import Batch, BatchResult, InferRequest, InferResponse
@@ -96,6 +97,9 @@ class _LinkedWorker:
 
     def warmup_timings(self, model: str, version: str) -> Mapping[int, float]:
         return warmup_timings_from_record(self.record, model, version)
+
+    def resident(self, model: str, version: str) -> bool:
+        return resident_in_record(self.record, model, version)
 
     async def run_batch(self, batch: Batch, *, timeout: float | None) -> BatchResult:
         if batch.deadline is None and timeout is not None:

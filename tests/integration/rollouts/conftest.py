@@ -1,10 +1,11 @@
 """One mesh for every rollout test (two router replicas), started once for this package.
 
-mlp versions: 1 (the demo), 2 (other weights), 3 (fails every real request), 4 (other weights
-again, max_batch_size 4 where version 1 has 64) and 5 (declares `features` [-1, 16] where
-version 1 has [-1, 32]: its worker cannot load it, and no rollout may route to it). Each test
-writes the rollout it needs. Sharing one mesh saves a mesh start (about a minute on a busy
-2-core machine) per module.
+mlp versions: 1 (the demo), 2 (other weights; in workers of its own, killed on purpose), 3
+(fails every real request), 4 (other weights again, max_batch_size 4 where version 1 has 64)
+and 5 (declares `features` [-1, 16] where version 1 has [-1, 32]: its worker cannot load it,
+and no rollout may route to it). All but 2 share the model's worker. Each test writes the
+rollout it needs. Sharing one mesh saves a mesh start (about a minute on a busy 2-core
+machine) per module.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ async def _register_canaries(mesh: RunningMesh, artifacts: dict[str, Path]) -> N
             MeshCredential.load, mesh.env["INFERMESH_MESH_CREDENTIAL_FILE"])
         registry = RegistryClient(session, mesh.registry, credential=credential)
         for version, (signature, batching) in versions.items():
+            # mlp/2's worker is killed on purpose (fallback, crash loop): a worker of its own,
+            # so mlp/1 and the others (in the model's shared worker) serve on meanwhile.
             await register_file(registry, "mlp", version, artifacts[version], signature,
-                                batching=batching, device="cpu")
+                                batching=batching, device="cpu",
+                                worker="dedicated" if version == "2" else "shared")
         await register_file(registry, "mlp", "5", artifacts["4"], narrow, device="cpu")
         for version in versions:
             await wait_status(session, f"{mesh.gateway}/v2/models/mlp/versions/{version}/ready",

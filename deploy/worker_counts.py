@@ -1,0 +1,61 @@
+"""What the launcher's worker fleet reads besides the `models/` records: a version's replica
+bounds, the autoscaler's `scale/` records, and the launcher's own settings for its workers.
+Pure parsing, apart from `deploy.workers` so that module keeps to the fleet itself."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from services.mesh.domain.errors import InvalidInput
+
+WORKERS_PER = ("model", "version")
+"""`INFERMESH_WORKERS_PER`: one set of workers per model (shared) or per version."""
+
+
+def replica_bounds(raw: Any) -> tuple[int, int | None]:
+    """(min, max) of a version record's `replicas` field (`{"min": 1, "max": 4}`, both
+    optional; absent: (1, None)); InvalidInput naming the field otherwise."""
+    if raw is None:
+        return 1, None
+    if not isinstance(raw, dict):
+        raise InvalidInput("replicas: must be an object with 'min' and 'max'")
+    low = _count(raw.get("min", 1), "replicas.min")
+    high = None if raw.get("max") is None else _count(raw["max"], "replicas.max")
+    if high is not None and high < low:
+        raise InvalidInput("replicas.max: must be >= replicas.min")
+    return low, high
+
+
+def scale_replicas(raw: Any) -> int:
+    """The count of a `scale/{model}/{version}` record (`{"replicas": n, "reason": ...,
+    "at": ...}`); InvalidInput naming the field otherwise."""
+    if not isinstance(raw, dict):
+        raise InvalidInput("record: not a JSON object")
+    return _count(raw.get("replicas"), "replicas")
+
+
+def _count(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{field}: must be an integer >= 0")
+    return value
+
+
+def workers_per_version(env: Mapping[str, str]) -> bool:
+    """Whether `INFERMESH_WORKERS_PER` asks for one set of workers per version (`version`)
+    rather than per model (`model`, the default); ValueError naming it otherwise."""
+    raw = env.get("INFERMESH_WORKERS_PER") or "model"
+    if raw not in WORKERS_PER:
+        raise ValueError(f"INFERMESH_WORKERS_PER: must be one of {', '.join(WORKERS_PER)}, "
+                         f"not {raw[:40]!r}")
+    return raw == "version"
+
+
+def handoff_bound(env: Mapping[str, str]) -> float:
+    """How long a worker may take to leave after SIGTERM: its handoff, its drain, a margin
+    (the workers' settings, `INFERMESH_[WORKER_]HANDOFF_TIMEOUT` and `..._DRAIN_TIMEOUT`)."""
+    handoff = float(env.get("INFERMESH_WORKER_HANDOFF_TIMEOUT")
+                    or env.get("INFERMESH_HANDOFF_TIMEOUT") or 30.0)
+    drain = float(env.get("INFERMESH_WORKER_DRAIN_TIMEOUT")
+                  or env.get("INFERMESH_DRAIN_TIMEOUT") or 10.0)
+    return handoff + drain + 5.0
