@@ -43,7 +43,8 @@ def test_rows_that_differ_in_shape_outputs_or_parameters_travel_apart() -> None:
 
 
 def test_a_scalar_or_a_request_as_large_as_a_pack_travels_alone() -> None:
-    scalar = InferRequest("echo", [Tensor.from_array("features", np.array(1.0, dtype=np.float32))], "s")
+    one = np.array(1.0, dtype=np.float32)
+    scalar = InferRequest("echo", [Tensor.from_array("features", one)], "s")
     big = request(1, rows=4)
     assert [[r.request_id for r in g] for g in packs([scalar, big, request(2)], 4)] == [
         ["s"], ["r1"], ["r2"]]
