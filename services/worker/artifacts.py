@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,7 +68,9 @@ class ArtifactCache:
         return _inside(self._dir / sha256, self._dir.resolve(), field="sha256")
 
     async def _download(self, uri: str, target: Path) -> None:
-        partial = target.with_name(f"{target.name}.{os.getpid()}.part")
+        # Unique per download, not per process: two caches in one process (fused mode, tests)
+        # may fetch the same artifact at once, and each must rename only its own copy.
+        partial = target.with_name(f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
         parts = urlsplit(uri)
         if parts.scheme == "file":
             await asyncio.to_thread(self._copy_local, Path(unquote(parts.path)), partial)
