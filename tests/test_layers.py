@@ -56,7 +56,7 @@ CORE_SIDE = {
                 "settings", "bisection", "latency", "admission", "dispatch", "deadlines",
                 "coldstart"),
     "worker": ("metrics", "settings", "artifacts", "backends", "backends.base", "placement",
-               "residency", "memory", "failures"),
+               "residency", "memory", "failures", "inference_thread"),
     "guard": ("policy", "window", "spec", "metrics"),
     "autoscaler": ("policy", "spec"),
     "registry": ("ports", "validation"),

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +25,7 @@ from services.mesh.infra.failpoints import failpoint
 from services.worker import memory
 from services.worker.backends.base import Backend, DeviceUnavailable, cuda_failure
 from services.worker.failures import batch_error, cuda_refusal
+from services.worker.inference_thread import InferenceThread
 from services.worker.metrics import WorkerMetrics
 from services.worker.placement import Key, Placement
 from services.worker.residency import Residency
@@ -72,7 +72,7 @@ class Worker:
         self._refusals: dict[tuple[str, str], str] = {}
         self._moving: dict[tuple[str, str], asyncio.Task[Backend]] = {}
         self._listeners: list[Callable[[], None]] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self._executor = InferenceThread("infer")
         self._budget = budget_bytes
         self._residency = Residency(
             Placement(budget_bytes or UNLIMITED, thrash_window=thrash_window), self._metrics,
@@ -253,7 +253,7 @@ class Worker:
             # Warm up in the inference thread itself: torch's per-thread state (OpenMP team,
             # allocator caches) is then ready for the first real batch.
             seconds = await asyncio.get_running_loop().run_in_executor(
-                self._executor, backend.warm_up, top
+                self._executor, self._warm_up, backend, top
             )
         except BaseException:
             await asyncio.to_thread(backend.unload)  # give back what a failed load holds
@@ -310,12 +310,18 @@ class Worker:
         self._notify()
         return backend
 
+    def _warm_up(self, backend: Backend, top: int) -> dict[int, float]:
+        """A backend's warm-up sweep, in the inference thread, letting the batches queued
+        meanwhile run between its steps (`services.worker.inference_thread`)."""
+        with self._executor.yielding():
+            return backend.warm_up(top)
+
     def _rewarm_if_bigger(self, spec: ModelVersion) -> None:
         """A version's max_batch_size grew (the registry changed its queue policy): sweep the
         new sizes in the background while it keeps serving, then republish the timings.
 
-        The sweep shares the inference thread, so batches arriving meanwhile wait behind it
-        once; without it the first batches of each new size would pay the JIT's stall.
+        The sweep shares the inference thread (batches arriving meanwhile run between its
+        steps); without it the first batches of each new size would pay the JIT's stall.
         """
         key = (spec.model, spec.version)
         warmed = self._warmup.get(key)
@@ -328,7 +334,7 @@ class Worker:
     async def _rewarm(self, key: tuple[str, str], top: int) -> None:
         try:
             seconds = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._backends[key].warm_up, top
+                self._executor, self._warm_up, self._backends[key], top
             )
             self._warmup[key] = _Warmup(top, seconds)
             log.info("re-warmed %s/%s up to batches of %d", *key, top)

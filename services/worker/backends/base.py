@@ -35,6 +35,8 @@ from typing import Any, Protocol
 
 import numpy.typing as npt
 
+from services.worker.inference_thread import between_steps
+
 DEVICE_POLICIES = ("auto", "cuda", "cpu")
 
 
@@ -164,7 +166,9 @@ def timed_sweep(
     run: Callable[[int], None], sizes: list[int], *, clock: Callable[[], float] = time.perf_counter
 ) -> dict[int, float]:
     """Call ``run(rows)`` for every size, over all sizes once untimed (a JIT specialises
-    then) and :data:`TIMED_PASSES` times timed; the median seconds per size."""
+    then) and :data:`TIMED_PASSES` times timed; the median seconds per size. Between runs,
+    untimed, the inference thread may run the batches queued behind the sweep
+    (`services.worker.inference_thread`)."""
     times: dict[int, list[float]] = {size: [] for size in sizes}
     for sweep in range(UNTIMED_PASSES + TIMED_PASSES):
         for size in sizes:
@@ -172,6 +176,7 @@ def timed_sweep(
             run(size)
             if sweep >= UNTIMED_PASSES:
                 times[size].append(clock() - started)
+            between_steps()  # batches of the versions serving here go in between
     return {size: statistics.median(runs) for size, runs in times.items() if runs}
 
 
@@ -191,4 +196,5 @@ def fastest_run(
         started = clock()
         run()
         fastest = min(fastest, clock() - started)
+        between_steps()
     return fastest
