@@ -8,8 +8,8 @@ have met both. Equal deadlines keep arrival order; items without a deadline go l
 Items leave in three orders: dispatch takes the earliest due, expiry and bulk promotion the
 oldest arrivals, eviction the last in dispatch order. A heap per order indexes the same
 entries; an entry removed through one heap is marked gone and left in the others until it
-reaches their top, and a heap is rebuilt once its gone entries outnumber the live ones, so each
-stays proportional to the queue. The eviction heap is built only when something is evicted
+reaches their top, and a heap is rebuilt once its gone entries outnumber the live ones (by 64),
+so each stays proportional to the queue. The eviction heap is built only when something is evicted
 (a full queue) and kept until the queue next empties, so the usual push costs two heap pushes.
 """
 
@@ -86,7 +86,7 @@ class EdfQueue(Generic[T]):
 
     def __iter__(self) -> Iterator[T]:
         """Every item (no order promised)."""
-        return (entry.item for *_, entry in self._by_due if entry.live)
+        return (entry.item for _, _, _, entry in self._by_due if entry.live)
 
     def push(self, item: T) -> None:
         """Queue `item` by its deadline, behind the items due at the same time."""
@@ -108,6 +108,7 @@ class EdfQueue(Generic[T]):
         return self._head_due()[3].item
 
     def pop_first(self) -> T:
+        """Remove and return the item dispatch takes next (the queue must not be empty)."""
         self._head_due()
         return self._gone(heapq.heappop(self._by_due)[3])
 
@@ -158,8 +159,10 @@ class EdfQueue(Generic[T]):
         entry.live = False
         self._count -= 1
         self.rows -= entry.item.rows
-        if not self._count:
-            self._by_due, self._by_age, self._by_last = [], [], None
+        if not self._count:  # what is left is gone: start afresh, keeping the lists
+            self._by_due.clear()
+            self._by_age.clear()
+            self._by_last = None
             self._latest = -math.inf
         else:
             self._compact()
