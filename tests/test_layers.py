@@ -42,7 +42,7 @@ POLICIES = (
     "services.batcher.policy", "services.batcher.fairness", "services.batcher.lanes",
     "services.batcher.batches", "services.batcher.bisection", "services.batcher.latency",
     "services.batcher.admission", "services.batcher.dispatch", "services.batcher.deadlines",
-    "services.batcher.coldstart", "services.router.policy",
+    "services.batcher.coldstart", "services.batcher.edf", "services.router.policy",
     "services.gateway.quotas", "services.gateway.validation", "control.guard.policy",
     "control.guard.window", "control.autoscaler.policy", "services.worker.placement",
 )
@@ -54,7 +54,7 @@ CORE_SIDE = {
     "router": ("policy", "shadow", "metrics", "settings", "compare", "cache"),
     "batcher": ("policy", "fairness", "lanes", "batches", "metrics", "tenants", "workers",
                 "settings", "bisection", "latency", "admission", "dispatch", "deadlines",
-                "coldstart"),
+                "coldstart", "edf"),
     "worker": ("metrics", "settings", "artifacts", "backends", "backends.base", "placement",
                "residency", "memory", "failures", "inference_thread"),
     "guard": ("policy", "window", "spec", "metrics"),

@@ -4,12 +4,21 @@ Clockwork's rule (OSDI 2020), on one version's queue: a request arriving behind
 `queued_rows` rows completes, at the earliest, once the version's workers have worked those
 rows off at their full-batch throughput, the running batch has ended and its own batch has
 run. If that passes its deadline it is refused now, with the time the backlog needs to clear
-as its Retry-After, instead of queuing until the deadline and answering 504 late. A pure
-function: the core measures the inputs (`latency.VersionLatency`) and passes them in.
+as its Retry-After, instead of queuing until the deadline and answering 504 late. Pure
+functions: the core measures the inputs (`latency.VersionLatency`, `FairQueue.standing`) and
+passes them in.
+
+The rows ahead are those the queue will run before the request (`rows_ahead`), not all it
+holds: within a tenant the queue is earliest deadline first, so a 1 s request is judged by the
+rows due before it, not by the 3 s requests that arrived first. Admitting it may then push
+already-admitted later-due rows past their deadlines; they were admitted on a prediction, and
+the queue does not preempt them or take the admission back: they run late or time out (504)
+as they would behind any arrival the prediction could not foresee.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -34,6 +43,39 @@ class Backlog:
         if self.throughput is None:
             return None
         return self.running_left + self.queued_rows / self.throughput
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """Where a request arriving now would stand in its version's queue.
+
+    `higher_lanes`: rows queued in lanes served strictly before its own;
+    `own_due_first`: its tenant's rows in its lane due no later than it (EDF runs them first);
+    `quantum`: its tenant's rows of credit per round-robin visit in its lane;
+    `others`: (rows queued, rows of credit per visit) of each other tenant in its lane.
+    """
+
+    higher_lanes: int
+    own_due_first: int
+    quantum: float
+    others: tuple[tuple[int, float], ...] = ()
+
+
+def rows_ahead(standing: Standing, rows: int) -> int:
+    """Rows the queue runs before an arriving request of `rows` rows.
+
+    All of the higher lanes' rows and its tenant's earlier-due rows. Other tenants of its lane
+    share rows with it by deficit round-robin, which ignores deadlines across tenants: while
+    its tenant is served `own_due_first + rows` rows, over `n = ceil(that / quantum)` visits, a
+    backlogged tenant with credit `q` per visit is served at most `q * (n + 1)` rows (the one
+    extra visit: the round under way when it arrives), and never more than it holds. The bound
+    leaves out credit a tenant carried over (less than one of its requests), bulk requests
+    promoted into the realtime lane after waiting, and whatever arrives later in a higher lane.
+    """
+    own = standing.own_due_first + rows
+    visits = math.ceil(own / standing.quantum) + 1
+    others = sum(min(held, math.ceil(quantum * visits)) for held, quantum in standing.others)
+    return standing.higher_lanes + standing.own_due_first + others
 
 
 HEADROOM = 1.25

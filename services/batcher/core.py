@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from services.batcher.admission import Backlog, Headroom, refusal
+from services.batcher.admission import Backlog, Headroom, refusal, rows_ahead
 from services.batcher.batches import batch_span, batch_timeout, build_batch, shape_key
 from services.batcher.bisection import Outcome, bisect, lone_failure
 from services.batcher.coldstart import worker_expected
@@ -54,6 +54,8 @@ class _Pending:
     lane: str
     rows: int
     span: tracing.HopSpan
+    deadline: float | None = None
+    """The request's (wall clock): what orders a tenant's queue (`edf.EdfQueue`)."""
     attempts: int = 0
     queued: bool = True
 
@@ -143,7 +145,8 @@ class Batcher:
         self._refuse_unmeetable(queue, request)
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
         pending = _Pending(
-            request, future, self._clock(), request.tenant, request.lane, request.rows, span
+            request, future, self._clock(), request.tenant, request.lane, request.rows, span,
+            request.deadline,
         )
         evicted = queue.pending.admit(pending)
         if evicted is None:
@@ -205,7 +208,8 @@ class Batcher:
             return
         workers = self._workers.candidates(queue.model, queue.version)
         self._seed(queue, workers)
-        backlog = self._backlog(queue, workers)
+        standing = queue.pending.standing(request.tenant, request.lane, request.deadline)
+        backlog = self._backlog(queue, workers, rows_ahead(standing, request.rows))
         ahead = min(backlog.queued_rows + request.rows, queue.policy.max_batch_size)
         retry_after = refusal(
             backlog=backlog, execution=queue.latency.predict(None, ahead), slack=slack,
@@ -219,9 +223,12 @@ class Batcher:
                 f"its backlog clears in {retry_after:.3f}s", retry_after=retry_after,
             )
 
-    def _backlog(self, queue: _Queue, workers: list[WorkerHandle]) -> Backlog:
-        """Rows ahead of an arriving request (queued, and batches formed but not running),
-        the workers' throughput and when the soonest of them is free."""
+    def _backlog(
+        self, queue: _Queue, workers: list[WorkerHandle], queued: int | None = None
+    ) -> Backlog:
+        """Rows ahead of an arriving request (`queued` of the queued ones, all of them when
+        None, and batches formed but not running), the workers' throughput and when the
+        soonest of them is free."""
         book, latency = self._book, queue.latency
         keys = [w.key for w in workers]
         formed = sum(book.outstanding(key) - book.running_rows(key) for key in keys)
@@ -230,7 +237,7 @@ class Batcher:
             default=0.0,
         )
         return Backlog(
-            queue.pending.rows + formed,
+            (queue.pending.rows if queued is None else queued) + formed,
             latency.throughput(keys, queue.policy.max_batch_size), running_left,
         )
 

@@ -1,22 +1,26 @@
 """One (model, version)'s queue as a pure policy object: lane priority, tenant fairness, bounds.
 
 Lanes are served in strict priority (realtime, then bulk, then shadow); within a lane tenants
-share rows by weight (`lanes.Lane`). A bulk item that has waited `bulk_max_wait` seconds moves
-into the realtime lane, so a realtime flood delays bulk work but cannot starve it.
+share rows by weight (`lanes.Lane`), and each tenant's requests go earliest deadline first
+(`edf.EdfQueue`). A bulk item that has waited `bulk_max_wait` seconds moves into the realtime
+lane ahead of its tenant's realtime items, so a realtime flood delays bulk work but cannot
+starve it.
 
-The queue holds at most `bound` rows. At the bound, shadow work is dropped first (newest
+The queue holds at most `bound` rows. At the bound, shadow work is dropped first (latest due
 first); then a tenant holding less than its weighted share of the bound is admitted by dropping
-the newest requests of the tenant furthest over its share ("longest queue drop"); anyone else
-is turned away. A tenant within its share is therefore never refused because another flooded.
+the latest-due requests of the tenant furthest over its share ("longest queue drop"); anyone
+else is turned away. A tenant within its share is therefore never refused because another
+flooded. What a tenant loses is the request its queue would run last (`_drop_latest_due_of`).
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Generic
 
+from services.batcher.admission import Standing
+from services.batcher.edf import EdfQueue
 from services.batcher.lanes import Lane, T
 from services.mesh.domain.types import LANES
 
@@ -27,9 +31,9 @@ _REALTIME = _LANE_INDEX["realtime"]
 class FairQueue(Generic[T]):
     """Pending items of one (model, version), by lane and tenant, bounded by `bound` rows.
 
-    While everything queued belongs to one (tenant, lane) the items wait in a plain FIFO
-    (`_solo`), so a single-tenant queue costs what a deque does. The first item of another
-    tenant or lane moves them into the lanes, where items stay until the queue next empties.
+    While everything queued belongs to one (tenant, lane) the items wait in one EDF queue
+    (`_solo`), with no round-robin to keep. The first item of another tenant or lane moves
+    them into the lanes, where items stay until the queue next empties.
     """
 
     def __init__(
@@ -39,13 +43,14 @@ class FairQueue(Generic[T]):
         self.bound = bound
         self._weight_of = weight_of
         self._bulk_max_wait = bulk_max_wait
+        self._quantum_rows = quantum_rows
         self._lanes: tuple[Lane[T], ...] = tuple(
             Lane(weight_of, quantum_rows=quantum_rows) for _ in LANES
         )
         self._realtime, self._bulk, self._shadow = (
             self._lanes[_LANE_INDEX[lane]] for lane in ("realtime", "bulk", "shadow")
         )
-        self._solo: deque[T] = deque()
+        self._solo: EdfQueue[T] = EdfQueue()
         self._solo_tenant, self._solo_lane = "", ""
         self._rows = 0
         self._count = 0
@@ -62,7 +67,7 @@ class FairQueue(Generic[T]):
     def oldest_enqueued(self) -> float:
         """When the longest-waiting item arrived (`inf` when empty), for the batch window."""
         if self._solo:
-            return self._solo[0].enqueued
+            return self._solo.oldest()
         return min(lane.oldest_enqueued for lane in self._lanes)
 
     def __iter__(self) -> Iterator[T]:
@@ -91,10 +96,10 @@ class FairQueue(Generic[T]):
                 return None
         solo = self._solo
         if solo and item.tenant == self._solo_tenant and item.lane == self._solo_lane:
-            solo.append(item)
+            solo.push(item)
         elif not self._count:
             self._solo_tenant, self._solo_lane = item.tenant, item.lane
-            solo.append(item)
+            solo.push(item)
         else:
             self._spill()
             self._lane_of(item).push(item)
@@ -112,7 +117,7 @@ class FairQueue(Generic[T]):
             return self._take_solo(max_rows)
         if self._bulk.count:
             for overdue in self._bulk.pop_older(now - self._bulk_max_wait):
-                self._realtime.insert_by_age(overdue)
+                self._realtime.push_overdue(overdue)
         out: list[T] = []
         budget = max_rows
         for lane in self._lanes:
@@ -124,8 +129,34 @@ class FairQueue(Generic[T]):
         self._count -= len(out)
         return out
 
+    def standing(self, tenant: str, lane: str, deadline: float) -> Standing:
+        """Where an item of `tenant` due at `deadline` would stand if it arrived in `lane`
+        now, for admission (`admission.rows_ahead`)."""
+        index = _LANE_INDEX.get(lane, _REALTIME)
+        quantum = self._weight_of(tenant) * self._quantum_rows
+        if self._solo:
+            return self._solo_standing(tenant, index, deadline, quantum)
+        own = self._lanes[index]
+        return Standing(
+            higher_lanes=sum(higher.rows for higher in self._lanes[:index]),
+            own_due_first=own.due_by(tenant, deadline), quantum=quantum,
+            others=own.contenders(tenant),
+        )
+
+    def _solo_standing(
+        self, tenant: str, index: int, deadline: float, quantum: float
+    ) -> Standing:
+        solo_index = _LANE_INDEX.get(self._solo_lane, _REALTIME)
+        if solo_index != index:
+            return Standing(self._rows if solo_index < index else 0, 0, quantum)
+        if tenant == self._solo_tenant:
+            return Standing(0, self._solo.rows_due_by(deadline), quantum)
+        solo_quantum = self._weight_of(self._solo_tenant) * self._quantum_rows
+        return Standing(0, 0, quantum, ((self._rows, solo_quantum),))
+
     def requeue(self, item: T) -> None:
-        """Put an item taken earlier back at the front of its tenant's queue (a retry)."""
+        """Put an item taken earlier back in its tenant's queue, ahead of the items due with
+        it (a retry)."""
         self._spill()
         self._lane_of(item).push_front(item)
         self._rows += item.rows
@@ -135,9 +166,7 @@ class FairQueue(Generic[T]):
         """Remove and return every item enqueued at or before `cutoff`."""
         solo = self._solo
         if solo:
-            expired = []
-            while solo and solo[0].enqueued <= cutoff:
-                expired.append(solo.popleft())
+            expired = solo.pop_older(cutoff)
         else:
             expired = [item for lane in self._lanes for item in lane.pop_older(cutoff)]
         return self._removed(expired)
@@ -148,10 +177,10 @@ class FairQueue(Generic[T]):
 
     def _take_solo(self, max_rows: int) -> list[T]:
         solo = self._solo
-        out = [solo.popleft()]
+        out = [solo.pop_first()]
         taken = out[0].rows
-        while solo and taken + solo[0].rows <= max_rows:
-            item = solo.popleft()
+        while solo and taken + solo.first().rows <= max_rows:
+            item = solo.pop_first()
             out.append(item)
             taken += item.rows
         self._rows -= taken
@@ -166,10 +195,8 @@ class FairQueue(Generic[T]):
     def _spill(self) -> None:
         """Move the FIFO's items into the lanes (another tenant or lane is arriving)."""
         if self._solo:
-            lane = self._lane_of(self._solo[0])
-            for item in self._solo:
-                lane.push(item)
-            self._solo.clear()
+            lane = self._lanes[_LANE_INDEX.get(self._solo_lane, _REALTIME)]
+            self._solo = lane.adopt(self._solo_tenant, self._solo)
 
     def _lane_of(self, item: T) -> Lane[T]:
         return self._lanes[_LANE_INDEX.get(item.lane, _REALTIME)]
@@ -196,7 +223,7 @@ class FairQueue(Generic[T]):
                 (tenant for tenant in shares if tenant != item.tenant and self._held(tenant)),
                 key=lambda tenant: self._held(tenant) - shares[tenant],
             )
-            evicted.append(self._drop_newest_of(victim))
+            evicted.append(self._drop_latest_due_of(victim))
             need -= evicted[-1].rows
         return tuple(self._removed(evicted))
 
@@ -204,14 +231,22 @@ class FairQueue(Generic[T]):
         dropped: list[T] = []
         freed = 0
         while freed < rows:
-            dropped.append(self._shadow.pop_newest())
+            dropped.append(self._shadow.pop_last())
             freed += dropped[-1].rows
         return dropped
 
-    def _drop_newest_of(self, tenant: str) -> T:
-        """The tenant's newest bulk item, else its newest realtime item."""
+    def _drop_latest_due_of(self, tenant: str) -> T:
+        """The tenant's bulk item with the latest deadline, else its realtime one (the newest
+        among equal deadlines; items without one count as latest).
+
+        The item its queue would run last, rather than the latest arrival, because it loses
+        the least goodput: the latest arrival may be a short-deadline request that EDF runs
+        next and that would have made its deadline, with no time left for its client to
+        retry. The latest-due item waits behind everything else its tenant queued, and its
+        client has the most time left to retry after the refusal's Retry-After.
+        """
         lane = self._bulk if self._bulk.held(tenant) else self._realtime
-        return lane.pop_newest(tenant)
+        return lane.pop_last(tenant)
 
     def _held(self, tenant: str) -> int:
         """Rows `tenant` holds in the realtime and bulk lanes."""

@@ -5,51 +5,33 @@ tenant `weight * quantum_rows` rows of credit; it sends whole requests while its
 the next one, then the next tenant is visited. A tenant's credit resets when it has nothing
 left queued. The round-robin position survives across batches, so no tenant is favoured by
 where it sits and a light tenant is served within one round however deep another's backlog.
-With a single tenant queued the lane is plain FIFO.
+Within a tenant, requests go earliest deadline first (`edf.EdfQueue`); with a single tenant
+queued the lane is plain EDF.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic
 
+from services.batcher.edf import EdfQueue, Queued, T
 
-class Queued(Protocol):
-    """What a queue needs to know about an item."""
-
-    @property
-    def tenant(self) -> str: ...
-
-    @property
-    def lane(self) -> str:
-        """One of `services.mesh.domain.types.LANES`; anything else queues as realtime."""
-
-    @property
-    def rows(self) -> int: ...
-
-    @property
-    def enqueued(self) -> float:
-        """Clock value when the item arrived (the clock that `now` arguments read)."""
-
-
-T = TypeVar("T", bound=Queued)
+__all__ = ["Lane", "Queued", "T"]
 
 
 @dataclass(slots=True, eq=False)
 class _TenantQueue(Generic[T]):
     tenant: str
-    items: deque[T] = field(default_factory=deque)
-    rows: int = 0
+    items: EdfQueue[T] = field(default_factory=EdfQueue)
     quantum: float = 1.0
     deficit: float = 0.0
 
 
 class Lane(Generic[T]):
-    """Queued items of one lane, FIFO per tenant."""
+    """Queued items of one lane, earliest deadline first per tenant."""
 
     def __init__(self, weight_of: Callable[[str], float], *, quantum_rows: float = 1.0) -> None:
         self._weight_of = weight_of
@@ -64,28 +46,38 @@ class Lane(Generic[T]):
         self.count = 0
 
     def push(self, item: T) -> None:
-        """Queue `item` behind its tenant's other items."""
-        sub = self._tenants.get(item.tenant) or self._tenant_queue(item.tenant)
-        sub.items.append(item)
+        """Queue `item` by its deadline among its tenant's items."""
+        sub = self._tenant_queue(item.tenant)
+        sub.items.push(item)
         self._added(sub, item.rows)
 
     def push_front(self, item: T) -> None:
-        """Queue `item` ahead of its tenant's other items (a retry)."""
+        """Queue `item` by its deadline, ahead of its tenant's items due with it (a retry)."""
         sub = self._tenant_queue(item.tenant)
-        sub.items.appendleft(item)
+        sub.items.push_front(item)
         self._added(sub, item.rows)
 
-    def insert_by_age(self, item: T) -> None:
-        """Queue `item` among its tenant's items in order of arrival (a promoted item)."""
+    def push_overdue(self, item: T) -> None:
+        """Queue `item` ahead of its tenant's items that are not overdue (a promoted item:
+        its wait, not its deadline, decides, or a deadline flood would starve it)."""
         sub = self._tenant_queue(item.tenant)
-        sub.items.insert(bisect_right(sub.items, item.enqueued, key=_enqueued), item)
+        sub.items.push_overdue(item)
         self._added(sub, item.rows)
+
+    def adopt(self, tenant: str, items: EdfQueue[T]) -> EdfQueue[T]:
+        """Take `items` as `tenant`'s queue here (the lane must hold nothing of `tenant`);
+        returns the empty queue they replace, for reuse."""
+        sub = self._tenant_queue(tenant)
+        assert not sub.items, "adopt() replaces an empty queue only"
+        empty, sub.items = sub.items, items
+        self._added(sub, items.rows, count=len(items))
+        return empty
 
     @property
     def oldest_enqueued(self) -> float:
         oldest = math.inf
         for sub in self._order:
-            oldest = min(oldest, sub.items[0].enqueued)
+            oldest = min(oldest, sub.items.oldest())
         return oldest
 
     def __iter__(self) -> Iterator[T]:
@@ -99,7 +91,16 @@ class Lane(Generic[T]):
     def held(self, tenant: str) -> int:
         """Rows `tenant` has queued here."""
         sub = self._tenants.get(tenant)
-        return 0 if sub is None else sub.rows
+        return 0 if sub is None else sub.items.rows
+
+    def due_by(self, tenant: str, deadline: float) -> int:
+        """Rows of `tenant` here that run before an item of its due at `deadline` would."""
+        sub = self._tenants.get(tenant)
+        return 0 if sub is None else sub.items.rows_due_by(deadline)
+
+    def contenders(self, tenant: str) -> tuple[tuple[int, float], ...]:
+        """(rows queued, rows of credit per visit) of every other tenant with queued items."""
+        return tuple((sub.items.rows, sub.quantum) for sub in self._order if sub.tenant != tenant)
 
     def take(self, out: list[T], budget: int) -> int:
         """Move the next items to `out` within `budget` rows (or one item, if `out` is empty)
@@ -124,7 +125,7 @@ class Lane(Generic[T]):
             if not sub.items:
                 idle_visits = 0
                 continue  # _serve took it out of the round
-            if sub.items[0].rows <= sub.deficit:
+            if sub.items.first().rows <= sub.deficit:
                 break  # the batch is full: this visit goes on in the next batch
             order.rotate(-1)
             self._granted = False
@@ -138,17 +139,22 @@ class Lane(Generic[T]):
         """Remove and return every item enqueued at or before `cutoff`."""
         found: list[T] = []
         for sub in list(self._order):
-            while sub.items and sub.items[0].enqueued <= cutoff:
-                found.append(self._pop(sub, newest=False))
+            if sub.items.oldest() <= cutoff:
+                taken = sub.items.pop_older(cutoff)
+                self._removed(sub, sum(item.rows for item in taken), len(taken))
+                found += taken
         return found
 
-    def pop_newest(self, tenant: str | None = None) -> T:
-        """Remove and return the newest item of `tenant`, or of the lane when None."""
+    def pop_last(self, tenant: str | None = None) -> T:
+        """Remove and return the item of `tenant` (of the lane, when None) that would be
+        dispatched last: the latest deadline, the newest among equal ones."""
         if tenant is None:
-            sub = max(self._order, key=lambda queued: queued.items[-1].enqueued)
+            sub = max(self._order, key=lambda queued: queued.items.last_key())
         else:
             sub = self._tenants[tenant]
-        return self._pop(sub, newest=True)
+        item = sub.items.pop_last()
+        self._removed(sub, item.rows, 1)
+        return item
 
     def _tenant_queue(self, tenant: str) -> _TenantQueue[T]:
         sub = self._tenants.get(tenant)
@@ -156,41 +162,36 @@ class Lane(Generic[T]):
             sub = self._tenants[tenant] = _TenantQueue(tenant)
         return sub
 
-    def _added(self, sub: _TenantQueue[T], rows: int) -> None:
-        if len(sub.items) == 1:  # it was empty: it joins the round at the back
+    def _added(self, sub: _TenantQueue[T], rows: int, *, count: int = 1) -> None:
+        if len(sub.items) == count:  # it was empty: it joins the round at the back
             sub.quantum = self._weight_of(sub.tenant) * self._quantum_rows
             sub.deficit = 0.0
             self._order.append(sub)
-        sub.rows += rows
         self.rows += rows
-        self.count += 1
+        self.count += count
 
     def _serve(self, sub: _TenantQueue[T], out: list[T], budget: int, credit: float) -> int:
         """Move whole items from the head of `sub` to `out` while `credit` and `budget` last."""
         items = sub.items
         taken = 0
         while items:
-            rows = items[0].rows
+            rows = items.first().rows
             if rows > credit - taken or (rows > budget - taken and out):
                 break
-            out.append(items.popleft())
+            out.append(items.pop_first())
             taken += rows
             self.count -= 1
         sub.deficit -= taken
-        sub.rows -= taken
         self.rows -= taken
         if not items:
             self._leave_round(sub)
         return taken
 
-    def _pop(self, sub: _TenantQueue[T], *, newest: bool) -> T:
-        item = sub.items.pop() if newest else sub.items.popleft()
-        sub.rows -= item.rows
-        self.rows -= item.rows
-        self.count -= 1
+    def _removed(self, sub: _TenantQueue[T], rows: int, count: int) -> None:
+        self.rows -= rows
+        self.count -= count
         if not sub.items:
             self._leave_round(sub)
-        return item
 
     def _leave_round(self, sub: _TenantQueue[T]) -> None:
         sub.deficit = 0.0
@@ -205,12 +206,8 @@ def _skip_idle_rounds(order: deque[_TenantQueue[T]]) -> None:
     """After a round in which nobody's credit covered their next item, add the credit of the
     further rounds that would also pass idle, so that the next round serves someone."""
     rounds = min(
-        math.ceil((sub.items[0].rows - sub.deficit) / sub.quantum) for sub in order
+        math.ceil((sub.items.first().rows - sub.deficit) / sub.quantum) for sub in order
     ) - 1
     if rounds > 0:
         for sub in order:
             sub.deficit += rounds * sub.quantum
-
-
-def _enqueued(item: Queued) -> float:
-    return item.enqueued

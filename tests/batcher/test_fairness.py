@@ -21,6 +21,7 @@ class Item:
     lane: str = "realtime"
     rows: int = 1
     enqueued: float = 0.0
+    deadline: float | None = None
 
 
 def queue(

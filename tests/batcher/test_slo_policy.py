@@ -132,6 +132,7 @@ class _Item:
     tenant: str = "t"
     lane: str = "realtime"
     enqueued: float = 0.0
+    deadline: float | None = None
 
 
 def test_a_five_row_request_counts_five_and_is_never_split() -> None:
