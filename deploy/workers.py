@@ -7,13 +7,16 @@ stopped while they serve.
 How many: per version, the autoscaler's `scale/{model}/{version}` record (`{"replicas": n,
 ...}`) when there is one, else the version record's `replicas.min` (1 when absent); at most its
 `replicas.max` and `LOCAL_CEILING`. A model's shared workers number the largest of its shared
-versions' counts: every one of them loads in every shared worker (lazily beyond the budget),
-so the busiest version sizes the set. This is the local actuator: the fleet spawns what is
-missing (a new worker publishes its versions only once warm, so it takes traffic only then) and
-stops the newest extra workers with SIGTERM: each marks itself draining (batchers send it
-nothing new while another worker has its versions), finishes what it holds and exits. The last
-worker of a set scaled to 0 gets SIGINT instead (no replacement is coming to hand off to): it
-drains and exits, and the batchers hold its versions' requests until a worker is back.
+versions' counts (every one of them loads in every shared worker, lazily beyond the budget),
+or, when larger, the sum of the counts the autoscaler gave its versions (`scale/` records):
+each of those sizes its version's own demand, and the shared set carries all of it. Versions
+the autoscaler does not size count only through the largest (a floor of `replicas.min` each
+would otherwise add an idle process per version). This is the local actuator: the fleet spawns
+what is missing (a new worker publishes its versions only once warm, so it takes traffic only
+then) and stops the newest extra workers with SIGTERM: each marks itself draining (batchers
+send it nothing new while another worker has its versions), finishes what it holds and exits.
+The last worker of a set scaled to 0 gets SIGINT instead (no replacement is coming to hand off
+to): it drains and exits, and the batchers hold its versions' requests until a worker is back.
 
 A shared worker is started with `INFERMESH_WORKER_MODELS=<model>`, which leaves out the
 versions whose records say `dedicated` (`services.worker.settings`): those run in workers
@@ -103,17 +106,20 @@ class WorkerFleet(Generic[P]):
         """What was refused, by (key, what was done about it): logged once per content."""
 
     def ensure(self) -> None:
-        """Every set of workers at its replica count (the largest of its versions'); a
-        replacement for every draining worker."""
-        counts: dict[Group, int] = {}
+        """Every set of workers at its replica count (the largest of its versions', or the sum
+        of its autoscaled versions' when larger); a replacement for every draining worker."""
+        largest: dict[Group, int] = {}
+        scaled: dict[Group, int] = {}
         for name, record in self._config.items("models/").items():
             spec = self._trusted(name, record)
             if spec is not None:
                 group = self._group_of(spec)
                 count = self._replicas((spec.model, spec.version), record)
-                counts[group] = max(counts.get(group, 0), count)
-        for group, count in counts.items():
-            self._scale(group, count)
+                largest[group] = max(largest.get(group, 0), count)
+                if self._config.get(f"scale/{spec.model}/{spec.version}") is not None:
+                    scaled[group] = scaled.get(group, 0) + count
+        for group, count in largest.items():
+            self._scale(group, min(max(count, scaled.get(group, 0)), LOCAL_CEILING))
         draining = {r.get("pid") for r in self._config.items("endpoints/worker/").values()
                     if isinstance(r, dict) and r.get("draining")}
         for group, children in self._workers.items():

@@ -1,6 +1,7 @@
 """The launcher's fleet keyed by model: one set of workers serves every version of a model (as
-many as its busiest version asks for), a `dedicated` version gets a set of its own, and
-`INFERMESH_WORKERS_PER=version` brings back one set per version."""
+many as its busiest version asks for, or its autoscaled versions together), a `dedicated`
+version gets a set of its own, and `INFERMESH_WORKERS_PER=version` brings back one set per
+version."""
 
 from __future__ import annotations
 
@@ -51,16 +52,18 @@ def test_one_worker_serves_every_version_of_a_model() -> None:
     assert len(spawned) == 2, "a canary costs no process"
 
 
-async def test_the_shared_count_is_the_largest_of_the_versions_counts() -> None:
+async def test_the_shared_count_is_the_largest_count_or_the_sum_of_the_autoscaled_ones() -> None:
     config, fleet, spawned = stoppable_fleet({"models/mlp/1": MLP_1, "models/mlp/2": MLP_2})
-    assert len(spawned) == 1
+    assert len(spawned) == 1, "two versions at replicas.min 1 share one worker"
     scale(config, "2", 3)
     assert len(fleet.workers("mlp", "1")) == 3, "the busiest version sizes the set"
     scale(config, "1", 2)
-    assert len(spawned) == 3, "still the largest: nothing started, nothing stopped"
+    assert len(spawned) == 5, "both autoscaled: the set carries both demands"
     scale(config, "2", 1)
-    await stopped(spawned[2])
-    assert fleet.workers("mlp", "1") == spawned[:2] and spawned[2].stopped == [False]
+    await stopped(spawned[4])
+    await stopped(spawned[3])
+    assert fleet.workers("mlp", "1") == spawned[:3]
+    assert spawned[3].stopped == spawned[4].stopped == [False], "handed off: SIGTERM"
 
 
 async def test_a_model_scaled_to_zero_in_every_version_stops_its_last_worker_now() -> None:
