@@ -1,7 +1,14 @@
 """The fault group: one mesh on a private etcd and Postgres, and the table it fills.
 
-The etcd and Postgres here are this module's own: pausing, killing or stopping them never
-touches the session's, which other tests share.
+The etcd and Postgres here are the group's own: pausing, killing or stopping them never
+touches the session's, which other tests share. The mesh and its dependencies are started once
+for the whole package (a mesh start costs 25-40 s on a busy 2-core machine): every fault ends
+with the mesh serving again (each test first waits for a 200) and the supervisor has replaced
+whatever a fault killed. The two-worker test runs first, on the fresh mesh: it starts a worker
+of its own, and run after the faults (the last ones pause and kill etcd and stop Postgres) it
+failed: the batcher, whose etcd watch had broken and resynced, linked no worker started later
+within 120 s (2026-12-07). That is a defect for the product to fix, not one for this order to
+absorb; until a test covers it, the group keeps the order it had with a mesh per module.
 """
 
 from __future__ import annotations
@@ -25,6 +32,20 @@ REPORT_ENV = "INFERMESH_FAULT_REPORT"
 """Also write the fault table (JSON) to the path this names, when set."""
 
 
+FRESH_MESH_FIRST = "test_two_workers.py"
+"""The module that runs first in the group (see the module docstring)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run `FRESH_MESH_FIRST` before the group's other modules, in the group's own slots."""
+    here = Path(__file__).parent
+    slots = [n for n, item in enumerate(items) if item.path.parent == here]
+    group = [items[n] for n in slots]
+    ordered = sorted(group, key=lambda item: item.path.name != FRESH_MESH_FIRST)
+    for n, item in zip(slots, ordered, strict=True):
+        items[n] = item
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "faults: processes, etcd and Postgres killed or paused under load "
@@ -32,7 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def fault_deps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateDeps]:
     """A private etcd and Postgres; the ones running at the end (restarted or not) stop."""
     # Not under pytest's basetemp: another pytest run resets it to 0700 (see tests/conftest).
@@ -50,7 +71,7 @@ def fault_deps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateDeps
         shutil.rmtree(pg_root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def fault_bed(
     fault_deps: PrivateDeps, tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[FaultBed]:

@@ -1,9 +1,11 @@
 """One dev-mode mesh (auth off) for every module in this package, started once.
 
 A mesh start costs 25-40 s on a busy 2-core machine; these modules only serve requests, add
-versions (`test_mesh`) and replace workers (`test_worker_handoff`, last by name), so they
-share one. The package keeps them contiguous: the mesh stops when its last module ends,
-before any other module starts a mesh of its own beside it.
+versions and restart a killed router (`test_mesh`) and read back the prediction rows of their
+own request ids (`test_predlog_mesh`), so they share one. The handoff test keeps a mesh of its
+own: its SIGHUP to the launcher would replace the versions the others add. The package keeps
+them contiguous: the mesh stops when its last module ends, before any other module starts a
+mesh of its own beside it.
 """
 
 from __future__ import annotations

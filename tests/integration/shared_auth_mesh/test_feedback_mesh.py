@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -17,8 +16,7 @@ import orjson
 import pytest
 
 from cli.main import main
-from deploy.localdeps import LocalEtcd, LocalPostgres
-from tests.integration.conftest import RunningMesh, mesh_on_session_deps
+from tests.integration.conftest import RunningMesh
 from tests.integration.oip import infer_body, mlp_input, output_array, post_infer
 from tests.waiting import wait_for
 
@@ -26,15 +24,6 @@ pytestmark = pytest.mark.timeout(300)
 
 REPORT_WAIT = 20.0
 """Seconds the prediction log may take to show the predictions."""
-
-
-@pytest.fixture(scope="module")
-def feedback_mesh(
-    local_etcd: LocalEtcd, local_postgres: LocalPostgres,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[RunningMesh]:
-    with mesh_on_session_deps("feedback", local_etcd, local_postgres, tmp_path_factory) as mesh:
-        yield mesh
 
 
 async def _feedback(
@@ -78,9 +67,8 @@ def _weighted(rows: list[dict[str, Any]], field: str, weight: str) -> float:
 
 
 async def test_feedback_joins_its_prediction_in_the_report(
-    feedback_mesh: RunningMesh, capsys: pytest.CaptureFixture[str]
+    mesh: RunningMesh, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    mesh = feedback_mesh
     ids = [f"fb-{uuid.uuid4().hex[:12]}-{n}" for n in range(6)]
     predicted: list[int] = []
     async with aiohttp.ClientSession() as session:

@@ -24,9 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from bench.rawhttp import RawClient
-from deploy.localdeps import LocalEtcd, LocalPostgres, free_port
+from deploy.localdeps import free_port
 from services.mesh.infra.etcd import connect_client
-from tests.integration.conftest import RunningMesh, mesh_on_session_deps
+from tests.integration.conftest import RunningMesh
 from tests.integration.oip import encoder_input, infer_body, mlp_input
 from tests.waiting import wait_for
 
@@ -34,16 +34,6 @@ pytestmark = pytest.mark.timeout(300)
 
 MLP_BODY = infer_body("features", mlp_input(1))
 ENCODER_BODY = infer_body("input_ids", encoder_input(4))
-
-
-@pytest.fixture(scope="module")
-def tenancy_mesh(
-    local_etcd: LocalEtcd, local_postgres: LocalPostgres,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[RunningMesh]:
-    with mesh_on_session_deps("tenancy", local_etcd, local_postgres, tmp_path_factory,
-                              INFERMESH_EDGE="0") as mesh:
-        yield mesh
 
 
 class Admin:
@@ -70,9 +60,9 @@ class Admin:
 
 
 @pytest.fixture
-async def admin(tenancy_mesh: RunningMesh) -> AsyncIterator[Admin]:
+async def admin(mesh: RunningMesh) -> AsyncIterator[Admin]:
     async with aiohttp.ClientSession() as session:
-        yield Admin(session, tenancy_mesh)
+        yield Admin(session, mesh)
 
 
 async def infer(session: aiohttp.ClientSession, mesh: RunningMesh, key: str | None, *,
@@ -88,29 +78,29 @@ async def infer(session: aiohttp.ClientSession, mesh: RunningMesh, key: str | No
 
 
 async def test_keys_decide_who_may_call_what_over_rest(
-    admin: Admin, tenancy_mesh: RunningMesh
+    admin: Admin, mesh: RunningMesh
 ) -> None:
     _, key = await admin.tenant(rate=1000, allowed_models=["mlp"])
     async with aiohttp.ClientSession() as session:
-        assert (await infer(session, tenancy_mesh, key))[0] == 200
-        assert (await infer(session, tenancy_mesh, None))[0] == 401
-        assert (await infer(session, tenancy_mesh, "imk_000000000000_nope"))[0] == 401
-        assert (await infer(session, tenancy_mesh, key[:-2] + "xx"))[0] == 401
-        assert (await infer(session, tenancy_mesh, key, model="encoder"))[0] == 403
+        assert (await infer(session, mesh, key))[0] == 200
+        assert (await infer(session, mesh, None))[0] == 401
+        assert (await infer(session, mesh, "imk_000000000000_nope"))[0] == 401
+        assert (await infer(session, mesh, key[:-2] + "xx"))[0] == 401
+        assert (await infer(session, mesh, key, model="encoder"))[0] == 403
 
         key_id = key.split("_")[1]
         await admin.call("DELETE", f"/v1/keys/{key_id}")
         revoked = time.monotonic()
-        while (await infer(session, tenancy_mesh, key))[0] != 401:
+        while (await infer(session, mesh, key))[0] != 401:
             assert time.monotonic() - revoked < 1.0, "revocation took over a second"
             await asyncio.sleep(0.02)
 
 
 async def test_keys_decide_who_may_call_what_over_grpc(
-    admin: Admin, tenancy_mesh: RunningMesh
+    admin: Admin, mesh: RunningMesh
 ) -> None:
     _, key = await admin.tenant(rate=1000, allowed_models=["mlp"])
-    client = aioclient.InferenceServerClient(url=tenancy_mesh.grpc)
+    client = aioclient.InferenceServerClient(url=mesh.grpc)
     tensor = aioclient.InferInput("features", [1, 32], "FP32")
     tensor.set_data_from_numpy(mlp_input(1))
 
@@ -198,15 +188,15 @@ def admitted_bounds(*, rate: float, burst: float, sending: float, answering: flo
 
 
 async def test_a_tenant_driven_at_ten_times_its_rate_gets_its_rate(
-    admin: Admin, tenancy_mesh: RunningMesh
+    admin: Admin, mesh: RunningMesh
 ) -> None:
     _, key = await admin.tenant(rate=100, burst=10, max_concurrency=256, allowed_models=["mlp"])
     statuses: Counter[int] = Counter()
     probes = []
     async with aiohttp.ClientSession() as session:
-        await wait_key_known(session, [tenancy_mesh.gateway], key, forbidden="encoder")
+        await wait_key_known(session, [mesh.gateway], key, forbidden="encoder")
         started = time.monotonic()
-        flood = asyncio.create_task(send(f"{tenancy_mesh.gateway}/v2/models/mlp/infer", key,
+        flood = asyncio.create_task(send(f"{mesh.gateway}/v2/models/mlp/infer", key,
                                          rate=1000, seconds=5, statuses=statuses))
         await wait_for(lambda: statuses[429], timeout=30,
                        what="the flood to empty the bucket (a 429)")
@@ -215,7 +205,7 @@ async def test_a_tenant_driven_at_ten_times_its_rate_gets_its_rate(
         # p~0.9: mean 18, sd sqrt(20*0.9*0.1)=1.3; at least 10 is 6 sd below the mean
         # (P(fail) ~ 1e-6 exactly; still 0.4 % were p only 0.75).
         for _ in range(20):
-            probes.append(await infer(session, tenancy_mesh, key))
+            probes.append(await infer(session, mesh, key))
         tasks = await flood
         sent = time.monotonic() - started
         await asyncio.gather(*tasks)
@@ -231,13 +221,13 @@ async def test_a_tenant_driven_at_ten_times_its_rate_gets_its_rate(
 
 
 @pytest.fixture
-def second_gateway(tenancy_mesh: RunningMesh) -> Iterator[str]:
+def second_gateway(mesh: RunningMesh) -> Iterator[str]:
     """Another gateway replica on the mesh (its own ports, its log beside the mesh's); its
     base URL."""
     port, grpc_port = free_port(), free_port()
-    env = {**tenancy_mesh.env, "INFERMESH_GATEWAY_HTTP_PORT": str(port),
+    env = {**mesh.env, "INFERMESH_GATEWAY_HTTP_PORT": str(port),
            "INFERMESH_GATEWAY_GRPC_PORT": str(grpc_port)}
-    with open(tenancy_mesh.state_dir / "logs" / "gateway-second.log", "ab") as log:
+    with open(mesh.state_dir / "logs" / "gateway-second.log", "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -248,16 +238,16 @@ def second_gateway(tenancy_mesh: RunningMesh) -> Iterator[str]:
 
 
 async def test_two_gateway_replicas_share_a_tenants_rate(
-    admin: Admin, tenancy_mesh: RunningMesh, second_gateway: str
+    admin: Admin, mesh: RunningMesh, second_gateway: str
 ) -> None:
-    await _wait_gateways(tenancy_mesh, 2)
+    await _wait_gateways(mesh, 2)
     _, key = await admin.tenant(rate=100, burst=10, max_concurrency=256, allowed_models=["mlp"])
     # The key is written after the second gateway's record: a gateway that knows the key
     # counts two replicas, and so enforces half the rate.
     async with aiohttp.ClientSession() as session:
-        await wait_key_known(session, [tenancy_mesh.gateway, second_gateway], key,
+        await wait_key_known(session, [mesh.gateway, second_gateway], key,
                              forbidden="encoder")
-    urls = [f"{tenancy_mesh.gateway}/v2/models/mlp/infer",
+    urls = [f"{mesh.gateway}/v2/models/mlp/infer",
             f"{second_gateway}/v2/models/mlp/infer"]
     started = time.monotonic()
     statuses = [Counter[int](), Counter[int]()]
@@ -328,7 +318,7 @@ async def encoder_capacity(admin: Admin, mesh: RunningMesh) -> float:
 
 
 async def test_a_noisy_neighbour_does_not_take_a_quiet_tenants_share(
-    admin: Admin, tenancy_mesh: RunningMesh
+    admin: Admin, mesh: RunningMesh
 ) -> None:
     """On the encoder (capacity C rows/s, measured first), A floods at 10x its quota (2C of
     rows admitted, more than the model can do) while B sends at half of its own quota (C/4
@@ -338,7 +328,7 @@ async def test_a_noisy_neighbour_does_not_take_a_quiet_tenants_share(
     share of rows, min(B's demand, capacity / 2), rather than its share of the admitted
     traffic (a ninth, which is what first-come-first-served would give it).
     """
-    capacity = await encoder_capacity(admin, tenancy_mesh)
+    capacity = await encoder_capacity(admin, mesh)
     noisy_rate = capacity / 2  # requests of 4 rows: 2C rows a second
     quiet_rate = max(capacity / 16, 1.0)  # C/4 rows a second
     noisy_name, noisy = await admin.tenant(rate=noisy_rate, burst=5, max_concurrency=512,
@@ -350,11 +340,11 @@ async def test_a_noisy_neighbour_does_not_take_a_quiet_tenants_share(
                                            allowed_models=["encoder"])
     async with aiohttp.ClientSession() as session:  # no 401 for the first requests
         for key in (noisy, quiet):
-            await wait_key_known(session, [tenancy_mesh.gateway], key, forbidden="mlp")
-    url = f"{tenancy_mesh.gateway}/v2/models/encoder/infer"
+            await wait_key_known(session, [mesh.gateway], key, forbidden="mlp")
+    url = f"{mesh.gateway}/v2/models/encoder/infer"
     loud, calm = Counter[int](), Counter[int]()
     calm_errors: dict[int, bytes] = {}
-    before = await batcher_rows(tenancy_mesh)
+    before = await batcher_rows(mesh)
     seconds = 10.0
     loud_tasks, calm_tasks = await asyncio.gather(
         send(url, noisy, rate=10 * noisy_rate, seconds=seconds, statuses=loud,
@@ -362,7 +352,7 @@ async def test_a_noisy_neighbour_does_not_take_a_quiet_tenants_share(
         send(url, quiet, rate=quiet_rate, seconds=seconds, statuses=calm, body=ENCODER_BODY,
              errors=calm_errors),
     )
-    during = await batcher_rows(tenancy_mesh)  # sending just ended; A's backlog stands
+    during = await batcher_rows(mesh)  # sending just ended; A's backlog stands
     await wait_for(lambda: sum(calm.values()), lambda answered: answered == len(calm_tasks),
                    timeout=60, what="every request of B answered")
     backlog = sum(not task.done() for task in loud_tasks)

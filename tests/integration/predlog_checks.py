@@ -1,48 +1,26 @@
-"""The mesh as processes, and `--fused`: every prediction served lands in `predictions`."""
+"""Every prediction served lands in `predictions`: the check, run against the shared mesh
+(services as processes, `shared_mesh/test_predlog_mesh.py`) and `--fused`
+(`test_predlog_fused.py`)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
-import pytest
 
-from deploy.localdeps import LocalEtcd, LocalPostgres
 from services.mesh.infra.db import create_pool
-from tests.integration.conftest import RunningMesh, start_mesh, stop_and_check
+from tests.integration.conftest import RunningMesh
 from tests.integration.oip import infer_body, mlp_input, output_array, post_infer
 from tests.waiting import wait_for
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 
 
-@pytest.fixture(scope="module", params=["mesh", "fused"])
-def logging_mesh(
-    request: pytest.FixtureRequest, local_etcd: LocalEtcd, local_postgres: LocalPostgres,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[RunningMesh]:
-    """`infermesh up` (services as processes, then `--fused`) on the session's etcd and a
-    fresh database, auth off."""
-    name = str(request.param)
-    database = local_postgres.create_database(f"{name}_{uuid.uuid4().hex}")
-    running = start_mesh(tmp_path_factory.mktemp(name), fused=name == "fused", env={
-        "INFERMESH_ETCD_URL": local_etcd.url, "INFERMESH_DATABASE_URL": database,
-        "INFERMESH_GATEWAY_AUTH": "0",
-    })
-    try:
-        yield running
-    finally:
-        stop_and_check(running)
-
-
-async def test_each_prediction_is_logged_with_its_version_tenant_bucket_and_trace(
-    logging_mesh: RunningMesh,
-) -> None:
-    mesh = logging_mesh
+async def check_each_prediction_is_logged(mesh: RunningMesh) -> None:
+    """20 mlp predictions (auth off) each logged with its version, tenant, bucket, label,
+    input digests and the client's trace."""
     sent: dict[str, dict[str, Any]] = {}
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(*(
