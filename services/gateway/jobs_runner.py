@@ -32,6 +32,7 @@ from services.gateway.core import Admission, Gateway
 from services.gateway.jobs import ClaimedJob, JobStore, RowOutcome, error_output
 from services.gateway.jobs_packing import join, packable, packs, unpack
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.quotas import rate_limited
 from services.gateway.rest import decode_infer, encode_infer
 from services.mesh.domain.errors import (
     DeadlineExceeded,
@@ -131,13 +132,22 @@ class GatewayRows:
                 continue
             decoded[id(request)] = (idx, raw)
             requests.append(request)
-        max_rows = spec.batching.max_batch_size
+        max_rows = min(spec.batching.max_batch_size, self._burst_rows(job))
         runs: list[Awaitable[list[RowOutcome]]] = [
             self._run_pack(job, group, [decoded[id(r)] for r in group])
             for group in packs(requests, max_rows)
         ]
         runs += [self.run_many(job, [row]) for row in alone]
         return [outcome for outcomes in await asyncio.gather(*runs) for outcome in outcomes]
+
+    def _burst_rows(self, job: ClaimedJob) -> int:
+        """The most rows a pack of this job's tenant may carry: its burst when it has a rate
+        quota (a pack takes a token per row; a larger one would leave the bucket in debt and
+        hold up the tenant's realtime requests behind it), else no limit."""
+        tenant = self._access.tenant(job.tenant, job.model)
+        if isinstance(tenant, AuthFailure):
+            raise JobFailed(tenant.message)
+        return max(1, tenant.burst) if rate_limited(tenant.rate) else 1 << 30
 
     async def _run_pack(
         self, job: ClaimedJob, group: list[InferRequest], rows: list[tuple[int, bytes]],

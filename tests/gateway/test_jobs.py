@@ -157,6 +157,19 @@ async def test_rows_travel_packed_and_only_the_row_the_model_fails_on_fails(
     assert [r.inputs[0].shape for r in jobs.router.seen].count((1, 3)) == 1
 
 
+async def test_a_pack_carries_no_more_rows_than_the_tenants_burst(jobs: Jobs) -> None:
+    """A pack takes a rate token per row: one larger than the burst would leave the bucket in
+    debt, holding the tenant's realtime requests behind it."""
+    key = add_tenant(jobs.config, "acme", rate=1000.0, burst=3)
+    location = await _submit(jobs, key, 12)
+    jobs.start_runner()
+    _, body = await wait_for(lambda: _status(jobs, location, key),
+                             lambda got: got[0] == 303, timeout=30, what="job done")
+    assert body["progress"] == {"done": 12, "failed": 0, "total": 12}
+    sizes = [r.rows for r in jobs.router.seen]
+    assert max(sizes) == 3 and sum(sizes) == 12, sizes
+
+
 async def test_a_cancelled_job_runs_no_row_and_has_no_result(jobs: Jobs) -> None:
     key = add_tenant(jobs.config, "acme")
     location = await _submit(jobs, key, 5)
