@@ -4,11 +4,11 @@ The etcd and Postgres here are the group's own: pausing, killing or stopping the
 touches the session's, which other tests share. The mesh and its dependencies are started once
 for the whole package (a mesh start costs 25-40 s on a busy 2-core machine): every fault ends
 with the mesh serving again (each test first waits for a 200) and the supervisor has replaced
-whatever a fault killed. The two-worker test runs first, on the fresh mesh: it starts a worker
-of its own, and run after the faults (the last ones pause and kill etcd and stop Postgres) it
-failed: the batcher, whose etcd watch had broken and resynced, linked no worker started later
-within 120 s (2026-12-07). That is a defect for the product to fix, not one for this order to
-absorb; until a test covers it, the group keeps the order it had with a mesh per module.
+whatever a fault killed. The modules run in their usual order: the two-worker test, which
+starts a worker of its own, comes after the faults that pause and kill etcd. It once failed
+there (2026-12-07): a batcher's etcd watch had gone quiet without an error and it never linked
+the new worker. `ConfigCache` now finds such a watch by comparing itself with etcd
+(tests/mesh/test_etcd_stall.py), so the order stays as a check that it does.
 """
 
 from __future__ import annotations
@@ -30,20 +30,6 @@ from tests.integration.conftest import mesh_on_session_deps
 
 REPORT_ENV = "INFERMESH_FAULT_REPORT"
 """Also write the fault table (JSON) to the path this names, when set."""
-
-
-FRESH_MESH_FIRST = "test_two_workers.py"
-"""The module that runs first in the group (see the module docstring)."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run `FRESH_MESH_FIRST` before the group's other modules, in the group's own slots."""
-    here = Path(__file__).parent
-    slots = [n for n, item in enumerate(items) if item.path.parent == here]
-    group = [items[n] for n in slots]
-    ordered = sorted(group, key=lambda item: item.path.name != FRESH_MESH_FIRST)
-    for n, item in zip(slots, ordered, strict=True):
-        items[n] = item
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -147,13 +147,17 @@ async def ready(mesh: RunningMesh, pids: set[int]) -> dict[int, int]:
     """Wait until each worker process in `pids` is registered for mlp (not draining) and the
     batcher holds a link to it (an established connection to its port): what makes it a
     candidate for batches. Returns each one's port."""
-    async def linked() -> dict[int, int]:
+    async def observe() -> dict[int, tuple[int, bool]]:
         ports = await _worker_ports(mesh, VERSION)
-        return {pid: port for pid, port in ports.items() if _link_queues(port)}
+        return {pid: (port, bool(_link_queues(port))) for pid, port in ports.items()}
 
-    found = await wait_for(linked, lambda now: pids <= now.keys(), timeout=120, interval=0.2,
-                           what=f"workers {sorted(pids)} registered for mlp/{VERSION} and linked")
-    return {pid: found[pid] for pid in pids}
+    def linked(now: dict[int, tuple[int, bool]]) -> bool:
+        return all(pid in now and now[pid][1] for pid in pids)
+
+    found = await wait_for(observe, linked, timeout=120, interval=0.2,
+                           what=f"workers {sorted(pids)} registered for mlp/{VERSION} and "
+                                "linked (pid: (port, linked))")
+    return {pid: found[pid][0] for pid in pids}
 
 
 async def steady(load: OpenLoop, what: str, *, after: float, seconds: float) -> None:

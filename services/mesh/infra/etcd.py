@@ -2,8 +2,10 @@
 
 `ConfigCache` gets a prefix at revision R, then watches from R + 1. When the watch breaks
 (etcd restarted, compaction) it resyncs with a fresh get and watches again; while etcd is
-unreachable it keeps serving the last known config. `Registration` keeps one leased key alive
-so peers find this instance and drop it when it dies.
+unreachable it keeps serving the last known config. A watch can also stall without breaking
+(see `etcd_freshness`): a watch etcd does not create in time, or a cache that a periodic read
+of the prefix shows behind, gets the client a new watch stream, a resync and a new watch.
+`Registration` keeps one leased key alive so peers find this instance and drop it when it dies.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aetcd
-import grpc
 import orjson
-from aetcd import exceptions, rpc, watcher
+from aetcd import exceptions
 
 from services.mesh.domain.config import ConfigView, LocalConfig, StaticConfig
+from services.mesh.infra.etcd_client import connect_client, redact_url, reopen_watch_stream
+from services.mesh.infra.etcd_freshness import IN_FLIGHT_GRACE, deletes_to_keep, unseen_changes
 
 __all__ = [
     "ConfigCache", "ConfigView", "Registration", "StaticConfig", "connect_client", "redact_url",
@@ -28,43 +30,41 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-def connect_client(url: str) -> aetcd.Client:
-    """An aetcd client for `http://[user:password@]host:port` (connects lazily on first use).
-
-    With credentials it authenticates on connect and again whenever etcd stops honouring its
-    token (a restarted etcd forgets every simple token; an idle one expires them)."""
-    parts = urlsplit(url if "//" in url else f"http://{url}")
-    host, port = parts.hostname or "127.0.0.1", parts.port or 2379
-    if parts.username is None:
-        return aetcd.Client(host=host, port=port, timeout=5)
-    return _AuthenticatedClient(host=host, port=port, timeout=5, token=_EtcdToken(
-        unquote(parts.username), unquote(parts.password or ""), timeout=5))
-
-
-def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`, for logs and banners."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo = f"{parts.username}:***@"
-    return parts._replace(netloc=userinfo + parts.netloc.rpartition("@")[2]).geturl()
-
-
 _CANCEL_TIMEOUT = 2.0
 """Seconds to wait for etcd to confirm a watch's cancellation."""
+
+_CREATE_TIMEOUT = 10.0
+"""Seconds a new watch may take to be created (aetcd's own bound, 5 s, covers only the wait
+for etcd's answer, not the wait for its shared stream)."""
+
+FRESHNESS_INTERVAL = 5.0
+"""Seconds between a cache's reads of its prefix that check the watch still delivers."""
+
+
+class _WatchStalled(Exception):
+    """The watch delivers nothing although etcd answers: a new stream is needed."""
+
 
 _RETRY_FIRST, _RETRY_MAX = 0.2, 1.0
 """Seconds between a registration's tries while etcd does not answer: doubling, capped."""
 
 
 class ConfigCache(LocalConfig):
-    """A local, always-readable copy of every key under `prefix`, kept fresh by a watch."""
+    """A local, always-readable copy of every key under `prefix`, kept fresh by a watch that
+    a keys-only read of the prefix every `freshness_interval` seconds checks."""
 
-    def __init__(self, client: aetcd.Client, prefix: str) -> None:
+    def __init__(
+        self, client: aetcd.Client, prefix: str, *, freshness_interval: float = FRESHNESS_INTERVAL,
+    ) -> None:
         super().__init__()
         self._client = client
         self._prefix = prefix.encode()
+        self._freshness_interval = freshness_interval
         self._revision = 0
+        self._applied: dict[str, int] = {}
+        """Each key's revision of the last put the cache applied (JSON or not)."""
+        self._deleted: dict[str, int] = {}
+        """Each key's revision of the last delete the cache applied, while a check needs it."""
         self._task: asyncio.Task[None] | None = None
         self._changed: asyncio.Condition | None = None
         self.connected = False
@@ -117,6 +117,8 @@ class ConfigCache(LocalConfig):
             if decoded is not None:
                 fresh[decoded[0]] = decoded[1]
         self._values = fresh
+        self._applied = {self._key(kv.key): kv.mod_revision for kv in result}
+        self._deleted = {}
         self._revision = result.header.revision
         self.connected = True
         await self._notify()
@@ -125,37 +127,87 @@ class ConfigCache(LocalConfig):
         backoff = 0.05
         while True:
             try:
-                await self._watch_once()
+                await self._follow()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # etcd gone, compaction, stream reset: resync below
                 self.connected = False
                 log.warning("etcd watch on %s broke (%r); serving cached config", self._prefix, exc)
+                if isinstance(exc, (_WatchStalled, exceptions.WatchTimeoutError)):
+                    await reopen_watch_stream(self._client)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
             with contextlib.suppress(Exception):
                 await self._resync()
                 backoff = 0.05
 
+    async def _follow(self) -> None:
+        """Apply the watch's events until it breaks or a freshness check finds it stalled."""
+        watching = asyncio.create_task(self._watch_once(), name="etcd-config-watch-stream")
+        checking = asyncio.create_task(self._until_stalled(), name="etcd-config-freshness")
+        try:
+            await asyncio.wait({watching, checking}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watching, checking):
+                task.cancel()
+            await asyncio.wait({watching, checking}, timeout=_CANCEL_TIMEOUT * 2)
+        for task in (watching, checking):
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is not None:
+                raise error
+
     async def _watch_once(self) -> None:
-        watch = await self._client.watch_prefix(self._prefix, start_revision=self._revision + 1)
+        try:
+            watch = await asyncio.wait_for(
+                self._client.watch_prefix(self._prefix, start_revision=self._revision + 1),
+                _CREATE_TIMEOUT)
+        except TimeoutError as exc:
+            raise _WatchStalled(f"etcd created no watch in {_CREATE_TIMEOUT:g}s") from exc
         try:
             async for event in watch:
-                key = event.kv.key.decode()[len(self._prefix) :]
-                if event.kind == "DELETE":
-                    self._values.pop(key, None)
-                else:
-                    decoded = self._decode(event.kv.key, event.kv.value)
-                    if decoded is not None:
-                        self._values[decoded[0]] = decoded[1]
-                self._revision = max(self._revision, event.kv.mod_revision)
+                self._apply(event)
                 await self._notify()
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(watch.cancel(), _CANCEL_TIMEOUT)
 
+    def _apply(self, event: Any) -> None:
+        key, revision = self._key(event.kv.key), event.kv.mod_revision
+        if event.kind == "DELETE":
+            self._values.pop(key, None)
+            self._applied.pop(key, None)
+            self._deleted[key] = revision
+        else:
+            decoded = self._decode(event.kv.key, event.kv.value)
+            if decoded is not None:
+                self._values[decoded[0]] = decoded[1]
+            self._applied[key] = revision
+        self._revision = max(self._revision, revision)
+
+    async def _until_stalled(self) -> None:
+        """Return when a read of the prefix shows a change the watch never delivered."""
+        while True:
+            await asyncio.sleep(self._freshness_interval)
+            try:
+                result = await self._client.get_prefix(self._prefix, keys_only=True)
+            except Exception as exc:  # etcd away: the watch breaks too, or not; check later
+                log.debug("freshness read of %s failed (%r)", self._prefix, exc)
+                continue
+            read = {self._key(kv.key): kv.mod_revision for kv in result}
+            revision = result.header.revision
+            await asyncio.sleep(IN_FLIGHT_GRACE)
+            missed = unseen_changes(read, read_revision=revision, cached=self._applied,
+                                    deleted=self._deleted)
+            if missed:
+                raise _WatchStalled(f"the watch missed changes to {', '.join(missed[:5])}"
+                                    f"{' ...' if len(missed) > 5 else ''} by revision {revision}")
+            self._deleted = deletes_to_keep(self._deleted, read_revision=revision)
+
+    def _key(self, raw_key: bytes) -> str:
+        return raw_key.decode()[len(self._prefix) :]
+
     def _decode(self, raw_key: bytes, raw_value: bytes) -> tuple[str, Any] | None:
-        key = raw_key.decode()[len(self._prefix) :]
+        key = self._key(raw_key)
         try:
             return key, orjson.loads(raw_value)
         except orjson.JSONDecodeError:
@@ -259,7 +311,9 @@ class Registration:
         backoff = _RETRY_FIRST
         while True:
             try:
-                watch = await self._client.watch(self._key, start_revision=self._put_revision + 1)
+                watch = await asyncio.wait_for(
+                    self._client.watch(self._key, start_revision=self._put_revision + 1),
+                    _CREATE_TIMEOUT)
                 try:
                     async for event in watch:
                         backoff = _RETRY_FIRST
@@ -280,92 +334,3 @@ class Registration:
         if not self._lapsed:
             self._lapsed = True
             log.warning("endpoint %s lapsed: %s; registering again", self._key.decode(), why)
-
-
-_STALE_TOKEN = ("invalid auth token", "revision of auth store is old", "user name is empty")
-"""etcd's answers to a token it no longer honours: authenticate again and retry once."""
-
-
-class _EtcdToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]  # grpc: no types
-    """Puts a current etcd auth token on every unary call, taking a new one when etcd drops it.
-
-    Streams (watch, lease keep-alive) carry the token aetcd passes them, which `on_token`
-    keeps current: a stream broken by a stale token is reopened after a unary call renewed it.
-    """
-
-    def __init__(self, user: str, password: str, *, timeout: float) -> None:
-        self._user, self._password, self._timeout = user, password, timeout
-        self._token = ""
-        self._auth: Any = None
-        self.on_token: Callable[[str], None] = lambda token: None
-
-    def bind(self, channel: grpc.aio.Channel) -> None:
-        self._auth = rpc.AuthStub(channel)
-        self._token = ""
-
-    async def authenticate(self) -> None:
-        request = rpc.AuthenticateRequest(name=self._user, password=self._password)
-        self._token = (await self._auth.Authenticate(request, timeout=self._timeout)).token
-        self.on_token(self._token)
-
-    async def _details(self, details: Any) -> Any:
-        if not self._token:
-            await self.authenticate()
-        metadata = [(k, v) for k, v in (details.metadata or ()) if k != "token"]
-        return details._replace(metadata=[*metadata, ("token", self._token)])
-
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        method = details.method
-        if (method.decode() if isinstance(method, bytes) else method).endswith("/Authenticate"):
-            return await continuation(details, request)
-        try:
-            return await (await continuation(await self._details(details), request))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAUTHENTICATED or not any(
-                    stale in (exc.details() or "") for stale in _STALE_TOKEN):
-                raise
-        await self.authenticate()
-        return await (await continuation(await self._details(details), request))
-
-
-class _AuthenticatedClient(aetcd.Client):  # type: ignore[misc]
-    """aetcd's client whose channel carries `_EtcdToken` (aetcd 1.0 authenticates once, at
-    connect, and never again). `connect` mirrors aetcd's own, which it replaces."""
-
-    def __init__(self, *, host: str, port: int, timeout: int, token: _EtcdToken) -> None:
-        super().__init__(host=host, port=port, timeout=timeout)
-        self._token = token
-        token.on_token = self._use_token
-
-    def _use_token(self, token: str) -> None:
-        self.metadata = (("token", token),)
-        stream: Any = self._watcher  # type: ignore[has-type]  # aetcd ships no types
-        if stream is not None:
-            stream._metadata = self.metadata
-
-    async def connect(self) -> None:
-        if self._connected.is_set():
-            return
-        if self._is_connecting:  # type: ignore[has-type]
-            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
-            return
-        self._is_connecting = True
-        try:
-            self.channel = grpc.aio.insecure_channel(
-                f"{self._host}:{self._port}", options=list(self._options.items()),
-                interceptors=[self._token])
-            self._token.bind(self.channel)
-            try:
-                await self._token.authenticate()
-            except grpc.aio.AioRpcError as exc:
-                await self.channel.close()
-                exceptions._handle_exception(exc)
-            self.kvstub = rpc.KVStub(self.channel)
-            self.clusterstub = rpc.ClusterStub(self.channel)
-            self.leasestub = rpc.LeaseStub(self.channel)
-            self.maintenancestub = rpc.MaintenanceStub(self.channel)
-            self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
-                                            metadata=self.metadata)
-            self._connected.set()
-        finally:
-            self._is_connecting = False
