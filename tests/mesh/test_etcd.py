@@ -7,17 +7,7 @@ import aetcd
 import orjson
 import pytest
 
-from services.mesh.infra.etcd import ConfigCache, Registration, StaticConfig, connect_client
-
-
-@pytest.fixture
-async def etcd(etcd_url: str, etcd_prefix: str) -> AsyncIterator[aetcd.Client]:
-    client = connect_client(etcd_url)
-    try:
-        yield client
-    finally:
-        await client.delete_prefix(etcd_prefix.encode())
-        await client.close()
+from services.mesh.infra.etcd import ConfigCache, Registration, StaticConfig
 
 
 @pytest.fixture

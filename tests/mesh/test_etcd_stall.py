@@ -27,16 +27,6 @@ CHECK = 0.2
 Watching = Callable[..., Awaitable[Any]]
 
 
-@pytest.fixture
-async def etcd(etcd_url: str, etcd_prefix: str) -> AsyncIterator[aetcd.Client]:
-    client = connect_client(etcd_url)
-    try:
-        yield client
-    finally:
-        await client.delete_prefix(etcd_prefix.encode())
-        await client.close()
-
-
 async def _forever() -> None:
     await asyncio.Event().wait()
 

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from services.mesh.domain.errors import Unavailable
-from services.mesh.infra.etcd import ConfigCache, connect_client
+from services.mesh.infra.etcd import ConfigCache
 from services.mesh.transport import frames
 from services.mesh.transport.links import LinkClient, LinkServer
 from services.mesh.transport.peers import LinkPool
@@ -52,16 +52,6 @@ async def serving(peer: Peer) -> AsyncIterator[Peer]:
         peer.release.set()
         await peer.server.aclose()
         await runner.cleanup()
-
-
-@pytest.fixture
-async def etcd(etcd_url: str, etcd_prefix: str) -> AsyncIterator[aetcd.Client]:
-    client = connect_client(etcd_url)
-    try:
-        yield client
-    finally:
-        await client.delete_prefix(etcd_prefix.encode())
-        await client.close()
 
 
 @pytest.fixture

@@ -1,25 +1,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aetcd
 import orjson
 import pytest
 
-from services.mesh.infra.etcd import connect_client
 from services.mesh.infra.publishing import publish_newer
-
-
-@pytest.fixture
-async def etcd(etcd_url: str, etcd_prefix: str) -> AsyncIterator[aetcd.Client]:
-    client = connect_client(etcd_url)
-    try:
-        yield client
-    finally:
-        await client.delete_prefix(etcd_prefix.encode())
-        await client.close()
 
 
 @pytest.fixture
