@@ -1,7 +1,7 @@
 """Async jobs: many inference requests of one model, submitted at once, run in the background.
 No HTTP and no SQL in here (routes: jobs_routes.py; Postgres: jobs_store.py; the runner that
-executes rows: jobs_runner.py; checking a submission: jobs_submission.py; uploaded rows:
-jobs_inputs.py).
+executes rows: jobs_runner.py; checking a submission: jobs_submission.py, in a child process
+when large: jobs_offload.py; uploaded rows: jobs_inputs.py).
 
 Why this shape:
 
@@ -41,7 +41,12 @@ from services.gateway.access import Access
 from services.gateway.auth import AuthFailure, HeaderLookup
 from services.gateway.core import Gateway
 from services.gateway.jobs_inputs import JobInputs
-from services.gateway.jobs_submission import encode_rows, parse_submission
+from services.gateway.jobs_offload import Offload
+from services.gateway.jobs_submission import (
+    encode_inline_rows,
+    encode_stored_rows,
+    submission_fields,
+)
 from services.mesh.domain.errors import Conflict, InfermeshError, InvalidInput, NotFound
 from services.mesh.domain.tenancy import Tenant
 from services.mesh.domain.types import ModelVersion
@@ -192,8 +197,10 @@ class JobService:
         retention_s: float = 7 * 86400.0, webhook_targets: WebhookTargets | None = None,
         new_secret: Callable[[], str] | None = None,
         on_submitted: Callable[[], None] | None = None, inputs: JobInputs | None = None,
-        webhook_endpoints: DisabledEndpoints | None = None,
+        webhook_endpoints: DisabledEndpoints | None = None, offload: Offload | None = None,
     ) -> None:
+        """`offload` parses and checks large submissions off the event loop (None: every
+        submission inline)."""
         self._core = core
         self._access = access
         self._store = store
@@ -202,6 +209,7 @@ class JobService:
         self._webhook_targets = webhook_targets
         self._new_secret = new_secret
         self._on_submitted = on_submitted
+        self._offload = offload if offload is not None else Offload(max_inline_bytes=None)
         self.inputs = inputs
         """Uploaded job inputs (`/v1/job-inputs`); None: only inline inputs here."""
         self.webhook_endpoints = webhook_endpoints
@@ -218,11 +226,11 @@ class JobService:
     async def submit(self, raw: bytes, *, header: HeaderLookup) -> tuple[JobRecord, str | None]:
         """Validate a `POST /v1/jobs` body and store the job as the caller's; the job queued
         and its webhook secret (None without a webhook), which is shown this once."""
-        body = parse_submission(raw)
+        body = await self._offload.run(submission_fields, raw, size=len(raw))
         model, version = body["model"], body.get("version")
         tenant = self._core.authorize(model, header)
         spec = self._core.model_metadata(model, version, header=header)
-        rows = await self._rows(tenant, body, spec)
+        rows = await self._rows(tenant, raw, body, spec)
         url, secret = await self._webhook(tenant, body.get("webhook"))
         job = NewJob(new_job_id(), tenant.name, model, version, rows,
                      webhook_url=url, webhook_secret=secret)
@@ -232,14 +240,19 @@ class JobService:
             self._on_submitted()
         return record, secret
 
-    async def _rows(self, tenant: Tenant, body: dict[str, Any], spec: ModelVersion) -> list[bytes]:
-        """The job's rows: inline, or copied from the tenant's upload named by `inputs_ref`."""
+    async def _rows(
+        self, tenant: Tenant, raw: bytes, body: dict[str, Any], spec: ModelVersion
+    ) -> list[bytes]:
+        """The job's rows: inline in `raw`, or copied from the tenant's upload named by
+        `inputs_ref`; checked off the event loop when large."""
         if "inputs_ref" not in body:
-            return encode_rows(body.get("inputs"), spec, max_rows=self._max_rows)
+            return await self._offload.run(encode_inline_rows, raw, spec, self._max_rows,
+                                           size=len(raw))
         if self.inputs is None:
             raise InvalidInput("inputs_ref: uploaded job inputs are not available here")
-        uploaded = await self.inputs.rows(tenant.name, body["inputs_ref"])
-        return encode_rows(uploaded, spec, max_rows=self._max_rows, field="inputs_ref")
+        stored = await self.inputs.rows(tenant.name, body["inputs_ref"])
+        return await self._offload.run(encode_stored_rows, stored, spec, self._max_rows,
+                                       size=sum(map(len, stored)))
 
     async def _webhook(self, tenant: Tenant, webhook: Any) -> tuple[str | None, str | None]:
         """The job's webhook URL, checked against the tenant's allowlist, and a new secret."""

@@ -12,7 +12,7 @@ compare with its own.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from services.gateway.jobs_offload import Offload
 from services.mesh.domain.errors import InvalidInput, NotFound
 from services.mesh.domain.tenancy import Tenant
 
@@ -75,8 +76,8 @@ class JobInputStore(Protocol):
 
 def parse_upload(raw: bytes, content_type: str, *, max_rows: int) -> tuple[list[bytes], str]:
     """The rows of an upload body as JSON, and the body's sha256; InvalidInput naming the row
-    (`inputs[3]` of a JSON array, `line 4` of NDJSON). Blocking for large bodies: call it off
-    the event loop."""
+    (`inputs[3]` of a JSON array, `line 4` of NDJSON). Blocking for large bodies: JobInputs
+    runs it in a child process (jobs_offload.py)."""
     digest = hashlib.sha256(raw).hexdigest()
     if content_type.lower() in NDJSON:
         lines = [(f"line {n}", line) for n, line in enumerate(raw.splitlines(), 1)
@@ -112,19 +113,21 @@ class JobInputs:
 
     def __init__(
         self, store: JobInputStore, *, max_rows: int = 100_000,
-        retention_s: float = 7 * 86400.0,
+        retention_s: float = 7 * 86400.0, offload: Offload | None = None,
     ) -> None:
+        """`offload` parses large uploads off the event loop (None: every upload inline)."""
         self._store = store
         self._max_rows = max_rows
         self._retention_s = retention_s
+        self._offload = offload if offload is not None else Offload(max_inline_bytes=None)
 
     async def upload(self, tenant: Tenant, raw: bytes, *, content_type: str,
                      input_id: str) -> InputsRecord:
         """Store the rows of `raw` as the tenant's, kept for the job retention."""
         if not raw.strip():
             raise InvalidInput("body: empty; send a JSON array or NDJSON of request objects")
-        rows, digest = await asyncio.to_thread(parse_upload, raw, content_type,
-                                               max_rows=self._max_rows)
+        parse = functools.partial(parse_upload, max_rows=self._max_rows)
+        rows, digest = await self._offload.run(parse, raw, content_type, size=len(raw))
         if not rows:
             raise InvalidInput("inputs: no rows; send at least one request object")
         new = NewInputs(input_id, tenant.name, rows, len(raw), digest)
@@ -141,14 +144,15 @@ class JobInputs:
         if not await self._store.delete(tenant.name, input_id):
             raise NotFound(_unknown(input_id))
 
-    async def rows(self, tenant: str, input_id: Any) -> list[Any]:
-        """The upload's rows as request objects, for a job; NotFound naming `inputs_ref`."""
+    async def rows(self, tenant: str, input_id: Any) -> list[bytes]:
+        """The upload's rows as stored (each a request object as JSON), for a job; NotFound
+        naming `inputs_ref`."""
         if not isinstance(input_id, str) or not 1 <= len(input_id) <= 256:
             raise InvalidInput(f"{FIELD}: must be the id of an upload (POST /v1/job-inputs)")
         stored = await self._store.rows(tenant, input_id)
         if stored is None:
             raise NotFound(f"{FIELD}: {_unknown(input_id)}")
-        return [orjson.loads(row) for row in stored]
+        return stored
 
 
 def _unknown(input_id: str) -> str:

@@ -15,7 +15,8 @@ _MEANING = {
     404: "Unknown job, upload, model or disabled URL (or another tenant's)",
     409: "The job finished already",
     413: "The body is larger than the gateway takes",
-    503: "The database cannot answer now (see Retry-After)",
+    503: "The database, or the process parsing a large body, cannot answer now "
+         "(see Retry-After)",
 }
 
 

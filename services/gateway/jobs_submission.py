@@ -1,6 +1,7 @@
 """Checking a `POST /v1/jobs` body: its fields, and each row against the model's signature
 (jobs.py says why rows are checked at submission: a bad row is a 400 naming it before anything
-is queued)."""
+is queued). `submission_fields`, `encode_inline_rows` and `encode_stored_rows` take and return
+only picklable values: jobs_offload.py runs them in a child process for a large body."""
 
 from __future__ import annotations
 
@@ -39,6 +40,25 @@ def parse_submission(raw: bytes) -> dict[str, Any]:
     ):
         raise InvalidInput('webhook: must be an object {"url": "https://..."}')
     return body
+
+
+def submission_fields(raw: bytes) -> dict[str, Any]:
+    """`parse_submission` of the body without its `inputs`, which stay where they were parsed
+    (`encode_inline_rows` parses them again once the model's version is known)."""
+    body = parse_submission(raw)
+    body.pop("inputs", None)
+    return body
+
+
+def encode_inline_rows(raw: bytes, spec: ModelVersion, max_rows: int) -> list[bytes]:
+    """`encode_rows` of the `inputs` of a body `submission_fields` accepted."""
+    return encode_rows(orjson.loads(raw).get("inputs"), spec, max_rows=max_rows)
+
+
+def encode_stored_rows(stored: list[bytes], spec: ModelVersion, max_rows: int) -> list[bytes]:
+    """`encode_rows` of an upload's stored rows (JSON each), named `inputs_ref[N]`."""
+    rows = [orjson.loads(row) for row in stored]
+    return encode_rows(rows, spec, max_rows=max_rows, field="inputs_ref")
 
 
 def _name(value: Any, field: str, *, required: bool) -> None:

@@ -58,3 +58,9 @@ class GatewaySettings(ServiceSettings):
     takes over the job of one that died."""
     job_max_rows: int = 100_000
     """Most rows (inference requests) in one job; the body is bounded by `max_body_bytes`."""
+    job_offload_bytes: int = 256 << 10
+    """A `POST /v1/jobs` or `/v1/job-inputs` body (or an `inputs_ref` upload's rows) larger
+    than this is parsed and checked in a separate process, started on the first such body, so
+    the event loop keeps serving meanwhile; smaller ones on the loop. 0: every body goes there."""
+    job_offload_processes: int = 1
+    """Processes parsing large job bodies at once (each its own CPU while it works)."""

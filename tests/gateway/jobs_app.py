@@ -17,6 +17,7 @@ from services.gateway.core import Gateway
 from services.gateway.jobs import JobRecord, JobService
 from services.gateway.jobs_inputs import JobInputs
 from services.gateway.jobs_inputs_store import PostgresJobInputStore
+from services.gateway.jobs_offload import Offload
 from services.gateway.jobs_runner import GatewayRows, JobRunner
 from services.gateway.jobs_store import open_job_store
 from services.gateway.metrics import GatewayMetrics
@@ -75,9 +76,10 @@ def row(i: int) -> dict[str, Any]:
 @asynccontextmanager
 async def jobs_app(
     database_url: str, *, retention_s: float = 3600.0, max_rows: int = MAX_ROWS,
-    max_body_bytes: int = 1 << 16,
+    max_body_bytes: int = 1 << 16, offload: Offload | None = None,
 ) -> AsyncIterator[JobsApp]:
-    """The app over a migrated database; closed (runner, client, pool) on exit."""
+    """The app over a migrated database, parsing bodies through `offload` (None: inline);
+    closed (runner, client, pool) on exit."""
     pool = await create_pool(database_url)
     await migrate(pool)
     await pool.close()
@@ -95,11 +97,12 @@ async def jobs_app(
         runner = JobRunner(store, GatewayRows(core, access), lease_s=5.0, concurrency=4,
                            chunk_rows=8, poll_s=0.05, metrics=metrics)
         inputs = JobInputs(PostgresJobInputStore(store.pool), max_rows=max_rows,
-                           retention_s=retention_s)
+                           retention_s=retention_s, offload=offload)
         service = JobService(core, access, store, max_rows=max_rows, retention_s=retention_s,
                              webhook_targets=check_target_async, new_secret=new_secret,
                              on_submitted=runner.wake, inputs=inputs,
-                             webhook_endpoints=DisabledEndpoints(store.pool))
+                             webhook_endpoints=DisabledEndpoints(store.pool),
+                             offload=offload)
         app = create_app(core, jobs=service, max_body_bytes=max_body_bytes)
         client = TestClient(TestServer(app))
         await client.start_server()

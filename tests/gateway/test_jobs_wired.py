@@ -1,9 +1,11 @@
 """The gateway as `python -m services.gateway` builds it (`build_gateway`) with a database:
-`/v1/jobs`, `/v1/job-inputs` and `/v1/webhooks/disabled` are served, and the jobs' and
-webhooks' metrics are in its /metrics from the start."""
+`/v1/jobs`, `/v1/job-inputs` and `/v1/webhooks/disabled` are served, the jobs' and
+webhooks' metrics are in its /metrics from the start, and the process parsing large job bodies
+is gone once the gateway is closed."""
 
 from __future__ import annotations
 
+import multiprocessing
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -24,7 +26,9 @@ async def test_the_built_gateway_serves_uploads_and_disabled_webhooks(database_u
     await pool.close()
     config = echo_config()
     key = add_tenant(config, "acme")
-    settings = GatewaySettings(database_url=database_url, grpc_port=0, host="127.0.0.1")
+    settings = GatewaySettings(database_url=database_url, grpc_port=0, host="127.0.0.1",
+                               job_offload_bytes=0)
+    before = _children()
     async with AsyncExitStack() as stack:
         gateway = await build_gateway(settings, stack, catalog=ModelCatalog(config),
                                       router=EchoRouter(), registry=CollectorRegistry())
@@ -35,6 +39,7 @@ async def test_the_built_gateway_serves_uploads_and_disabled_webhooks(database_u
             {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 2],
                          "data": [1, 2]}]}])
         assert uploaded.status == 201, await uploaded.text()
+        assert _children() - before, "the upload was not parsed in a child process"
         job = await client.post("/v1/jobs", headers=bearer(key), json={
             "model": "echo", "inputs_ref": (await uploaded.json())["id"]})
         assert job.status == 202, await job.text()
@@ -45,3 +50,8 @@ async def test_the_built_gateway_serves_uploads_and_disabled_webhooks(database_u
                      "infermesh_webhook_deliveries_total{outcome=\"gone\"} 0.0",
                      "infermesh_webhook_attempt_seconds_count", "infermesh_gateway_jobs_queued"):
             assert name in text, name
+    assert _children() == before
+
+
+def _children() -> set[int]:
+    return {child.pid for child in multiprocessing.active_children() if child.pid is not None}
