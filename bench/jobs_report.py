@@ -65,6 +65,8 @@ class JobsReport:
     job_alone: JobRun | None = None
     job_beside: JobRun | None = None
     realtime_beside: Realtime | None = None
+    realtime_upload: Realtime | None = None
+    """The open loop while the job's body goes up (POST to 202), the job then cancelled."""
     overlap_complete: bool = True
     """Whether the open loop beside the job lasted until its 303."""
     notes: list[str] = field(default_factory=list)
@@ -95,7 +97,9 @@ class JobsReport:
                  f"| realtime ({self.realtime_fraction:.0%} of capacity) | offered req/s "
                  "| sent req/s | p50 ms | p99 ms | failed |", "|---|---|---|---|---|---|",
                  self._realtime_row("alone", self.realtime_alone),
-                 self._realtime_row("beside the job", self.realtime_beside)]  # fmt: skip
+                 self._realtime_row("beside the job", self.realtime_beside),
+                 self._realtime_row("during the upload (POST to 202)",
+                                    self.realtime_upload)]  # fmt: skip
         alone, beside = self.realtime_alone, self.realtime_beside
         if alone is not None and beside is not None and alone.latency.p99 > 0:
             lines += ["", f"Realtime p99 beside the job ÷ alone: "

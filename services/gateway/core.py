@@ -131,6 +131,8 @@ class Gateway:
         self.overload = overload if overload is not None else OverloadGuard(clock=clock)
         """Refuses what the mesh cannot answer in time; knows how late this loop runs."""
         self.metrics.loop_lag.set_function(lambda: self.overload.lag)
+        self._last_realtime = float("-inf")
+        """`clock()` when the last realtime request (any lane but bulk) arrived."""
 
     @staticmethod
     def new_request_id() -> str:
@@ -139,6 +141,11 @@ class Gateway:
 
     def live(self) -> bool:
         return True
+
+    def realtime_age(self) -> float:
+        """Seconds since the last realtime request arrived here (inf: none yet); what a job
+        beside it paces on (jobs_pacing.py)."""
+        return self._clock() - self._last_realtime
 
     def ready(self) -> bool:
         """True when every model with a rollout has a ready worker for its primary version."""
@@ -256,6 +263,8 @@ class Gateway:
         span: tracing.HopSpan, arrived: float | None = None,
     ) -> InferResponse:
         request.tenant, request.lane = admission.tenant, admission.lane
+        if request.lane != "bulk":
+            self._last_realtime = self._clock()
         spec = admission.spec
         if (request.model, request.version) != (spec.model, admission.version):
             spec = self._catalog.resolve(request.model, request.version)

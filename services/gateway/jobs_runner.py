@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -30,6 +31,7 @@ from services.gateway.access import Access
 from services.gateway.auth import AuthFailure
 from services.gateway.core import Admission, Gateway
 from services.gateway.jobs import ClaimedJob, JobStore, RowOutcome, error_output
+from services.gateway.jobs_pacing import rest_after
 from services.gateway.jobs_packing import join, packable, packs, unpack
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.quotas import rate_limited
@@ -191,7 +193,10 @@ class JobRunner:
         self, store: JobStore, rows: RowExecutor, *, runner_id: str | None = None,
         lease_s: float = 30.0, concurrency: int = 4, pack_rows: int = 32, chunk_rows: int = 256,
         poll_s: float = 1.0, retention_s: float = 7 * 86400.0, sweep_every_s: float = 60.0,
-        metrics: GatewayMetrics | None = None,
+        metrics: GatewayMetrics | None = None, duty: float = 1.0,
+        realtime_age: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.runner_id = runner_id or f"{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"
         self._store = store
@@ -204,6 +209,12 @@ class JobRunner:
         self._retention_s = retention_s
         self._sweep_every_s = sweep_every_s
         self.metrics = metrics
+        self._duty = duty
+        """Share of the time each request slot may be busy while realtime traffic is served
+        here (jobs_pacing.py); 1: never rests."""
+        self._realtime_age = realtime_age or (lambda: 0.0)
+        self._clock = clock
+        self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
@@ -335,9 +346,14 @@ class _JobRun:
 
     async def _work(self) -> None:
         chunk, pack = self._runner._chunk_rows, self._runner._pack_rows
+        runner = self._runner
         while rows := await self._take(pack):
-            outcomes = await self._runner._rows.run_many(self._job, rows)
+            began = runner._clock()
+            outcomes = await runner._rows.run_many(self._job, rows)
             self._finished.extend(outcomes)  # after the await: a write may swap the list
+            if rest := rest_after(runner._clock() - began, duty=runner._duty,
+                                  realtime_age_s=runner._realtime_age()):
+                await runner._sleep(rest)
             # One write at a time; the rows behind it wait only when two chunks pile up.
             if len(self._finished) >= chunk and (
                 not self._writing.locked() or len(self._finished) >= 2 * chunk

@@ -48,7 +48,7 @@ async def open_jobs(
             store, GatewayRows(core, access), lease_s=settings.job_lease_s,
             concurrency=settings.job_concurrency, pack_rows=settings.job_pack_rows,
             retention_s=settings.job_retention_s,
-            metrics=core.metrics,
+            metrics=core.metrics, duty=settings.job_duty, realtime_age=core.realtime_age,
         )
         runner.start()
         stack.push_async_callback(runner.aclose)
@@ -75,6 +75,9 @@ def check_job_settings(settings: GatewaySettings) -> None:
         if not value > 0:
             raise InvalidInput(f"setting INFERMESH_GATEWAY_{name.upper()}: must be > 0, "
                                f"not {value}")
+    if not 0 < settings.job_duty <= 1:
+        raise InvalidInput("setting INFERMESH_GATEWAY_JOB_DUTY: must be within (0, 1], "
+                           f"not {settings.job_duty}")
     if settings.job_offload_bytes < 0:
         raise InvalidInput("setting INFERMESH_GATEWAY_JOB_OFFLOAD_BYTES: must be >= 0, "
                            f"not {settings.job_offload_bytes}")

@@ -46,9 +46,13 @@ class GatewaySettings(ServiceSettings):
     job_runner: bool = True
     """Run async jobs (`/v1/jobs`) in this gateway; needs `database_url`. Off: this gateway
     still takes and shows jobs, and other replicas run them."""
-    job_concurrency: int = 4
+    job_concurrency: int = 1
     """Requests of a job in flight at once on this gateway, each of up to `job_pack_rows`
     rows."""
+    job_duty: float = 0.5
+    """Share of the time each of a job's request slots may be busy while realtime requests
+    arrive here (jobs_pacing.py: a slot rests in proportion to its last request); 1: jobs
+    never rest. With no realtime request for a second a job runs unpaced."""
     job_pack_rows: int = 32
     """Rows of a job sent as one request where they may share one (same tensors' shapes,
     outputs and parameters; never for a version with features or a cache), at most the

@@ -5,6 +5,8 @@ and bad submissions are 400s naming the field."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
-from services.gateway.jobs import JobService
+from services.gateway.jobs import JobService, JobStore
 from services.gateway.jobs_runner import GatewayRows, JobRunner
 from services.gateway.jobs_store import open_job_store
 from services.gateway.metrics import GatewayMetrics
@@ -44,6 +46,8 @@ class Jobs:
     router: EchoRouter
     config: StaticConfig
     stack: AsyncExitStack
+    core: Gateway
+    store: JobStore
 
     def start_runner(self) -> None:
         self.runner.start()
@@ -70,7 +74,7 @@ async def jobs(database_url: str) -> AsyncIterator[Jobs]:
         client = TestClient(TestServer(create_app(core, jobs=service)))
         await client.start_server()
         stack.push_async_callback(client.close)
-        yield Jobs(client, runner, router, config, stack)
+        yield Jobs(client, runner, router, config, stack, core, store)
 
 
 def _row(i: int) -> dict[str, Any]:
@@ -117,6 +121,39 @@ async def test_a_job_walks_202_to_303_and_its_result_equals_single_calls(jobs: J
         expected = await single.json()
         assert served["outputs"] == expected["outputs"]
         assert served["model_version"] == expected["model_version"]
+
+
+async def test_a_job_rests_in_proportion_to_its_requests_only_while_realtime_requests_arrive(
+    jobs: Jobs,
+) -> None:
+    """jobs_pacing.py: at duty 0.5 each request of the job is followed by a rest as long as it
+    took (the fake clock makes each take 10 ms), and never while no realtime request came in
+    the last second; the gateway notes realtime requests, never the job's own bulk ones."""
+    key = add_tenant(jobs.config, "acme")
+    ticks = iter(range(1_000_000))
+    rests: list[float] = []
+
+    async def rest(seconds: float) -> None:
+        rests.append(seconds)
+        await asyncio.sleep(0)
+
+    ages = [0.5]  # a realtime request half a second ago
+    jobs.runner = JobRunner(jobs.store, GatewayRows(jobs.core, Access(jobs.config)), lease_s=5.0,
+                            concurrency=1, pack_rows=1, chunk_rows=8, poll_s=0.05, duty=0.5,
+                            realtime_age=lambda: ages[0], clock=lambda: next(ticks) * 0.005,
+                            sleep=rest)
+    jobs.start_runner()
+    for rows, age, expected in ((6, 0.5, [0.005] * 6), (4, 1.5, [])):
+        ages[0], rests[:] = age, []
+        location = await _submit(jobs, key, rows)
+        jobs.runner.wake()
+        await wait_for(functools.partial(_status, jobs, location, key),
+                       lambda got: got[0] == 303, timeout=30, what="job done")
+        assert rests == pytest.approx(expected), f"realtime {age} s ago"
+    assert jobs.core.realtime_age() == float("inf"), "the job's bulk requests are not realtime"
+    response = await jobs.client.post("/v2/models/echo/infer", json=_row(0), headers=bearer(key))
+    assert response.status == 200
+    assert 0 <= jobs.core.realtime_age() < 60
 
 
 async def test_rows_travel_packed_and_only_the_row_the_model_fails_on_fails(
