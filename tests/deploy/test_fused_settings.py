@@ -78,7 +78,8 @@ def values(tmp_path: Path) -> dict[str, dict[str, Any]]:
     closed_dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     usable: dict[str, dict[str, Any]] = {
         "gateway": {"grpc_port": free_port(), "http_port": free_port(),
-                    "grpc_compression": "gzip", "database_url": closed_dsn},
+                    "grpc_compression": "gzip", "database_url": closed_dsn,
+                    "job_duty": 0.25},
         "router": {"database_url": closed_dsn, "prediction_log_spool": str(tmp_path / "spool")},
         "batcher": {"no_worker_grace": 0.2},
         "worker": {"cache_dir": str(tmp_path / "cache"), "models": ("none-such",),

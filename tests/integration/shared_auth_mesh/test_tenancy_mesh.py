@@ -360,8 +360,10 @@ async def test_a_noisy_neighbour_does_not_take_a_quiet_tenants_share(
 
     measured = f"the encoder ran {capacity:.0f} rows/s before"
     assert set(calm) == {200}, (calm, calm_errors, measured)
-    # The flooder's backlog outlives some of its deadlines (504): that is its own queue.
-    assert loud[429] > 0 and set(loud) <= {200, 429, 504}, loud
+    # The flooder's backlog outlives some of its deadlines (504), or the batcher's predictive
+    # admission sees that it would and refuses at once (503): either way its own queue (seen
+    # beside two CPU hogs: 6 of 3,148 refused with 503).
+    assert loud[429] > 0 and set(loud) <= {200, 429, 503, 504}, loud
     # B's last request was served ahead of A's backlog, not behind it: first come, first
     # served would have left only A's requests admitted after it (C/2 a second times the
     # 16/C seconds between two of B's: about 8) unanswered.
