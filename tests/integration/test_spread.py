@@ -53,6 +53,7 @@ from services.worker.core import Worker
 from tests.credentials import CREDENTIAL
 from tests.fakes import model_records
 from tests.waiting import wait_for
+from tests.worker.stubs import NoArtifacts
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 2)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),)
@@ -84,11 +85,6 @@ class HeldBackend:
 
     def unload(self) -> None:
         pass
-
-
-class NoArtifacts:
-    async def fetch(self, spec: ModelVersion) -> Path:
-        return Path("/dev/null")
 
 
 class _Noted:

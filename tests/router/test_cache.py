@@ -44,6 +44,7 @@ from tests.credentials import AUTH, CREDENTIAL
 from tests.registry.harness import SIGNATURE as REGISTRY_SIGNATURE
 from tests.registry.harness import chunks_of, open_registry
 from tests.waiting import wait_for
+from tests.worker.stubs import NoArtifacts
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 2)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),)
@@ -295,11 +296,6 @@ class DoublingBackend:
 
     def unload(self) -> None:
         pass
-
-
-class NoArtifacts:
-    async def fetch(self, spec: ModelVersion) -> Path:
-        return Path("/dev/null")
 
 
 async def test_100_identical_requests_run_once_on_a_real_worker() -> None:

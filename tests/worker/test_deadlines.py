@@ -29,6 +29,7 @@ from services.worker.metrics import WorkerMetrics
 from tests.contract.hops import linked_pool, served
 from tests.fakes import model_records
 from tests.waiting import wait_for
+from tests.worker.stubs import NoArtifacts
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 2)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),)
@@ -62,11 +63,6 @@ class HeldBackend:
 
     def unload(self) -> None:
         pass
-
-
-class NoArtifacts:
-    async def fetch(self, spec: ModelVersion) -> Path:
-        return Path("/dev/null")
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from services.worker.backends.base import Backend, timed_sweep
 from services.worker.core import Worker
 from services.worker.inference_thread import InferenceThread, between_steps
 from tests.fakes import model_records
+from tests.worker.stubs import NoArtifacts
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 2)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),)
@@ -145,11 +146,6 @@ class Fake:
 
     def unload(self) -> None:
         pass
-
-
-class NoArtifacts:
-    async def fetch(self, spec: ModelVersion) -> Path:
-        return Path("/dev/null")
 
 
 async def wait_ready(worker: Worker, version: str) -> None:
