@@ -9,7 +9,8 @@ control 8160), then:
 
 1. capacity: a closed loop of one-row requests (wrk c=64, as ``bench.goodput`` measures it);
 2. realtime alone: h2load open loop at ``--realtime-fraction`` of that capacity (one body,
-   ``--connections`` HTTP/1.1 connections on an even grid) for ``--realtime-duration`` s;
+   ``--connections`` HTTP/1.1 connections on an even grid) for ``--realtime-duration`` s, as
+   fresh runs of ``--segment`` s each (``segmented_loop`` says why);
 3. the job alone: ``POST /v1/jobs`` with every row inline (one OIP request of one row each),
    polled every ``--poll`` s until ``303 See Other``; rows/s from the POST to the 303 (and
    from the 202, without the upload). Inline bodies are bounded by the gateway's
@@ -17,9 +18,10 @@ control 8160), then:
    jobs submitted together (100,000 mlp rows are ~30 MiB: one job);
 4. realtime during the upload: the same open loop while the job's body goes up (POST to 202);
    that job is then cancelled;
-5. the job again with the same open loop started once the job is accepted: the realtime p99 of
-   requests sent from 1 s into the open loop until the 303, against step 2's. (Started before the
-   POST, h2load's clients would come out of the upload's stall bunched and stay bunched.)
+5. the job again with the same segmented open loop started once the job is accepted (started
+   before the POST, h2load's clients would come out of the upload's stall bunched and stay
+   bunched): the realtime p99 of requests sent until the 303, against step 2's;
+6. realtime alone again, as in step 2: how far two measurements of the same thing differ here.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -46,6 +49,8 @@ from bench.result import Percentiles
 from bench.run_all import closed_loop
 
 MODEL = "mlp"
+SETTLE_S = 0.5
+"""Seconds at the start of each open-loop segment left out: h2load's clients connecting."""
 
 
 def job_bodies(rows: int, max_bytes: int) -> list[bytes]:
@@ -124,10 +129,9 @@ def measure(mesh: Mesh, args: argparse.Namespace, report: JobsReport, logs: Path
     print(f"capacity: {capacity.summary_line()}", flush=True)
     rate, url = args.realtime_fraction * capacity.rows_per_s, mesh.gateway + infer_path(MODEL)
     body = [request_body(MODEL, 1)]
-    alone = open_loop(url, body, rate=rate, connections=args.connections, logs=logs,
-                      seconds=args.realtime_duration + 1, name="h2load-alone")  # fmt: skip
+    alone = segmented_loop(url, body, rate, args, logs, "h2load-alone", args.realtime_duration)
     first = min(r.start_s for r in alone.responses)
-    report.realtime_alone = realtime(alone, first + 1, first + 1 + args.realtime_duration, rate)
+    report.realtime_alone = realtime(alone, first, max(r.start_s for r in alone.responses), rate)
     bodies = job_bodies(args.rows, args.max_body_mib << 20)
     report.job_alone = run_jobs(mesh, bodies, args.rows, args.poll)
     print(f"job alone: {report.job_alone.rows_per_s:,.0f} rows/s", flush=True)
@@ -135,22 +139,45 @@ def measure(mesh: Mesh, args: argparse.Namespace, report: JobsReport, logs: Path
     upload_s = report.job_alone.accepted - report.job_alone.began
     report.realtime_upload = realtime_during_upload(mesh, bodies, upload_s, args, url, body, rate,
                                                     logs)  # fmt: skip
+    done = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         # The jobs are accepted before the open loop starts: a gateway busy with a large
         # upload stalls every client, and h2load's clients come out of a stall bunched and
         # stay so for the rest of their run (a 150 ms SIGSTOP of the gateway alone doubled
         # the p50 for good), which would charge the upload to the whole window beside the job.
         submitted = submit_jobs(mesh, bodies)
-        loop = pool.submit(open_loop, url, body, rate=rate, connections=args.connections,
-                           seconds=beside_s, logs=logs, name="h2load-beside")  # fmt: skip
+        loop = pool.submit(segmented_loop, url, body, rate, args, logs, "h2load-beside",
+                           beside_s, done)  # fmt: skip
         report.job_beside = await_jobs(mesh, submitted, args.rows, args.poll)
+        done.set()
         beside = loop.result()
     first = min(r.start_s for r in beside.responses)
     last = max(r.start_s for r in beside.responses)
     job = report.job_beside
-    settle = 1.0 if job.done - first > 2.0 else 0.0  # a --quick job may be done within 1 s
-    report.realtime_beside = realtime(beside, first + settle, min(job.done, last), rate)
+    report.realtime_beside = realtime(beside, first, min(job.done, last), rate)
     report.overlap_complete = last >= job.done
+    again = segmented_loop(url, body, rate, args, logs, "h2load-again", args.realtime_duration)
+    report.realtime_again = realtime(again, min(r.start_s for r in again.responses),
+                                     max(r.start_s for r in again.responses), rate)  # fmt: skip
+
+
+def segmented_loop(url: str, body: list[bytes], rate: float, args: argparse.Namespace,
+                   logs: Path, name: str, seconds: float,
+                   stop: threading.Event | None = None) -> OpenRun:  # fmt: skip
+    """Fresh open loops of ``--segment`` s back to back for ``seconds`` (or until ``stop``),
+    the first ``SETTLE_S`` of each left out. h2load's clients drift into bunches over a long
+    run (p50 5 -> 8 ms over 20 s alone, even with 128 connections), so one long run beside a
+    job against a shorter one alone measured the drift; in segments both sides see the same."""
+    responses: list[Response] = []
+    cpu, unanswered, began = 0.0, 0, time.time()
+    part = 0
+    while time.time() - began < seconds and not (stop is not None and stop.is_set()):
+        run = open_loop(url, body, rate=rate, connections=args.connections, logs=logs,
+                        seconds=args.segment + SETTLE_S, name=f"{name}-{part}")  # fmt: skip
+        first = min((r.start_s for r in run.responses), default=0.0)
+        responses += [r for r in run.responses if r.start_s >= first + SETTLE_S]
+        cpu, unanswered, part = cpu + run.client_cpu_s, unanswered + run.unanswered, part + 1
+    return OpenRun(responses, cpu, unanswered)
 
 
 def realtime_during_upload(mesh: Mesh, bodies: list[bytes], upload_s: float,
@@ -180,6 +207,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "each sends seldom: an HTTP/1.1 client late behind one slow answer shifts its phase "
         "for good, and with 32 the clients drifted into bunches within seconds)")
     add("--poll", type=float, default=0.25, help="s between GETs of a job")
+    add("--segment", type=float, default=8.0, help="s of each fresh realtime open loop")
     add("--max-body-mib", type=int, default=60, help="largest job body (gateway: 64 MiB)")
     add("--quick", action="store_true", help="smoke run: 2,000 rows, 3 s runs")
     add("--ports", type=int, nargs=2, default=(8060, 8260), metavar=("GATEWAY", "REGISTRY"))
@@ -189,8 +217,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.realtime_duration, args.capacity_duration = 2_000, 3.0, 3.0
+        args.segment = 3.0
         args.connections = 4
-    for name in ("rows", "realtime_duration", "capacity_duration", "connections", "poll",
+    for name in ("rows", "realtime_duration", "capacity_duration", "connections", "poll", "segment",
                  "max_body_mib"):  # fmt: skip
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")

@@ -65,6 +65,8 @@ class JobsReport:
     job_alone: JobRun | None = None
     job_beside: JobRun | None = None
     realtime_beside: Realtime | None = None
+    realtime_again: Realtime | None = None
+    """Realtime alone once more after the job: the spread of two measurements alone."""
     realtime_upload: Realtime | None = None
     """The open loop while the job's body goes up (POST to 202), the job then cancelled."""
     overlap_complete: bool = True
@@ -98,12 +100,18 @@ class JobsReport:
                  "| sent req/s | p50 ms | p99 ms | failed |", "|---|---|---|---|---|---|",
                  self._realtime_row("alone", self.realtime_alone),
                  self._realtime_row("beside the job", self.realtime_beside),
+                 self._realtime_row("alone again, after the job", self.realtime_again),
                  self._realtime_row("during the upload (POST to 202)",
                                     self.realtime_upload)]  # fmt: skip
         alone, beside = self.realtime_alone, self.realtime_beside
         if alone is not None and beside is not None and alone.latency.p99 > 0:
             lines += ["", f"Realtime p99 beside the job ÷ alone: "
                           f"{beside.latency.p99 / alone.latency.p99:.2f}."]
+            again = self.realtime_again
+            if again is not None and again.latency.p99 > 0:
+                low, high = sorted((alone.latency.p99, again.latency.p99))
+                lines += [f"Alone twice: p99 {low:.2f}-{high:.2f} ms (÷ {high / low:.2f}); "
+                          f"beside ÷ the larger: {beside.latency.p99 / high:.2f}."]
         if not self.overlap_complete:
             lines += ["", "The open loop ended before the job: the realtime window is cut short."]
         return "\n".join([*lines, *self.notes])
