@@ -41,7 +41,7 @@ import numpy as np
 import orjson
 
 from bench.h2load import Response
-from bench.jobs_report import JobRun, JobsReport, Realtime
+from bench.jobs_report import WINDOW_S, JobRun, JobsReport, Realtime
 from bench.mesh import Mesh, OpenRun, call, ok, open_loop, sigterm_unwinds, start_mesh
 from bench.payloads import infer_path, request_body
 from bench.report import write_report
@@ -119,7 +119,21 @@ def realtime(run: OpenRun, start: float, end: float, rate: float) -> Realtime:
     inside: list[Response] = [r for r in run.responses if start <= r.start_s <= end]
     ok_latencies = [r.latency_s for r in inside if 200 <= r.status < 300]
     return Realtime(rate, len(inside), len(inside) - len(ok_latencies) + run.unanswered,
-                    Percentiles.of(ok_latencies), end - start)  # fmt: skip
+                    Percentiles.of(ok_latencies), end - start,
+                    window_p99s(inside, start, rate))  # fmt: skip
+
+
+def window_p99s(responses: list[Response], start: float, rate: float) -> list[float]:
+    """The p99 ms of the 2xx answers sent in each `WINDOW_S` window from `start`; a window
+    with under half the requests the rate sends in one (a segment's edge, its settling part
+    left out) is left out too."""
+    windows: dict[int, list[float]] = {}
+    for r in responses:
+        if 200 <= r.status < 300:
+            windows.setdefault(int((r.start_s - start) // WINDOW_S), []).append(r.latency_s)
+    least = rate * WINDOW_S / 2
+    return [Percentiles.of(latencies).p99 for _, latencies in sorted(windows.items())
+            if len(latencies) >= least]
 
 
 def measure(mesh: Mesh, args: argparse.Namespace, report: JobsReport, logs: Path) -> None:

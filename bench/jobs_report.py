@@ -6,9 +6,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
+import numpy as np
+
 from bench.report import heading, machine
 from bench.result import Percentiles
 
+WINDOW_S = 2.0
+"""Seconds of one window of realtime requests whose p99 is taken on its own."""
 TARGET_RATIO = 0.8
 """Issue 19: a job finishes at >= 0.8 x the mesh's closed-loop rows/s."""
 
@@ -53,6 +57,20 @@ class Realtime:
     """Non-2xx answers, failed streams and requests never answered."""
     latency: Percentiles
     seconds: float
+    window_p99: list[float] = field(default_factory=list)
+    """The p99 ms of each `WINDOW_S` window: one stall (a checkpoint, a GC, a client bunching)
+    moves the p99 of a whole run, and of one window only; their median is the steadier figure."""
+
+    @property
+    def median_window_p99(self) -> float:
+        return float(np.median(self.window_p99)) if self.window_p99 else float("nan")
+
+    @property
+    def window_quartiles(self) -> tuple[float, float]:
+        if not self.window_p99:
+            return float("nan"), float("nan")
+        low, high = np.percentile(self.window_p99, [25.0, 75.0])
+        return float(low), float(high)
 
 
 @dataclass
@@ -85,9 +103,11 @@ class JobsReport:
 
     def _realtime_row(self, label: str, run: Realtime | None) -> str:
         if run is None:
-            return f"| {label} | not run | | | | |"
+            return f"| {label} | not run | | | | | |"
+        low, high = run.window_quartiles
         return (f"| {label} | {run.rate:,.0f} | {run.requests / run.seconds:,.0f} "
-                f"| {run.latency.p50:.2f} | {run.latency.p99:.2f} | {run.failed} |")
+                f"| {run.latency.p50:.2f} | {run.latency.p99:.2f} "
+                f"| {run.median_window_p99:.2f} ({low:.2f}-{high:.2f}) | {run.failed} |")
 
     def markdown(self) -> str:
         lines = [*heading(self.command, self.started),
@@ -97,7 +117,8 @@ class JobsReport:
                  "|---|---|---|---|---|---|---|", self._job_row("alone", self.job_alone),
                  self._job_row("beside realtime", self.job_beside), "",
                  f"| realtime ({self.realtime_fraction:.0%} of capacity) | offered req/s "
-                 "| sent req/s | p50 ms | p99 ms | failed |", "|---|---|---|---|---|---|",
+                 "| sent req/s | p50 ms | p99 ms | p99 of 2 s windows: median (quartiles) ms "
+                 "| failed |", "|---|---|---|---|---|---|---|",
                  self._realtime_row("alone", self.realtime_alone),
                  self._realtime_row("beside the job", self.realtime_beside),
                  self._realtime_row("alone again, after the job", self.realtime_again),
@@ -112,9 +133,24 @@ class JobsReport:
                 low, high = sorted((alone.latency.p99, again.latency.p99))
                 lines += [f"Alone twice: p99 {low:.2f}-{high:.2f} ms (÷ {high / low:.2f}); "
                           f"beside ÷ the larger: {beside.latency.p99 / high:.2f}."]
+            lines += [self._window_verdict()]
         if not self.overlap_complete:
             lines += ["", "The open loop ended before the job: the realtime window is cut short."]
         return "\n".join([*lines, *self.notes])
+
+    def _window_verdict(self) -> str:
+        """The windows' median p99 beside the job against the windows alone (before and after
+        the job, pooled): 'keeps its p99' when it is no higher than their upper quartile."""
+        alone = [p for run in (self.realtime_alone, self.realtime_again) if run is not None
+                 for p in run.window_p99]
+        beside = self.realtime_beside
+        if not alone or beside is None or not beside.window_p99:
+            return "Too few 2 s windows to compare."
+        median, upper = float(np.median(alone)), float(np.percentile(alone, 75.0))
+        verdict = "keeps its p99" if beside.median_window_p99 <= upper else "p99 higher"
+        return (f"2 s windows: median p99 beside the job {beside.median_window_p99:.2f} ms; "
+                f"alone (both runs, {len(alone)} windows) median {median:.2f}, upper quartile "
+                f"{upper:.2f} ms ({verdict}; ÷ median {beside.median_window_p99 / median:.2f}).")
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
