@@ -25,17 +25,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-import orjson
-
 from services.gateway.access import Access
 from services.gateway.auth import AuthFailure
 from services.gateway.core import Admission, Gateway
 from services.gateway.jobs import ClaimedJob, JobStore, RowOutcome, error_output
 from services.gateway.jobs_pacing import rest_after
 from services.gateway.jobs_packing import join, packable, packs, unpack
+from services.gateway.jobs_rows import decode_row
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.quotas import rate_limited
-from services.gateway.rest import decode_infer, encode_infer
+from services.gateway.rest import encode_infer
 from services.mesh.domain.errors import (
     DeadlineExceeded,
     InfermeshError,
@@ -98,8 +97,8 @@ class GatewayRows:
 
     async def _once(self, job: ClaimedJob, idx: int, raw: bytes) -> bytes:
         with self._admit(job) as admission:
-            request = decode_infer(orjson.loads(raw), model=job.model, version=job.version,
-                                   request_id=f"{job.id}-{idx}", spec=admission.spec)
+            request = decode_row(raw, model=job.model, version=job.version,
+                                 request_id=f"{job.id}-{idx}", spec=admission.spec)
             response = await self._core.infer(request, admission=admission)
         return encode_infer(response)
 
@@ -127,9 +126,9 @@ class GatewayRows:
         requests: list[InferRequest] = []
         for idx, raw in rows:
             try:
-                request = decode_infer(orjson.loads(raw), model=job.model, version=job.version,
-                                       request_id=f"{job.id}-{idx}", spec=spec)
-            except (InfermeshError, orjson.JSONDecodeError):
+                request = decode_row(raw, model=job.model, version=job.version,
+                                     request_id=f"{job.id}-{idx}", spec=spec)
+            except InfermeshError:
                 alone.append((idx, raw))  # it fails alone, naming its own field
                 continue
             decoded[id(request)] = (idx, raw)

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from services.gateway.jobs_rows import encode_row
 from services.gateway.rest import decode_infer
 from services.gateway.validation import validate_request
 from services.mesh.domain.errors import InfermeshError, InvalidInput
@@ -71,8 +72,9 @@ def _name(value: Any, field: str, *, required: bool) -> None:
 def encode_rows(
     inputs: Any, spec: ModelVersion, *, max_rows: int, field: str = "inputs"
 ) -> list[bytes]:
-    """Each row of `inputs` as JSON, after checking it decodes into a request that fits the
-    signature; InvalidInput names the row (`inputs[3]: ...`, or `inputs_ref[3]` as `field`)."""
+    """Each row of `inputs` in its stored form (jobs_rows.py), after checking it decodes into
+    a request that fits the signature; InvalidInput names the row (`inputs[3]: ...`, or
+    `inputs_ref[3]` as `field`)."""
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput(f"{field}: must be a non-empty list of inference request objects "
                            "(or give inputs_ref, the id of rows uploaded to /v1/job-inputs)")
@@ -84,9 +86,9 @@ def encode_rows(
             raise InvalidInput(f"{field}[{idx}]: must be an object like {{\"inputs\": [...]}}")
         try:
             request = decode_infer(row, model=spec.model, version=spec.version,
-                                   request_id="job", spec=spec)
+                                   request_id="", spec=spec)
             validate_request(request, spec.signature, max_rows=spec.batching.max_batch_size)
         except InfermeshError as exc:
             raise InvalidInput(f"{field}[{idx}]: {exc.message}") from None
-        rows.append(orjson.dumps(row))
+        rows.append(encode_row(request))
     return rows

@@ -66,7 +66,8 @@ async def test_rows_checked_in_the_child_equal_the_inline_ones(offload: Offload)
     assert fields == {"model": "echo", "version": "1"}
     rows = await offload.run(encode_inline_rows, raw, spec, 50, size=len(raw))
     assert rows == encode_inline_rows(raw, spec, 50)
-    stored = await offload.run(encode_stored_rows, rows, spec, 50, size=1)
+    uploaded = [orjson.dumps(row(i)) for i in range(10)]
+    stored = await offload.run(encode_stored_rows, uploaded, spec, 50, size=1)
     assert stored == rows
 
 
