@@ -8,9 +8,10 @@ traffic beside it keeps its p99. Starts its own ``infermesh up`` (gateway 8060, 
 control 8160), then:
 
 1. capacity: a closed loop of one-row requests (wrk c=64, as ``bench.goodput`` measures it);
-2. realtime alone: h2load open loop at ``--realtime-fraction`` of that capacity (one body,
-   ``--connections`` HTTP/1.1 connections on an even grid) for ``--realtime-duration`` s, as
-   fresh runs of ``--segment`` s each (``segmented_loop`` says why);
+2. realtime alone (run in step 5): h2load open loop at ``--realtime-fraction`` of that capacity
+   (one body, ``--connections`` HTTP/1.1 connections on an even grid) for
+   ``--realtime-duration`` s, as fresh runs of ``--segment`` s each (``segmented_loop`` says
+   why);
 3. the job alone: ``POST /v1/jobs`` with every row inline (one OIP request of one row each),
    polled every ``--poll`` s until ``303 See Other``; rows/s from the POST to the 303 (and
    from the 202, without the upload). Inline bodies are bounded by the gateway's
@@ -18,10 +19,13 @@ control 8160), then:
    jobs submitted together (100,000 mlp rows are ~30 MiB: one job);
 4. realtime during the upload: the same open loop while the job's body goes up (POST to 202);
    that job is then cancelled;
-5. the job again with the same segmented open loop started once the job is accepted (started
-   before the POST, h2load's clients would come out of the upload's stall bunched and stay
-   bunched): the realtime p99 of requests sent until the 303, against step 2's;
-6. realtime alone again, as in step 2: how far two measurements of the same thing differ here.
+5. ``--repeats`` times: realtime alone (as in step 2), then the job again with the same
+   segmented open loop started once the job is accepted (started before the POST, h2load's
+   clients would come out of the upload's stall bunched and stay bunched); and realtime alone
+   once more at the end, so every run beside a job has one alone just before and just after.
+   One run alone and another differed by 1.16-1.73x in p99 (a stall moves a whole run's p99),
+   so the verdict compares the p99 of each 2 s window, pooled over every run alone and every
+   run beside a job.
 """
 
 from __future__ import annotations
@@ -114,13 +118,15 @@ def _runner_seconds(status: dict[str, Any]) -> float:
     return (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
 
 
-def realtime(run: OpenRun, start: float, end: float, rate: float) -> Realtime:
-    """The open loop's requests sent in [start, end]: their 2xx latencies and failures."""
+def realtime(run: OpenRun, start: float, end: float, rate: float, *,
+             complete: bool = True) -> Realtime:  # fmt: skip
+    """The open loop's requests sent in [start, end]: their 2xx latencies and failures;
+    `complete`: whether the loop lasted as long as what it was measured beside."""
     inside: list[Response] = [r for r in run.responses if start <= r.start_s <= end]
     ok_latencies = [r.latency_s for r in inside if 200 <= r.status < 300]
     return Realtime(rate, len(inside), len(inside) - len(ok_latencies) + run.unanswered,
                     Percentiles.of(ok_latencies), end - start,
-                    window_p99s(inside, start, rate))  # fmt: skip
+                    window_p99s(inside, start, rate), complete)  # fmt: skip
 
 
 def window_p99s(responses: list[Response], start: float, rate: float) -> list[float]:
@@ -143,9 +149,6 @@ def measure(mesh: Mesh, args: argparse.Namespace, report: JobsReport, logs: Path
     print(f"capacity: {capacity.summary_line()}", flush=True)
     rate, url = args.realtime_fraction * capacity.rows_per_s, mesh.gateway + infer_path(MODEL)
     body = [request_body(MODEL, 1)]
-    alone = segmented_loop(url, body, rate, args, logs, "h2load-alone", args.realtime_duration)
-    first = min(r.start_s for r in alone.responses)
-    report.realtime_alone = realtime(alone, first, max(r.start_s for r in alone.responses), rate)
     bodies = job_bodies(args.rows, args.max_body_mib << 20)
     report.job_alone = run_jobs(mesh, bodies, args.rows, args.poll)
     print(f"job alone: {report.job_alone.rows_per_s:,.0f} rows/s", flush=True)
@@ -153,6 +156,29 @@ def measure(mesh: Mesh, args: argparse.Namespace, report: JobsReport, logs: Path
     upload_s = report.job_alone.accepted - report.job_alone.began
     report.realtime_upload = realtime_during_upload(mesh, bodies, upload_s, args, url, body, rate,
                                                     logs)  # fmt: skip
+    for turn in range(args.repeats):
+        report.realtime_alone.append(alone_loop(url, body, rate, args, logs, turn))
+        job, beside = job_beside(mesh, bodies, url, body, rate, args, logs, turn, beside_s)
+        report.job_beside.append(job)
+        report.realtime_beside.append(beside)
+        print(f"job beside realtime ({turn + 1}/{args.repeats}): {job.rows_per_s:,.0f} rows/s",
+              flush=True)
+    report.realtime_alone.append(alone_loop(url, body, rate, args, logs, args.repeats))
+
+
+def alone_loop(url: str, body: list[bytes], rate: float, args: argparse.Namespace, logs: Path,
+               turn: int) -> Realtime:  # fmt: skip
+    """Realtime alone for ``--realtime-duration`` s."""
+    run = segmented_loop(url, body, rate, args, logs, f"h2load-alone-{turn}",
+                         args.realtime_duration)
+    return realtime(run, min(r.start_s for r in run.responses),
+                    max(r.start_s for r in run.responses), rate)
+
+
+def job_beside(mesh: Mesh, bodies: list[bytes], url: str, body: list[bytes], rate: float,
+               args: argparse.Namespace, logs: Path, turn: int,
+               most_s: float) -> tuple[JobRun, Realtime]:  # fmt: skip
+    """The job with the segmented open loop beside it, from its 202 to its 303."""
     done = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         # The jobs are accepted before the open loop starts: a gateway busy with a large
@@ -160,19 +186,14 @@ def measure(mesh: Mesh, args: argparse.Namespace, report: JobsReport, logs: Path
         # stay so for the rest of their run (a 150 ms SIGSTOP of the gateway alone doubled
         # the p50 for good), which would charge the upload to the whole window beside the job.
         submitted = submit_jobs(mesh, bodies)
-        loop = pool.submit(segmented_loop, url, body, rate, args, logs, "h2load-beside",
-                           beside_s, done)  # fmt: skip
-        report.job_beside = await_jobs(mesh, submitted, args.rows, args.poll)
+        loop = pool.submit(segmented_loop, url, body, rate, args, logs,
+                           f"h2load-beside-{turn}", most_s, done)  # fmt: skip
+        job = await_jobs(mesh, submitted, args.rows, args.poll)
         done.set()
         beside = loop.result()
     first = min(r.start_s for r in beside.responses)
     last = max(r.start_s for r in beside.responses)
-    job = report.job_beside
-    report.realtime_beside = realtime(beside, first, min(job.done, last), rate)
-    report.overlap_complete = last >= job.done
-    again = segmented_loop(url, body, rate, args, logs, "h2load-again", args.realtime_duration)
-    report.realtime_again = realtime(again, min(r.start_s for r in again.responses),
-                                     max(r.start_s for r in again.responses), rate)  # fmt: skip
+    return job, realtime(beside, first, min(job.done, last), rate, complete=last >= job.done)
 
 
 def segmented_loop(url: str, body: list[bytes], rate: float, args: argparse.Namespace,
@@ -215,7 +236,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add = parser.add_argument
     add("--rows", type=int, default=100_000, help="rows of the job")
     add("--realtime-fraction", type=float, default=0.3, help="of the capacity, beside the job")
-    add("--realtime-duration", type=float, default=20.0, help="s of realtime alone, measured")
+    add("--realtime-duration", type=float, default=16.0, help="s of each realtime run alone")
+    add("--repeats", type=int, default=3, help="runs of the job beside realtime, each after "
+        "one of realtime alone")
     add("--capacity-duration", type=float, default=10.0, help="closed-loop seconds")
     add("--connections", type=int, default=128, help="realtime open-loop connections (many, so "
         "each sends seldom: an HTTP/1.1 client late behind one slow answer shifts its phase "
@@ -231,10 +254,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.realtime_duration, args.capacity_duration = 2_000, 3.0, 3.0
+        args.repeats = 1
         args.segment = 3.0
         args.connections = 4
     for name in ("rows", "realtime_duration", "capacity_duration", "connections", "poll", "segment",
-                 "max_body_mib"):  # fmt: skip
+                 "max_body_mib", "repeats"):  # fmt: skip
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if not 0 < args.realtime_fraction < 1:

@@ -58,6 +58,8 @@ class Realtime:
     latency: Percentiles
     seconds: float
     window_p99: list[float] = field(default_factory=list)
+    complete: bool = True
+    """Whether the open loop lasted as long as what it was measured beside."""
     """The p99 ms of each `WINDOW_S` window: one stall (a checkpoint, a GC, a client bunching)
     moves the p99 of a whole run, and of one window only; their median is the steadier figure."""
 
@@ -79,16 +81,13 @@ class JobsReport:
     started: datetime
     realtime_fraction: float
     capacity_rows_per_s: float = 0.0
-    realtime_alone: Realtime | None = None
     job_alone: JobRun | None = None
-    job_beside: JobRun | None = None
-    realtime_beside: Realtime | None = None
-    realtime_again: Realtime | None = None
-    """Realtime alone once more after the job: the spread of two measurements alone."""
     realtime_upload: Realtime | None = None
     """The open loop while the job's body goes up (POST to 202), the job then cancelled."""
-    overlap_complete: bool = True
-    """Whether the open loop beside the job lasted until its 303."""
+    realtime_alone: list[Realtime] = field(default_factory=list)
+    """Realtime alone before each run beside the job, and once after the last."""
+    job_beside: list[JobRun] = field(default_factory=list)
+    realtime_beside: list[Realtime] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def _job_row(self, label: str, job: JobRun | None) -> str:
@@ -115,49 +114,52 @@ class JobsReport:
                  f"{self.capacity_rows_per_s:,.0f} rows/s.", "",
                  "| job | rows | s to 303 | rows/s | ÷ closed loop | runner s | failed rows |",
                  "|---|---|---|---|---|---|---|", self._job_row("alone", self.job_alone),
-                 self._job_row("beside realtime", self.job_beside), "",
+                 *(self._job_row(f"beside realtime ({turn})", job)
+                   for turn, job in enumerate(self.job_beside, 1)), "",
                  f"| realtime ({self.realtime_fraction:.0%} of capacity) | offered req/s "
                  "| sent req/s | p50 ms | p99 ms | p99 of 2 s windows: median (quartiles) ms "
                  "| failed |", "|---|---|---|---|---|---|---|",
-                 self._realtime_row("alone", self.realtime_alone),
-                 self._realtime_row("beside the job", self.realtime_beside),
-                 self._realtime_row("alone again, after the job", self.realtime_again),
-                 self._realtime_row("during the upload (POST to 202)",
-                                    self.realtime_upload)]  # fmt: skip
-        alone, beside = self.realtime_alone, self.realtime_beside
-        if alone is not None and beside is not None and alone.latency.p99 > 0:
-            lines += ["", f"Realtime p99 beside the job ÷ alone: "
-                          f"{beside.latency.p99 / alone.latency.p99:.2f}."]
-            again = self.realtime_again
-            if again is not None and again.latency.p99 > 0:
-                low, high = sorted((alone.latency.p99, again.latency.p99))
-                lines += [f"Alone twice: p99 {low:.2f}-{high:.2f} ms (÷ {high / low:.2f}); "
-                          f"beside ÷ the larger: {beside.latency.p99 / high:.2f}."]
-            lines += [self._window_verdict()]
-        if not self.overlap_complete:
-            lines += ["", "The open loop ended before the job: the realtime window is cut short."]
+                 self._realtime_row("during the upload (POST to 202)", self.realtime_upload)]
+        for turn, alone in enumerate(self.realtime_alone):
+            lines.append(self._realtime_row(f"alone ({turn + 1})", alone))
+            if turn < len(self.realtime_beside):
+                lines.append(self._realtime_row(f"beside the job ({turn + 1})",
+                                                self.realtime_beside[turn]))
+        lines += ["", self._job_verdict(), self._window_verdict()]
+        if not all(run.complete for run in self.realtime_beside):
+            lines += ["", "An open loop ended before its job: a realtime window is cut short."]
         return "\n".join([*lines, *self.notes])
 
+    def _job_verdict(self) -> str:
+        if not self.job_beside or not self.capacity_rows_per_s:
+            return "No job ran beside realtime."
+        ratios = [job.rows_per_s / self.capacity_rows_per_s for job in self.job_beside]
+        verdict = "ok" if min(ratios) >= TARGET_RATIO else f"under {TARGET_RATIO}"
+        return (f"Job beside realtime ÷ closed loop: {', '.join(f'{r:.2f}' for r in ratios)} "
+                f"(lowest {min(ratios):.2f}: {verdict}).")
+
     def _window_verdict(self) -> str:
-        """The windows' median p99 beside the job against the windows alone (before and after
-        the job, pooled): 'keeps its p99' when it is no higher than their upper quartile."""
-        alone = [p for run in (self.realtime_alone, self.realtime_again) if run is not None
-                 for p in run.window_p99]
-        beside = self.realtime_beside
-        if not alone or beside is None or not beside.window_p99:
+        """The windows' median p99 beside the job against the windows alone (every run before
+        and after, pooled): 'keeps its p99' when no higher than their upper quartile."""
+        alone = [p for run in self.realtime_alone for p in run.window_p99]
+        beside = [p for run in self.realtime_beside for p in run.window_p99]
+        if not alone or not beside:
             return "Too few 2 s windows to compare."
         median, upper = float(np.median(alone)), float(np.percentile(alone, 75.0))
-        verdict = "keeps its p99" if beside.median_window_p99 <= upper else "p99 higher"
-        return (f"2 s windows: median p99 beside the job {beside.median_window_p99:.2f} ms; "
-                f"alone (both runs, {len(alone)} windows) median {median:.2f}, upper quartile "
-                f"{upper:.2f} ms ({verdict}; ÷ median {beside.median_window_p99 / median:.2f}).")
+        beside_median = float(np.median(beside))
+        verdict = "keeps its p99" if beside_median <= upper else "p99 higher"
+        return (f"Realtime p99 of 2 s windows: beside the job (every run, {len(beside)} "
+                f"windows) median {beside_median:.2f} ms; alone ({len(alone)} windows) median "
+                f"{median:.2f}, upper quartile {upper:.2f} ms: {verdict} "
+                f"(÷ median alone {beside_median / median:.2f}).")
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data.update(started=self.started.isoformat(), machine=machine())
-        for key in ("job_alone", "job_beside"):
-            job = getattr(self, key)
-            if job is not None:
-                data[key].update(rows_per_s=job.rows_per_s,
-                                 ratio=job.rows_per_s / self.capacity_rows_per_s)
+        ratio = 1 / self.capacity_rows_per_s if self.capacity_rows_per_s else 0.0
+        if self.job_alone is not None:
+            data["job_alone"].update(rows_per_s=self.job_alone.rows_per_s,
+                                     ratio=self.job_alone.rows_per_s * ratio)
+        for job, entry in zip(self.job_beside, data["job_beside"], strict=True):
+            entry.update(rows_per_s=job.rows_per_s, ratio=job.rows_per_s * ratio)
         return data
