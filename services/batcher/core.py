@@ -321,6 +321,7 @@ class Batcher:
         """The batch window's decision for `worker`, from the queue and the latency model."""
         key, latency = worker.key, queue.latency
         idle = self._book.inflight(key) == 0
+        behind_bulk = not idle and self._book.bulk_only(key) and queue.pending.realtime_waiting
         running = latency.predict(key, self._book.running_rows(key))
         earliest = queue.deadlines.earliest(len(queue.pending))
         return plan_batch(
@@ -328,7 +329,7 @@ class Batcher:
             worker_idle=idle, policy=queue.policy,
             free_in=0.0 if idle else self._book.free_in(key, running or queue.batch_seconds),
             slack=None if earliest is None else earliest - time.time(),
-            predict=functools.partial(latency.predict, key),
+            predict=functools.partial(latency.predict, key), behind_bulk=behind_bulk,
         )
 
     def _free_worker(self, queue: _Queue) -> WorkerHandle | None:
@@ -411,7 +412,7 @@ class Batcher:
 
     def _launch(self, queue: _Queue, worker: WorkerHandle, members: list[_Pending]) -> None:
         rows = sum(m.rows for m in members)
-        self._book.launched(worker.key, rows)
+        self._book.launched(worker.key, rows, bulk=_bulk(members))
         queue.inflight += len(members)
         queue.inflight_rows += rows
         task = asyncio.create_task(self._run(queue, worker, members))
@@ -441,7 +442,7 @@ class Batcher:
             rows = sum(m.rows for m in members)
             queue.inflight -= len(members)
             queue.inflight_rows -= rows
-            self._finished(queue, worker.key, dispatched, rows)
+            self._finished(queue, worker.key, dispatched, rows, bulk=_bulk(members))
             self._pump_all()
 
     async def _attempt(
@@ -516,10 +517,12 @@ class Batcher:
         queue.headroom.observe(predicted, actual)
         queue.latency.observe(key, rows, actual)
 
-    def _finished(self, queue: _Queue, key: str, dispatched: float, rows: int) -> None:
+    def _finished(
+        self, queue: _Queue, key: str, dispatched: float, rows: int, *, bulk: bool
+    ) -> None:
         """Book a batch's end: worker load, and the version's moving batch time."""
         started = self._book.started(key, dispatched)
-        done = self._book.finished(key, rows)
+        done = self._book.finished(key, rows, bulk=bulk)
         queue.batch_seconds = 0.8 * queue.batch_seconds + 0.2 * (done - started)
 
     def _redispatch(
@@ -586,6 +589,12 @@ class Batcher:
                 _fail(pending, Unavailable("batcher is shutting down"))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=10.0)
+
+
+def _bulk(members: list[_Pending]) -> bool:
+    """Whether a batch carries bulk rows only (see `policy`: realtime never waits behind one
+    for the batch window)."""
+    return all(m.lane == "bulk" for m in members)
 
 
 def _require_rows(request: InferRequest) -> None:

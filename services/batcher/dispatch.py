@@ -28,6 +28,8 @@ class WorkerBook:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._batches: dict[str, deque[int]] = {}
+        self._bulk: dict[str, int] = {}
+        """Per worker, its batches in flight that carry bulk rows only."""
         self._running_since: dict[str, float] = {}
         self._free_at: dict[str, float] = {}
         self._suspect_until: dict[str, float] = {}
@@ -41,6 +43,10 @@ class WorkerBook:
         """Batches called on the worker and not yet answered."""
         batches = self._batches.get(key)
         return len(batches) if batches else 0
+
+    def bulk_only(self, key: str) -> bool:
+        """Whether the worker is busy with bulk batches and nothing else."""
+        return 0 < self.inflight(key) == self._bulk.get(key, 0)
 
     def outstanding(self, key: str) -> int:
         """Rows in the worker's batches in flight."""
@@ -73,8 +79,10 @@ class WorkerBook:
                                         self.outstanding(w.key), self.inflight(w.key),
                                         self._last_launch.get(w.key, -1)))
 
-    def launched(self, key: str, rows: int) -> None:
+    def launched(self, key: str, rows: int, *, bulk: bool = False) -> None:
         self._launches += 1
+        if bulk:
+            self._bulk[key] = self._bulk.get(key, 0) + 1
         self._last_launch[key] = self._launches
         batches = self._batches.setdefault(key, deque())
         if not batches:
@@ -85,9 +93,11 @@ class WorkerBook:
         """When a batch called at `called` began executing: after the worker's previous one."""
         return max(called, self._free_at.get(key, called))
 
-    def finished(self, key: str, rows: int) -> float:
+    def finished(self, key: str, rows: int, *, bulk: bool = False) -> float:
         """Book a batch's end; returns the time."""
         now = self._clock()
+        if bulk and self._bulk.get(key, 0) > 0:
+            self._bulk[key] -= 1
         batches = self._batches.get(key)
         if batches:
             if rows in batches:

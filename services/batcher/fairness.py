@@ -64,6 +64,14 @@ class FairQueue(Generic[T]):
         return self._count
 
     @property
+    def realtime_waiting(self) -> bool:
+        """Whether a realtime item is queued (a bulk item promoted after `bulk_max_wait`
+        counts: it is realtime now)."""
+        if self._solo:
+            return self._solo_lane == "realtime"
+        return self._realtime.count > 0
+
+    @property
     def oldest_enqueued(self) -> float:
         """When the longest-waiting item arrived (`inf` when empty), for the batch window."""
         if self._solo:

@@ -8,6 +8,12 @@ running batch is expected to finish within that window. Sending a partial batch 
 only park it in the worker's queue while requests that could have joined it keep arriving:
 for a model whose batches take far longer than the window (the encoder) that halves the batch.
 
+Realtime work never waits for the window behind bulk work: while the worker runs only bulk
+batches (a job's packs), queued realtime requests are pipelined to it at once (`behind_bulk`),
+to start the moment the bulk batch ends, as an idle worker would take them. The window gathers
+realtime rows behind realtime batches; behind a job's pack it only added up to
+`max_queue_delay` to the realtime requests that met one (docs/PERFORMANCE.md, issue 19).
+
 With a latency model (`predict`: rows → seconds) and the earliest deadline among the queued
 (`slack`, seconds from now), two rules bend the window (issue 14):
 
@@ -44,17 +50,19 @@ Predictor = Callable[[int], float | None]
 def plan_batch(
     *, queued_rows: int, oldest_wait: float, worker_idle: bool, policy: BatchingPolicy,
     free_in: float = 0.0, slack: float | None = None, predict: Predictor | None = None,
+    behind_bulk: bool = False,
 ) -> Dispatch:
     """Decide for one queue and the least-loaded worker with a free pipeline slot.
 
     `free_in` is the expected time (seconds) until the worker's running batch finishes;
-    `slack` the seconds until the earliest deadline queued (None: none).
+    `slack` the seconds until the earliest deadline queued (None: none). `behind_bulk`: the
+    worker runs only bulk batches and realtime requests are queued.
     """
     if queued_rows <= 0:
         return Dispatch(0)
     take = min(queued_rows, policy.max_batch_size)
     start = 0.0 if worker_idle else free_in
-    if worker_idle or queued_rows >= policy.max_batch_size:
+    if worker_idle or behind_bulk or queued_rows >= policy.max_batch_size:
         return Dispatch(size_batch(take, start=start, slack=slack, predict=predict,
                                    policy=policy))
     delay = policy.max_queue_delay_ms / 1000.0

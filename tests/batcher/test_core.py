@@ -92,6 +92,24 @@ async def test_depth_two_holds_a_partial_batch_until_the_worker_frees(
     await results([first, *queued])
 
 
+async def test_depth_two_pipelines_realtime_behind_a_bulk_batch_at_once(
+    make_batcher: BatcherFactory, worker: FakeWorker
+) -> None:
+    # Behind a job's pack a realtime request does not wait for the (here endless) window.
+    policy = BatchingPolicy(max_batch_size=10, max_queue_delay_ms=10_000)
+    batcher = make_batcher(FakePool(worker), policy=policy, pipeline_depth=2)
+    worker.hold()
+    pack = asyncio.create_task(batcher.infer(request(0.0, rows=4, lane="bulk")))
+    await worker.next_batch()
+
+    realtime = await submit_all(batcher, [request(1.0), request(2.0)])
+    assert (await worker.next_batch()).rows == [1, 1]
+    more_bulk = await submit_all(batcher, [request(3.0, lane="bulk")])
+    assert worker.arrivals.empty()  # the pipeline is full (depth 2)
+    worker.release()
+    await results([pack, *realtime, *more_bulk])
+
+
 async def test_outputs_are_split_back_to_their_requests(
     make_batcher: BatcherFactory, worker: FakeWorker
 ) -> None:

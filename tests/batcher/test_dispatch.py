@@ -64,3 +64,19 @@ def test_a_worker_that_would_load_gets_the_batch_once_the_loaded_ones_are_full()
     book.launched("warm", 8)
     book.launched("warm", 8)
     assert book.pick([warm, cold], depth=2, resident=lambda w: w.resident("m", "1")) == cold
+
+
+def test_a_worker_is_bulk_only_while_every_batch_it_runs_is_bulk() -> None:
+    book = WorkerBook(clock=lambda: 0.0)
+    assert not book.bulk_only("a")  # idle is not "busy with bulk"
+    book.launched("a", 32, bulk=True)
+    assert book.bulk_only("a")
+    book.launched("a", 1)
+    assert not book.bulk_only("a")
+    book.finished("a", 32, bulk=True)
+    assert not book.bulk_only("a")
+    book.launched("a", 32, bulk=True)
+    book.finished("a", 1)
+    assert book.bulk_only("a")
+    book.finished("a", 32, bulk=True)
+    assert not book.bulk_only("a") and book.inflight("a") == 0

@@ -91,3 +91,18 @@ def test_a_full_queue_asks_clients_back_after_its_expected_drain_time() -> None:
 def test_before_any_batch_was_timed_the_drain_time_is_a_default() -> None:
     drain = drain_seconds(queued_rows=64, batch_seconds=0.0, max_batch_size=16, workers=1)
     assert drain == 1.0
+
+
+def test_realtime_behind_bulk_work_is_pipelined_at_once() -> None:
+    # A busy worker makes a partial batch wait for its window, unless what it runs is bulk
+    # work only: then realtime requests go at once, sized from when the bulk batch ends.
+    waits = plan_batch(queued_rows=2, oldest_wait=0.0, worker_idle=False, policy=POLICY,
+                       free_in=0.004)
+    assert waits.rows == 0 and waits.wait is not None and waits.wait > 0
+    goes = plan_batch(queued_rows=2, oldest_wait=0.0, worker_idle=False, policy=POLICY,
+                      free_in=0.004, behind_bulk=True)
+    assert goes == Dispatch(2)
+    sized = plan_batch(queued_rows=8, oldest_wait=0.0, worker_idle=False, policy=POLICY,
+                       free_in=0.004, behind_bulk=True, slack=0.010,
+                       predict=lambda rows: 0.001 * rows)
+    assert sized.rows == 6  # starts in 4 ms: 6 rows end by the 10 ms deadline, 7 would not
