@@ -246,14 +246,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--poll", type=float, default=0.25, help="s between GETs of a job")
     add("--segment", type=float, default=8.0, help="s of each fresh realtime open loop")
     add("--max-body-mib", type=int, default=60, help="largest job body (gateway: 64 MiB)")
-    add("--quick", action="store_true", help="smoke run: 2,000 rows, 3 s runs")
+    add("--quick", action="store_true", help="smoke run: 8,000 rows (so the job beside realtime "
+        "outlasts the open loop's start), 3 s runs")
     add("--ports", type=int, nargs=2, default=(8060, 8260), metavar=("GATEWAY", "REGISTRY"))
     add("--out", type=Path, help="JSON path (default bench/results/jobs-DATE.json)")
     add("--infermesh", default=".venv/bin/infermesh", help="launcher executable")
     add("--ready-timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
     if args.quick:
-        args.rows, args.realtime_duration, args.capacity_duration = 2_000, 3.0, 3.0
+        args.rows, args.realtime_duration, args.capacity_duration = 8_000, 3.0, 3.0
         args.repeats = 1
         args.segment = 3.0
         args.connections = 4

@@ -77,7 +77,7 @@ def test_jobs_quick_run_finishes_every_row_beside_realtime(mesh: Mesh, tmp_path:
     assert report.capacity_rows_per_s > 0
     assert len(report.job_beside) == 1 and len(report.realtime_alone) == 2
     for job in (report.job_alone, *report.job_beside):
-        assert job is not None and job.rows == 2_000 and job.failed_rows == 0
+        assert job is not None and job.rows == 8_000 and job.failed_rows == 0
         assert job.accepted <= job.done and job.rows_per_s > 0
     for realtime in (*report.realtime_alone, *report.realtime_beside):
         assert realtime.requests > 0
