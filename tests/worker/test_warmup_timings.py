@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ async def test_the_worker_publishes_a_timing_for_every_size_with_its_ready_versi
     assert [kind for kind, _ in published.updates[:2]] == ["warmup", "models"]
     assert published.updates[1][1] == ["mlp/1"]
     assert sorted(map(int, timings["mlp/1"])) == warmup_sizes(8)
-    assert all(0 < seconds < 5 for seconds in timings["mlp/1"].values())
+    assert all(math.isfinite(took) and took > 0 for took in timings["mlp/1"].values())
     assert worker.core.warmup_timings("mlp", "1") == {
         int(rows): seconds for rows, seconds in timings["mlp/1"].items()
     }
