@@ -29,6 +29,7 @@ from services.gateway.rest import decode_infer
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.tensors import DATATYPES, DTYPES, Tensor, element_count
 from services.mesh.domain.types import InferRequest, ModelVersion
+from services.mesh.transport.rest import parse_json_object
 
 MAGIC = b"IMJR1\n"
 LENGTH = struct.Struct("<I")
@@ -53,16 +54,10 @@ def decode_row(
     `request_id`; InvalidInput when it does not decode. `spec` checks a row stored as JSON as
     it decodes (the gateway core checks every request against the signature again)."""
     if not raw.startswith(MAGIC):
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"stored row: malformed JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise InvalidInput("stored row: must be a JSON object")
-        return decode_infer(body, model=model, version=version, request_id=request_id,
-                            spec=spec)
+        return decode_infer(parse_json_object(raw), model=model, version=version,
+                            request_id=request_id, spec=spec)
     view = memoryview(raw)
-    if len(view) < START or len(view) < START + (length := LENGTH.unpack_from(view, 6)[0]):
+    if len(view) < START or len(view) < START + (length := LENGTH.unpack_from(view, len(MAGIC))[0]):
         raise InvalidInput("stored row: truncated")
     try:
         header = orjson.loads(view[START:START + length])
