@@ -47,10 +47,11 @@ from bench import grpc_load, proc_cpu
 from bench.cpu_report import CpuReport, SystemRun
 from bench.credentials import auth_headers, remember_key
 from bench.goodput import unlimited_tenant
-from bench.h2load import H2LOAD, run_together
+from bench.h2load import H2LOAD, parse_log, run_together
 from bench.models import DEFAULT_CACHE_DIR
 from bench.payloads import infer_path, request_body
 from bench.report import write_report
+from bench.result import Percentiles
 from bench.run_all import SETUPS, start_launcher, start_plain
 
 SYSTEMS = ("plain", "fused", "fused2", "mesh")
@@ -67,12 +68,17 @@ class ClientRun:
     succeeded: int
     seconds: float
     cpu_s: float
+    latency: Percentiles | None = None
+    """Of the answered requests (any status), from h2load's per-request log; None if none."""
 
 
-def h2load_command(url: str, body: Path, *, requests: int, concurrency: int) -> list[str]:
-    """h2load, one thread, HTTP/1.1, exactly ``requests`` POSTs over ``concurrency`` conns."""
+def h2load_command(url: str, body: Path, *, requests: int, concurrency: int,
+                   log_file: Path | None = None) -> list[str]:  # fmt: skip
+    """h2load, one thread, HTTP/1.1, exactly ``requests`` POSTs over ``concurrency`` conns;
+    ``log_file``: one line per request (see ``bench.h2load.parse_log``)."""
     command = [H2LOAD, "--h1", "-t", "1", "-n", str(requests), "-c", str(concurrency),
                "-d", str(body), "-H", "content-type: application/json"]  # fmt: skip
+    command += ["--log-file", str(log_file)] if log_file is not None else []
     for name, value in auth_headers(url).items():
         command += ["-H", f"{name}: {value}"]
     return [*command, url.rstrip("/") + infer_path(MODEL)]
@@ -92,13 +98,23 @@ def run_h2load(url: str, *, requests: int, concurrency: int, timeout: float) -> 
     """One h2load run against ``url``; raises if it fails or no request succeeds."""
     with tempfile.TemporaryDirectory(prefix="infermesh-cpu-") as tmp:
         body, output = Path(tmp) / "body.json", Path(tmp) / "h2load.out"
+        log = Path(tmp) / "requests.log"
         body.write_bytes(request_body(MODEL, 1))
-        command = h2load_command(url, body, requests=requests, concurrency=concurrency)
+        command = h2load_command(url, body, requests=requests, concurrency=concurrency,
+                                 log_file=log)  # fmt: skip
         cpu_s = run_together([command], [output], timeout)
         done, succeeded, seconds = parse_summary(output.read_text())
+        latency = latency_of(log.read_text() if log.exists() else "")
     if succeeded == 0:
         raise RuntimeError(f"no request to {url} succeeded ({done} done)")
-    return ClientRun(done, succeeded, seconds, cpu_s)
+    return ClientRun(done, succeeded, seconds, cpu_s, latency)
+
+
+def latency_of(log: str) -> Percentiles | None:
+    """Percentiles of the answered requests in an h2load ``--log-file`` (failed streams left
+    out); None when it lists none."""
+    latencies = [r.latency_s for r in parse_log(log) if r.status > 0]
+    return Percentiles.of(latencies) if latencies else None
 
 
 def start_system(stack: ExitStack, system: str, args: argparse.Namespace, logs: Path) -> str:
@@ -145,7 +161,7 @@ def measure(system: str, args: argparse.Namespace, logs: Path) -> list[SystemRun
             name = system if protocol == "rest" else f"{system} grpc"
             runs.append(SystemRun(name, requests=client.done, succeeded=client.succeeded,
                                   seconds=client.seconds, client_cpu_s=client.cpu_s,
-                                  cpu_s=cpu_s))  # fmt: skip
+                                  cpu_s=cpu_s, latency=client.latency))  # fmt: skip
     return runs
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from bench.report import heading, machine
+from bench.result import Percentiles
 
 HOPS = ("nginx (edge)", "gateway", "router", "batcher", "worker",
         "fused front (gateway+router)", "fused (gateway+router+batcher+worker)",
@@ -44,6 +45,8 @@ class SystemRun:
     client_cpu_s: float
     cpu_s: dict[str, float]
     """CPU seconds during the run, per process label (processes of one label summed)."""
+    latency: Percentiles | None = None
+    """The client's latency of the answered requests (REST runs; None where not logged)."""
 
     def us(self, seconds: float) -> float:
         """``seconds`` of CPU as µs per request."""
@@ -59,6 +62,10 @@ class SystemRun:
     @property
     def all_us(self) -> float:
         return self.us(sum(self.cpu_s.values()))
+
+    @property
+    def p50_ms(self) -> float | None:
+        return None if self.latency is None else self.latency.p50
 
     @property
     def rps(self) -> float:
@@ -79,6 +86,9 @@ class SystemRun:
             "us_per_request": {label: self.us(s) for label, s in self.cpu_s.items()},
             "groups_us_per_request": {group: self.group_us(group) for group in GROUPS},
             "hops_us_per_request": self.hops_us, "all_us_per_request": self.all_us,
+            "latency_ms": None if self.latency is None else {
+                "p50": self.latency.p50, "p99": self.latency.p99, "p999": self.latency.p999},
+            "p50_over_plain": _ratio(self.p50_ms, plain.p50_ms if plain else None),
             "hops_over_plain": _ratio(self.hops_us, plain.hops_us if plain else None),
             "all_over_plain": _ratio(self.all_us, plain.all_us if plain else None),
         }  # fmt: skip
@@ -125,6 +135,12 @@ class CpuReport:
             self._row("requests (errors)", "",
                       [f"{r.requests:,} ({r.requests - r.succeeded:,})" for r in self.runs]),
             self._row("req/s", "", [f"{r.rps:,.0f}" for r in self.runs]),
+            self._row("latency p50 / p99 ms", "client", [
+                "—" if r.latency is None else f"{r.latency.p50:.2f} / {r.latency.p99:.2f}"
+                for r in self.runs]),
+            self._row("p50 ÷ plain", "", [
+                _fmt(_ratio(r.p50_ms, plain.p50_ms if plain else None))
+                if r.p50_ms is not None else "—" for r in self.runs]),
         ]  # fmt: skip
         lines += [f"\n> {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
@@ -144,8 +160,8 @@ class CpuReport:
         }  # fmt: skip
 
 
-def _ratio(value: float, baseline: float | None) -> float | None:
-    return value / baseline if baseline else None
+def _ratio(value: float | None, baseline: float | None) -> float | None:
+    return value / baseline if baseline and value is not None else None
 
 
 def _fmt(value: float | None) -> str:

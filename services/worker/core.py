@@ -21,6 +21,7 @@ from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.errors import DeadlineExceeded, Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Batch, BatchResult, ModelVersion
+from services.mesh.infra import failpoints
 from services.mesh.infra.failpoints import failpoint
 from services.worker import memory
 from services.worker.backends.base import Backend, DeviceUnavailable, cuda_failure
@@ -34,6 +35,16 @@ log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[ModelVersion], Backend]
 UNLIMITED = 1 << 62  # no budget: every version fits
+
+INLINE_BELOW_S = 0.00025
+"""A CPU version whose largest warm-up batch runs (at its fastest) in less than this runs its
+batches on the event loop itself, as a plain server does, instead of in the inference thread.
+
+Handing a batch to the thread and its result back costs two cross-thread wake-ups (a lock and
+the loop's self-pipe), and with them the GIL changing hands: for the mlp (~50 µs a batch) that
+was most of the worker's time per request at low load. Blocking the loop for under a quarter
+of a millisecond costs less than the hand-off. Backends that measure it say so with
+`fastest_batch_s` (TorchScript and ONNX Runtime); a remote backend (Triton) never runs inline."""
 
 
 class ArtifactSource(Protocol):
@@ -54,10 +65,13 @@ class Worker:
         self, catalog: ModelCatalog, *, models: tuple[str, ...], artifacts: ArtifactSource,
         backend_factory: BackendFactory, metrics: WorkerMetrics | None = None,
         budget_bytes: int | None = None, thrash_window: float = 60.0,
+        inline_below: float = INLINE_BELOW_S,
     ) -> None:
         """`budget_bytes`: what loaded versions may hold together (None: no limit, every
         version loads at start); `thrash_window`: seconds after an eviction within which
-        a request for that version counts as a thrash."""
+        a request for that version counts as a thrash; `inline_below`: see INLINE_BELOW_S
+        (0: every batch in the inference thread)."""
+        self.inline_below = inline_below
         self._catalog = catalog
         self._models = models
         self._artifacts = artifacts
@@ -419,6 +433,8 @@ class Worker:
         runs it again there. Returns the backend that ran it, and the outputs."""
         loop = asyncio.get_running_loop()
         try:
+            if self._runs_inline(key, backend):
+                return backend, _run_if_due(backend, inputs, deadline)
             return backend, await loop.run_in_executor(
                 self._executor, _run_if_due, backend, inputs, deadline
             )
@@ -431,6 +447,15 @@ class Worker:
         return moved, await loop.run_in_executor(
             self._executor, _run_if_due, moved, inputs, deadline
         )
+
+    def _runs_inline(self, key: Key, backend: Backend) -> bool:
+        """Whether a batch of `key` runs on the event loop (INLINE_BELOW_S): a CPU backend
+        quick enough, not being re-warmed in the inference thread meanwhile (a backend is
+        called from one thread at a time), and no failpoint that would stall the loop."""
+        fastest = getattr(backend, "fastest_batch_s", None)
+        return (isinstance(fastest, float) and fastest < self.inline_below
+                and backend.device == "cpu" and key not in self._rewarming
+                and not failpoints.armed("worker.run_batch"))
 
     async def aclose(self) -> None:
         """Stop loading, unload every version, stop the inference thread."""

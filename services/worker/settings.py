@@ -24,6 +24,10 @@ class WorkerSettings(ServiceSettings):
     threads: int = 0
     """torch intra-op threads per batch; 0 lets each model's warm-up choose: torch's default,
     or one thread for a CPU model whose largest batch takes under a millisecond."""
+    inline_below_ms: float = 0.25
+    """A CPU version whose largest batch takes less than this (its fastest warm-up run) runs
+    its batches on the event loop rather than in the inference thread, sparing two thread
+    hand-offs a batch (`services.worker.core.INLINE_BELOW_S`); 0: never."""
     artifact_stores: tuple[str, ...] = ()
     """Where artifacts may be fetched from (comma-separated): base URLs of the registry
     (`http(s)://host:port`, whose artifacts are `{base}/v1/artifacts/{sha256}`) or `file:///`
@@ -51,6 +55,9 @@ class WorkerSettings(ServiceSettings):
         if self.memory_budget_bytes < 0:
             raise InvalidInput(f"setting memory_budget_bytes: must be 0 (half the machine's "
                                f"memory) or positive bytes, not {self.memory_budget_bytes}")
+        if not 0 <= self.inline_below_ms <= 1000:  # NaN too
+            raise InvalidInput(f"setting inline_below_ms: must be milliseconds within 0..1000, "
+                               f"not {self.inline_below_ms}")
         if not self.thrash_window >= 0:  # NaN too
             raise InvalidInput(f"setting thrash_window: must be seconds >= 0, "
                                f"not {self.thrash_window}")

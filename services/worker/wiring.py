@@ -71,6 +71,7 @@ async def build_worker(
         backend_factory=backend_factory(settings.threads, triton_urls=settings.triton_urls,
                                         triton_timeout=settings.triton_timeout),
         metrics=metrics, budget_bytes=budget or None, thrash_window=settings.thrash_window,
+        inline_below=settings.inline_below_ms / 1000,
     )
 
     def publish() -> None:

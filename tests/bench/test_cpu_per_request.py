@@ -50,9 +50,14 @@ def test_a_small_run_against_the_plain_server_reports_every_row(tmp_path: Path) 
         assert float(figure.replace(",", "")) > 0, rows[row]
     assert rows["requests (errors)"].endswith("| 200 (0) |")
     assert rows["all ÷ plain"].endswith("| 1.00 |")
+    p50, p99 = (float(ms) for ms in rows["latency p50 / p99 ms"].rstrip(" |")
+                .rsplit(" | ", 1)[1].split(" / "))  # fmt: skip
+    assert 0 < p50 <= p99, rows["latency p50 / p99 ms"]
+    assert rows["p50 ÷ plain"].endswith("| 1.00 |")
     run = orjson.loads((tmp_path / "cpu.json").read_bytes())["runs"]["plain"]
     assert run["requests"] == run["succeeded"] == 200
     assert run["us_per_request"]["plain server"] > 0 and run["client_cpu_s"] > 0
+    assert run["latency_ms"]["p50"] > 0 and run["p50_over_plain"] == 1.0
     assert _plain_servers(port) == []
 
 

@@ -69,6 +69,11 @@ def set_failpoints(spec: str) -> None:
     _armed = frozenset(_actions)
 
 
+def armed(name: str) -> bool:
+    """Whether `name` is armed (a caller may then avoid a path a failpoint would stall)."""
+    return name in _armed
+
+
 def failpoint(name: str) -> None:
     """Do whatever `INFERMESH_FAILPOINTS` says for `name`; nothing when it is not armed."""
     if name not in _armed:

@@ -101,6 +101,9 @@ class OnnxBackend:
         self._clock = clock
         self._artifact: Path | None = None
         self._session: ort.InferenceSession | None = None
+        self.fastest_batch_s = float("inf")
+        """The fastest run of the largest warm-up batch (seconds; inf before the warm-up):
+        the worker runs batches of a model this quick on its event loop."""
 
     @property
     def device(self) -> str:
@@ -138,6 +141,8 @@ class OnnxBackend:
             self._threads = 1
             self._session = self._open(self._loaded_artifact())
             seconds = self._sweep(dummies)
+            fastest = fastest_run(lambda: self._run_dummy(largest), clock=self._clock)
+        self.fastest_batch_s = fastest
         return seconds
 
     def _sweep(self, dummies: Mapping[int, Mapping[str, npt.NDArray[Any]]]) -> dict[int, float]:

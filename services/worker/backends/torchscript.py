@@ -130,6 +130,10 @@ class TorchScriptBackend:
         self._threads = intra_op_threads or _DEFAULT_THREADS
         self._single_thread_below = single_thread_below
         self._module: torch.jit.ScriptModule | None = None
+        self.fastest_batch_s = float("inf")
+        """The fastest run of the largest warm-up batch on the threads chosen (seconds; inf
+        before the warm-up): the worker runs batches of a model this quick on its event loop
+        (services/worker/core.py, `Worker.inline_below`)."""
 
     @property
     def device(self) -> str:
@@ -167,12 +171,14 @@ class TorchScriptBackend:
         seconds = timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies))
         # The fastest run, not a median: see fastest_run for the contended warm-up it avoids.
         largest = dummies[max(dummies)]
-        small = fastest_run(lambda: self._run_dummy(largest)) < self._single_thread_below
+        self.fastest_batch_s = fastest_run(lambda: self._run_dummy(largest))
+        small = self.fastest_batch_s < self._single_thread_below
         if small and self._intra_op_threads is None and self._threads > 1 and not self._cuda:
             # Small enough that a team's hand-off and spin cost more than they save; sweep
             # again so the timings published are those of the batches to come.
             self._threads = 1
             seconds = timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies))
+            self.fastest_batch_s = fastest_run(lambda: self._run_dummy(largest))
         return seconds
 
     def _run_dummy(self, inputs: Mapping[str, npt.NDArray[Any]]) -> None:
