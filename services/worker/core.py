@@ -1,4 +1,5 @@
-"""The worker core: loads the versions it serves, warms them up, runs batches off the loop.
+"""The worker core: loads the versions it serves, warms them up, runs batches off the loop
+(a model quick enough, on the loop when asked: `INLINE_BELOW_S`).
 
 Within a memory budget (services/worker/placement.py decides, docs/PLACEMENT.md explains):
 versions that fit load at start; the others are published as loadable and load on their
@@ -21,8 +22,7 @@ from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.errors import DeadlineExceeded, Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Batch, BatchResult, ModelVersion
-from services.mesh.infra import failpoints
-from services.mesh.infra.failpoints import failpoint
+from services.mesh.infra.failpoints import armed, failpoint
 from services.worker import memory
 from services.worker.backends.base import Backend, DeviceUnavailable, cuda_failure
 from services.worker.failures import batch_error, cuda_refusal
@@ -37,12 +37,16 @@ BackendFactory = Callable[[ModelVersion], Backend]
 UNLIMITED = 1 << 62  # no budget: every version fits
 
 INLINE_BELOW_S = 0.00025
-"""A CPU version whose largest warm-up batch runs (at its fastest) in less than this runs its
-batches on the event loop itself, as a plain server does, instead of in the inference thread.
+"""The threshold that pays, when a worker is told to run quick batches on its event loop
+(`Worker(inline_below=...)`, setting `INFERMESH_WORKER_INLINE_BELOW_MS`; off by default, since
+the architecture runs batches off the event loop): a CPU version whose largest warm-up batch
+runs (at its fastest) in less than this then runs its batches on the loop itself, as a plain
+server does, instead of in the inference thread.
 
 Handing a batch to the thread and its result back costs two cross-thread wake-ups (a lock and
-the loop's self-pipe), and with them the GIL changing hands: for the mlp (~50 µs a batch) that
-was most of the worker's time per request at low load. Blocking the loop for under a quarter
+the loop's self-pipe), and with them the GIL changing hands: for the mlp (~50 µs a batch) at
+one request in flight that was ~100 µs of the worker's ~550 µs of CPU a request, and fused
+mode's p50 fell 15 % without it (docs/PERFORMANCE.md). Blocking the loop for under a quarter
 of a millisecond costs less than the hand-off. Backends that measure it say so with
 `fastest_batch_s` (TorchScript and ONNX Runtime); a remote backend (Triton) never runs inline."""
 
@@ -65,12 +69,12 @@ class Worker:
         self, catalog: ModelCatalog, *, models: tuple[str, ...], artifacts: ArtifactSource,
         backend_factory: BackendFactory, metrics: WorkerMetrics | None = None,
         budget_bytes: int | None = None, thrash_window: float = 60.0,
-        inline_below: float = INLINE_BELOW_S,
+        inline_below: float = 0.0,
     ) -> None:
         """`budget_bytes`: what loaded versions may hold together (None: no limit, every
         version loads at start); `thrash_window`: seconds after an eviction within which
-        a request for that version counts as a thrash; `inline_below`: see INLINE_BELOW_S
-        (0: every batch in the inference thread)."""
+        a request for that version counts as a thrash; `inline_below`: seconds, see
+        INLINE_BELOW_S (0, the default: every batch in the inference thread)."""
         self.inline_below = inline_below
         self._catalog = catalog
         self._models = models
@@ -364,8 +368,8 @@ class Worker:
             listener()
 
     async def run_batch(self, batch: Batch, *, timeout: float | None = None) -> BatchResult:
-        """Run one batch on its version's backend in the inference thread (one span, a child
-        of the batch's span).
+        """Run one batch on its version's backend in the inference thread, or on the loop for
+        a quick model when asked (`INLINE_BELOW_S`); one span, a child of the batch's span.
 
         A batch whose deadline (`batch.deadline`, else `timeout` seconds from now) passes
         before the inference thread starts it is dropped unrun with DeadlineExceeded: nobody
@@ -455,7 +459,7 @@ class Worker:
         fastest = getattr(backend, "fastest_batch_s", None)
         return (isinstance(fastest, float) and fastest < self.inline_below
                 and backend.device == "cpu" and key not in self._rewarming
-                and not failpoints.armed("worker.run_batch"))
+                and not armed("worker.run_batch"))
 
     async def aclose(self) -> None:
         """Stop loading, unload every version, stop the inference thread."""

@@ -24,10 +24,11 @@ class WorkerSettings(ServiceSettings):
     threads: int = 0
     """torch intra-op threads per batch; 0 lets each model's warm-up choose: torch's default,
     or one thread for a CPU model whose largest batch takes under a millisecond."""
-    inline_below_ms: float = 0.25
+    inline_below_ms: float = 0.0
     """A CPU version whose largest batch takes less than this (its fastest warm-up run) runs
     its batches on the event loop rather than in the inference thread, sparing two thread
-    hand-offs a batch (`services.worker.core.INLINE_BELOW_S`); 0: never."""
+    hand-offs a batch; 0 (the default): never, batches run off the loop as the architecture
+    says. 0.25 is what pays for the mlp (`services.worker.core.INLINE_BELOW_S`)."""
     artifact_stores: tuple[str, ...] = ()
     """Where artifacts may be fetched from (comma-separated): base URLs of the registry
     (`http(s)://host:port`, whose artifacts are `{base}/v1/artifacts/{sha256}`) or `file:///`

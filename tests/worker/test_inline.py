@@ -1,9 +1,11 @@
-"""A quick CPU model's batches run on the worker's event loop, not in its inference thread;
-a slow one, a remote one, one being re-warmed or a stalling failpoint keep the thread."""
+"""When a worker is told to (`inline_below`), a quick CPU model's batches run on its event loop,
+not in its inference thread; a slow one, a remote one, one on CUDA or a stalling failpoint keep
+the thread, and so does every model when it is not told to (the default)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -15,12 +17,15 @@ import pytest
 
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.config import StaticConfig
+from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import Batch, ModelVersion, Signature, TensorSpec
 from services.mesh.infra.failpoints import set_failpoints
+from services.mesh.infra.settings import load_settings
 from services.worker.backends.base import Backend
 from services.worker.core import INLINE_BELOW_S, Worker
 from services.worker.metrics import WorkerMetrics
+from services.worker.settings import WorkerSettings
 from tests.fakes import model_records
 from tests.worker.stubs import NoArtifacts
 
@@ -54,12 +59,14 @@ class ThreadRecordingBackend:
 
 
 async def _worker(backend: ThreadRecordingBackend, inline_below: float | None) -> Worker:
+    """A worker serving `backend`; `inline_below` None: the worker's default."""
     def factory(spec: ModelVersion) -> Backend:
         return backend
 
-    worker = Worker(ModelCatalog(StaticConfig(model_records("m", SIGNATURE))), models=("m",),
-                    artifacts=NoArtifacts(), backend_factory=factory, metrics=WorkerMetrics(),
-                    inline_below=INLINE_BELOW_S if inline_below is None else inline_below)
+    make = functools.partial(
+        Worker, ModelCatalog(StaticConfig(model_records("m", SIGNATURE))), models=("m",),
+        artifacts=NoArtifacts(), backend_factory=factory, metrics=WorkerMetrics())
+    worker = make() if inline_below is None else make(inline_below=inline_below)
     ready = asyncio.Event()
     worker.subscribe(lambda: ready.set() if worker.is_ready("m", "1") else None)
     worker.start()
@@ -69,7 +76,7 @@ async def _worker(backend: ThreadRecordingBackend, inline_below: float | None) -
 
 
 async def _ran_on_loop(
-    backend: ThreadRecordingBackend, inline_below: float | None = None
+    backend: ThreadRecordingBackend, inline_below: float | None = INLINE_BELOW_S
 ) -> bool:
     """Whether a batch ran on the calling event loop's thread (`inline_below`: the worker's,
     None: its default); its result is checked too."""
@@ -97,11 +104,12 @@ async def test_a_quick_cpu_model_runs_on_the_event_loop(no_failpoints: None) -> 
 
 
 @pytest.mark.parametrize("backend, inline_below", [
-    (ThreadRecordingBackend(INLINE_BELOW_S * 2), None),  # too slow to block the loop for
-    (ThreadRecordingBackend(None), None),  # says nothing of its speed (a remote backend)
-    (ThreadRecordingBackend(1e-6, device="cuda:0"), None),  # the device's own queue
+    (ThreadRecordingBackend(INLINE_BELOW_S * 2), INLINE_BELOW_S),  # too slow for the loop
+    (ThreadRecordingBackend(None), INLINE_BELOW_S),  # says nothing of its speed (remote)
+    (ThreadRecordingBackend(1e-6, device="cuda:0"), INLINE_BELOW_S),  # the device's own queue
     (ThreadRecordingBackend(1e-6), 0.0),  # turned off
-], ids=["slow", "unmeasured", "cuda", "off"])  # fmt: skip
+    (ThreadRecordingBackend(1e-6), None),  # not asked: off by default (ARCHITECTURE.md)
+], ids=["slow", "unmeasured", "cuda", "off", "default"])  # fmt: skip
 async def test_other_models_run_in_the_inference_thread(
     backend: ThreadRecordingBackend, inline_below: float | None, no_failpoints: None
 ) -> None:
@@ -113,3 +121,16 @@ async def test_a_stalling_failpoint_keeps_batches_off_the_loop(no_failpoints: No
     set_failpoints("worker.run_batch=sleep:1")
     assert not await _ran_on_loop(ThreadRecordingBackend(1e-6))
 
+
+
+@pytest.mark.parametrize("value", ["-0.1", "nan", "5000"])
+def test_a_bad_inline_setting_names_the_field(value: str) -> None:
+    with pytest.raises(InvalidInput, match="inline_below_ms"):
+        load_settings(WorkerSettings, "worker", {"INFERMESH_WORKER_INLINE_BELOW_MS": value})
+
+
+def test_the_inline_setting_reaches_the_worker_in_seconds() -> None:
+    env = {"INFERMESH_WORKER_INLINE_BELOW_MS": "0.25"}
+    settings = load_settings(WorkerSettings, "worker", env)
+    assert settings.inline_below_ms / 1000 == INLINE_BELOW_S
+    assert load_settings(WorkerSettings, "worker", {}).inline_below_ms == 0.0
