@@ -17,19 +17,14 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from services.mesh.domain.catalog import ModelCatalog
-from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import DeadlineExceeded
 from services.mesh.domain.tensors import Tensor
-from services.mesh.domain.types import Batch, ModelVersion, Signature, TensorSpec
+from services.mesh.domain.types import Batch, Signature, TensorSpec
 from services.mesh.transport.linked import LinkedWorkerPool, batch_handler
-from services.worker.backends.base import Backend
 from services.worker.core import Worker
-from services.worker.metrics import WorkerMetrics
 from tests.contract.hops import linked_pool, served
-from tests.fakes import model_records
 from tests.waiting import wait_for
-from tests.worker.stubs import NoArtifacts
+from tests.worker.stubs import ready_worker
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 2)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),)
@@ -72,16 +67,7 @@ def backend() -> HeldBackend:
 
 @pytest.fixture
 async def worker(backend: HeldBackend) -> AsyncIterator[Worker]:
-    def factory(spec: ModelVersion) -> Backend:
-        return backend
-
-    worker = Worker(ModelCatalog(StaticConfig(model_records("m", SIGNATURE))), models=("m",),
-                    artifacts=NoArtifacts(), backend_factory=factory, metrics=WorkerMetrics())
-    ready = asyncio.Event()
-    worker.subscribe(lambda: ready.set() if worker.is_ready("m", "1") else None)
-    worker.start()
-    async with asyncio.timeout(30):
-        await ready.wait()
+    worker = await ready_worker(backend, SIGNATURE)
     yield worker
     backend.released.set()
     await worker.aclose()

@@ -4,8 +4,6 @@ the thread, and so does every model when it is not told to (the default)."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -15,19 +13,14 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from services.mesh.domain.catalog import ModelCatalog
-from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import InvalidInput
 from services.mesh.domain.tensors import Tensor
-from services.mesh.domain.types import Batch, ModelVersion, Signature, TensorSpec
+from services.mesh.domain.types import Batch, Signature, TensorSpec
 from services.mesh.infra.failpoints import set_failpoints
 from services.mesh.infra.settings import load_settings
-from services.worker.backends.base import Backend
-from services.worker.core import INLINE_BELOW_S, Worker
-from services.worker.metrics import WorkerMetrics
+from services.worker.core import INLINE_BELOW_S
 from services.worker.settings import WorkerSettings
-from tests.fakes import model_records
-from tests.worker.stubs import NoArtifacts
+from tests.worker.stubs import ready_worker
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", "FP32", (-1, 2)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),)
@@ -58,29 +51,13 @@ class ThreadRecordingBackend:
         pass
 
 
-async def _worker(backend: ThreadRecordingBackend, inline_below: float | None) -> Worker:
-    """A worker serving `backend`; `inline_below` None: the worker's default."""
-    def factory(spec: ModelVersion) -> Backend:
-        return backend
-
-    make = functools.partial(
-        Worker, ModelCatalog(StaticConfig(model_records("m", SIGNATURE))), models=("m",),
-        artifacts=NoArtifacts(), backend_factory=factory, metrics=WorkerMetrics())
-    worker = make() if inline_below is None else make(inline_below=inline_below)
-    ready = asyncio.Event()
-    worker.subscribe(lambda: ready.set() if worker.is_ready("m", "1") else None)
-    worker.start()
-    async with asyncio.timeout(30):
-        await ready.wait()
-    return worker
-
-
 async def _ran_on_loop(
     backend: ThreadRecordingBackend, inline_below: float | None = INLINE_BELOW_S
 ) -> bool:
     """Whether a batch ran on the calling event loop's thread (`inline_below`: the worker's,
     None: its default); its result is checked too."""
-    worker = await _worker(backend, inline_below)
+    options = {} if inline_below is None else {"inline_below": inline_below}
+    worker = await ready_worker(backend, SIGNATURE, **options)
     try:
         x = np.arange(6, dtype=np.float32).reshape(3, 2)
         result = await worker.run_batch(Batch("m", "1", [Tensor.from_array("x", x)], [3]),
