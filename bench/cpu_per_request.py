@@ -24,6 +24,10 @@ exits during the run loses its CPU from the count; one that starts is counted fr
 right after its REST run (the plain server has no gRPC): h2load over h2c, ``--concurrency``
 streams as ``--grpc-connections`` connections of equal shares, the tensor in
 ``raw_input_contents`` (see ``bench.grpc_load``); its column is ``<system> grpc``.
+``rest-edge`` and ``grpc-edge`` send the same through the launcher's nginx edge (started for
+them on the gateway's port + 2; nginx's CPU is a hop): REST JSON over h2c with the gRPC run's
+connections and streams, and gRPC, which the edge hands to the gateway's REST port as HTTP/1.1
+(services/gateway/grpc_bridge.py) unless ``--edge-grpc-bridge off`` sends it to grpc.aio.
 """
 
 from __future__ import annotations
@@ -57,7 +61,9 @@ from bench.run_all import SETUPS, start_launcher, start_plain
 SYSTEMS = ("plain", "fused", "fused2", "mesh")
 """fused2 is `infermesh up --fused --processes 2`: a core process and a front on one port."""
 MODEL = "mlp"
-PROTOCOLS = ("rest", "grpc")
+PROTOCOLS = ("rest", "grpc", "rest-edge", "grpc-edge")
+EDGE_OFFSET = 2
+"""The edge's h2c port is the gateway's HTTP port + 2 (its gRPC port is + 1)."""
 
 
 @dataclass(frozen=True)
@@ -127,9 +133,13 @@ def start_system(stack: ExitStack, system: str, args: argparse.Namespace, logs: 
     if system == "plain":
         return start_plain(stack, args, logs)
     token = secrets.token_urlsafe(16)
-    registry_port = SETUPS[system][1]
-    url = start_launcher(stack, args, logs, system,
-                         extra_env={"INFERMESH_CONTROL_ADMIN_TOKENS": f"bench:{token}"})
+    gateway_port, registry_port = SETUPS[system]
+    extra_env = {"INFERMESH_CONTROL_ADMIN_TOKENS": f"bench:{token}"}
+    if any(p.endswith("-edge") for p in _protocols_of(system, args)):
+        extra_env |= {"INFERMESH_EDGE": "1",
+                      "INFERMESH_EDGE_PORT": str(gateway_port + EDGE_OFFSET),
+                      "INFERMESH_EDGE_GRPC_BRIDGE": "1" if args.edge_grpc_bridge == "on" else "0"}
+    url = start_launcher(stack, args, logs, system, extra_env=extra_env)
     remember_key(url, unlimited_tenant(f"http://127.0.0.1:{registry_port - 100}", token))
     return url
 
@@ -147,7 +157,7 @@ def measure(system: str, args: argparse.Namespace, logs: Path) -> list[SystemRun
         roots = proc_cpu.with_postmasters(proc_cpu.children_of(os.getpid()) - before_start)
         seen.update(proc_cpu.tree_cpu(roots))
         for protocol in _protocols_of(system, args):
-            load = _rest_load(url, args) if protocol == "rest" else _grpc_load(url, args)
+            load = _load(protocol, url, args)
             if args.warmup_requests:
                 load(args.warmup_requests)
             before = proc_cpu.tree_cpu(roots)
@@ -158,7 +168,7 @@ def measure(system: str, args: argparse.Namespace, logs: Path) -> list[SystemRun
             cpu_s: dict[str, float] = {}
             for key, seconds in after.items():
                 cpu_s[labels[key]] = cpu_s.get(labels[key], 0.0) + seconds - before.get(key, 0.0)
-            name = system if protocol == "rest" else f"{system} grpc"
+            name = system if protocol == "rest" else f"{system} {protocol}"
             runs.append(SystemRun(name, requests=client.done, succeeded=client.succeeded,
                                   seconds=client.seconds, client_cpu_s=client.cpu_s,
                                   cpu_s=cpu_s, latency=client.latency))  # fmt: skip
@@ -170,6 +180,41 @@ def _protocols_of(system: str, args: argparse.Namespace) -> list[str]:
     return [p for p in protocols if p == "rest" or system != "plain"]
 
 
+def _load(protocol: str, url: str, args: argparse.Namespace) -> Callable[[int], ClientRun]:
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    edge = f"http://127.0.0.1:{port + EDGE_OFFSET}"
+    if protocol == "rest":
+        return _rest_load(url, args)
+    if protocol == "rest-edge":
+        return _rest_edge_load(url, edge, args)
+    return _grpc_load(url, args, port=port + (EDGE_OFFSET if protocol == "grpc-edge" else 1))
+
+
+def _rest_edge_load(url: str, edge: str, args: argparse.Namespace) -> Callable[[int], ClientRun]:
+    """REST JSON over h2c through the edge, as many connections and streams as gRPC's run."""
+    connections = max(1, args.grpc_connections)
+    streams = max(1, args.concurrency // connections)
+
+    def load(requests: int) -> ClientRun:
+        with tempfile.TemporaryDirectory(prefix="infermesh-cpu-edge-") as tmp:
+            body, output = Path(tmp) / "body.json", Path(tmp) / "h2load.out"
+            log = Path(tmp) / "requests.log"
+            body.write_bytes(request_body(MODEL, 1))
+            command = [H2LOAD, "-t", "1", "-n", str(requests), "-c", str(connections),
+                       "-m", str(streams), "-d", str(body), "--log-file", str(log),
+                       "-H", "content-type: application/json"]  # fmt: skip
+            for name, value in auth_headers(url).items():
+                command += ["-H", f"{name.lower()}: {value}"]
+            command.append(edge + infer_path(MODEL))
+            cpu_s = run_together([command], [output], args.run_timeout)
+            done, succeeded, seconds = parse_summary(output.read_text())
+            latency = latency_of(log.read_text() if log.exists() else "")
+        if succeeded == 0:
+            raise RuntimeError(f"no request to {edge} succeeded ({done} done)")
+        return ClientRun(done, succeeded, seconds, cpu_s, latency)
+    return load
+
+
 def _rest_load(url: str, args: argparse.Namespace) -> Callable[[int], ClientRun]:
     def load(requests: int) -> ClientRun:
         return run_h2load(url, requests=requests, concurrency=args.concurrency,
@@ -177,9 +222,8 @@ def _rest_load(url: str, args: argparse.Namespace) -> Callable[[int], ClientRun]
     return load
 
 
-def _grpc_load(url: str, args: argparse.Namespace) -> Callable[[int], ClientRun]:
-    """Unary ModelInfer calls at the system's gRPC port (the gateway's HTTP port + 1)."""
-    port = int(url.rstrip("/").rsplit(":", 1)[1]) + 1
+def _grpc_load(url: str, args: argparse.Namespace, *, port: int) -> Callable[[int], ClientRun]:
+    """Unary ModelInfer calls at ``port``: the gateway's gRPC port, or the edge's."""
     target = f"127.0.0.1:{port}"
     metadata = auth_headers(url)
     message = grpc_load.request_message(MODEL)
@@ -219,6 +263,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpc-connections", type=int, default=16,
                         help="h2c connections for gRPC; --concurrency streams in all")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/cpu-DATE.json)")
+    parser.add_argument("--edge-grpc-bridge", choices=("on", "off"), default="on",
+                        help="the edge sends unary gRPC to the gateway's REST port (on) or to "
+                        "grpc.aio (off)")
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds per h2load run")
     parser.add_argument("--plain-port", type=int, default=8500)
     parser.add_argument("--infermesh", default=".venv/bin/infermesh", help="launcher executable")

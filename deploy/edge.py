@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from services.gateway import grpc_bridge
+
 TEMPLATE = "nginx/edge.conf"
 
 
@@ -38,6 +40,10 @@ class EdgeConfig:
     max_conns: int = 512
     """Requests the edge keeps in flight at the gateway's REST port at once; past it nginx
     answers 503 with Retry-After itself, in C, for a few microseconds (see edge.conf)."""
+    grpc_bridge: bool = True
+    """Unary gRPC ModelInfer to the gateway's REST port as HTTP/1.1 (services/gateway/
+    grpc_bridge.py), not to grpc.aio: nginx parses the HTTP/2 and the call costs the gateway
+    about what a REST request does (docs/PERFORMANCE.md, "gRPC through the edge")."""
 
 
 def render(config: EdgeConfig, prefix: Path) -> str:
@@ -54,9 +60,33 @@ def render(config: EdgeConfig, prefix: Path) -> str:
         prefix=prefix, max_body=config.max_body, rest_upstream=config.rest_upstream,
         max_conns=config.max_conns,
         grpc_upstream=config.grpc_upstream, h2c_listen=f"{config.host}:{config.h2c_port}",
-        tls_listen=tls_listen,
+        tls_listen=tls_listen, grpc_bridge=_grpc_bridge() if config.grpc_bridge else "",
         tls_block_note=f"TLS h2 on {config.host}:{config.tls_port}" if tls else "no TLS listener",
     )
+
+
+def _grpc_bridge() -> str:
+    """The location sending unary ModelInfer to the REST upstream: the gateway answers with
+    the call's status and metadata in headers, which this moves into HTTP/2 trailers."""
+    lines = [f"        location = {grpc_bridge.PATH} {{"]
+    lines += [f"            {line}" for line in (
+        "proxy_pass http://infermesh_rest;", "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";', "proxy_set_header Host $host;",
+        "proxy_set_header X-Request-Id $infermesh_request_id;",
+        'proxy_set_header X-Request-Start "t=${msec}";',
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+        "proxy_set_header X-Real-IP $remote_addr;",
+        # The whole message first (in memory up to 1 MiB): the gateway then gets it with
+        # the headers and a Content-Length, not chunked.
+        "client_body_buffer_size 1m;", "proxy_buffering off;",
+        "proxy_read_timeout 3600s;", "proxy_send_timeout 3600s;",
+        "error_page 502 = @overloaded;",
+    )]
+    for name in grpc_bridge.TRAILERS:
+        variable = "$upstream_http_" + name.replace("-", "_")
+        lines += [f"            proxy_hide_header {name};",
+                  f"            add_trailer {name} {variable} always;"]
+    return "\n".join([*lines, "        }"]) + "\n"
 
 
 def nginx_binary() -> str | None:

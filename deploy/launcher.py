@@ -297,6 +297,7 @@ def _edge_config(host: str, gateway_port: int, grpc_port: int) -> EdgeConfig | N
         rest_upstream=f"{dial(host)}:{gateway_port}", grpc_upstream=f"{dial(host)}:{grpc_port}",
         tls_port=int(os.environ.get("INFERMESH_EDGE_TLS_PORT", "8443")) if cert and key else None,
         certificate=Path(cert) if cert else None, key=Path(key) if key else None,
+        grpc_bridge=os.environ.get("INFERMESH_EDGE_GRPC_BRIDGE", "1") != "0",
     )
 
 

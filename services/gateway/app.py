@@ -15,6 +15,7 @@ from services.gateway.feature_routes import add_feature_routes
 from services.gateway.features import FeatureWriter
 from services.gateway.feedback import FeedbackRecorder
 from services.gateway.feedback_routes import add_feedback_route
+from services.gateway.grpc_bridge import add_bridge_route
 from services.gateway.jobs import JobService
 from services.gateway.jobs_routes import add_job_routes
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
@@ -189,5 +190,6 @@ def create_app(
         add_feature_routes(app, features)
     if jobs is not None:  # POST /v1/jobs, GET|DELETE /v1/jobs/{id}, GET .../result
         add_job_routes(app, jobs)
+    add_bridge_route(app, core)  # unary gRPC ModelInfer from the edge, over HTTP/1.1
     add_openapi_route(app)
     return app

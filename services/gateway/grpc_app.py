@@ -147,14 +147,18 @@ def metadata_lookup(context: Any) -> HeaderLookup:
     return lookup
 
 
-def deadline_of(context: Any, waited: float = 0.0) -> float | None:
+Remaining = Callable[[], float | None]
+"""Seconds left of a call's `grpc-timeout` now, None when it has none."""
+
+
+def deadline_of(remaining: Remaining, waited: float = 0.0) -> float | None:
     """The call's gRPC deadline (`grpc-timeout`) as wall-clock time, None when it has none;
     the core takes the earliest of it and the request's `timeout` parameter (see
-    `Gateway._stamp_deadline` for the whole precedence). grpc dates `grpc-timeout` from when
+    `Gateway._stamp_deadline` for the whole precedence). `grpc-timeout` is dated from when
     the gateway's server got the call; `waited` (seconds the call spent in front of it, from the
     edge's `X-Request-Start`) comes off it."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.time() + remaining - waited
+    left = remaining()
+    return None if left is None else time.time() + left - waited
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -202,30 +206,40 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             yield response
 
     async def _infer(self, request: Any, context: Any, *, unary: bool = False) -> _Answer:
-        """One request; `unary`: a ModelInfer call, whose `x-request-start` (set by the edge)
-        dates its deadline. A stream's would date the stream, not each of its requests."""
-        core, model, header = self._core, request.model_name, metadata_lookup(context)
-        arrived = core.arrival(rest.request_start(header("x-request-start"))) if unary else None
-        waited = 0.0 if arrived is None else max(0.0, core.arrival(None) - arrived)
-        version = request.model_version or None
-        # Access (auth, model, quotas) is settled before the tensors are decoded.
-        with track(core.metrics, model), core.admit(model, version, header=header) as admission:
-            if request.id:
-                check_request_id(request.id, field="id")
-            request_id = request.id or core.new_request_id()
-            try:
-                infer_request = grpc_messages.decode_infer(
-                    request, request_id=request_id, deadline=deadline_of(context, waited),
-                )
-            except errors.InfermeshError as exc:
-                core.trace_refusal(exc, model=model, request_id=request_id,
-                                   admission=admission, header=header)
-                raise
-            response = await core.infer(infer_request, admission=admission, header=header,
-                                        arrived=arrived)
-            encoded = grpc_messages.encode_infer(response)
-            core.ensure_on_time(infer_request.deadline)  # encoding a large answer takes time
-            return _Answer(response, encoded, infer_request.deadline)
+        return await infer_call(self._core, request, metadata_lookup(context),
+                                context.time_remaining, unary=unary)
+
+
+async def infer_call(
+    core: Gateway, request: Any, header: HeaderLookup, remaining: Remaining, *,
+    unary: bool = False,
+) -> _Answer:
+    """One `ModelInferRequest` through the core, with the call's metadata (`header`) and
+    deadline (`remaining`); `unary`: a ModelInfer call, whose `x-request-start` (set by the
+    edge) dates its deadline. A stream's would date the stream, not each of its requests.
+    Shared by grpc.aio's servicer and the edge's HTTP/1.1 bridge (`grpc_bridge`)."""
+    model = request.model_name
+    arrived = core.arrival(rest.request_start(header("x-request-start"))) if unary else None
+    waited = 0.0 if arrived is None else max(0.0, core.arrival(None) - arrived)
+    version = request.model_version or None
+    # Access (auth, model, quotas) is settled before the tensors are decoded.
+    with track(core.metrics, model), core.admit(model, version, header=header) as admission:
+        if request.id:
+            check_request_id(request.id, field="id")
+        request_id = request.id or core.new_request_id()
+        try:
+            infer_request = grpc_messages.decode_infer(
+                request, request_id=request_id, deadline=deadline_of(remaining, waited),
+            )
+        except errors.InfermeshError as exc:
+            core.trace_refusal(exc, model=model, request_id=request_id,
+                               admission=admission, header=header)
+            raise
+        response = await core.infer(infer_request, admission=admission, header=header,
+                                    arrived=arrived)
+        encoded = grpc_messages.encode_infer(response)
+        core.ensure_on_time(infer_request.deadline)  # encoding a large answer takes time
+        return _Answer(response, encoded, infer_request.deadline)
 
 
 @dataclass(slots=True)

@@ -206,7 +206,7 @@ def encode_infer_parts(
     return b"".join([header, *(t.data for t in binary)]), len(header)
 
 
-_SERVED_PARAMETERS = (
+SERVED_PARAMETERS = (
     ("bucket", "Infermesh-Bucket"), ("rollout_epoch", "Infermesh-Rollout-Epoch"),
     ("trace_id", "Infermesh-Trace-Id"), ("cache", "Infermesh-Cache"),
 )
@@ -219,7 +219,7 @@ def add_served_headers(headers: dict[str, str], response: InferResponse) -> None
     parameters = response.parameters
     if not parameters:
         return
-    for key, name in _SERVED_PARAMETERS:
+    for key, name in SERVED_PARAMETERS:
         if key in parameters:
             headers[name] = str(parameters[key])
     if parameters.get("fallback") is True:

@@ -10,14 +10,21 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
+import numpy as np
 import pytest
 from aiohttp import web
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 from deploy.edge import EdgeConfig, render, start_edge
 from deploy.localdeps import free_port
-from services.gateway import rest
+from services.gateway import grpc_bridge, rest
+from services.gateway.app import create_app
+from tests.gateway.echo import EchoRouter, echo_gateway
 
 
 @pytest.fixture
@@ -140,3 +147,56 @@ async def test_past_max_conns_the_edge_answers_503_with_retry_after_itself(prefi
     finally:
         await asyncio.to_thread(edge.stop)
         await runner.cleanup()
+
+
+async def test_unary_grpc_goes_to_the_rest_port_with_its_status_and_metadata_as_trailers(
+    prefix: Path,
+) -> None:
+    """ModelInfer through the edge reaches the gateway's aiohttp port (the gRPC upstream here
+    is a closed port); a stock gRPC client gets the answer, the served version as trailing
+    metadata and an error's status and message."""
+    router = EchoRouter()
+    router.parameters = {"bucket": 3}
+    runner = web.AppRunner(create_app(echo_gateway(router)))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = EdgeConfig(free_port(), f"127.0.0.1:{port}", "127.0.0.1:9")
+    edge = await asyncio.to_thread(start_edge, config, prefix / "run")
+
+    def calls() -> tuple[Any, Any, grpc.RpcError]:
+        request = pb.ModelInferRequest(
+            model_name="echo", id="via-edge",
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="features", datatype="FP32",
+                                                          shape=[1, 2])],
+            raw_input_contents=[np.array([[1.5, 2.5]], np.float32).tobytes()],
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{config.h2c_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            reply, call = stub.ModelInfer.with_call(request, timeout=30)
+            request.model_name = "nope"
+            try:
+                stub.ModelInfer(request, timeout=30)
+            except grpc.RpcError as exc:
+                return reply, call.trailing_metadata(), exc
+        raise AssertionError("an unknown model was served")
+
+    try:
+        reply, trailers, refused = await asyncio.to_thread(calls)
+        assert reply.id == "via-edge" and reply.outputs[0].name == "features_echo"
+        assert reply.raw_output_contents[0] == np.array([[1.5, 2.5]], np.float32).tobytes()
+        assert ("infermesh-model-version", "1") in trailers
+        assert ("infermesh-bucket", "3") in trailers
+        assert refused.code() == grpc.StatusCode.NOT_FOUND and "'nope'" in refused.details()
+        assert [request.request_id for request in router.seen] == ["via-edge"]
+    finally:
+        await asyncio.to_thread(edge.stop)
+        await runner.cleanup()
+
+
+def test_without_the_bridge_every_grpc_call_goes_to_grpc_aio(prefix: Path) -> None:
+    bridged = render(EdgeConfig(8080, "a:1", "b:2"), prefix)
+    assert f"location = {grpc_bridge.PATH}" in bridged
+    assert all(f"add_trailer {name} " in bridged for name in grpc_bridge.TRAILERS)
+    direct = render(EdgeConfig(8080, "a:1", "b:2", grpc_bridge=False), prefix)
+    assert grpc_bridge.PATH not in direct and "grpc_pass grpc://infermesh_grpc;" in direct
