@@ -159,3 +159,18 @@ def test_a_deflate_message_decodes() -> None:
     payload = zlib.compress(message())
     decoded = decode_message(struct.pack(">BI", 1, len(payload)) + payload, "deflate")
     assert decoded.model_name == "echo"
+
+
+async def test_the_deadline_is_dated_from_the_edges_request_start(
+    client: TestClient[Any, Any], router: HoldingRouter,
+) -> None:
+    """A call that waited 0.4 s at the edge has 0.4 s less of its grpc-timeout; one that
+    waited past all of it is DEADLINE_EXCEEDED and never reaches the router."""
+    waited = {"grpc-timeout": "10S", "x-request-start": f"t={time.time() - 0.4:.3f}"}
+    assert (await call(client, framed(message()), **waited)).headers["grpc-status"] == "0"
+    deadline = router.seen[0].deadline
+    assert deadline == pytest.approx(time.time() + 10.0 - 0.4, abs=0.3)
+    expired = {"grpc-timeout": "1S", "x-request-start": f"t={time.time() - 2:.3f}"}
+    answer = await call(client, framed(message(request_id="late")), **expired)
+    assert answer.headers["grpc-status"] == "4"  # DEADLINE_EXCEEDED
+    assert [request.request_id for request in router.seen] == ["r1"]
