@@ -222,7 +222,12 @@ class Worker:
         seconds = time.perf_counter() - started
         size = max(memory.footprint(before, after, backend.device), artifact_bytes)
         self._metrics.serving_on(*key, backend.device)
-        log.info("loaded %s/%s on %s in %.2fs (%d bytes)", *key, backend.device, seconds, size)
+        # The warm-up's thread decision is in the log: a model decided onto two threads
+        # under contention spins a core for as long as it serves (docs/PERFORMANCE.md).
+        log.info("loaded %s/%s on %s in %.2fs (%d bytes; %s intra-op threads, largest warm-up "
+                 "batch %.3f ms at its fastest)", *key, backend.device, seconds, size,
+                 getattr(backend, "intra_op_threads", "?"),
+                 1000 * getattr(backend, "fastest_batch_s", float("nan")))
         await self._residency.admit(key, backend, footprint=size, seconds=seconds)
 
     async def _resident(self, key: Key, deadline: float | None) -> Backend:
