@@ -30,6 +30,7 @@ from services.worker.backends.base import (
     warmup_sizes,
 )
 from services.worker.backends.devices import resolve_device
+from services.worker.backends.torchscript_split import SplitLoads
 
 SINGLE_THREAD_BELOW_S = 0.001
 """A CPU model whose largest warm-up batch takes less than this runs on one intra-op thread
@@ -37,6 +38,10 @@ SINGLE_THREAD_BELOW_S = 0.001
 
 _DEFAULT_THREADS = torch.get_num_threads()
 """torch's default intra-op thread count, read before anything here changes it."""
+
+_CPU_LOADS = SplitLoads()
+"""This process's CPU loads: a file loaded again reads its weights without the GIL
+(services/worker/backends/torchscript_split.py)."""
 
 _calling_thread = threading.local()
 """The intra-op thread count last set in each thread (`torch.set_num_threads` is per thread)."""
@@ -148,9 +153,12 @@ class TorchScriptBackend:
     def load(self, artifact: Path) -> None:
         """Load a ``torch.jit.save`` file onto the device, in eval mode."""
         try:
-            module = torch.jit.load(  # type: ignore[no-untyped-call]
-                str(artifact), map_location=self._device
-            )
+            if self._device.type == "cpu":
+                module = _CPU_LOADS.load(artifact)
+            else:
+                module = torch.jit.load(  # type: ignore[no-untyped-call]
+                    str(artifact), map_location=self._device
+                )
         except (OSError, RuntimeError, ValueError) as exc:
             raise BackendError(f"cannot load TorchScript model {artifact}: {exc}") from exc
         self._module = module.eval()
