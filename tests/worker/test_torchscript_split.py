@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +71,10 @@ def test_a_reload_reads_the_split_and_computes_the_same(
     loads = SplitLoads(tmp_path / "weights", split_from_bytes=0)
     (tmp_path / "weights").mkdir()
     first = loads.load(path)
+    assert not any((tmp_path / "weights").iterdir())  # loaded once: nothing split
+    loads.load(path)  # the second load is whole too, and splits
     second = loads.load(path)
-    assert no_whole_loads == [str(path)]  # the second came from the split
+    assert no_whole_loads == [str(path)] * 2  # the third came from the split
     [split] = loads._splits.values()  # its skeleton holds no weight, not even a tied one
     assert split is not None
     assert all(t.numel() == 0 for _, t in split.skeleton.named_parameters(remove_duplicate=False))
@@ -86,14 +91,15 @@ def test_a_reload_reads_the_split_and_computes_the_same(
 def test_a_small_file_loads_whole_every_time(tmp_path: Path, no_whole_loads: list[str]) -> None:
     path = saved(tmp_path, seed=1)
     loads = SplitLoads(tmp_path, split_from_bytes=path.stat().st_size + 1)
-    loads.load(path)
-    loads.load(path)
-    assert no_whole_loads == [str(path)] * 2
+    for _ in range(3):
+        loads.load(path)
+    assert no_whole_loads == [str(path)] * 3
 
 
 def test_a_rewritten_file_loads_its_new_weights(tmp_path: Path) -> None:
     path = saved(tmp_path, seed=1)
     loads = SplitLoads(tmp_path, split_from_bytes=0)
+    loads.load(path)
     loads.load(path)
     old = outputs(loads.load(path))
     path.unlink()
@@ -111,11 +117,12 @@ def test_a_lost_weights_file_means_a_whole_load_again(
     folder = tmp_path / "weights"
     folder.mkdir()
     loads = SplitLoads(folder, split_from_bytes=0)
+    loads.load(path)
     expected = outputs(loads.load(path))
-    for weights in folder.iterdir():
-        weights.unlink()
+    [weights] = folder.iterdir()
+    weights.unlink()
     torch.testing.assert_close(outputs(loads.load(path)), expected, rtol=0, atol=0)
-    assert len(no_whole_loads) == 2
+    assert len(no_whole_loads) == 3
 
 
 def test_a_module_that_cannot_split_still_loads(
@@ -128,6 +135,29 @@ def test_a_module_that_cannot_split_still_loads(
     path = saved(tmp_path, seed=1)
     loads = SplitLoads(tmp_path, split_from_bytes=0)
     expected = outputs(torch.jit.load(str(path)))  # type: ignore[no-untyped-call]
-    for _ in range(2):
+    for _ in range(3):
         torch.testing.assert_close(outputs(loads.load(path)), expected, rtol=0, atol=0)
     assert sum("cannot split it (a quantized tensor)" in r.message for r in caplog.records) == 1
+
+
+def test_a_killed_processs_weights_are_removed_by_the_next_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    orphan = tmp_path / f"{torchscript_split.PREFIX}{dead_pid()}-abc"
+    orphan.mkdir()
+    (orphan / "x.weights").write_bytes(b"w")
+    mine = tmp_path / f"{torchscript_split.PREFIX}{os.getpid()}-def"
+    mine.mkdir()
+    path = saved(tmp_path, seed=1)
+    loads = SplitLoads(split_from_bytes=0)
+    for _ in range(3):
+        loads.load(path)
+    assert not orphan.exists() and mine.exists()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

@@ -7,21 +7,24 @@ the worker's event loop and its inference thread stop, so every batch of every o
 waits. A worker that evicts and loads versions again within a memory budget (docs/PLACEMENT.md)
 would stall its hot versions on every reload.
 
-So the first load of a file in a process is whole, as before, and keeps two things beside the
-module it returns:
+So a file's loads in a process are whole, as before, until it loads a second time (evicted and
+wanted again, or two versions of one artifact): a file loaded once is the common case, and it
+costs nothing more. The second load also keeps two things beside the module it returns:
 
 - a *skeleton*: a deep copy of the module with every parameter and buffer emptied (the copy
   takes a few ms and compiles nothing);
 - the weights, written to a file of their own, with an index of name, dtype, shape and offset.
 
-A later load of the same file copies the skeleton and reads each weight into a fresh tensor
+Every later load of the file copies the skeleton and reads each weight into a fresh tensor
 with `readinto`, which releases the GIL for each read. Tensor attributes that are neither
 parameters nor buffers, and a frozen module's constants, stay in the skeleton whole. Weights
 that share storage (tied weights) stay shared.
 
 Only CPU loads of files of at least `SPLIT_FROM_BYTES` split; anything this cannot split
 (quantized or sparse tensors, an unwritable temp dir) is logged and loaded whole each time.
-The weights files live in one temp directory per process, removed when it exits.
+The weights files live in one temp directory per process (`infermesh-weights-<pid>-*`),
+removed when it exits; one left by a process that was killed is removed by the next process
+that splits a file.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SPLIT_FROM_BYTES = 8 << 20
 """Smaller files load whole in a few ms: not worth a second copy on disk."""
+PREFIX = "infermesh-weights-"
 CHUNK = 8 << 20
 """Bytes per `readinto`: the GIL is taken back between reads."""
 
@@ -94,6 +98,7 @@ class SplitLoads:
         self._directory = directory
         self._split_from = split_from_bytes
         self._splits: dict[_Key, _Split | None] = {}  # None: tried, cannot split
+        self._seen: set[_Key] = set()  # loaded whole once
         self._lock = threading.Lock()
 
     def load(self, path: Path) -> Any:
@@ -109,7 +114,10 @@ class SplitLoads:
                 with self._lock:
                     self._splits.pop(key, None)
         module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
-        if key[1] >= self._split_from and key not in self._splits:
+        with self._lock:
+            again = key in self._seen
+            self._seen.add(key)
+        if again and key[1] >= self._split_from and key not in self._splits:
             made: _Split | None = None
             try:
                 made = _split(module, self._folder())
@@ -122,9 +130,28 @@ class SplitLoads:
     def _folder(self) -> Path:
         with self._lock:
             if self._directory is None:
-                self._directory = Path(tempfile.mkdtemp(prefix="infermesh-weights-"))
+                _remove_orphans(Path(tempfile.gettempdir()))
+                self._directory = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
                 atexit.register(shutil.rmtree, self._directory, True)
             return self._directory
+
+
+def _remove_orphans(parent: Path) -> None:
+    """Remove the weights directories of processes that no longer run (killed: no atexit)."""
+    for folder in parent.glob(f"{PREFIX}*-*"):
+        pid = folder.name.removeprefix(PREFIX).partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _split(module: Any, folder: Path) -> _Split:
