@@ -110,6 +110,23 @@ PATHS: dict[str, Any] = {
         "responses": {"200": {"description": "Text exposition format",
                               "content": {"text/plain": {"schema": {"type": "string"}}}}},
     }},
+    "/inference.GRPCInferenceService/ModelInfer": {"post": {
+        "summary": "Unary gRPC ModelInfer carried over HTTP/1.1 (the edge's bridge)",
+        "description": "What nginx sends for a unary ModelInfer call (deploy/nginx/edge.conf): "
+                       "the call's length-prefixed ModelInferRequest as the body. The answer is "
+                       "HTTP 200 with the gRPC status in `grpc-status` / `grpc-message` headers, "
+                       "which the edge turns into HTTP/2 trailers. gRPC clients use the edge's "
+                       "port or the gateway's gRPC port, not this route.",
+        "requestBody": {"required": True, "content": {"application/grpc": {
+            "schema": {"type": "string", "format": "binary"}}}},
+        "responses": {
+            "200": {"description": "The call's answer (an empty body when grpc-status is not 0)",
+                    "headers": {"grpc-status": {"schema": {"type": "string"}}},
+                    "content": {"application/grpc": {
+                        "schema": {"type": "string", "format": "binary"}}}},
+            "415": _json("The body is not application/grpc", _ref("Error")),
+        },
+    }},
     "/openapi.json": {"get": {
         "summary": "This document", "security": _PUBLIC,
         "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})},

@@ -55,6 +55,9 @@ SIGNATURES = {
 }
 RESPONSE_TIMEOUT = 20.0
 """Seconds any one answer may take: generous for a busy machine; a hang takes forever."""
+# The edge's gRPC bridge takes raw bytes (a length-prefixed message): fuzz it as binary.
+schemathesis.serializer.alias("application/grpc", "application/octet-stream")
+
 CHECKS: list[schemathesis.CheckFunction] = [
     schemathesis.checks.not_a_server_error, schemathesis.checks.status_code_conformance,
     schemathesis.checks.content_type_conformance, schemathesis.checks.response_schema_conformance,
