@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,32 @@ def dead_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
+
+
+def test_two_threads_loading_a_file_again_at_once_split_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_split = torchscript_split._split
+    calls: list[threading.Thread] = []
+    entered, other_done = threading.Event(), threading.Event()
+
+    def split(module: Any, folder: Path) -> Any:
+        calls.append(threading.current_thread())
+        entered.set()
+        assert other_done.wait(30)  # the other thread's load runs while this one splits
+        return real_split(module, folder)
+
+    monkeypatch.setattr(torchscript_split, "_split", split)
+    path = saved(tmp_path, seed=1)
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    loads = SplitLoads(folder, split_from_bytes=0)
+    loads.load(path)
+    splitting = threading.Thread(target=loads.load, args=(path,))
+    splitting.start()
+    assert entered.wait(30)
+    expected = outputs(loads.load(path))  # during the split: whole, and no second split
+    other_done.set()
+    splitting.join(30)
+    assert calls == [splitting] and len(list(folder.iterdir())) == 1
+    torch.testing.assert_close(outputs(loads.load(path)), expected, rtol=0, atol=0)

@@ -115,16 +115,19 @@ class SplitLoads:
                     self._splits.pop(key, None)
         module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
         with self._lock:
-            again = key in self._seen
+            split_now = key in self._seen and key[1] >= self._split_from
+            split_now = split_now and key not in self._splits
+            if split_now:  # one split per file, even when two threads load it at once
+                self._splits[key] = None
             self._seen.add(key)
-        if again and key[1] >= self._split_from and key not in self._splits:
-            made: _Split | None = None
+        if split_now:
             try:
                 made = _split(module, self._folder())
             except Exception as exc:  # noqa: BLE001 - whole loads still work; say why once
                 log.warning("%s will load whole each time: cannot split it (%s)", path, exc)
-            with self._lock:
-                self._splits[key] = made
+            else:
+                with self._lock:
+                    self._splits[key] = made
         return module
 
     def _folder(self) -> Path:
