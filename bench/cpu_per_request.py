@@ -79,14 +79,17 @@ class ClientRun:
 
 
 def h2load_command(url: str, body: Path, *, requests: int, concurrency: int,
-                   log_file: Path | None = None) -> list[str]:  # fmt: skip
-    """h2load, one thread, HTTP/1.1, exactly ``requests`` POSTs over ``concurrency`` conns;
-    ``log_file``: one line per request (see ``bench.h2load.parse_log``)."""
-    command = [H2LOAD, "--h1", "-t", "1", "-n", str(requests), "-c", str(concurrency),
+                   log_file: Path | None = None, streams: int | None = None,
+                   auth_url: str | None = None) -> list[str]:  # fmt: skip
+    """h2load, one thread, exactly ``requests`` POSTs over ``concurrency`` conns: HTTP/1.1, or
+    h2c with ``streams`` per connection when given (the edge); ``log_file``: one line per
+    request (see ``bench.h2load.parse_log``); ``auth_url``: whose API key to send (``url``'s)."""
+    command = [H2LOAD, "-t", "1", "-n", str(requests), "-c", str(concurrency),
                "-d", str(body), "-H", "content-type: application/json"]  # fmt: skip
+    command += ["--h1"] if streams is None else ["-m", str(streams)]
     command += ["--log-file", str(log_file)] if log_file is not None else []
-    for name, value in auth_headers(url).items():
-        command += ["-H", f"{name}: {value}"]
+    for name, value in auth_headers(auth_url or url).items():
+        command += ["-H", f"{name.lower()}: {value}"]
     return [*command, url.rstrip("/") + infer_path(MODEL)]
 
 
@@ -100,14 +103,16 @@ def parse_summary(text: str) -> tuple[int, int, float]:
     return int(counts.group(1)), int(counts.group(2)), seconds
 
 
-def run_h2load(url: str, *, requests: int, concurrency: int, timeout: float) -> ClientRun:
-    """One h2load run against ``url``; raises if it fails or no request succeeds."""
+def run_h2load(url: str, *, requests: int, concurrency: int, timeout: float,
+               streams: int | None = None, auth_url: str | None = None) -> ClientRun:
+    """One h2load run against ``url`` (see `h2load_command`); raises if it fails or no
+    request succeeds."""
     with tempfile.TemporaryDirectory(prefix="infermesh-cpu-") as tmp:
         body, output = Path(tmp) / "body.json", Path(tmp) / "h2load.out"
         log = Path(tmp) / "requests.log"
         body.write_bytes(request_body(MODEL, 1))
         command = h2load_command(url, body, requests=requests, concurrency=concurrency,
-                                 log_file=log)  # fmt: skip
+                                 log_file=log, streams=streams, auth_url=auth_url)  # fmt: skip
         cpu_s = run_together([command], [output], timeout)
         done, succeeded, seconds = parse_summary(output.read_text())
         latency = latency_of(log.read_text() if log.exists() else "")
@@ -196,22 +201,8 @@ def _rest_edge_load(url: str, edge: str, args: argparse.Namespace) -> Callable[[
     streams = max(1, args.concurrency // connections)
 
     def load(requests: int) -> ClientRun:
-        with tempfile.TemporaryDirectory(prefix="infermesh-cpu-edge-") as tmp:
-            body, output = Path(tmp) / "body.json", Path(tmp) / "h2load.out"
-            log = Path(tmp) / "requests.log"
-            body.write_bytes(request_body(MODEL, 1))
-            command = [H2LOAD, "-t", "1", "-n", str(requests), "-c", str(connections),
-                       "-m", str(streams), "-d", str(body), "--log-file", str(log),
-                       "-H", "content-type: application/json"]  # fmt: skip
-            for name, value in auth_headers(url).items():
-                command += ["-H", f"{name.lower()}: {value}"]
-            command.append(edge + infer_path(MODEL))
-            cpu_s = run_together([command], [output], args.run_timeout)
-            done, succeeded, seconds = parse_summary(output.read_text())
-            latency = latency_of(log.read_text() if log.exists() else "")
-        if succeeded == 0:
-            raise RuntimeError(f"no request to {edge} succeeded ({done} done)")
-        return ClientRun(done, succeeded, seconds, cpu_s, latency)
+        return run_h2load(edge, requests=requests, concurrency=connections, streams=streams,
+                          timeout=args.run_timeout, auth_url=url)  # fmt: skip
     return load
 
 
