@@ -41,7 +41,7 @@ import orjson
 
 from bench.credentials import auth_headers, remember_key
 from bench.goodput_report import GoodputReport
-from bench.goodput_stats import Measurement, tally, window_of
+from bench.goodput_stats import Measurement, tally, whole_periods, window_of
 from bench.h2load import (
     H2LOAD,
     Arrivals,
@@ -162,6 +162,7 @@ def open_run(
     how many requests got no answer at all (h2load gave up on their connection)."""
     deadlines = SLO_CLASSES[args.model]
     period_ms = period_of(deadlines)
+    warmup, duration = run_span(args)
     url = target.load_url + infer_path(args.model)
     auth = [f"{name}: {value}" for name, value in auth_headers(target.gateway).items()]
     headers = ["Content-Type: application/json", *auth]
@@ -170,7 +171,7 @@ def open_run(
         schedule = StreamArrivals if target.edge else Arrivals
         arrivals = schedule.plan(
             rate / len(deadlines), period_ms=period_ms, duty=PATTERNS[pattern],
-            seconds=args.warmup + args.duration,
+            seconds=warmup + duration,
         )  # fmt: skip
         stem = target.tmp / f"{name}-{round(deadline * 1000)}ms"
         # Not with_suffix: a load such as 0.5x puts a dot in the name, and with_suffix would
@@ -185,10 +186,16 @@ def open_run(
         own = [*headers, f"X-Request-Timeout: {deadline:g}"] if args.deadline_header else headers
         commands.append(arrivals.command(script, body, logs[deadline], own, idle_s=idle_s))
         summaries.append(target.logs / f"{stem.name}.out")
-    cpu = run_together(commands, summaries, timeout=args.warmup + args.duration + 120)
+    cpu = run_together(commands, summaries, timeout=warmup + duration + 120)
     parsed = {d: parse_log(path.read_text()) for d, path in logs.items()}
     started = sum(started_requests(path.read_text()) for path in summaries)
     return parsed, cpu, started - sum(map(len, parsed.values()))
+
+
+def run_span(args: argparse.Namespace) -> tuple[float, float]:
+    """Seconds of warm-up and of measurement of each open-loop run: ``--warmup`` and
+    ``--duration`` stretched to whole arrival periods of the model (`whole_periods`)."""
+    return whole_periods(args.warmup, args.duration, period_of(SLO_CLASSES[args.model]) / 1000)
 
 
 def _beside(stem: Path, extension: str) -> Path:
@@ -203,7 +210,8 @@ def one_run(
     """One open-loop run at ``load`` × capacity, measured and added to the report."""
     name = f"h2load-r{round_}-{pattern}-{load:g}x-{mode}"
     logs, cpu, unanswered = open_run(target, load * report.capacity_rps, pattern, args, name)
-    window = window_of(list(logs.values()), warmup=args.warmup, duration=args.duration)
+    warmup, duration = run_span(args)
+    window = window_of(list(logs.values()), warmup=warmup, duration=duration)
     classes = {deadline: tally(log, deadline, window) for deadline, log in logs.items()}
     run = Measurement(pattern, load, mode, round_, window.seconds, classes, client_cpu_s=cpu,
                       unanswered=unanswered)  # fmt: skip
@@ -270,8 +278,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--processes", type=int, choices=(1, 2), default=1,
                         help="with --fused: 2 runs a core and a front process on one port")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=20.0, help="measured s per run")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured s per run")
+    parser.add_argument("--duration", type=float, default=20.0,
+                        help="measured s per run, to whole arrival periods (encoder: 6 s)")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="unmeasured s per run, up to a whole arrival period")
     parser.add_argument("--capacity-duration", type=float, default=10.0, help="wrk seconds")
     parser.add_argument("--loads", type=float, nargs="+", default=list(LOADS),
                         help="offered rates as multiples of the capacity")  # fmt: skip

@@ -7,6 +7,7 @@ is h2load's, from the send to the end of the response, so it includes the loopba
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -91,8 +92,19 @@ def tally(responses: Iterable[Response], deadline_s: float, window: Window) -> O
     return outcome
 
 
+def whole_periods(warmup: float, duration: float, period_s: float) -> tuple[float, float]:
+    """``warmup`` and ``duration`` (seconds) stretched to whole arrival periods: the warm-up
+    up to the next period's start, the duration to the nearest whole number of periods (at
+    least one). A window that cuts through periods counts on-phases unevenly: 2 s of warm-up
+    and 10 s measured over the encoder's 6 s bursty periods held one on-phase where 10/6 were
+    due, and every rate measured in it (offered, goodput) came out at 0.6 of the truth."""
+    periods = max(1, round(duration / period_s))
+    return math.ceil(warmup / period_s - 1e-9) * period_s, periods * period_s
+
+
 def window_of(logs: Sequence[Sequence[Response]], *, warmup: float, duration: float) -> Window:
-    """From ``warmup`` after the first request of any log, for ``duration`` seconds."""
+    """From ``warmup`` after the first request of any log, for ``duration`` seconds (whole
+    arrival periods of the schedule, see `whole_periods`, for an even count of bursts)."""
     first = min((r.start_s for log in logs for r in log), default=0.0)
     return Window(first + warmup, first + warmup + duration)
 

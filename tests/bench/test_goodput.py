@@ -14,7 +14,7 @@ from aiohttp import web
 
 from bench.goodput import slo_body
 from bench.goodput_report import GoodputReport
-from bench.goodput_stats import Measurement, Outcome, Window, tally, window_of
+from bench.goodput_stats import Measurement, Outcome, Window, tally, whole_periods, window_of
 from bench.h2load import (
     H2LOAD,
     Arrivals,
@@ -226,3 +226,31 @@ def test_arrivals_never_start_more_clients_per_tick_than_there_are(
     arrivals = Arrivals.plan(rate, period_ms=period_ms, duty=1.0, seconds=4)
     assert 1 <= arrivals.per_tick <= arrivals.clients
     assert arrivals.rate == pytest.approx(rate, rel=0.5)
+
+
+@pytest.mark.parametrize(("warmup", "duration", "period", "expected"), [
+    (2.0, 10.0, 1.0, (2.0, 10.0)),  # the mlp's 1 s periods: already whole
+    (2.0, 10.0, 6.0, (6.0, 12.0)),  # the encoder's: one period of warm-up, two measured
+    (1.0, 3.0, 6.0, (6.0, 6.0)),  # --quick: at least one period measured
+    (0.0, 20.0, 6.0, (0.0, 18.0)),
+])  # fmt: skip
+def test_runs_warm_up_and_measure_whole_arrival_periods(
+    warmup: float, duration: float, period: float, expected: tuple[float, float]
+) -> None:
+    assert whole_periods(warmup, duration, period) == pytest.approx(expected)
+
+
+def test_a_whole_period_window_offers_the_mean_rate_of_a_bursty_schedule() -> None:
+    """The encoder's bursty schedule (6 s periods, all of each in its first 1.5 s): a window of
+    2 s warm-up + 10 s held one on-phase of the two sent, so it offered 0.6x the asked rate;
+    whole periods offer the asked rate."""
+    rate, period_ms = 100.0, 6000
+    warmup, duration = whole_periods(2.0, 10.0, period_ms / 1000)
+    plan = StreamArrivals.plan(rate, period_ms=period_ms, duty=0.25, seconds=warmup + duration)
+    sends = [Response(offset / 1000, 200, 0.01)
+             for _ in range(plan.clients) for offset in plan.offsets_ms]  # fmt: skip
+    window = window_of([sends], warmup=warmup, duration=duration)
+    sent = sum(1 for r in sends if window.start <= r.start_s < window.end)
+    assert sent / window.seconds == pytest.approx(rate, rel=0.02)
+    cut = window_of([sends], warmup=2.0, duration=10.0)
+    assert sum(1 for r in sends if cut.start <= r.start_s < cut.end) / cut.seconds < 0.7 * rate
