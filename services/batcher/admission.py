@@ -89,6 +89,10 @@ MIN_HEADROOM, MAX_HEADROOM = HEADROOM, 2.0
 HEADROOM_QUANTILE = 0.9
 HEADROOM_WINDOW = 64
 HEADROOM_MIN_BATCHES = 16
+RECENT_MIN_SECONDS = 0.02
+"""Batches predicted to run at least this long also set the headroom from the latest of them
+(see `Headroom`): at that length a batch's slowness is the machine's state, which the next
+batch shares, not scheduling noise."""
 
 
 class Headroom:
@@ -103,13 +107,20 @@ class Headroom:
     show. A floor of 1.0 turned 41 of 160 admitted requests of an encoder burst into 504s on a
     busy machine (tests/integration/shared_mesh/test_mesh.py, the burst test), where 1.25 kept
     them within the test's bound. Recomputed every 16 batches (a sort of 64 floats).
+
+    For long batches (`RECENT_MIN_SECONDS`) the margin is also, at every batch, at least the
+    latest one's ratio, and after it the mean of the last ratio and the one before (a slow
+    spell's excess halves with each calm batch): 16 of the encoder's batches are six seconds,
+    and an encoder burst's own arrivals slowed its batches by 1.5-1.9x within the first of
+    them, while the percentile still held the calm before (admitted 1 s requests then missed).
     """
 
-    __slots__ = ("_ratios", "_stale", "_value")
+    __slots__ = ("_ratios", "_recent", "_stale", "_value", "_window")
 
     def __init__(self) -> None:
         self._ratios: deque[float] = deque(maxlen=HEADROOM_WINDOW)
-        self._value = HEADROOM
+        self._value = self._window = HEADROOM
+        self._recent = 0.0
         self._stale = 0
 
     @property
@@ -120,13 +131,18 @@ class Headroom:
         """One batch predicted to take `predicted` seconds took `actual`."""
         if predicted is None or predicted <= 0 or actual < 0:
             return
-        self._ratios.append(actual / predicted)
+        ratio = actual / predicted
+        self._ratios.append(ratio)
         self._stale += 1
         if len(self._ratios) >= HEADROOM_MIN_BATCHES and self._stale >= HEADROOM_MIN_BATCHES:
             self._stale = 0
             ordered = sorted(self._ratios)
-            ratio = ordered[min(len(ordered) - 1, int(HEADROOM_QUANTILE * len(ordered)))]
-            self._value = min(max(ratio, MIN_HEADROOM), MAX_HEADROOM)
+            self._window = ordered[min(len(ordered) - 1, int(HEADROOM_QUANTILE * len(ordered)))]
+        elif predicted < RECENT_MIN_SECONDS:
+            return
+        if predicted >= RECENT_MIN_SECONDS:
+            self._recent = max(ratio, (self._recent + ratio) / 2)
+        self._value = min(max(self._window, self._recent, MIN_HEADROOM), MAX_HEADROOM)
 
 
 def refusal(*, backlog: Backlog, execution: float | None, slack: float | None,
@@ -144,3 +160,25 @@ def refusal(*, backlog: Backlog, execution: float | None, slack: float | None,
     if clears is None or (clears + execution) * headroom <= slack:
         return None
     return min(max(clears, MIN_RECHECK), MAX_RETRY_AFTER)
+
+
+def displaces(*, backlog: Backlog, rows: int, execution: float | None, slack: float | None,
+              headroom: float = 1.0) -> bool:
+    """Whether queuing `rows` more rows ahead of an admitted request turns its predicted
+    completion late: `backlog` is what stands before it now, `execution` its batch's predicted
+    seconds, `slack` the seconds to its deadline. A request already predicted late is not
+    protected (it is lost either way, and would otherwise block every earlier-due arrival).
+
+    Earliest deadline first puts a 1 s arrival ahead of the 3 s requests queued before it; each
+    of those was admitted on a prediction that did not know it would come. Without this check
+    an encoder burst's 1 s arrivals pushed admitted 3 s requests past their deadlines (504s:
+    attainment of admitted 80-89 %). The arrival is refused instead, as its own prediction
+    would refuse it behind a backlog that long. Only the request that runs last is checked:
+    it has the most rows ahead, and every arrival that delays an earlier one delays it too.
+    """
+    clears = backlog.clears_in()
+    if clears is None or execution is None or slack is None or not backlog.throughput:
+        return False
+    before = (clears + execution) * headroom
+    after = (clears + rows / backlog.throughput + execution) * headroom
+    return before <= slack < after

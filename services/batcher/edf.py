@@ -123,6 +123,16 @@ class EdfQueue(Generic[T]):
             found.append(self._gone(heapq.heappop(self._by_age)[2]))
         return found
 
+    def last_due_after(self, deadline: float) -> T | None:
+        """The item dispatch would take last, if it is due after `deadline` (an arrival due
+        at `deadline` would be queued ahead of it); else None. Cheap when nothing queued is
+        due after `deadline` (the usual arrival, at the back); otherwise it keeps the
+        eviction heap (see the module docstring) until the queue next empties."""
+        if not self._count or deadline >= self._latest:
+            return None
+        due, _, _, entry = self._head_last_heap()[0]
+        return entry.item if -due > deadline else None
+
     def last_key(self) -> _Key:
         """The (due, enqueued, order) rank of the item dispatch would take last."""
         due, enqueued, order, _ = self._head_last_heap()[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Generic
 
 from services.batcher.admission import Standing
@@ -150,6 +151,26 @@ class FairQueue(Generic[T]):
             own_due_first=own.due_by(tenant, deadline), quantum=quantum,
             others=own.contenders(tenant),
         )
+
+    def displaced(self, tenant: str, lane: str, deadline: float) -> tuple[T, Standing] | None:
+        """The queued item that an item of `tenant` due at `deadline`, arriving in `lane` now,
+        would delay the most: its tenant's item in that lane that runs last, when the arrival
+        would run before it (earliest deadline first); with where that item stands now
+        (its rows ahead, as `standing` counts them). None when the arrival delays no one of
+        its own: it runs after everything its tenant has queued there."""
+        index = _LANE_INDEX.get(lane, _REALTIME)
+        if self._solo:
+            same = tenant == self._solo_tenant and index == _LANE_INDEX.get(self._solo_lane,
+                                                                            _REALTIME)
+            last = self._solo.last_due_after(deadline) if same else None
+        else:
+            last = self._lanes[index].last_due_after(tenant, deadline)
+        if last is None:
+            return None
+        due = last.deadline
+        standing = self.standing(tenant, lane, math.inf if due is None else due)
+        # rows due by its deadline include its own
+        return last, replace(standing, own_due_first=standing.own_due_first - last.rows)
 
     def _solo_standing(
         self, tenant: str, index: int, deadline: float, quantum: float

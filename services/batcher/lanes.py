@@ -98,6 +98,12 @@ class Lane(Generic[T]):
         sub = self._tenants.get(tenant)
         return 0 if sub is None else sub.items.rows_due_by(deadline)
 
+    def last_due_after(self, tenant: str, deadline: float) -> T | None:
+        """`tenant`'s item here that runs last, if an item of its due at `deadline` would run
+        before it (`EdfQueue.last_due_after`)."""
+        sub = self._tenants.get(tenant)
+        return None if sub is None else sub.items.last_due_after(deadline)
+
     def contenders(self, tenant: str) -> tuple[tuple[int, float], ...]:
         """(rows queued, rows of credit per visit) of every other tenant with queued items."""
         return tuple((sub.items.rows, sub.quantum) for sub in self._order if sub.tenant != tenant)

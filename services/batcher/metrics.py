@@ -61,7 +61,8 @@ class VersionMetrics:
         child.inc()
 
     def refused(self, reason: str) -> None:
-        """One request refused on arrival: `queue_full` or `deadline_unmeetable`."""
+        """One request refused on arrival: `queue_full`, `deadline_unmeetable` or
+        `displaces_admitted`."""
         child = self._refusals.get(reason)
         if child is None:
             metrics, model, version = self._labels
@@ -150,8 +151,10 @@ class BatcherMetrics:
         )
         self.admissions_refused = Counter(
             "infermesh_batcher_admissions_refused",
-            "Requests refused on arrival, by reason: queue_full, or deadline_unmeetable "
-            "(the latency model predicts completion after the deadline)",
+            "Requests refused on arrival, by reason: queue_full, deadline_unmeetable "
+            "(the latency model predicts completion after the deadline), or "
+            "displaces_admitted (running ahead of an admitted request, it would make that "
+            "one late)",
             ["model", "version", "reason"], registry=self.registry,
         )
         self.deadline_misses = Counter(

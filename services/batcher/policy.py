@@ -3,10 +3,15 @@
 Work-conserving: a worker with nothing in flight gets whatever is queued at once, so a lone
 request at low load never waits for a batch window. While the worker is busy, requests
 accumulate and the next batch is pipelined to it (so it starts the moment the running batch
-ends) as soon as it is full, or once its oldest request has waited `max_queue_delay` *and* the
-running batch is expected to finish within that window. Sending a partial batch earlier would
-only park it in the worker's queue while requests that could have joined it keep arriving:
-for a model whose batches take far longer than the window (the encoder) that halves the batch.
+ends) once the running batch is expected to end within the pipeline lead (`max_queue_delay`,
+at least `MIN_LEAD`) and the batch is full or its oldest request has waited `max_queue_delay`.
+Sending a batch earlier would only park it in the worker's queue while requests that could
+have joined it keep arriving: for a model whose batches take far longer than the window (the
+encoder) a partial batch sent early halved the batch; a full one sent early fixed its members
+for the whole running batch, so a tight-deadline request arriving meanwhile queued behind it
+instead of in it (earliest deadline first within a tenant can only order what is still
+queued), and admission refused the 1 s class of an encoder burst almost entirely. For a model
+whose batches end within the lead (the mlp) a full batch still goes at once.
 
 Realtime work never waits for the window behind bulk work: while the worker runs only bulk
 batches (a job's packs), queued realtime requests are pipelined to it at once (`behind_bulk`),
@@ -33,6 +38,11 @@ from services.mesh.domain.types import BatchingPolicy
 
 MIN_RECHECK = 0.0005
 MAX_RETRY_AFTER = 60.0
+MIN_LEAD = 0.005
+"""Seconds before the running batch's expected end by which the next batch is sent, at least:
+the link hop to the worker and its decoding, with room for a busy machine's scheduling. The
+worker idles only when a batch ends earlier than predicted by more than this (and then only
+until its answer reaches the batcher, which looks at the queue again at once)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +72,14 @@ def plan_batch(
         return Dispatch(0)
     take = min(queued_rows, policy.max_batch_size)
     start = 0.0 if worker_idle else free_in
+    delay = policy.max_queue_delay_ms / 1000.0
+    if queued_rows >= policy.max_batch_size and not (worker_idle or behind_bulk):
+        lead = max(delay, MIN_LEAD)
+        if free_in > lead:  # full, but the running batch is far from its end: stay open
+            return Dispatch(0, wait=free_in - lead)
     if worker_idle or behind_bulk or queued_rows >= policy.max_batch_size:
         return Dispatch(size_batch(take, start=start, slack=slack, predict=predict,
                                    policy=policy))
-    delay = policy.max_queue_delay_ms / 1000.0
     wait = max(delay - oldest_wait, free_in - delay)
     execution = predict(take) if predict is not None and slack is not None else None
     if execution is not None and slack is not None:

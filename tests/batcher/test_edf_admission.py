@@ -115,3 +115,25 @@ async def test_the_core_admits_a_short_deadline_behind_long_ones_and_runs_it_nex
     assert all(isinstance(response, InferResponse) for response in responses)
     second = worker.batches[1].inputs[0].array()
     assert 1000.0 in second[:, 0], "the short deadline waited behind the long ones"
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_the_request_an_arrival_would_delay_most_is_its_tenants_last_due_after_it(
+    spill: bool,
+) -> None:
+    """`FairQueue.displaced` names the tenant's request that runs last, when the arrival would
+    run before it, with the rows ahead of it (its own not counted); in one solo queue and in
+    the lanes (another tenant queued)."""
+    fair: FairQueue[Item] = FairQueue(10_000, lambda tenant: 1.0)
+    fill(fair, 30, deadline=3.0)
+    fill(fair, 10, deadline=0.5)
+    if spill:
+        fill(fair, 5, tenant="b", deadline=0.1)
+    found = fair.displaced("a", "realtime", 1.0)
+    assert found is not None
+    last, standing = found
+    assert last.deadline == 3.0 and last.name == "a29"
+    assert standing.own_due_first == 39  # the other 29 due at 3 s and the 10 due at 0.5 s
+    assert fair.displaced("a", "realtime", 3.0) is None  # queued behind everything of a's
+    assert fair.displaced("a", "bulk", 1.0) is None  # nothing of a's in that lane
+    assert fair.displaced("c", "realtime", 0.01) is None  # nothing of c's at all

@@ -10,6 +10,7 @@ from services.batcher.admission import (
     HEADROOM,
     HEADROOM_MIN_BATCHES,
     MAX_HEADROOM,
+    RECENT_MIN_SECONDS,
     Backlog,
     Headroom,
     refusal,
@@ -66,3 +67,43 @@ def test_a_measured_margin_refuses_what_the_fixed_one_admitted() -> None:
     assert refusal(**kwargs, headroom=HEADROOM) is None  # type: ignore[arg-type]
     measured = _fed([1.5] * 64).value
     assert refusal(**kwargs, headroom=measured) is not None  # type: ignore[arg-type]
+
+
+def test_long_batches_that_slow_down_raise_the_margin_at_once() -> None:
+    """An encoder burst slows its own batches (0.35 s predicted, 0.55-0.6 s run): 16 batches
+    are six seconds, so the margin follows the latest long batches, not only the window."""
+    headroom = Headroom()
+    for _ in range(64):
+        headroom.observe(0.35, 0.35)
+    assert headroom.value == HEADROOM
+    headroom.observe(0.35, 0.56)  # 1.6x
+    assert headroom.value == pytest.approx(1.6)
+    headroom.observe(0.35, 0.35)  # calm again: the mean of the last two halves the excess
+    assert headroom.value == pytest.approx(1.3)
+    for _ in range(3):
+        headroom.observe(0.35, 0.35)
+    assert headroom.value == HEADROOM
+
+
+def test_short_batches_do_not_move_the_margin_one_by_one() -> None:
+    # Scheduling noise: a 50 µs batch taking 3x is not the machine slowing down.
+    headroom = _fed([1.0] * 64)
+    headroom.observe(RECENT_MIN_SECONDS / 10, 3 * RECENT_MIN_SECONDS / 10)
+    assert headroom.value == HEADROOM
+
+
+def test_an_arrival_ahead_of_an_admitted_request_displaces_it_only_if_it_turns_it_late() -> None:
+    from services.batcher.admission import displaces
+
+    # 100 rows/s; the admitted request has 0.5 s of backlog and a 0.1 s batch: 0.6 s by the
+    # model, 0.75 s with the 1.25 margin, against 0.8 s left.
+    backlog = Backlog(queued_rows=50, throughput=100.0)
+    kwargs = {"backlog": backlog, "execution": 0.1, "headroom": 1.25}
+    assert not displaces(rows=4, slack=0.8, **kwargs)  # type: ignore[arg-type]  # 0.8 s
+    assert displaces(rows=5, slack=0.8, **kwargs)  # type: ignore[arg-type]  # 0.8125 s
+    # Already predicted late: lost either way, so it does not block the arrival.
+    assert not displaces(rows=5, slack=0.7, **kwargs)  # type: ignore[arg-type]
+    # No deadline, or nothing known yet: nothing to protect.
+    assert not displaces(rows=50, slack=None, **kwargs)  # type: ignore[arg-type]
+    unknown = Backlog(queued_rows=50, throughput=None)
+    assert not displaces(backlog=unknown, rows=50, execution=0.1, slack=0.8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.batcher.policy import Dispatch, drain_seconds, plan_batch
+from services.batcher.policy import MIN_LEAD, Dispatch, drain_seconds, plan_batch
 from services.mesh.domain.types import BatchingPolicy
 
 POLICY = BatchingPolicy(max_batch_size=8, max_queue_delay_ms=10.0)
@@ -76,11 +76,27 @@ def test_busy_worker_about_to_finish_gets_the_late_partial_batch() -> None:
     assert decision.rows == 3
 
 
-def test_a_full_batch_is_pipelined_however_long_the_running_batch() -> None:
+def test_a_full_batch_waits_until_the_running_batch_is_about_to_end() -> None:
+    """Sent 5 s before the worker can start it, a full batch's members would be fixed while
+    requests due sooner arrive; it goes once the running batch ends within the lead."""
     decision = plan_batch(
         queued_rows=8, oldest_wait=0.0, worker_idle=False, policy=POLICY, free_in=5.0
     )
-    assert decision.rows == 8
+    assert decision.rows == 0
+    assert decision.wait == pytest.approx(5.0 - 0.010)
+    near_end = plan_batch(
+        queued_rows=8, oldest_wait=0.0, worker_idle=False, policy=POLICY, free_in=0.010
+    )
+    assert near_end == Dispatch(8)
+
+
+def test_a_full_batch_is_pipelined_within_the_minimum_lead_even_without_a_window() -> None:
+    eager = BatchingPolicy(max_batch_size=8, max_queue_delay_ms=0.0)
+    early = plan_batch(queued_rows=8, oldest_wait=0.0, worker_idle=False, policy=eager,
+                       free_in=MIN_LEAD * 2)  # fmt: skip
+    assert early.rows == 0 and early.wait == pytest.approx(MIN_LEAD)
+    assert plan_batch(queued_rows=8, oldest_wait=0.0, worker_idle=False, policy=eager,
+                      free_in=MIN_LEAD).rows == 8  # fmt: skip
 
 
 def test_a_full_queue_asks_clients_back_after_its_expected_drain_time() -> None:

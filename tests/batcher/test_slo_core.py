@@ -177,3 +177,30 @@ async def test_the_next_batch_goes_to_the_worker_with_the_fewest_outstanding_row
     big.release()
     small.release()
     await results(tasks)
+
+
+async def test_an_earlier_due_arrival_that_would_make_an_admitted_request_late_is_refused(
+    make_batcher: BatcherFactory, metrics: BatcherMetrics,
+) -> None:
+    """Earliest deadline first runs a short-deadline arrival ahead of the long-deadline
+    requests queued before it. By the model (210 rows/s, 1.25 margin) twenty 250 ms requests
+    all fit, the last with ~15 rows to spare; 200 ms requests arriving behind them each fit by
+    their own prediction (fewer than ~25 rows due before them), but past ~15 of them the last
+    250 ms request would be predicted late: those are refused, and every admitted request is
+    answered (the fake runs twice as fast as the model, so the admitted have a wide margin)."""
+    worker = _timed()
+    batcher = make_batcher(FakePool(worker), policy=POLICY, pipeline_depth=2)
+    now = time.time()
+    long = [request(float(i), deadline=now + 0.250) for i in range(20)]
+    short = [request(100.0 + i, deadline=now + 0.200) for i in range(20)]
+    tasks = await submit_all(batcher, long + short)
+    outcomes = [await _outcome(task) for task in tasks]
+
+    refused = [o for o in outcomes if isinstance(o, Overloaded)]
+    sample = metrics.registry.get_sample_value
+    displacing = sample("infermesh_batcher_admissions_refused_total",
+                        {**LABELS, "reason": "displaces_admitted"}) or 0  # fmt: skip
+    assert displacing >= 3, f"{displacing} refused for displacing, {len(refused)} refused"
+    assert all(isinstance(o, InferResponse) for o in outcomes[:20]), "a 250 ms request failed"
+    assert all(isinstance(o, InferResponse | Overloaded) for o in outcomes), outcomes
+    assert worker.rows_run == len(outcomes) - len(refused)
