@@ -17,7 +17,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from services.batcher.admission import Backlog, Headroom, displaces, refusal, rows_ahead
+from services.batcher.admission import (
+    MAX_HEADROOM,
+    RECENT_MIN_SECONDS,
+    Backlog,
+    Headroom,
+    displaces,
+    refusal,
+    rows_ahead,
+)
 from services.batcher.batches import batch_span, batch_timeout, build_batch, shape_key
 from services.batcher.bisection import Outcome, bisect, lone_failure
 from services.batcher.coldstart import worker_expected
@@ -220,12 +228,13 @@ class Batcher:
         # a 1 s request ahead of queued 3 s ones runs in a full batch, not a batch of one.
         ahead = min(max(backlog.queued_rows, queue.pending.rows) + request.rows,
                     queue.policy.max_batch_size)
+        margin = self._margin(queue, workers)
         retry_after = refusal(
             backlog=backlog, execution=queue.latency.predict(None, ahead), slack=slack,
-            headroom=queue.headroom.value,
+            headroom=margin,
         )
         if retry_after is None:
-            retry_after = self._displacing(queue, workers, request)
+            retry_after = self._displacing(queue, workers, request, margin)
             reason = "displaces_admitted"
         else:
             reason = "deadline_unmeetable"
@@ -237,8 +246,24 @@ class Batcher:
                 f"its backlog clears in {retry_after:.3f}s", retry_after=retry_after,
             )
 
+    def _margin(self, queue: _Queue, workers: list[WorkerHandle]) -> float:
+        """Admission's margin over the latency model: the version's measured one
+        (`admission.Headroom`), raised while a long running batch has already run past its
+        prediction by more (the machine is slow now; the batch's end will tell the
+        Headroom, but only then: an encoder burst's first batch ran 1.5x its prediction, and
+        what was admitted meanwhile on the calm margin missed)."""
+        margin = queue.headroom.value
+        book, latency = self._book, queue.latency
+        for worker in workers:
+            rows = book.running_rows(worker.key)
+            predicted = latency.predict(worker.key, rows) if rows else None
+            if predicted is not None and predicted >= RECENT_MIN_SECONDS:
+                margin = max(margin, min(book.running_for(worker.key) / predicted,
+                                         MAX_HEADROOM))
+        return margin
+
     def _displacing(
-        self, queue: _Queue, workers: list[WorkerHandle], request: InferRequest
+        self, queue: _Queue, workers: list[WorkerHandle], request: InferRequest, margin: float
     ) -> float | None:
         """The Retry-After of refusing `request` (which its own prediction admits) because
         it would run ahead of an admitted request of its tenant and make that one late
@@ -256,7 +281,7 @@ class Batcher:
         ahead = min(last_backlog.queued_rows + last.rows, queue.policy.max_batch_size)
         if not displaces(backlog=last_backlog, rows=request.rows,
                          execution=queue.latency.predict(None, ahead), slack=due - time.time(),
-                         headroom=queue.headroom.value):  # fmt: skip
+                         headroom=margin):  # fmt: skip
             return None
         # Come back once the request it would delay has left the queue.
         return min(max(last_backlog.clears_in() or 0.0, MIN_RECHECK), MAX_RETRY_AFTER)

@@ -112,6 +112,11 @@ class WorkerBook:
             self._running_since.pop(key, None)
         return now
 
+    def running_for(self, key: str) -> float:
+        """Seconds the worker's running batch has run so far (0 when it runs none)."""
+        since = self._running_since.get(key)
+        return 0.0 if since is None else max(0.0, self._clock() - since)
+
     def free_in(self, key: str, seconds: float | None) -> float:
         """Seconds until the worker's running batch ends, if it takes `seconds` in all."""
         since = self._running_since.get(key)

@@ -204,3 +204,31 @@ async def test_an_earlier_due_arrival_that_would_make_an_admitted_request_late_i
     assert all(isinstance(o, InferResponse) for o in outcomes[:20]), "a 250 ms request failed"
     assert all(isinstance(o, InferResponse | Overloaded) for o in outcomes), outcomes
     assert worker.rows_run == len(outcomes) - len(refused)
+
+
+class _SlowStart(FakeWorker):
+    """A worker whose warm-up says 20 ms + 5 ms per row; its batches wait at the gate."""
+
+    def warmup_timings(self, model: str, version: str) -> dict[int, float]:
+        return {rows: 0.020 + 0.005 * rows for rows in (1, 2, 4, 8)}
+
+
+async def test_a_batch_running_past_its_prediction_raises_the_margin_at_once(
+    make_batcher: BatcherFactory,
+) -> None:
+    """A 25 ms batch still running after 60 ms says the machine is slow now: a request that
+    fits by the calm margin (1.25 x 25 ms within its 45 ms) is refused, without waiting for
+    that batch to end and be timed."""
+    worker = _SlowStart()
+    worker.hold()
+    batcher = make_batcher(FakePool(worker), policy=POLICY, pipeline_depth=2)
+    first = asyncio.ensure_future(batcher.infer(request(0.0)))
+    await worker.next_batch()
+    # Not a wait for a condition: the stimulus is time itself, the batch overrunning its 25 ms
+    # (a sleep lasts at least this long, however busy the machine).
+    await asyncio.sleep(0.060)
+    late = asyncio.ensure_future(batcher.infer(request(1.0, deadline=time.time() + 0.045)))
+    await asyncio.sleep(0)
+    assert late.done() and isinstance(late.exception(), Overloaded), "admitted on the calm margin"
+    worker.release()
+    assert isinstance(await _outcome(first), InferResponse)
