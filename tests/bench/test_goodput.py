@@ -254,3 +254,25 @@ def test_a_whole_period_window_offers_the_mean_rate_of_a_bursty_schedule() -> No
     assert sent / window.seconds == pytest.approx(rate, rel=0.02)
     cut = window_of([sends], warmup=2.0, duration=10.0)
     assert sum(1 for r in sends if cut.start <= r.start_s < cut.end) / cut.seconds < 0.7 * rate
+
+
+def test_a_fixed_capacity_scales_the_loads_instead_of_the_measured_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--capacity-rps`: an A/B at the same offered rates, however far the closed loop moved
+    between starts (49-92 req/s for one encoder mesh in one session)."""
+    from bench import goodput
+    from bench.result import LoadResult, Percentiles
+
+    measured = LoadResult("h2load", "closed", "encoder", "u", 10.0, 500, 0, 50.0,
+                          Percentiles.of([0.5]), concurrency=64)  # fmt: skip
+    monkeypatch.setattr(goodput, "mode_policies", lambda *args: {"current": None})
+    monkeypatch.setattr(goodput, "edge_closed_loop", lambda *args: measured)
+    args = goodput._parser().parse_args(["--model", "encoder", "--client", "h2", "--rounds", "0",
+                                         "--capacity-rps", "80"])  # fmt: skip
+    report = GoodputReport("x", datetime.now(UTC), model="encoder", setup="mesh",
+                           deadlines=(1.0, 3.0))  # fmt: skip
+    target = goodput.Target("g", "r", tmp_path, tmp_path, edge="e")
+    goodput.measure(report, target, args)
+    assert report.capacity_rps == 80.0
+    assert any("50.0 req/s measured" in note for note in report.notes)
