@@ -95,6 +95,41 @@ RECENT_MIN_SECONDS = 0.02
 batch shares, not scheduling noise."""
 
 
+ARRIVALS_SAMPLE = 16
+"""`Arrivals.rate` is the span of the batcher's last 16 arrivals: at an encoder burst's 480
+requests per second it sees the burst within ~35 ms; at a Poisson rate it is within ±25 %
+(the sample's coefficient of variation, 1/sqrt(16)) most of the time."""
+LEVEL_MEMORY_SECONDS = 120.0
+"""How long `Headroom` trusts what batches did at one arrival rate without a new batch at it."""
+
+
+class Arrivals:
+    """The rate requests arrive at the batcher (every version's queue: each arrival costs the
+    hops CPU, whatever it asks for), from the times of the last `ARRIVALS_SAMPLE`."""
+
+    __slots__ = ("_times", "count")
+
+    def __init__(self) -> None:
+        self._times: deque[float] = deque(maxlen=ARRIVALS_SAMPLE)
+        self.count = 0
+
+    def note(self, now: float) -> None:
+        self._times.append(now)
+        self.count += 1
+
+    def rate(self, now: float) -> float:
+        """Requests per second: the last arrivals over the time since the oldest of them
+        (it falls by itself when arrivals stop)."""
+        if not self._times:
+            return 0.0
+        return len(self._times) / max(now - self._times[0], 1e-3)
+
+
+def arrival_level(rate: float) -> int:
+    """The power-of-two band of an arrival rate: 0 below 1 request/s, k for [2^(k-1), 2^k)."""
+    return max(0, math.frexp(rate)[1])
+
+
 class Headroom:
     """The multiplier admission applies to a predicted completion: the 90th percentile of
     actual ÷ predicted execution over the version's last 64 batches, held within [1.25, 2.0];
@@ -113,25 +148,54 @@ class Headroom:
     spell's excess halves with each calm batch): 16 of the encoder's batches are six seconds,
     and an encoder burst's own arrivals slowed its batches by 1.5-1.9x within the first of
     them, while the percentile still held the calm before (admitted 1 s requests then missed).
+
+    Long batches also leave what they did at the arrival rate they ran under (`at`): a burst's
+    own arrivals slow its batches, and the batches that drain it afterwards, with nothing
+    arriving, run at the line again and bring the margin down before the next burst. So a burst
+    started on the calm margin, and the 1 s requests admitted in its first ~100 ms, before its
+    first batch had run long enough to tell, missed. Remembering the ratio per arrival rate
+    lets admission use the last burst's slowness from the next burst's first arrivals on.
     """
 
-    __slots__ = ("_ratios", "_recent", "_stale", "_value", "_window")
+    __slots__ = ("_levels", "_ratios", "_recent", "_stale", "_value", "_window")
 
     def __init__(self) -> None:
         self._ratios: deque[float] = deque(maxlen=HEADROOM_WINDOW)
         self._value = self._window = HEADROOM
         self._recent = 0.0
         self._stale = 0
+        self._levels: dict[int, tuple[float, float]] = {}
+        """arrival_level -> (ratio, when): long batches' actual ÷ predicted at that rate,
+        risen at once and halving its excess with each batch at the rate, as `_recent`."""
 
     @property
     def value(self) -> float:
         return self._value
 
-    def observe(self, predicted: float | None, actual: float) -> None:
-        """One batch predicted to take `predicted` seconds took `actual`."""
+    def at(self, arrivals: Arrivals, now: float) -> float:
+        """The margin for a request arriving now: `value`, or more where long batches ran
+        slower than that (within `LEVEL_MEMORY_SECONDS`) while requests arrived in the
+        power-of-two band of the rate now, or in the one above it: a 16-arrival estimate
+        strays a band down now and then, and a burst should not slip back to the calm margin
+        when it does. Slower bands count as well (a machine slow at a low rate is slow)."""
+        if not self._levels:
+            return self._value
+        level = arrival_level(arrivals.rate(now)) + 1
+        margin = self._value
+        for band, (ratio, when) in self._levels.items():
+            if band <= level and ratio > margin and now - when <= LEVEL_MEMORY_SECONDS:
+                margin = ratio
+        return min(margin, MAX_HEADROOM)
+
+    def observe(self, predicted: float | None, actual: float, *, rate: float | None = None,
+                now: float = 0.0) -> None:
+        """One batch predicted to take `predicted` seconds took `actual`, while requests
+        arrived at `rate` per second (None: not known), its end at `now` (monotonic)."""
         if predicted is None or predicted <= 0 or actual < 0:
             return
         ratio = actual / predicted
+        if rate is not None and predicted >= RECENT_MIN_SECONDS:
+            self._remember(arrival_level(rate), ratio, now)
         self._ratios.append(ratio)
         self._stale += 1
         if len(self._ratios) >= HEADROOM_MIN_BATCHES and self._stale >= HEADROOM_MIN_BATCHES:
@@ -143,6 +207,12 @@ class Headroom:
         if predicted >= RECENT_MIN_SECONDS:
             self._recent = max(ratio, (self._recent + ratio) / 2)
         self._value = min(max(self._window, self._recent, MIN_HEADROOM), MAX_HEADROOM)
+
+    def _remember(self, level: int, ratio: float, now: float) -> None:
+        known = self._levels.get(level)
+        if known is not None and now - known[1] <= LEVEL_MEMORY_SECONDS:
+            ratio = max(ratio, (known[0] + ratio) / 2)
+        self._levels[level] = (ratio, now)
 
 
 def refusal(*, backlog: Backlog, execution: float | None, slack: float | None,

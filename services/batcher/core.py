@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from services.batcher.admission import (
     MAX_HEADROOM,
     RECENT_MIN_SECONDS,
+    Arrivals,
     Backlog,
     Headroom,
     displaces,
@@ -124,6 +125,7 @@ class Batcher:
         self._weights = tenant_weights or TenantWeights(catalog.config)
         self._queues: dict[tuple[str, str], _Queue] = {}
         self._book = WorkerBook(clock)
+        self._arrivals = Arrivals()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -156,6 +158,7 @@ class Batcher:
         assert request.version is not None, "the router chooses the version"
         _require_rows(request)
         queue = self._queue(request.model, request.version)
+        self._arrivals.note(self._clock())
         self._refuse_unmeetable(queue, request)
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
         pending = _Pending(
@@ -252,7 +255,7 @@ class Batcher:
         prediction by more (the machine is slow now; the batch's end will tell the
         Headroom, but only then: an encoder burst's first batch ran 1.5x its prediction, and
         what was admitted meanwhile on the calm margin missed)."""
-        margin = queue.headroom.value
+        margin = queue.headroom.at(self._arrivals, self._clock())
         book, latency = self._book, queue.latency
         for worker in workers:
             rows = book.running_rows(worker.key)
@@ -393,7 +396,7 @@ class Batcher:
             free_in=0.0 if idle else self._book.free_in(key, running or queue.batch_seconds),
             slack=None if earliest is None else earliest - time.time(),
             predict=functools.partial(_with_margin, latency.predict, key,
-                                      queue.headroom.value),
+                                      queue.headroom.at(self._arrivals, now)),
             behind_bulk=behind_bulk,
         )
 
@@ -522,14 +525,14 @@ class Batcher:
             batch.trace = span.carrier()
             queue.metrics.batch_rows.observe(rows)
             timeout = batch_timeout([m.request.deadline for m in piece])
-            called = self._clock()
+            called, arrived = self._clock(), self._arrivals.count
             call = asyncio.ensure_future(worker.run_batch(batch, timeout=timeout))
             forget = _cancel_when_abandoned(call, piece)
             try:
                 result = await call
             finally:
                 forget()
-            self._timed(queue, worker.key, rows, called)
+            self._timed(queue, worker.key, rows, called, arrived)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if call.cancelled() and task is not None and not task.cancelling():
@@ -574,12 +577,16 @@ class Batcher:
         for pending, error in outcome.lone:
             _fail(pending, lone_failure(pending.request.request_id, error, others_ok=bool(ran)))
 
-    def _timed(self, queue: _Queue, key: str, rows: int, called: float) -> None:
-        """Feed a batch's execution time to the latency model; export the model's error."""
-        actual = self._clock() - self._book.started(key, called)
+    def _timed(self, queue: _Queue, key: str, rows: int, called: float, arrived: int) -> None:
+        """Feed a batch's execution time to the latency model and admission's margin, with
+        the rate requests arrived at since the batch was sent (`arrived`: the arrival count
+        then); export the model's error."""
+        now = self._clock()
+        actual = now - self._book.started(key, called)
         predicted = queue.latency.predict(key, rows)
         queue.metrics.timed(predicted, actual)
-        queue.headroom.observe(predicted, actual)
+        rate = (self._arrivals.count - arrived) / max(now - called, 1e-3)
+        queue.headroom.observe(predicted, actual, rate=rate, now=now)
         queue.latency.observe(key, rows, actual)
 
     def _finished(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -31,6 +32,7 @@ async def make_batcher(
     def make(
         pool: FakePool, *, policy: BatchingPolicy | None = None, pipeline_depth: int = 1,
         no_worker_grace: float = 5.0, tenant_weights: dict[str, float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> Batcher:
         catalog = catalog_with(
             policy or BatchingPolicy(max_batch_size=16, max_queue_delay_ms=10_000),
@@ -38,7 +40,7 @@ async def make_batcher(
         )
         batcher = Batcher(
             catalog, pool, pipeline_depth=pipeline_depth, no_worker_grace=no_worker_grace,
-            metrics=metrics,
+            metrics=metrics, clock=clock,
         )
         batcher.start()
         made.append((batcher, pool))

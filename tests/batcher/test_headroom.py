@@ -7,10 +7,13 @@ from __future__ import annotations
 import pytest
 
 from services.batcher.admission import (
+    ARRIVALS_SAMPLE,
     HEADROOM,
     HEADROOM_MIN_BATCHES,
+    LEVEL_MEMORY_SECONDS,
     MAX_HEADROOM,
     RECENT_MIN_SECONDS,
+    Arrivals,
     Backlog,
     Headroom,
     refusal,
@@ -107,3 +110,58 @@ def test_an_arrival_ahead_of_an_admitted_request_displaces_it_only_if_it_turns_i
     assert not displaces(rows=50, slack=None, **kwargs)  # type: ignore[arg-type]
     unknown = Backlog(queued_rows=50, throughput=None)
     assert not displaces(backlog=unknown, rows=50, execution=0.1, slack=0.8)
+
+
+def _arriving(rate: float, now: float) -> Arrivals:
+    """Arrivals that came evenly at `rate` per second up to `now`."""
+    arrivals = Arrivals()
+    for i in range(ARRIVALS_SAMPLE, 0, -1):
+        arrivals.note(now - i / rate)
+    return arrivals
+
+
+def test_arrivals_measure_their_rate_and_it_falls_when_they_stop() -> None:
+    arrivals = _arriving(480.0, now=10.0)
+    assert arrivals.rate(10.0) == pytest.approx(480.0)
+    assert arrivals.rate(11.0) == pytest.approx(ARRIVALS_SAMPLE / (1.0 + ARRIVALS_SAMPLE / 480))
+    assert Arrivals().rate(10.0) == 0.0
+
+
+def test_a_burst_is_judged_by_what_the_last_burst_did_at_its_rate() -> None:
+    """Encoder bursts: 0.35 s batches ran 1.8x while ~480 requests/s arrived, then the drain
+    (nothing arriving) ran at the line and brought the margin back to its floor. The next
+    burst gets 1.8 from its first arrivals on; calm traffic keeps the calm margin."""
+    headroom = Headroom()
+    for second in range(4):
+        headroom.observe(0.35, 0.63, rate=480.0, now=float(second) / 2)
+    for second in range(8):
+        headroom.observe(0.35, 0.35, rate=0.0, now=2.0 + second / 2)
+    assert headroom.value == HEADROOM
+    now = 10.0
+    assert headroom.at(_arriving(480.0, now), now) == pytest.approx(1.8)
+    # One band below the learned one (a low estimate of the same burst) still counts...
+    assert headroom.at(_arriving(200.0, now), now) == pytest.approx(1.8)
+    # ...two bands below is other traffic, and no traffic is calm.
+    assert headroom.at(_arriving(100.0, now), now) == HEADROOM
+    assert headroom.at(Arrivals(), now) == HEADROOM
+    # Faster than anything seen: the slowest band below it.
+    assert headroom.at(_arriving(5000.0, now), now) == pytest.approx(1.8)
+    # Forgotten when no batch has run at that rate for LEVEL_MEMORY_SECONDS.
+    later = 1.5 + LEVEL_MEMORY_SECONDS + 1
+    assert headroom.at(_arriving(480.0, later), later) == HEADROOM
+
+
+def test_a_rate_that_no_longer_slows_the_batches_brings_its_margin_down() -> None:
+    headroom = Headroom()
+    headroom.observe(0.35, 0.63, rate=480.0, now=1.0)
+    headroom.observe(0.35, 0.42, rate=480.0, now=2.0)  # 1.2x: the excess halves
+    assert headroom.at(_arriving(480.0, 3.0), 3.0) == pytest.approx(1.5)
+    # Capped like the rest of the margin.
+    headroom.observe(0.35, 1.4, rate=480.0, now=4.0)
+    assert headroom.at(_arriving(480.0, 5.0), 5.0) == MAX_HEADROOM
+
+
+def test_short_batches_leave_no_margin_per_rate() -> None:
+    headroom = Headroom()
+    headroom.observe(RECENT_MIN_SECONDS / 10, RECENT_MIN_SECONDS, rate=480.0, now=1.0)
+    assert headroom.at(_arriving(480.0, 2.0), 2.0) == HEADROOM

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from services.batcher.metrics import BatcherMetrics
-from services.mesh.domain.errors import Overloaded, Unavailable
+from services.mesh.domain.errors import DeadlineExceeded, Overloaded, Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import BatchingPolicy, InferRequest, InferResponse
 from tests.batcher.fakes import (
@@ -232,3 +232,51 @@ async def test_a_batch_running_past_its_prediction_raises_the_margin_at_once(
     assert late.done() and isinstance(late.exception(), Overloaded), "admitted on the calm margin"
     worker.release()
     assert isinstance(await _outcome(first), InferResponse)
+
+
+async def test_a_burst_is_admitted_on_the_margin_the_last_burst_measured(
+    make_batcher: BatcherFactory,
+) -> None:
+    """A burst's own arrivals slow its batches; the batches that drain it, with nothing
+    arriving, run at the line and bring the margin back down. The next burst's first
+    arrivals must be judged by what the last burst's batches did at that arrival rate, not by
+    the calm margin (an encoder burst's first 1 s requests, admitted on it, missed).
+
+    The batcher's clock is the test's: batch times and arrival rates are exact."""
+    now = [0.0]
+    worker = _SlowStart()  # its warm-up says 20 ms + 5 ms per row: 8 rows, 60 ms
+    batcher = make_batcher(FakePool(worker), policy=POLICY, clock=lambda: now[0])
+
+    async def batch(seconds: float, arrivals: int = 0) -> None:
+        """One request's batch, taking `seconds` by the clock while `arrivals` requests
+        (already past their deadline: refused on arrival, queuing nothing) come in."""
+        worker.hold()
+        call = asyncio.ensure_future(batcher.infer(request(0.0)))
+        await worker.next_batch()
+        await arrive(arrivals, seconds / arrivals if arrivals else 0.0)
+        now[0] += 0.0 if arrivals else seconds
+        worker.release()
+        assert isinstance(await _outcome(call), InferResponse)
+        now[0] += 1.0
+
+    async def arrive(count: int, apart: float) -> None:
+        for _ in range(count):
+            now[0] += apart
+            expired = batcher.infer(request(1.0, deadline=time.time() - 1.0))
+            assert isinstance(await _outcome(asyncio.ensure_future(expired)), DeadlineExceeded)
+
+    async def probe() -> BaseException | None:
+        """Whether a request of 8 rows with 110 ms left is refused: 60 ms predicted, 75 ms
+        with the calm margin (1.25), 120 ms with the burst's (2.0)."""
+        call = asyncio.ensure_future(
+            batcher.infer(request(2.0, rows=8, deadline=time.time() + 0.110)))
+        await asyncio.sleep(0)
+        return call.exception() if call.done() else None
+
+    await batch(0.060, arrivals=16)  # a 25 ms batch ran 60 ms while 16 requests arrived
+    for _ in range(6):
+        await batch(0.025)  # the drain: at the line, nothing arriving
+    await arrive(16, 0.002)  # the next burst's first arrivals
+    assert isinstance(await probe(), Overloaded), "admitted on the calm margin in a burst"
+    now[0] += 1.0  # arrivals stopped: the calm margin again
+    assert await probe() is None
