@@ -298,13 +298,15 @@ class Batcher:
         book, latency = self._book, queue.latency
         keys = [w.key for w in workers]
         formed = sum(book.outstanding(key) - book.running_rows(key) for key in keys)
-        running_left = min(
-            (book.free_in(key, latency.predict(key, book.running_rows(key))) for key in keys),
-            default=0.0,
+        # The soonest-free worker's running batch: seconds predicted, seconds run so far.
+        running = min(
+            ((latency.predict(key, rows) or 0.0, book.running_for(key)) if rows else (0.0, 0.0)
+             for key, rows in ((key, book.running_rows(key)) for key in keys)),
+            key=lambda batch: max(0.0, batch[0] - batch[1]), default=(0.0, 0.0),
         )
         return Backlog(
             (queue.pending.rows if queued is None else queued) + formed,
-            latency.throughput(keys, queue.policy.max_batch_size), running_left,
+            latency.throughput(keys, queue.policy.max_batch_size), *running,
         )
 
     def _seed(self, queue: _Queue, workers: list[WorkerHandle]) -> None:

@@ -172,3 +172,20 @@ def test_short_batches_leave_no_margin_per_rate() -> None:
     headroom = Headroom()
     headroom.observe(RECENT_MIN_SECONDS / 10, RECENT_MIN_SECONDS, rate=480.0, now=1.0)
     assert headroom.at(_arriving(480.0, 2.0), 2.0) == HEADROOM
+
+
+def test_the_margin_stretches_the_running_batch_whole_not_only_what_is_left_of_it() -> None:
+    """0.25 s into a batch predicted at 0.3 s, on a machine running batches at 2.2x, the batch
+    ends at 0.66 s: in 0.41 s, not in 2.2 x 0.05 s. An encoder burst's 1 s requests admitted on
+    the second reckoning missed."""
+    running = Backlog(queued_rows=0, throughput=100.0, running_predicted=0.3, running_for=0.25)
+    assert running.running_left == pytest.approx(0.05)
+    assert running.clears_in() == pytest.approx(0.05)
+    assert running.clears_in(2.2) == pytest.approx(0.41)
+    overrun = Backlog(queued_rows=0, throughput=100.0, running_predicted=0.3, running_for=0.7)
+    assert overrun.clears_in(2.2) == 0.0
+    # 32 rows queued (0.32 s) and a 0.3 s batch of its own, 1 s left, a margin of 1.4:
+    # 0.17 + 0.448 + 0.42 = 1.038 s, refused (stretching only what is left: 0.938 s, admitted).
+    queued = Backlog(queued_rows=32, throughput=100.0, running_predicted=0.3, running_for=0.25)
+    assert refusal(backlog=queued, execution=0.3, slack=1.0, headroom=1.4) is not None
+    assert refusal(backlog=queued, execution=0.3, slack=1.04, headroom=1.4) is None

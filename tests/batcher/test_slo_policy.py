@@ -27,7 +27,7 @@ PREDICT = linear(1 * MS, 2 * MS)  # 1 ms per row + 2 ms
 
 # Admission ----------------------------------------------------------------------------------
 
-BACKLOG = Backlog(queued_rows=100, throughput=1000.0, running_left=0.005)
+BACKLOG = Backlog(queued_rows=100, throughput=1000.0, running_predicted=0.005)
 """100 rows ahead at 1000 rows/s (0.1 s) behind a batch ending in 5 ms: clears in 0.105 s."""
 
 
