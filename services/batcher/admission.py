@@ -18,6 +18,7 @@ as they would behind any arrival the prediction could not foresee.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -110,9 +111,11 @@ batch shares, not scheduling noise."""
 
 
 ARRIVALS_SAMPLE = 16
-"""`Arrivals.rate` is the span of the batcher's last 16 arrivals: at an encoder burst's 480
-requests per second it sees the burst within ~35 ms; at a Poisson rate it is within ±25 %
-(the sample's coefficient of variation, 1/sqrt(16)) most of the time."""
+"""`Arrivals.rate` looks at the last 16 arrivals, and at the last 8 of them: at an encoder
+burst's 480 requests per second it sees the burst within ~17 ms of its start, though the 16
+include arrivals from before a lull; at a steady Poisson rate the 16 stray by ±25 % (the
+sample's coefficient of variation, 1/sqrt(16)), and the 8 read twice the rate one time in 20."""
+ARRIVALS_ONSET = 8
 LEVEL_MEMORY_SECONDS = 120.0
 """How long `Headroom` trusts what a batch did at one arrival rate."""
 LEVEL_SAMPLE = 8
@@ -120,25 +123,43 @@ LEVEL_SAMPLE = 8
 
 
 class Arrivals:
-    """The rate requests arrive at the batcher (every version's queue: each arrival costs the
-    hops CPU, whatever it asks for), from the times of the last `ARRIVALS_SAMPLE`."""
+    """The rate requests (and their rows) arrive, from the times of the last `ARRIVALS_SAMPLE`:
+    the larger of the rate over all of them and over the last `ARRIVALS_ONSET` (a burst after
+    a lull shows at once, not once it has pushed the lull out of the sample); 0 until
+    `ARRIVALS_ONSET` requests have arrived."""
 
-    __slots__ = ("_times", "count")
+    __slots__ = ("_rows", "_times", "count")
 
     def __init__(self) -> None:
         self._times: deque[float] = deque(maxlen=ARRIVALS_SAMPLE)
+        self._rows: deque[int] = deque(maxlen=ARRIVALS_SAMPLE)
         self.count = 0
 
-    def note(self, now: float) -> None:
+    def note(self, now: float, rows: int = 1) -> None:
         self._times.append(now)
+        self._rows.append(rows)
         self.count += 1
 
     def rate(self, now: float) -> float:
-        """Requests per second: the last arrivals over the time since the oldest of them
-        (it falls by itself when arrivals stop)."""
-        if not self._times:
+        """Requests per second (it falls by itself when arrivals stop)."""
+        return self._rate(now, rows=False)
+
+    def rows_rate(self, now: float) -> float:
+        """Rows per second, over the same arrivals."""
+        return self._rate(now, rows=True)
+
+    def _rate(self, now: float, *, rows: bool) -> float:
+        times = self._times
+        held = len(times)
+        if held < ARRIVALS_ONSET:  # too few to tell a rate from two close arrivals
             return 0.0
-        return len(self._times) / max(now - self._times[0], 1e-3)
+        total = sum(self._rows) if rows else held
+        rate = total / max(now - times[0], 1e-3)
+        if held > ARRIVALS_ONSET:
+            recent = (sum(itertools.islice(self._rows, held - ARRIVALS_ONSET, held)) if rows
+                      else ARRIVALS_ONSET)
+            rate = max(rate, recent / max(now - times[held - ARRIVALS_ONSET], 1e-3))
+        return rate
 
 
 def arrival_level(rate: float) -> int:

@@ -189,3 +189,20 @@ def test_the_margin_stretches_the_running_batch_whole_not_only_what_is_left_of_i
     queued = Backlog(queued_rows=32, throughput=100.0, running_predicted=0.3, running_for=0.25)
     assert refusal(backlog=queued, execution=0.3, slack=1.0, headroom=1.4) is not None
     assert refusal(backlog=queued, execution=0.3, slack=1.04, headroom=1.4) is None
+
+
+def test_a_burst_after_a_lull_shows_in_the_rate_at_once() -> None:
+    """Eight arrivals 4.3 s before eight more came 2 ms apart: the rate is that of the eight
+    (8 over the 14 ms since the first of them), not 16 over 5 s."""
+    arrivals = Arrivals()
+    for i in range(8):
+        arrivals.note(i * 0.1)
+    for i in range(8):
+        arrivals.note(5.0 + (i + 1) * 0.002, rows=2)
+    assert arrivals.rate(5.016) == pytest.approx(8 / 0.014)
+    assert arrivals.rows_rate(5.016) == pytest.approx(2 * 8 / 0.014)
+    # Fewer than eight arrivals: no rate yet (two close ones are not a burst).
+    few = Arrivals()
+    for i in range(7):
+        few.note(i * 0.001)
+    assert few.rate(0.01) == 0.0
