@@ -18,7 +18,6 @@ as they would behind any arrival the prediction could not foresee.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -123,42 +122,32 @@ LEVEL_SAMPLE = 8
 
 
 class Arrivals:
-    """The rate requests (and their rows) arrive, from the times of the last `ARRIVALS_SAMPLE`:
-    the larger of the rate over all of them and over the last `ARRIVALS_ONSET` (a burst after
-    a lull shows at once, not once it has pushed the lull out of the sample); 0 until
-    `ARRIVALS_ONSET` requests have arrived."""
+    """The rate requests arrive at the batcher (every version's queue: each arrival costs the
+    hops CPU, whatever it asks for), from the times of the last `ARRIVALS_SAMPLE`: the larger
+    of the rate over all of them and over the last `ARRIVALS_ONSET` (a burst after a lull shows
+    at once, not once it has pushed the lull out of the sample); 0 until `ARRIVALS_ONSET`
+    requests have arrived (two close arrivals are not a burst)."""
 
-    __slots__ = ("_rows", "_times", "count")
+    __slots__ = ("_times", "count")
 
     def __init__(self) -> None:
         self._times: deque[float] = deque(maxlen=ARRIVALS_SAMPLE)
-        self._rows: deque[int] = deque(maxlen=ARRIVALS_SAMPLE)
         self.count = 0
 
-    def note(self, now: float, rows: int = 1) -> None:
+    def note(self, now: float) -> None:
         self._times.append(now)
-        self._rows.append(rows)
         self.count += 1
 
     def rate(self, now: float) -> float:
         """Requests per second (it falls by itself when arrivals stop)."""
-        return self._rate(now, rows=False)
-
-    def rows_rate(self, now: float) -> float:
-        """Rows per second, over the same arrivals."""
-        return self._rate(now, rows=True)
-
-    def _rate(self, now: float, *, rows: bool) -> float:
         times = self._times
         held = len(times)
-        if held < ARRIVALS_ONSET:  # too few to tell a rate from two close arrivals
+        if held < ARRIVALS_ONSET:
             return 0.0
-        total = sum(self._rows) if rows else held
-        rate = total / max(now - times[0], 1e-3)
+        rate = held / max(now - times[0], 1e-3)
         if held > ARRIVALS_ONSET:
-            recent = (sum(itertools.islice(self._rows, held - ARRIVALS_ONSET, held)) if rows
-                      else ARRIVALS_ONSET)
-            rate = max(rate, recent / max(now - times[held - ARRIVALS_ONSET], 1e-3))
+            onset = ARRIVALS_ONSET / max(now - times[held - ARRIVALS_ONSET], 1e-3)
+            rate = max(rate, onset)
         return rate
 
 

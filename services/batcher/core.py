@@ -100,8 +100,6 @@ class _Queue:
     """Whether a look at the queue is scheduled for the next loop turn (`_pump_soon`)."""
     headroom: Headroom = field(default_factory=Headroom)
     """Admission's margin over the latency model, measured from its recent errors."""
-    arrivals: Arrivals = field(default_factory=Arrivals)
-    """How fast this version's requests and rows arrive."""
 
 
 class Batcher:
@@ -160,9 +158,7 @@ class Batcher:
         assert request.version is not None, "the router chooses the version"
         _require_rows(request)
         queue = self._queue(request.model, request.version)
-        now = self._clock()
-        self._arrivals.note(now)
-        queue.arrivals.note(now, request.rows)
+        self._arrivals.note(self._clock())
         self._refuse_unmeetable(queue, request)
         future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
         pending = _Pending(
@@ -232,13 +228,9 @@ class Batcher:
         standing = queue.pending.standing(request.tenant, request.lane, request.deadline)
         backlog = self._backlog(queue, workers, rows_ahead(standing, request.rows))
         margin = self._margin(queue, workers)
-        # Its batch holds the rows due before it and, up to the batch size, those due after
-        # (a 1 s request ahead of queued 3 s ones runs in a full batch, not a batch of one)
-        # and those that arrive, at today's rate, before its batch is formed: the first
-        # requests of an encoder burst, arriving while a batch ran, were predicted in a batch
-        # of one and ran in a full one (0.78 s, not 0.04).
-        joining = queue.arrivals.rows_rate(self._clock()) * (backlog.clears_in(margin) or 0.0)
-        ahead = min(max(backlog.queued_rows, queue.pending.rows) + request.rows + int(joining),
+        # Its batch holds the rows due before it and, up to the batch size, those due after:
+        # a 1 s request ahead of queued 3 s ones runs in a full batch, not a batch of one.
+        ahead = min(max(backlog.queued_rows, queue.pending.rows) + request.rows,
                     queue.policy.max_batch_size)
         retry_after = refusal(
             backlog=backlog, execution=queue.latency.predict(None, ahead), slack=slack,

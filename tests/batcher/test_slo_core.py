@@ -281,33 +281,3 @@ async def test_a_burst_is_admitted_on_the_margin_the_last_burst_measured(
     now[0] += 1.0  # arrivals stopped: the calm margin again
     assert await probe() is None
 
-
-async def test_a_request_is_predicted_in_the_batch_that_the_arrivals_will_fill(
-    make_batcher: BatcherFactory,
-) -> None:
-    """A request arriving while a batch runs is batched with whatever arrives before that
-    batch ends: at a burst's rate, a full batch, not a batch of its own row (an encoder
-    burst's first 1 s requests were predicted at 0.04 s of batch and ran in 0.78 s ones)."""
-
-    async def probe(burst: bool) -> BaseException | None:
-        now = [0.0]
-        worker = _SlowStart()  # its warm-up says 20 ms + 5 ms per row: 1 row 25 ms, 8 rows 60
-        batcher = make_batcher(FakePool(worker), policy=POLICY, clock=lambda: now[0])
-        worker.hold()
-        asyncio.ensure_future(batcher.infer(request(0.0)))
-        await worker.next_batch()
-        for _ in range(8 if burst else 0):  # ~1,000 rows/s arriving (each refused on arrival)
-            now[0] += 0.001
-            expired = batcher.infer(request(1.0, deadline=time.time() - 1.0))
-            assert isinstance(await _outcome(asyncio.ensure_future(expired)), DeadlineExceeded)
-        now[0] = 0.010
-        # Behind the running batch (25 ms predicted, 10 ms run), with the 1.25 margin:
-        # 21 ms, then a batch of one row (31 ms): 52 ms; of the 8 rows a burst brings
-        # meanwhile (75 ms): 96 ms. 75 ms left.
-        call = asyncio.ensure_future(
-            batcher.infer(request(2.0, deadline=time.time() + 0.075)))
-        await asyncio.sleep(0)
-        return call.exception() if call.done() else None
-
-    assert await probe(burst=False) is None
-    assert isinstance(await probe(burst=True), Overloaded), "predicted in a batch of one"
