@@ -82,6 +82,9 @@ def unlimited_tenant(control: str, token: str) -> str:
     return str(_call(control, "POST", "/v1/tenants/goodput/keys", {}, auth)["key"])
 
 
+MODES = ("predictive", "strict", "static")
+
+
 def mode_policies(registry: str, model: str, static_delay_ms: float) -> dict[str, Any]:
     """Batching change per mode, or ``{"current": None}`` if the registry has no PATCH."""
     version, batching = _latest(registry, model)
@@ -89,7 +92,8 @@ def mode_policies(registry: str, model: str, static_delay_ms: float) -> dict[str
     if _call(registry, "PATCH", _batching_path(model, version), predictive) is None:
         return {"current": None}
     static = {"admission": "off", "max_queue_delay_ms": static_delay_ms}
-    return {"predictive": predictive, "static": static}
+    return {"predictive": predictive, "strict": {**predictive, "admission": "strict"},
+            "static": static}
 
 
 def apply_mode(registry: str, model: str, change: dict[str, Any] | None) -> None:
@@ -252,6 +256,8 @@ def measure(report: GoodputReport, target: Target, args: argparse.Namespace) -> 
     modes = mode_policies(target.registry, args.model, args.static_delay_ms)
     if "current" in modes:
         report.notes.append("the registry has no PATCH .../batching: ran the current policy only")
+    else:
+        modes = {mode: change for mode, change in modes.items() if mode in args.modes}
     capacity_args = argparse.Namespace(duration=args.capacity_duration, warmup=args.warmup)
     report.capacity = (edge_closed_loop(target, args) if target.edge
                        else closed_loop(target.gateway, args.model, capacity_args))
@@ -294,6 +300,9 @@ def _parser() -> argparse.ArgumentParser:
                              "of the same encoder mesh)")  # fmt: skip
     parser.add_argument("--loads", type=float, nargs="+", default=list(LOADS),
                         help="offered rates as multiples of the capacity")  # fmt: skip
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["predictive", "static"],
+                        help="admission modes to run, alternating per round (static: "
+                             "admission off with --static-delay-ms)")
     parser.add_argument("--static-delay-ms", type=float, default=5.0,
                         help="max_queue_delay_ms of the static batcher")  # fmt: skip
     parser.add_argument("--quick", action="store_true",

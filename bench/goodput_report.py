@@ -69,13 +69,15 @@ class GoodputReport:
         return "| " + " | ".join(cells) + " |"
 
     def ratios(self) -> dict[str, list[float]]:
-        """Goodput of ``predictive`` ÷ ``static`` per (pattern, load), one value per round."""
+        """Goodput of ``predictive`` (and ``strict``, its key prefixed) ÷ ``static`` per
+        (pattern, load), one value per round."""
         found = {(r.round, r.pattern, r.load, r.mode): r.goodput for r in self.runs}
         ratios: dict[str, list[float]] = {}
         for (round_, pattern, load, mode), goodput in found.items():
             static = found.get((round_, pattern, load, "static"))
-            if mode == "predictive" and static:
-                ratios.setdefault(f"{pattern} {load:g}x", []).append(goodput / static)
+            if mode in ("predictive", "strict") and static:
+                key = f"{'strict ' if mode == 'strict' else ''}{pattern} {load:g}x"
+                ratios.setdefault(key, []).append(goodput / static)
         return ratios
 
     def markdown(self) -> str:
@@ -87,7 +89,7 @@ class GoodputReport:
                  "| " + " | ".join(TABLE_HEADINGS) + " |", "|---" * len(TABLE_HEADINGS) + "|",
                  *(self.row(run) for run in self.runs)]  # fmt: skip
         if ratios := self.ratios():
-            lines += ["", "| goodput predictive ÷ static | per round |", "|---|---|"]
+            lines += ["", "| goodput predictive (or strict) ÷ static | per round |", "|---|---|"]
             lines += [f"| {key} | {', '.join(f'{v:.2f}' for v in values)} |"
                       for key, values in ratios.items()]  # fmt: skip
         lines += [f"\n> {note}" for note in self.notes]

@@ -97,9 +97,11 @@ worker's warm-up, run while nothing else ran, and refits only every few batches;
 gateway, router and batcher take CPU from the worker and its batches run slower than predicted
 until the model catches up (a 160-request encoder burst on 2 cores: ~100 rows/s against a
 prediction of ~130). A quarter more keeps what is admitted within its deadline."""
-MIN_HEADROOM, MAX_HEADROOM = HEADROOM, 2.5
-"""At most 2.5: in an encoder burst on 2 cores (480 requests/s arriving, most of them refused)
-the batches ran up to 2.24x their prediction (the hops took about a core)."""
+MIN_HEADROOM, MAX_HEADROOM = HEADROOM, 2.0
+STRICT_MAX_HEADROOM = 2.5
+"""`admission: strict` allows up to 2.5: in an encoder burst on 2 cores (480 requests/s
+arriving, most of them refused) the batches ran up to 2.24x their prediction (the hops took
+about a core)."""
 HEADROOM_QUANTILE = 0.9
 HEADROOM_WINDOW = 64
 HEADROOM_MIN_BATCHES = 16
@@ -158,7 +160,7 @@ def arrival_level(rate: float) -> int:
 
 class Headroom:
     """The multiplier admission applies to a predicted completion: the 90th percentile of
-    actual ÷ predicted execution over the version's last 64 batches, held within [1.25, 2.5];
+    actual ÷ predicted execution over the version's last 64 batches, held within [1.25, 2.0];
     `HEADROOM` until 16 batches have been timed.
 
     Under sustained CPU contention batches run slower than the line until it refits, and a
@@ -216,7 +218,7 @@ class Headroom:
                 for ratio, when in batches:
                     if ratio > margin and when >= since:
                         margin = ratio
-        return min(margin, MAX_HEADROOM)
+        return min(margin, STRICT_MAX_HEADROOM)
 
     def observe(self, predicted: float | None, actual: float, *, rate: float | None = None,
                 now: float = 0.0) -> None:
@@ -247,25 +249,30 @@ class Headroom:
 
 
 def refusal(*, backlog: Backlog, execution: float | None, slack: float | None,
-            enabled: bool = True, headroom: float = 1.0) -> float | None:
+            enabled: bool = True, headroom: float = 1.0, stretch: bool = False) -> float | None:
     """None to admit; else the Retry-After (seconds) of a refusal.
 
     `execution`: predicted seconds of the request's own batch; `slack`: seconds until its
     deadline (None: no deadline). Admits whenever admission is off, there is no deadline or
-    nothing is known yet; refuses when the predicted completion, every predicted time
-    stretched by `headroom` (`Backlog.clears_in`), is later than the deadline (a completion
-    exactly at the deadline is admitted).
+    nothing is known yet; refuses when the predicted completion, times `headroom`, is later
+    than the deadline (a completion exactly at the deadline is admitted). With `stretch`
+    (`admission: strict`) the running batch's whole predicted time is stretched by
+    `headroom`, less what it has run (`Backlog.clears_in`), not only what is left of it.
     """
     if not enabled or slack is None or execution is None:
         return None
-    clears = backlog.clears_in(headroom)
-    if clears is None or clears + execution * headroom <= slack:
+    clears = backlog.clears_in(headroom if stretch else 1.0)
+    if clears is None:
+        return None
+    completion = (clears + execution * headroom if stretch
+                  else (clears + execution) * headroom)
+    if completion <= slack:
         return None
     return min(max(clears, MIN_RECHECK), MAX_RETRY_AFTER)
 
 
 def displaces(*, backlog: Backlog, rows: int, execution: float | None, slack: float | None,
-              headroom: float = 1.0) -> bool:
+              headroom: float = 1.0, stretch: bool = False) -> bool:
     """Whether queuing `rows` more rows ahead of an admitted request turns its predicted
     completion late: `backlog` is what stands before it now, `execution` its batch's predicted
     seconds, `slack` the seconds to its deadline. A request already predicted late is not
@@ -278,9 +285,9 @@ def displaces(*, backlog: Backlog, rows: int, execution: float | None, slack: fl
     would refuse it behind a backlog that long. Only the request that runs last is checked:
     it has the most rows ahead, and every arrival that delays an earlier one delays it too.
     """
-    clears = backlog.clears_in(headroom)
+    clears = backlog.clears_in(headroom if stretch else 1.0)
     if clears is None or execution is None or slack is None or not backlog.throughput:
         return False
-    before = clears + execution * headroom
+    before = clears + execution * headroom if stretch else (clears + execution) * headroom
     after = before + rows / backlog.throughput * headroom
     return before <= slack < after

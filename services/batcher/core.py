@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from services.batcher.admission import (
     MAX_HEADROOM,
     RECENT_MIN_SECONDS,
+    STRICT_MAX_HEADROOM,
     Arrivals,
     Backlog,
     Headroom,
@@ -228,13 +229,14 @@ class Batcher:
         standing = queue.pending.standing(request.tenant, request.lane, request.deadline)
         backlog = self._backlog(queue, workers, rows_ahead(standing, request.rows))
         margin = self._margin(queue, workers)
+        strict = queue.policy.admission == "strict"
         # Its batch holds the rows due before it and, up to the batch size, those due after:
         # a 1 s request ahead of queued 3 s ones runs in a full batch, not a batch of one.
         ahead = min(max(backlog.queued_rows, queue.pending.rows) + request.rows,
                     queue.policy.max_batch_size)
         retry_after = refusal(
             backlog=backlog, execution=queue.latency.predict(None, ahead), slack=slack,
-            headroom=margin,
+            headroom=margin, stretch=strict,
         )
         if retry_after is None:
             retry_after = self._displacing(queue, workers, request, margin)
@@ -255,15 +257,22 @@ class Batcher:
         prediction by more (the machine is slow now; the batch's end will tell the
         Headroom, but only then: an encoder burst's first batch ran 1.5x its prediction, and
         what was admitted meanwhile on the calm margin missed)."""
-        margin = queue.headroom.at(self._arrivals, self._clock())
+        margin = self._measured_margin(queue, self._clock())
         book, latency = self._book, queue.latency
+        cap = STRICT_MAX_HEADROOM if queue.policy.admission == "strict" else MAX_HEADROOM
         for worker in workers:
             rows = book.running_rows(worker.key)
             predicted = latency.predict(worker.key, rows) if rows else None
             if predicted is not None and predicted >= RECENT_MIN_SECONDS:
-                margin = max(margin, min(book.running_for(worker.key) / predicted,
-                                         MAX_HEADROOM))
+                margin = max(margin, min(book.running_for(worker.key) / predicted, cap))
         return margin
+
+    def _measured_margin(self, queue: _Queue, now: float) -> float:
+        """The version's measured margin (`admission.Headroom`); with `admission: strict`, at
+        least the slowest recent long batch at about today's arrival rate (`Headroom.at`)."""
+        if queue.policy.admission == "strict":
+            return queue.headroom.at(self._arrivals, now)
+        return queue.headroom.value
 
     def _displacing(
         self, queue: _Queue, workers: list[WorkerHandle], request: InferRequest, margin: float
@@ -284,7 +293,8 @@ class Batcher:
         ahead = min(last_backlog.queued_rows + last.rows, queue.policy.max_batch_size)
         if not displaces(backlog=last_backlog, rows=request.rows,
                          execution=queue.latency.predict(None, ahead), slack=due - time.time(),
-                         headroom=margin):  # fmt: skip
+                         headroom=margin,
+                         stretch=queue.policy.admission == "strict"):  # fmt: skip
             return None
         # Come back once the request it would delay has left the queue.
         return min(max(last_backlog.clears_in() or 0.0, MIN_RECHECK), MAX_RETRY_AFTER)
@@ -398,7 +408,7 @@ class Batcher:
             free_in=0.0 if idle else self._book.free_in(key, running or queue.batch_seconds),
             slack=None if earliest is None else earliest - time.time(),
             predict=functools.partial(_with_margin, latency.predict, key,
-                                      queue.headroom.at(self._arrivals, now)),
+                                      self._measured_margin(queue, now)),
             behind_bulk=behind_bulk,
         )
 

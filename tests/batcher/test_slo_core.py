@@ -6,6 +6,7 @@ batches go to the worker with the fewest outstanding rows."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -242,10 +243,18 @@ async def test_a_burst_is_admitted_on_the_margin_the_last_burst_measured(
     arrivals must be judged by what the last burst's batches did at that arrival rate, not by
     the calm margin (an encoder burst's first 1 s requests, admitted on it, missed).
 
+    That is `admission: strict`; `predictive` admits on the calm margin.
+
     The batcher's clock is the test's: batch times and arrival rates are exact."""
+    for mode in ("strict", "predictive"):
+        await _burst_after_burst(make_batcher, mode)
+
+
+async def _burst_after_burst(make_batcher: BatcherFactory, mode: str) -> None:
     now = [0.0]
     worker = _SlowStart()  # its warm-up says 20 ms + 5 ms per row: 8 rows, 60 ms
-    batcher = make_batcher(FakePool(worker), policy=POLICY, clock=lambda: now[0])
+    policy = dataclasses.replace(POLICY, admission=mode)
+    batcher = make_batcher(FakePool(worker), policy=policy, clock=lambda: now[0])
 
     async def batch(seconds: float, arrivals: int = 0) -> None:
         """One request's batch, taking `seconds` by the clock while `arrivals` requests
@@ -277,6 +286,9 @@ async def test_a_burst_is_admitted_on_the_margin_the_last_burst_measured(
     for _ in range(6):
         await batch(0.025)  # the drain: at the line, nothing arriving
     await arrive(16, 0.002)  # the next burst's first arrivals
+    if mode == "predictive":
+        assert await probe() is None
+        return
     assert isinstance(await probe(), Overloaded), "admitted on the calm margin in a burst"
     now[0] += 1.0  # arrivals stopped: the calm margin again
     assert await probe() is None

@@ -173,6 +173,9 @@ def test_report_compares_modes_within_each_round() -> None:
             report.runs.append(Measurement("bursty", 2.0, mode, round_, 1.0, {0.05: outcome}))
     assert report.ratios() == {"bursty 2x": [1.5, 2.0]}
     assert "| bursty 2x | 1.50, 2.00 |" in report.markdown()
+    strict = Outcome(sent=100, on_time=30, admitted_latencies=[0.01])
+    report.runs.append(Measurement("bursty", 2.0, "strict", 0, 1.0, {0.05: strict}))
+    assert report.ratios()["strict bursty 2x"] == [0.5]
 
 
 def test_run_files_of_a_fractional_load_do_not_collide(tmp_path: Path) -> None:
@@ -276,3 +279,28 @@ def test_a_fixed_capacity_scales_the_loads_instead_of_the_measured_one(
     goodput.measure(report, target, args)
     assert report.capacity_rps == 80.0
     assert any("50.0 req/s measured" in note for note in report.notes)
+
+
+def test_modes_choose_the_admission_policies_compared(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--modes predictive strict static`: `admission: strict` beside the other two."""
+    from bench import goodput
+    from bench.result import LoadResult, Percentiles
+
+    measured = LoadResult("h2load", "closed", "encoder", "u", 10.0, 500, 0, 50.0,
+                          Percentiles.of([0.5]), concurrency=64)  # fmt: skip
+    policies = {mode: {"admission": mode} for mode in goodput.MODES}
+    monkeypatch.setattr(goodput, "mode_policies", lambda *args: policies)
+    monkeypatch.setattr(goodput, "edge_closed_loop", lambda *args: measured)
+    monkeypatch.setattr(goodput, "apply_mode", lambda *args: None)
+    monkeypatch.setattr(goodput, "SETTLE_S", 0.0)
+    ran: list[str] = []
+    monkeypatch.setattr(goodput, "one_run", lambda *args, **kwargs: ran.append(kwargs["mode"]))
+    args = goodput._parser().parse_args(["--model", "encoder", "--client", "h2", "--rounds", "1",
+                                         "--loads", "1", "--modes", "strict", "static"])
+    report = GoodputReport("x", datetime.now(UTC), model="encoder", setup="mesh",
+                           deadlines=(1.0, 3.0))  # fmt: skip
+    goodput.measure(report, goodput.Target("g", "r", tmp_path, tmp_path, edge="e"), args)
+    assert sorted(set(ran)) == ["static", "strict"]
+    assert goodput._parser().parse_args([]).modes == ["predictive", "static"]

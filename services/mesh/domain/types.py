@@ -140,9 +140,12 @@ class Signature:
         }
 
 
-ADMISSION_MODES = ("predictive", "off")
+ADMISSION_MODES = ("predictive", "strict", "off")
 """How a batcher admits a request: refuse at once one its latency model says cannot finish
-before its deadline (`predictive`), or queue everything the queue bound takes (`off`)."""
+before its deadline (`predictive`: the model times a margin from its recent errors); the
+same, judged by the slowest of the recent batches that ran while requests arrived about as
+fast as now, stretching the running batch's whole time (`strict`: fewer admitted requests
+miss in bursts, fewer are admitted); or queue everything the queue bound takes (`off`)."""
 
 
 @dataclass(frozen=True, slots=True)
