@@ -79,7 +79,7 @@ async def test_reregistering_after_a_change_is_a_no_op_that_keeps_it(
         ({"max_batch_size": "8"}, "batching: 'max_batch_size' must be an integer"),
         ({"max_batch_size": 4}, "'preferred_batch_sizes' must lie within 1..max_batch_size"),
         ({"preferred_batch_sizes": [2, "x"]}, "'preferred_batch_sizes' must be a list"),
-        ({"admission": "maybe"}, "'admission' must be one of predictive, off"),
+        ({"admission": "maybe"}, "'admission' must be one of predictive, strict, off"),
         ({"max_queue_delay_ms": -1}, "'max_queue_delay_ms' must be within"),
         ({"max_batch": 4}, "batching: unknown field 'max_batch'"),
         ({}, "batching: name at least one field"),
