@@ -264,11 +264,16 @@ def refusal(*, backlog: Backlog, execution: float | None, slack: float | None,
     clears = backlog.clears_in(headroom if stretch else 1.0)
     if clears is None:
         return None
-    completion = (clears + execution * headroom if stretch
-                  else (clears + execution) * headroom)
-    if completion <= slack:
+    if completion(clears, execution, headroom=headroom, stretch=stretch) <= slack:
         return None
     return min(max(clears, MIN_RECHECK), MAX_RETRY_AFTER)
+
+
+def completion(clears: float, execution: float, *, headroom: float, stretch: bool) -> float:
+    """Predicted seconds until a request is answered, with the margin: after the rows ahead
+    of it (`clears`, from `Backlog.clears_in`, which already stretched the backlog when
+    `stretch`) and its own batch's `execution`."""
+    return clears + execution * headroom if stretch else (clears + execution) * headroom
 
 
 def displaces(*, backlog: Backlog, rows: int, execution: float | None, slack: float | None,
@@ -288,6 +293,6 @@ def displaces(*, backlog: Backlog, rows: int, execution: float | None, slack: fl
     clears = backlog.clears_in(headroom if stretch else 1.0)
     if clears is None or execution is None or slack is None or not backlog.throughput:
         return False
-    before = clears + execution * headroom if stretch else (clears + execution) * headroom
+    before = completion(clears, execution, headroom=headroom, stretch=stretch)
     after = before + rows / backlog.throughput * headroom
     return before <= slack < after

@@ -24,6 +24,7 @@ from services.batcher.admission import (
     Arrivals,
     Backlog,
     Headroom,
+    completion,
     displaces,
     refusal,
     rows_ahead,
@@ -234,21 +235,29 @@ class Batcher:
         # a 1 s request ahead of queued 3 s ones runs in a full batch, not a batch of one.
         ahead = min(max(backlog.queued_rows, queue.pending.rows) + request.rows,
                     queue.policy.max_batch_size)
+        execution = queue.latency.predict(None, ahead)
         retry_after = refusal(
-            backlog=backlog, execution=queue.latency.predict(None, ahead), slack=slack,
-            headroom=margin, stretch=strict,
+            backlog=backlog, execution=execution, slack=slack, headroom=margin, stretch=strict,
         )
+        busy_for = None
         if retry_after is None:
             retry_after = self._displacing(queue, workers, request, margin)
             reason = "displaces_admitted"
         else:
             reason = "deadline_unmeetable"
+            # When it would be answered, by the prediction that refused it. A later request
+            # due no sooner has at least its rows ahead of it (earliest deadline first) and a
+            # batch of its own: by the same prediction, it is refused too until then.
+            clears = backlog.clears_in(margin if strict else 1.0)
+            if clears is not None and execution is not None:
+                busy_for = completion(clears, execution, headroom=margin, stretch=strict)
         if retry_after is not None:
             queue.metrics.refused(reason)
             queue.metrics.failed(Overloaded.code)
             raise Overloaded(
                 f"{queue.model}/{queue.version} cannot answer before the deadline: "
                 f"its backlog clears in {retry_after:.3f}s", retry_after=retry_after,
+                busy_for=busy_for,
             )
 
     def _margin(self, queue: _Queue, workers: list[WorkerHandle]) -> float:

@@ -117,7 +117,7 @@ async def infer(request: web.Request) -> web.Response:
                                        arrived)
         if deadline is not None:
             try:
-                core.refuse_before_reading(model, admission.spec, deadline)
+                core.refuse_before_reading(model, admission, deadline)
             except errors.InfermeshError as exc:
                 core.trace_refusal(exc, model=model, request_id=request_id,
                                    admission=admission, header=header)

@@ -311,31 +311,68 @@ class Gateway:
             return estimate
         return edge_start
 
-    def refuse_before_reading(self, model: str, spec: ModelVersion, deadline: float) -> None:
+    def refuse_before_reading(self, model: str, admission: Admission, deadline: float) -> None:
         """With a deadline its transport gave (`X-Request-Timeout`, dated from the edge's
         `X-Request-Start`), refuse a request before its body is read and decoded: 504 when the
         deadline has passed already (it waited that long in front of the gateway), 503 when
-        answers take longer now than it has left. A refusal then costs HTTP parsing and access
+        answers take longer now than it has left or its batcher would refuse it (see
+        `OverloadGuard.check_remembered`). A refusal then costs HTTP parsing and access
         checks only, so shedding load takes less from the requests being served."""
         if self._clock() >= deadline:
             self.metrics.deadline_exceeded.inc()
             raise DeadlineExceeded("deadline exceeded before the gateway read the request")
-        if spec.batching.admission != "off":
-            try:
-                self.overload.check(model, deadline)
-            except Overloaded:
-                self.metrics.overload_refusals.inc()
-                raise
+        if admission.spec.batching.admission != "off":
+            self._refuse_overloaded(model, admission.version, admission.tenant, admission.lane,
+                                    deadline)
 
     def _refuse_if_late(self, request: InferRequest) -> None:
         """Overloaded (503 + Retry-After) at once if answers for the model take longer now
-        than the request has left: it would only cost the mesh work and come back a 504."""
+        than the request has left, or its batcher would refuse it: it would only cost the
+        mesh work and come back a 503 or a 504."""
         assert request.deadline is not None, "stamped by _stamp_deadline"
+        self._refuse_overloaded(request.model, request.version, request.tenant, request.lane,
+                                request.deadline)
+
+    def _refuse_overloaded(
+        self, model: str, version: str | None, tenant: str, lane: str, deadline: float
+    ) -> None:
         try:
-            self.overload.check(request.model, request.deadline)
+            self.overload.check(model, deadline)
         except Overloaded:
             self.metrics.overload_refusals.inc()
             raise
+        if self.overload.remembers(model):
+            key = self._refusal_key(model, version, tenant, lane)
+            if key is not None:
+                try:
+                    self.overload.check_remembered(model, key, deadline)
+                except Overloaded:
+                    self.metrics.remembered_refusals.inc()
+                    raise
+
+    def _refusal_key(
+        self, model: str, version: str | None, tenant: str, lane: str
+    ) -> tuple[str, str, str] | None:
+        """(version, tenant, lane) of a request for `model` naming `version` (None: the
+        rollout's choice), when a batcher refusal of one says something of another: the
+        version is known here (named, or the rollout's only route), its answers are not
+        cached (a cached answer is served without the batcher) and one batcher serves it
+        (several queue apart). Else None: nothing is remembered or refused for it."""
+        if version is None:
+            try:
+                routes = [r for r in self._catalog.rollout(model).routes if r.weight > 0]
+            except InfermeshError:
+                return None
+            if len(routes) != 1:
+                return None
+            version = routes[0].version
+        try:
+            spec = self._catalog.version(model, version)
+        except InfermeshError:
+            return None
+        if spec.cache is not None or self._catalog.batchers(model, version) != 1:
+            return None
+        return version, tenant, lane
 
     def ensure_on_time(self, deadline: float | None) -> None:
         """Raise DeadlineExceeded (counted as a miss and a late answer avoided) when `deadline`
@@ -387,11 +424,18 @@ class Gateway:
         alarm, cancelling = _Alarm(task), task.cancelling()
         timer = asyncio.get_running_loop().call_later(left, alarm.ring)
         ticket = self.overload.started(request.model)
+        named = request.version  # the router sets the version it picks (in this process too)
         try:
             response = await self._router.infer(request)
         except asyncio.CancelledError as exc:
             if alarm.rang and task.uncancel() <= cancelling:  # else the client left too
                 raise DeadlineExceeded("deadline exceeded waiting for the model") from exc
+            raise
+        except Overloaded as exc:
+            if exc.busy_for is not None:
+                key = self._refusal_key(request.model, named, request.tenant, request.lane)
+                if key is not None:
+                    self.overload.remember(request.model, key, request.deadline, exc)
             raise
         else:
             if alarm.rang:  # the answer won the race: the cancel was ours, and is undone

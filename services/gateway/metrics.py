@@ -70,6 +70,13 @@ class GatewayMetrics:
             "left before their deadline",
             registry=self.registry,
         )
+        self.remembered_refusals = Counter(
+            "infermesh_gateway_remembered_refusals",
+            "Requests refused at once (503) because their batcher refused one of the same "
+            "version, tenant and lane due sooner, and its backlog up to their deadline has not "
+            "cleared yet: the batcher would refuse them too",
+            registry=self.registry,
+        )
         self.loop_lag = Gauge(
             "infermesh_gateway_loop_lag_seconds",
             "How late the gateway's event loop runs (a decaying maximum): about how long a "

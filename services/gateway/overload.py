@@ -18,6 +18,19 @@ A request that would be answered after its deadline if it took the current sojou
 before it costs the mesh anything: `Overloaded` (503 + Retry-After, gRPC UNAVAILABLE). As the
 refusals take load off, sojourns fall and requests are admitted again; with nothing in flight
 nothing is refused. A version whose batching says `admission: off` is never refused here.
+
+The sojourn misses one kind of overload: a compute-bound model (the encoder) whose batcher
+refuses most of a burst. Refusals come back in a millisecond and pull the mean sojourn down,
+so the gateway forwarded every request of the burst, and each one cost the gateway, the
+router and the batcher (~400 µs of CPU on 2 cores) before the batcher said no, taking those
+cores from the batches being run. So the guard also **remembers the batcher's refusals**
+(`remember`): a refusal by the latency model says when the refused request would have been
+answered, by the prediction that refused it (`Overloaded.busy_for`). Until then, a request
+for the same version, tenant and lane due at or after that deadline and before then would
+be refused by the batcher too (its rows due first include all of those, by the same
+prediction), so the gateway refuses it itself (`check_remembered`). A request due sooner is
+forwarded (with earliest-deadline-first it may stand ahead of them), and so is everything
+once the time has passed.
 """
 
 from __future__ import annotations
@@ -51,6 +64,44 @@ class _Flow:
         """Start time by ticket, oldest first (dicts keep insertion order)."""
 
 
+REMEMBERED_SPANS = 4
+"""Refused spans of deadlines kept per (version, tenant, lane): one per deadline class of a
+mixed load, about."""
+REMEMBERED_KEYS = 64
+"""Past this many (version, tenant, lane) keys of one model, a new one first forgets the
+keys whose spans have all ended (a key is otherwise forgotten when it is next checked)."""
+
+
+class _Refusals:
+    """Spans [due, until) of deadlines the batcher would refuse now, for one key."""
+
+    __slots__ = ("spans",)
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+
+    def add(self, due: float, until: float, now: float) -> None:
+        spans = [s for s in self.spans if s[1] > now]
+        for i, (start, end) in enumerate(spans):
+            if start <= until and due <= end:  # overlapping: one span covers both
+                spans[i] = (min(start, due), max(end, until))
+                break
+        else:
+            spans.append((due, until))
+            if len(spans) > REMEMBERED_SPANS:
+                spans.remove(min(spans, key=lambda s: s[1]))  # the one that ends first
+        self.spans = spans
+
+    def ended(self, now: float) -> bool:
+        return all(end <= now for _, end in self.spans)
+
+    def until(self, deadline: float, now: float) -> float | None:
+        for start, end in self.spans:
+            if start <= deadline < end and now < end:
+                return end
+        return None
+
+
 class OverloadGuard:
     """Per-model sojourns and the loop lag; `check` refuses what cannot be answered in time.
 
@@ -64,11 +115,14 @@ class OverloadGuard:
         self._clock = clock
         self._window = window
         self._flows: dict[str, _Flow] = {}
+        self._refusals: dict[str, dict[tuple[str, str, str], _Refusals]] = {}
+        """The batcher's refusals remembered: by model, then (version, tenant, lane)."""
         self._tickets = itertools.count()
         self.lag = 0.0
         """Seconds the gateway's loop runs late: how long a request waited before its
         handler ran, about."""
         self.refused = 0
+        self.refused_remembered = 0
         self._probe: asyncio.Task[None] | None = None
         self.on_lag: Callable[[float], None] | None = None
         """Called with each new lag estimate (a gauge's `set`)."""
@@ -97,6 +151,52 @@ class OverloadGuard:
                 f"now and {max(0.0, deadline - self._clock()) * 1000:.0f} ms are left",
                 retry_after=wait,
             )
+
+    def remember(self, model: str, key: tuple[str, str, str], deadline: float,
+                 refusal: Overloaded) -> None:
+        """Remember the batcher's `refusal` of a request for `model` due at `deadline`; `key`
+        is its (version, tenant, lane). Only a refusal by the latency model says how long
+        it holds (`Overloaded.busy_for`); a full queue or a displaced request does not."""
+        if refusal.busy_for is None:
+            return
+        now = self._clock()
+        until = now + refusal.busy_for
+        if until <= deadline:
+            return  # what it says covers no later deadline
+        by_key = self._refusals.setdefault(model, {})
+        remembered = by_key.get(key)
+        if remembered is None:
+            if len(by_key) >= REMEMBERED_KEYS:  # forget the tenants whose spans have ended
+                for ended in [k for k, r in by_key.items() if r.ended(now)]:
+                    del by_key[ended]
+            remembered = by_key[key] = _Refusals()
+        remembered.add(deadline, until, now)
+
+    def remembers(self, model: str) -> bool:
+        """Whether a batcher refusal is remembered for `model` (the cheap test first)."""
+        return bool(self._refusals.get(model))
+
+    def check_remembered(self, model: str, key: tuple[str, str, str], deadline: float) -> None:
+        """Raise Overloaded (with Retry-After) if a remembered refusal covers a request for
+        `model` with `key` due at `deadline` (see `remember`)."""
+        by_key = self._refusals.get(model)
+        if not by_key:
+            return
+        remembered = by_key.get(key)
+        if remembered is None:
+            return
+        now = self._clock()
+        until = remembered.until(deadline, now)
+        if until is None:
+            if remembered.ended(now):
+                del by_key[key]
+            return
+        self.refused_remembered += 1
+        raise Overloaded(
+            f"{model}/{key[0]} cannot answer before the deadline: its batcher's backlog for "
+            f"this deadline clears in {(until - now) * 1000:.0f} ms",
+            retry_after=until - now,
+        )
 
     def started(self, model: str) -> int:
         """Note a request forwarded for `model`; give its ticket to `finished`."""

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from services.batcher.metrics import BatcherMetrics
+from services.batcher.policy import MIN_RECHECK
 from services.mesh.domain.errors import DeadlineExceeded, Overloaded, Unavailable
 from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import BatchingPolicy, InferRequest, InferResponse
@@ -69,6 +70,12 @@ async def test_a_burst_past_the_deadline_is_refused_at_once_and_the_admitted_mee
             error = call.exception()
             assert isinstance(error, Overloaded) and error.retry_after is not None
             assert 0 < error.retry_after < 1.0
+            # A refusal by the latency model says when the request would have been answered
+            # (for the gateway to remember, services/gateway/overload.py): past its deadline,
+            # after its backlog clears (Retry-After).
+            assert error.busy_for is not None
+            assert error.busy_for > deadline - time.time()
+            assert error.busy_for >= error.retry_after - MIN_RECHECK
         else:
             admitted.append(call)
     outcomes = [await _outcome(call) for call in admitted]
@@ -202,6 +209,8 @@ async def test_an_earlier_due_arrival_that_would_make_an_admitted_request_late_i
     displacing = sample("infermesh_batcher_admissions_refused_total",
                         {**LABELS, "reason": "displaces_admitted"}) or 0  # fmt: skip
     assert displacing >= 3, f"{displacing} refused for displacing, {len(refused)} refused"
+    # Only a refusal by the request's own prediction says how long it holds for later ones.
+    assert sum(o.busy_for is None for o in refused) == displacing
     assert all(isinstance(o, InferResponse) for o in outcomes[:20]), "a 250 ms request failed"
     assert all(isinstance(o, InferResponse | Overloaded) for o in outcomes), outcomes
     assert worker.rows_run == len(outcomes) - len(refused)

@@ -19,7 +19,7 @@ from services.gateway.access import Access
 from services.gateway.app import create_app
 from services.gateway.core import Gateway
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.overload import OverloadGuard
+from services.gateway.overload import REMEMBERED_KEYS, OverloadGuard
 from services.mesh.domain.catalog import ModelCatalog
 from services.mesh.domain.config import StaticConfig
 from services.mesh.domain.errors import Overloaded
@@ -27,6 +27,8 @@ from services.mesh.domain.tensors import Tensor
 from services.mesh.domain.types import (
     InferRequest,
     InferResponse,
+    Rollout,
+    Route,
     Signature,
     TensorSpec,
 )
@@ -209,3 +211,123 @@ async def test_admission_off_never_refuses_at_the_gateway(slow_router: _SlowRout
         assert registry.get_sample_value("infermesh_gateway_overload_refusals_total") == 0
     finally:
         await client.close()
+
+
+# --- the batcher's refusals, remembered -----------------------------------------------------
+
+KEY = ("1", "acme", "realtime")
+
+
+def test_a_remembered_refusal_covers_later_deadlines_until_the_backlog_clears() -> None:
+    clock = Clock()
+    guard = OverloadGuard(clock=clock)
+    # Refused with 1 s left: the rows due before it clear in 2.5 s.
+    guard.remember("m", KEY, clock.now + 1.0, Overloaded("no", retry_after=2.5, busy_for=2.5))
+    assert guard.remembers("m") and not guard.remembers("other")
+    clock.now += 0.2
+    with pytest.raises(Overloaded) as refused:  # due later, before the backlog clears
+        guard.check_remembered("m", KEY, clock.now + 1.0)
+    assert refused.value.retry_after == pytest.approx(2.3)
+    assert guard.refused_remembered == 1
+    guard.check_remembered("m", KEY, clock.now + 0.5)  # due sooner: may stand ahead (EDF)
+    guard.check_remembered("m", KEY, clock.now + 2.4)  # due after the backlog clears
+    guard.check_remembered("m", ("1", "other-tenant", "realtime"), clock.now + 1.0)
+    guard.check_remembered("m", ("2", "acme", "realtime"), clock.now + 1.0)
+    guard.check_remembered("m", ("1", "acme", "bulk"), clock.now + 1.0)
+    clock.now += 2.4  # the backlog has cleared: forwarded again, and forgotten
+    guard.check_remembered("m", KEY, clock.now + 0.1)
+    assert not guard.remembers("m")
+
+
+def test_only_a_refusal_that_says_how_long_it_holds_is_remembered() -> None:
+    clock = Clock()
+    guard = OverloadGuard(clock=clock)
+    guard.remember("m", KEY, clock.now + 1.0, Overloaded("queue full", retry_after=5.0))
+    guard.remember("m", KEY, clock.now + 1.0, Overloaded("soon", retry_after=0.5, busy_for=0.5))
+    assert not guard.remembers("m")  # no `busy_for`; one that ends before its own deadline
+
+
+def test_remembered_spans_merge_and_stay_few() -> None:
+    clock = Clock()
+    guard = OverloadGuard(clock=clock)
+    guard.remember("m", KEY, clock.now + 1.0, Overloaded("a", busy_for=2.0))
+    guard.remember("m", KEY, clock.now + 1.5, Overloaded("b", busy_for=3.0))  # overlaps: merged
+    with pytest.raises(Overloaded):
+        guard.check_remembered("m", KEY, clock.now + 2.9)
+    for i in range(10):  # disjoint spans, each ending later: only the latest few are kept
+        guard.remember("m", KEY, clock.now + 10.0 * (i + 1),
+                       Overloaded("c", busy_for=10.0 * (i + 1) + 1.0))
+    with pytest.raises(Overloaded):
+        guard.check_remembered("m", KEY, clock.now + 100.5)
+    guard.check_remembered("m", KEY, clock.now + 2.9)  # the earliest-ending span was dropped
+
+
+class _RefusingRouter(_SlowRouter):
+    """Refuses as a batcher does while `busy_for` is set (seconds its backlog needs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy_for: float | None = None
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        if self.busy_for is not None:
+            self.reached += 1
+            raise Overloaded("m/1 cannot answer before the deadline", retry_after=self.busy_for,
+                             busy_for=self.busy_for)
+        return await super().infer(request)
+
+
+def _canary(records: dict[str, object]) -> dict[str, object]:
+    records["rollouts/m"] = Rollout("m", (Route("1", 90.0), Route("2", 10.0)),
+                                    fallback="1").to_json()
+    return records
+
+
+@pytest.mark.parametrize("rollout", ["stable", "canary"])
+async def test_a_batcher_refusal_refuses_later_deadlines_at_the_gateway(rollout: str) -> None:
+    """The batcher refused a request with 1 s left because its backlog needs 5 s: a request
+    due later than that one but before the backlog clears is refused by the gateway without
+    reaching the router; one due sooner, or after, is forwarded. Under a canary the gateway
+    cannot tell which version a request will get, and remembers nothing."""
+    router, registry, clock = _RefusingRouter(), CollectorRegistry(), Clock()  # time stands
+    records = model_records("m", SIGNATURE, versions=("1", "2"))
+    config = StaticConfig(_canary(records) if rollout == "canary" else records)
+    core = Gateway(ModelCatalog(config), router, access=Access(config, auth=False),
+                   metrics=GatewayMetrics(registry), clock=clock,
+                   overload=OverloadGuard(clock=clock))
+    client = TestClient(TestServer(create_app(core)))
+    await client.start_server()
+    try:
+        router.busy_for = 5.0
+        assert (await client.post("/v2/models/m/infer", json=_body(1.0))).status == 503
+        assert router.reached == 1
+        router.busy_for = None  # the batcher would admit now; the gateway does not know it
+        response = await client.post("/v2/models/m/infer", json=_body(2.0))
+        sample = registry.get_sample_value("infermesh_gateway_remembered_refusals_total")
+        if rollout == "canary":
+            assert response.status == 200 and router.reached == 2 and sample == 0
+            return
+        assert response.status == 503, await response.text()
+        assert int(response.headers["Retry-After"]) >= 1
+        assert "backlog" in (await response.json())["error"]
+        assert router.reached == 1, "a remembered refusal reached the router"
+        assert sample == 1
+        # Due sooner than the refused one (it may run ahead of its backlog), or pinned to
+        # another version, or due after the backlog clears: forwarded.
+        assert (await client.post("/v2/models/m/infer", json=_body(0.5))).status == 200
+        assert (await client.post("/v2/models/m/versions/2/infer",
+                                  json=_body(2.0))).status == 200
+        assert (await client.post("/v2/models/m/infer", json=_body(10.0))).status == 200
+        assert router.reached == 4
+    finally:
+        await client.close()
+
+
+def test_tenants_whose_refusals_ended_are_forgotten() -> None:
+    clock = Clock()
+    guard = OverloadGuard(clock=clock)
+    for i in range(200):  # 200 tenants refused once each, a second apart
+        guard.remember("m", ("1", f"t{i}", "realtime"), clock.now + 1.0,
+                       Overloaded("no", busy_for=2.0))
+        clock.now += 1.0
+    assert len(guard._refusals["m"]) <= REMEMBERED_KEYS + 2  # only those not yet ended stay

@@ -139,6 +139,17 @@ def test_every_error_round_trips_as_its_own_class(
     assert (rebuilt.message, rebuilt.retry_after) == (error.message, error.retry_after)
 
 
+@settings(max_examples=25)
+@given(text, st.none() | st.floats(0, 1e6, allow_nan=False), call_ids)
+def test_a_refusal_says_how_long_its_version_is_busy_across_a_link(
+    message: str, busy_for: float | None, call_id: int,
+) -> None:
+    error = errors.Overloaded(message, retry_after=1.0, busy_for=busy_for)
+    frame = _one_frame(_message(frames.pack(frames.ERROR, call_id, error.to_wire())))
+    rebuilt = errors.from_wire(frame.meta)
+    assert isinstance(rebuilt, errors.Overloaded) and rebuilt.busy_for == busy_for
+
+
 STRATEGIES = {"request": requests, "response": responses, "batch": batches,
               "batch_result": batch_results}
 

@@ -7,7 +7,7 @@
     ├── Unauthenticated       missing or unknown credentials
     ├── PermissionDenied      credentials valid, action not allowed
     ├── PreconditionFailed    a conditional write lost a race (a stale If-Match epoch)
-    ├── Overloaded            queue full or deadline cannot be met (retry_after)
+    ├── Overloaded            queue full or deadline cannot be met (retry_after, busy_for)
     │   └── QuotaExceeded     the tenant is over its quota (retry_after)
     ├── DeadlineExceeded      the request's deadline passed
     ├── Unavailable           no ready peer or worker right now
@@ -71,6 +71,23 @@ class PreconditionFailed(InfermeshError):
 class Overloaded(InfermeshError):
     code = "overloaded"
 
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, busy_for: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.busy_for = busy_for
+        """Set on a batcher's refusal by its latency model: seconds until the refused request
+        would have been answered, by the prediction that refused it. A request of the same
+        tenant and lane for the same version, due no sooner and before then, has at least
+        its rows ahead of it: by the same prediction it would be refused too, and the
+        gateway refuses it without forwarding it (`services.gateway.overload`)."""
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = super().to_wire()
+        if self.busy_for is not None:
+            wire["busy_for"] = self.busy_for
+        return wire
+
 
 class QuotaExceeded(Overloaded):
     code = "quota_exceeded"
@@ -113,4 +130,8 @@ def from_wire(wire: dict[str, Any]) -> InfermeshError:
     """Rebuild an error received over a link."""
     cls = _BY_CODE.get(str(wire.get("code")), InternalError)
     retry_after = wire.get("retry_after")
-    return cls(str(wire.get("message", "unknown error")), retry_after=retry_after)
+    error = cls(str(wire.get("message", "unknown error")), retry_after=retry_after)
+    busy_for = wire.get("busy_for")
+    if isinstance(error, Overloaded) and isinstance(busy_for, int | float) and busy_for >= 0:
+        error.busy_for = float(busy_for)
+    return error
