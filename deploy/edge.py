@@ -40,6 +40,13 @@ class EdgeConfig:
     max_conns: int = 512
     """Requests the edge keeps in flight at the gateway's REST port at once; past it nginx
     answers 503 with Retry-After itself, in C, for a few microseconds (see edge.conf)."""
+    model_conns: int = 128
+    """Inference requests (`/v2/models/{name}[/versions/{v}]/infer`) the edge keeps in flight
+    for one model at once; past it nginx answers 503 with Retry-After itself (0: no bound
+    per model, only `max_conns`). A few dozen keep a worker busy (a closed loop of 64 reaches
+    each demo model's capacity); more only queue in front of the gateway's loop and the
+    batcher, where a 50 ms request expired and a burst's admitted ones waited seconds
+    (docs/PERFORMANCE.md, "In flight at the gateway, bounded per model")."""
     grpc_bridge: bool = True
     """Unary gRPC ModelInfer to the gateway's REST port as HTTP/1.1 (services/gateway/
     grpc_bridge.py), not to grpc.aio: nginx parses the HTTP/2 and the call costs the gateway
@@ -61,8 +68,40 @@ def render(config: EdgeConfig, prefix: Path) -> str:
         max_conns=config.max_conns,
         grpc_upstream=config.grpc_upstream, h2c_listen=f"{config.host}:{config.h2c_port}",
         tls_listen=tls_listen, grpc_bridge=_grpc_bridge() if config.grpc_bridge else "",
+        **_model_limit(config.model_conns),
         tls_block_note=f"TLS h2 on {config.host}:{config.tls_port}" if tls else "no TLS listener",
     )
+
+
+def _model_limit(conns: int) -> dict[str, str]:
+    """The per-model bound on inference requests in flight (`limit_conn`, keyed by the model
+    in the path: under HTTP/2 nginx counts each stream as a connection; an empty key, any
+    other path, is not counted). Nothing when `conns` is 0."""
+    if conns <= 0:
+        return {"model_limit": "", "model_limit_location": "", "model_limit_answer": ""}
+    return {
+        "model_limit": (
+            "    map $uri $infermesh_infer_model {\n"
+            '        "~^/v2/models/([^/]+)(/versions/[^/]+)?/infer$" $1;\n'
+            '        default "";\n'
+            "    }\n"
+            "    limit_conn_zone $infermesh_infer_model zone=infermesh_models:1m;\n"
+            "    limit_conn_status 503;\n"
+            "    limit_conn_log_level info;\n"
+        ),
+        "model_limit_location": (
+            f"            limit_conn infermesh_models {conns};\n"
+            "            error_page 503 = @model_busy;\n"  # nginx's own 503s: the gateway's pass
+        ),
+        "model_limit_answer": (
+            "        location @model_busy {\n"
+            "            default_type application/json;\n"
+            "            add_header Retry-After 1 always;\n"
+            f"            return 503 '{{\"error\": \"overloaded: the edge has {conns} requests for "
+            "this model in flight\"}';\n"
+            "        }\n"
+        ),
+    }
 
 
 def _grpc_bridge() -> str:

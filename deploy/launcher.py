@@ -298,6 +298,9 @@ def _edge_config(host: str, gateway_port: int, grpc_port: int) -> EdgeConfig | N
         tls_port=int(os.environ.get("INFERMESH_EDGE_TLS_PORT", "8443")) if cert and key else None,
         certificate=Path(cert) if cert else None, key=Path(key) if key else None,
         grpc_bridge=os.environ.get("INFERMESH_EDGE_GRPC_BRIDGE", "1") != "0",
+        max_conns=int(os.environ.get("INFERMESH_EDGE_MAX_CONNS", str(EdgeConfig.max_conns))),
+        model_conns=int(os.environ.get("INFERMESH_EDGE_MODEL_CONNS",
+                                       str(EdgeConfig.model_conns))),
     )
 
 

@@ -444,8 +444,9 @@ class Worker:
         try:
             if self._runs_inline(key, backend):
                 return backend, _run_if_due(backend, inputs, deadline)
-            return backend, await loop.run_in_executor(
-                self._executor, _run_if_due, backend, inputs, deadline
+            # What run_in_executor does, less its per-call coroutine-function check.
+            return backend, await asyncio.wrap_future(
+                self._executor.submit(_run_if_due, backend, inputs, deadline), loop=loop
             )
         except _Expired:
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import subprocess
 import tempfile
@@ -144,6 +145,64 @@ async def test_past_max_conns_the_edge_answers_503_with_retry_after_itself(prefi
             assert refused.headers["retry-after"] == "1" and "overloaded" in refused.text
             release.set()
             assert [(await task).status_code for task in held] == [200, 200]
+    finally:
+        await asyncio.to_thread(edge.stop)
+        await runner.cleanup()
+
+
+async def test_past_model_conns_the_edge_refuses_that_models_inference_only(
+    prefix: Path,
+) -> None:
+    """The edge keeps at most `model_conns` inference requests of one model in flight (a
+    bound per model, below `max_conns`): the next one for that model is refused by nginx at
+    once; another model's inference, and the same model's metadata, still go through."""
+    release, both_in = asyncio.Event(), asyncio.Event()
+    entered = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal entered
+        if request.path.startswith("/v2/models/m/") and request.path.endswith("/infer"):
+            entered += 1
+            if entered == 2:
+                both_in.set()
+            async with asyncio.timeout(30):
+                await release.wait()
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = EdgeConfig(free_port(), f"127.0.0.1:{port}", "127.0.0.1:9", model_conns=2)
+    assert "limit_conn infermesh_models 2;" in await asyncio.to_thread(render, config, prefix)
+    assert "limit_conn" not in await asyncio.to_thread(
+        render, dataclasses.replace(config, model_conns=0), prefix)
+    edge = await asyncio.to_thread(start_edge, config, prefix / "run")
+    try:
+        base = f"http://127.0.0.1:{config.h2c_port}/v2/models"
+        # One client (one HTTP/2 connection) per request, as above: with streams held open on
+        # a connection, httpx got a later stream's answer only at its read timeout.
+        async with contextlib.AsyncExitStack() as stack:
+            first, second, third, fourth, fifth, sixth = [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(http1=False, http2=True, timeout=30))
+                for _ in range(6)
+            ]
+            held = [asyncio.create_task(first.post(f"{base}/m/infer", content=b"x")),
+                    asyncio.create_task(second.post(f"{base}/m/versions/2/infer", content=b"x"))]
+            async with asyncio.timeout(20):  # both at the upstream
+                await both_in.wait()
+            refused = await third.post(f"{base}/m/infer", content=b"x")
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert "requests for this model in flight" in refused.text
+            assert (await fourth.post(f"{base}/n/infer", content=b"x")).status_code == 200
+            assert (await fifth.get(f"{base}/m")).status_code == 200
+            release.set()
+            assert [(await task).status_code for task in held] == [200, 200]
+            assert (await sixth.post(f"{base}/m/infer", content=b"x")).status_code == 200
     finally:
         await asyncio.to_thread(edge.stop)
         await runner.cleanup()

@@ -131,6 +131,7 @@ class TorchScriptBackend:
             raise BackendError("a signature needs at least one input and one output")
         resolved = resolve_device(device_policy)
         self._device = torch.device("cuda", 0) if resolved == "cuda" else torch.device("cpu")
+        self._device_name = str(self._device)  # read per batch; str(torch.device) is not free
         self._intra_op_threads = intra_op_threads
         self._threads = intra_op_threads or _DEFAULT_THREADS
         self._single_thread_below = single_thread_below
@@ -143,7 +144,7 @@ class TorchScriptBackend:
     @property
     def device(self) -> str:
         """The torch device the model runs on, e.g. ``"cpu"`` or ``"cuda:0"``."""
-        return str(self._device)
+        return self._device_name
 
     @property
     def intra_op_threads(self) -> int:
