@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,44 @@ async def rest_upstream() -> AsyncIterator[str]:
             "body": (await request.read()).decode(),
         })
 
+    async with _serving(echo) as upstream:
+        yield upstream
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+) -> AsyncIterator[str]:
+    """An aiohttp app answering every path with `handler`, on a free port: its host:port."""
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", echo)
+    app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"127.0.0.1:{port}"
-    await runner.cleanup()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+class _Holding:
+    """An upstream handler that holds the requests whose path `holds` picks until `release`
+    is set (`two_in` once two are held) and answers the others at once."""
+
+    def __init__(self, holds: Callable[[str], bool] = lambda path: True) -> None:
+        self._holds = holds
+        self.release, self.two_in = asyncio.Event(), asyncio.Event()
+        self._entered = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self._holds(request.path):
+            self._entered += 1
+            if self._entered == 2:
+                self.two_in.set()
+            async with asyncio.timeout(30):
+                await self.release.wait()
+        return web.Response(text="done")
 
 
 def _certificate(folder: Path) -> tuple[Path, Path]:
@@ -107,25 +137,13 @@ async def test_rest_over_h2c_and_tls_h2_reaches_the_gateway_port(
 async def test_past_max_conns_the_edge_answers_503_with_retry_after_itself(prefix: Path) -> None:
     """The edge keeps at most `max_conns` requests in flight at the gateway; the next one is
     refused by nginx at once (503 + Retry-After), never queued behind them."""
-    release, both_in = asyncio.Event(), asyncio.Event()
-    entered = 0
+    upstream = _Holding()
+    async with _serving(upstream.handle) as address:
+        await _past_max_conns(prefix, address, upstream)
 
-    async def slow(request: web.Request) -> web.Response:
-        nonlocal entered
-        entered += 1
-        if entered == 2:
-            both_in.set()
-        async with asyncio.timeout(30):
-            await release.wait()
-        return web.Response(text="done")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", slow)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    config = EdgeConfig(free_port(), f"127.0.0.1:{port}", "127.0.0.1:9", max_conns=2)
+async def _past_max_conns(prefix: Path, address: str, upstream: _Holding) -> None:
+    config = EdgeConfig(free_port(), address, "127.0.0.1:9", max_conns=2)
     assert "max_conns=2;" in await asyncio.to_thread(render, config, prefix)
     edge = await asyncio.to_thread(start_edge, config, prefix / "run")
     try:
@@ -139,15 +157,14 @@ async def test_past_max_conns_the_edge_answers_503_with_retry_after_itself(prefi
             ]
             held = [asyncio.create_task(c.post(url, content=b"x")) for c in (first, second)]
             async with asyncio.timeout(20):  # both at the upstream
-                await both_in.wait()
+                await upstream.two_in.wait()
             refused = await third.post(url, content=b"x")
             assert refused.status_code == 503, refused.text
             assert refused.headers["retry-after"] == "1" and "overloaded" in refused.text
-            release.set()
+            upstream.release.set()
             assert [(await task).status_code for task in held] == [200, 200]
     finally:
         await asyncio.to_thread(edge.stop)
-        await runner.cleanup()
 
 
 async def test_past_model_conns_the_edge_refuses_that_models_inference_only(
@@ -156,26 +173,13 @@ async def test_past_model_conns_the_edge_refuses_that_models_inference_only(
     """The edge keeps at most `model_conns` inference requests of one model in flight (a
     bound per model, below `max_conns`): the next one for that model is refused by nginx at
     once; another model's inference, and the same model's metadata, still go through."""
-    release, both_in = asyncio.Event(), asyncio.Event()
-    entered = 0
+    upstream = _Holding(lambda path: path.startswith("/v2/models/m/") and path.endswith("/infer"))
+    async with _serving(upstream.handle) as address:
+        await _past_model_conns(prefix, address, upstream)
 
-    async def handler(request: web.Request) -> web.Response:
-        nonlocal entered
-        if request.path.startswith("/v2/models/m/") and request.path.endswith("/infer"):
-            entered += 1
-            if entered == 2:
-                both_in.set()
-            async with asyncio.timeout(30):
-                await release.wait()
-        return web.Response(text="done")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    config = EdgeConfig(free_port(), f"127.0.0.1:{port}", "127.0.0.1:9", model_conns=2)
+async def _past_model_conns(prefix: Path, address: str, upstream: _Holding) -> None:
+    config = EdgeConfig(free_port(), address, "127.0.0.1:9", model_conns=2)
     assert "limit_conn infermesh_models 2;" in await asyncio.to_thread(render, config, prefix)
     assert "limit_conn" not in await asyncio.to_thread(
         render, dataclasses.replace(config, model_conns=0), prefix)
@@ -193,19 +197,18 @@ async def test_past_model_conns_the_edge_refuses_that_models_inference_only(
             held = [asyncio.create_task(first.post(f"{base}/m/infer", content=b"x")),
                     asyncio.create_task(second.post(f"{base}/m/versions/2/infer", content=b"x"))]
             async with asyncio.timeout(20):  # both at the upstream
-                await both_in.wait()
+                await upstream.two_in.wait()
             refused = await third.post(f"{base}/m/infer", content=b"x")
             assert refused.status_code == 503, refused.text
             assert refused.headers["retry-after"] == "1"
             assert "requests for this model in flight" in refused.text
             assert (await fourth.post(f"{base}/n/infer", content=b"x")).status_code == 200
             assert (await fifth.get(f"{base}/m")).status_code == 200
-            release.set()
+            upstream.release.set()
             assert [(await task).status_code for task in held] == [200, 200]
             assert (await sixth.post(f"{base}/m/infer", content=b"x")).status_code == 200
     finally:
         await asyncio.to_thread(edge.stop)
-        await runner.cleanup()
 
 
 async def test_unary_grpc_goes_to_the_rest_port_with_its_status_and_metadata_as_trailers(
