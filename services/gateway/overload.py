@@ -22,8 +22,9 @@ nothing is refused. A version whose batching says `admission: off` is never refu
 The sojourn misses one kind of overload: a compute-bound model (the encoder) whose batcher
 refuses most of a burst. Refusals come back in a millisecond and pull the mean sojourn down,
 so the gateway forwarded every request of the burst, and each one cost the gateway, the
-router and the batcher (~400 µs of CPU on 2 cores) before the batcher said no, taking those
-cores from the batches being run. So the guard also **remembers the batcher's refusals**
+router and the batcher CPU, and two link round trips, before the batcher said no (on one
+machine a small share beside the encoder's own batches, docs/PERFORMANCE.md; more where the
+hops are apart). So the guard also **remembers the batcher's refusals**
 (`remember`): a refusal by the latency model says when the refused request would have been
 answered, by the prediction that refused it (`Overloaded.busy_for`). Until then, a request
 for the same version, tenant and lane due at or after that deadline and before then would
