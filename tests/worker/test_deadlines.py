@@ -129,7 +129,16 @@ async def test_over_a_link_a_batch_given_up_on_is_not_run(
     worker: Worker, backend: HeldBackend
 ) -> None:
     backend.released.clear()
-    async with served(batch_handler(worker)) as (url, _), linked_pool(
+    serve, given_up = batch_handler(worker), asyncio.Event()
+
+    async def watched(meta: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
+        try:
+            return await serve(meta, payload)
+        except asyncio.CancelledError:  # the caller's cancel reached the worker
+            given_up.set()
+            raise
+
+    async with served(watched) as (url, _), linked_pool(
         "worker", {"instance": "w1", "link": url, "models": ["m/1"]}
     ) as pool:
         [handle] = LinkedWorkerPool(pool).candidates("m", "1")
@@ -137,6 +146,10 @@ async def test_over_a_link_a_batch_given_up_on_is_not_run(
         await asyncio.to_thread(backend.running.wait, 30)
         with pytest.raises(DeadlineExceeded):
             await handle.run_batch(batch(2), timeout=0.05)  # the caller gives up at 50 ms
+        # The cancel crosses the link after the caller's timeout: on a busy machine it reached
+        # the worker after the slow batch ended, and the inference thread ran [4, 2, 1].
+        async with asyncio.timeout(30):
+            await given_up.wait()
         backend.released.set()
         await slow
         # One inference thread, first come first served: once a later batch is back, the

@@ -278,11 +278,13 @@ async def test_a_burst_past_the_deadline_is_refused_at_once_not_answered_late(
     refused = sorted(by_status.get(503, []))
     assert refused, f"nothing refused: {({s: len(t) for s, t in by_status.items()})}"
     assert all("retry-after" in h for s, _, h in outcomes if s == 503)
-    # Refused on arrival: the first quarter of the refusals comes back in a small part of the
-    # deadline. Not the median: beside two CPU hogs the refusals once came in two clusters,
-    # 0.11-0.13 s and 0.56-0.57 s (a stall of the machine mid-burst, the second cluster the
-    # larger), and the client's own 160 connections take a while on a busy machine.
-    assert refused[len(refused) // 4] < deadline_s / 2, f"first-quarter refusal {refused}"
+    # Refused on arrival: the first quarter of the refusals comes back well before the
+    # deadline (a request left to wait for it would come back at 1 s). Not the median, and
+    # not within half the deadline: beside two CPU hogs the refusals came in two clusters,
+    # 0.11-0.13 s and 0.56-0.57 s once, 5 at 0.14 s and 115 at 0.62-0.64 s another time (a
+    # stall of the machine mid-burst, the second cluster the larger), and the client's own
+    # 160 connections take a while on a busy machine.
+    assert refused[len(refused) // 4] < deadline_s * 0.75, f"first-quarter refusal {refused}"
     # Not answered late: a 504 means an admitted request missed; the latency model and the
     # gateway's sojourn refuse most of those up front. The prediction is made before the
     # burst runs, so a machine that stalls mid-burst turns admitted requests into 504s: none
