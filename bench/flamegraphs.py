@@ -21,13 +21,16 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench import proc_cpu
+from bench.cpu_per_request import _parser as system_parser
 from bench.cpu_per_request import start_system
 from bench.credentials import auth_headers
 from bench.h2load import H2LOAD
 from bench.models import DEFAULT_CACHE_DIR
 from bench.payloads import infer_path, request_body
 
-HOPS = ("gateway", "router", "batcher", "worker mlp", "fused")
+HOPS = ("gateway", "router", "batcher", "worker mlp", "fused", "plain server")
+FORMATS = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}
+"""py-spy's output formats and their files' suffixes (`raw`: collapsed stacks, one per line)."""
 PY_SPY = ".venv/bin/py-spy"
 
 
@@ -51,10 +54,10 @@ def record(system: str, args: argparse.Namespace) -> list[Path]:
             spies = []
             for label, pid in hops.items():
                 name = label.split(" (")[0].replace(" ", "-").replace("/", "-")
-                svg = args.out / f"{system}-{name}.svg"
+                svg = args.out / f"{system}-{name}.{FORMATS[args.format]}"
                 spies.append(subprocess.Popen(
                     [PY_SPY, "record", "-p", str(pid), "-d", str(args.seconds), "-r", "100",
-                     "-f", "flamegraph", "-o", str(svg)],
+                     "-f", args.format, "-o", str(svg)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
                 written.append(svg)
             for spy in spies:
@@ -72,15 +75,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default="mesh,fused")
     parser.add_argument("--infermesh", default=".venv/bin/infermesh")
     parser.add_argument("--ready-timeout", type=float, default=180.0)
+    parser.add_argument("--format", choices=sorted(FORMATS), default="flamegraph",
+                        help="py-spy's output format (raw: collapsed stacks, to sum by function)")
     args = parser.parse_args(argv)
     if args.seconds <= 0:
         parser.error("--seconds must be positive")
-    args.cache_dir, args.artifact_dir, args.plain_port = DEFAULT_CACHE_DIR, None, 8500
     args.out.mkdir(parents=True, exist_ok=True)
     for system in args.systems.split(","):
-        for svg in record(system, args):
-            print(svg, flush=True)
+        for path in record(system, system_args(args)):
+            print(path, flush=True)
     return 0
+
+
+def system_args(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with every setting `start_system` reads, at `bench.cpu_per_request`'s defaults
+    where this command has no option of its own (REST only, no edge)."""
+    defaults = system_parser().parse_args(["--infermesh", args.infermesh,
+                                           "--ready-timeout", str(args.ready_timeout)])
+    return argparse.Namespace(**{**vars(defaults), **vars(args), "cache_dir": DEFAULT_CACHE_DIR,
+                                 "artifact_dir": None, "plain_port": 8500})
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Stand-ins the worker tests share: an artifact store for backends that load nothing, and
-a worker over one stub backend, started and ready."""
+a worker over one stub backend, started and ready; a thread holding the GIL beside a test."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from services.mesh.domain.catalog import ModelCatalog
@@ -38,3 +41,24 @@ async def ready_worker(backend: Backend, signature: Signature, **options: float)
     async with asyncio.timeout(30):
         await ready.wait()
     return worker
+
+
+@contextlib.contextmanager
+def gil_held_elsewhere() -> Iterator[None]:
+    """A thread spinning in Python beside the test: whenever the test's thread releases the GIL
+    (a model's call does) it gets it back only at the next forced switch
+    (`sys.getswitchinterval()`, 5 ms), as a worker's inference thread does beside a busy event
+    loop while the process starts."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin, name="gil-spinner", daemon=True)
+    spinner.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        spinner.join()

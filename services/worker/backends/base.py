@@ -187,10 +187,13 @@ def fastest_run(
     run: Callable[[], None], *, runs: int = FASTEST_OF,
     clock: Callable[[], float] = time.perf_counter,
 ) -> float:
-    """The fastest of `runs` calls of `run`, in seconds: what the model costs, not what a busy
-    machine made it take. Backends decide their intra-op threads from it: a median read under
-    contention (the fused plane's other processes starting, another model loading) once kept
-    the mlp on two threads, whose spin-waits then cost ~130 µs a request (bimodal runs)."""
+    """The fastest of `runs` calls of `run`, in seconds of `clock`: what the model costs, not
+    what a busy machine made it take. With `clock=time.thread_time` (what backends decide their
+    intra-op threads from, on one thread: `single_thread_cost`) a run's wait for a core or
+    for the GIL is not counted at all; a wall clock counts it, and under start-up contention
+    even the fastest of 7 wall-clock runs of the mlp read 5-9 ms (a teammate thread or the
+    GIL held elsewhere), over the 1 ms line, and left it on two threads whose spin-waits then
+    cost ~130-300 µs a request."""
     fastest = float("inf")
     for _ in range(runs):
         started = clock()
@@ -198,3 +201,12 @@ def fastest_run(
         fastest = min(fastest, clock() - started)
         between_steps()
     return fastest
+
+
+def single_thread_cost(run: Callable[[], None], *,
+                       clock: Callable[[], float] = time.thread_time) -> float:
+    """The CPU seconds the fastest of `FASTEST_OF` calls of `run` takes in the calling thread,
+    for a backend set to one intra-op thread (then all the model's work runs in this thread).
+    Backends compare it with their single-thread line: a busy host cannot move it, as it moves
+    any wall-clock reading (`fastest_run`)."""
+    return fastest_run(run, clock=clock)

@@ -8,9 +8,11 @@ Session options are set for serving beside an event loop on a few cores:
 
 - intra-op threads from the worker's ``threads`` setting, never more than this process's cores;
   when the setting is 0 the warm-up decides as the TorchScript backend does: every core, or
-  one thread for a model whose largest warm-up batch takes under ``single_thread_below``
-  seconds at its fastest of 7 runs (then no thread team exists to hand work to; a median,
-  read while other processes start, would leave a small model on a spinning team);
+  one thread for a model whose largest warm-up batch costs under ``single_thread_below``
+  seconds of CPU on one thread (then no thread team exists to hand work to). The session opens
+  on one thread, the warm-up reads that CPU time (the fastest of 7 runs, in the calling
+  thread's CPU clock: waits for a core or the GIL do not count, which wall-clock readings
+  taken while other processes start did) and reopens it on every core for a larger model;
 - inter-op threads 1 and sequential execution: a batch is one graph run, nothing to overlap;
 - ``session.intra_op.allow_spinning = 0``: ONNX Runtime's pool threads otherwise spin after
   each run waiting for the next, burning the CPU the worker's event loop and the other hops
@@ -43,6 +45,7 @@ from services.worker.backends.base import (
     fastest_run,
     model_call_failed,
     sanitised_reason,
+    single_thread_cost,
     timed_sweep,
     warmup_sizes,
 )
@@ -72,7 +75,8 @@ class OnnxBackend:
     """Runs an ONNX model described by a signature (typed, or its JSON form).
 
     ``intra_op_threads`` (the worker's ``threads``; None or 0: the warm-up decides) is capped at
-    :func:`available_cores`. ``clock`` times the warm-up (a test's fake stands for a busy host).
+    :func:`available_cores`. ``clock`` times the warm-up (a test's fake stands for a busy host);
+    ``cost_clock`` reads the one-thread CPU cost the thread count is decided from.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class OnnxBackend:
         intra_op_threads: int | None = None,
         single_thread_below: float = SINGLE_THREAD_BELOW_S,
         clock: Callable[[], float] = time.perf_counter,
+        cost_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self._inputs, self._outputs = tensors_of(parse_signature(signature))
         cuda_built = CUDA_PROVIDER in ort.get_available_providers()
@@ -96,9 +101,15 @@ class OnnxBackend:
         """Why the version runs on CPU though its policy asked for CUDA (None: it does not)."""
         cores = available_cores()
         self._fixed_threads = min(intra_op_threads, cores) if intra_op_threads else None
-        self._threads = self._fixed_threads or cores
+        self._cores = cores
+        self._deciding = self._fixed_threads is None and cores > 1 and not self._cuda
+        # Deciding: opened on one thread, for the warm-up to read its cost (see warm_up).
+        self._threads = 1 if self._deciding else self._fixed_threads or cores
         self._single_thread_below = single_thread_below
-        self._clock = clock
+        self._clock, self._cost_clock = clock, cost_clock
+        self.single_thread_cost_s: float | None = None
+        """CPU seconds of the largest warm-up batch on one thread, when the warm-up decided the
+        thread count from it (None when the count is fixed, or on CUDA)."""
         self._artifact: Path | None = None
         self._session: ort.InferenceSession | None = None
         self.fastest_batch_s = float("inf")
@@ -127,22 +138,23 @@ class OnnxBackend:
 
     def warm_up(self, max_batch_size: int) -> dict[int, float]:
         """Run zero-filled batches of many sizes up to ``max_batch_size``; the median seconds
-        per size (:func:`~services.worker.backends.base.timed_sweep`). A small CPU model is
-        then reopened on one intra-op thread and swept again (see the module docstring)."""
+        per size (:func:`~services.worker.backends.base.timed_sweep`). Where the thread count
+        is the warm-up's to decide, the session (open on one thread) is first timed in CPU
+        seconds on the largest batch and reopened on every core when that is over the line
+        (see the module docstring)."""
         dummies = {
             size: {spec.name: spec.dummy(size) for spec in self._inputs}
             for size in warmup_sizes(max_batch_size)
         }
-        seconds = self._sweep(dummies)
         largest = dummies[max(dummies)]
-        fastest = fastest_run(lambda: self._run_dummy(largest), clock=self._clock)
-        if (fastest < self._single_thread_below and self._fixed_threads is None
-                and self._threads > 1 and not self._cuda):
-            self._threads = 1
-            self._session = self._open(self._loaded_artifact())
-            seconds = self._sweep(dummies)
-            fastest = fastest_run(lambda: self._run_dummy(largest), clock=self._clock)
-        self.fastest_batch_s = fastest
+        if self._deciding and self.single_thread_cost_s is None:
+            self.single_thread_cost_s = single_thread_cost(lambda: self._run_dummy(largest),
+                                                           clock=self._cost_clock)
+            if self.single_thread_cost_s >= self._single_thread_below:
+                self._threads = self._cores
+                self._session = self._open(self._loaded_artifact())
+        seconds = self._sweep(dummies)
+        self.fastest_batch_s = fastest_run(lambda: self._run_dummy(largest), clock=self._clock)
         return seconds
 
     def _sweep(self, dummies: Mapping[int, Mapping[str, npt.NDArray[Any]]]) -> dict[int, float]:

@@ -12,7 +12,8 @@ models they kept outputs bit-identical but gave no consistent CPU speedup, and
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from services.worker.backends.base import (
     BackendError,
     fastest_run,
     model_call_failed,
+    single_thread_cost,
     timed_sweep,
     warmup_sizes,
 )
@@ -106,8 +108,9 @@ class TorchScriptBackend:
     ``device_policy`` is resolved at construction (see
     :func:`~services.worker.backends.devices.resolve_device`). ``intra_op_threads`` sets torch's
     intra-op thread count for this model's batches; when None, the warm-up picks it: torch's
-    default, or one thread for a model whose largest batch takes under
-    ``single_thread_below`` seconds.
+    default, or one thread for a model whose largest batch costs under ``single_thread_below``
+    seconds of CPU on one thread (``cost_clock``, the calling thread's CPU time: a test's fake
+    stands for the model's cost).
 
     Why one thread for small models: after each parallel region OpenMP's threads spin-wait for
     the next (libgomp's default), so a model of ~50 µs a batch, run a few hundred times a
@@ -124,6 +127,7 @@ class TorchScriptBackend:
         device_policy: str = "auto",
         intra_op_threads: int | None = None,
         single_thread_below: float = SINGLE_THREAD_BELOW_S,
+        cost_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self._inputs = [_TensorSpec.parse(entry) for entry in signature["inputs"]]
         self._outputs = [_TensorSpec.parse(entry) for entry in signature["outputs"]]
@@ -135,6 +139,10 @@ class TorchScriptBackend:
         self._intra_op_threads = intra_op_threads
         self._threads = intra_op_threads or _DEFAULT_THREADS
         self._single_thread_below = single_thread_below
+        self._cost_clock = cost_clock
+        self.single_thread_cost_s: float | None = None
+        """CPU seconds of the largest warm-up batch on one thread, when the warm-up decided the
+        thread count from it (None when the count is fixed, or on CUDA)."""
         self._module: torch.jit.ScriptModule | None = None
         self.fastest_batch_s = float("inf")
         """The fastest run of the largest warm-up batch on the threads chosen (seconds; inf
@@ -177,17 +185,18 @@ class TorchScriptBackend:
             size: {spec.name: spec.dummy(size) for spec in self._inputs}
             for size in warmup_sizes(max_batch_size)
         }
-        seconds = timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies))
-        # The fastest run, not a median: see fastest_run for the contended warm-up it avoids.
         largest = dummies[max(dummies)]
+        if self._intra_op_threads is None and self._threads > 1 and not self._cuda:
+            # Decided on one thread's CPU time, which a busy host cannot inflate (see
+            # single_thread_cost): small enough, and a team's hand-off and spin cost more than
+            # they save.
+            team, self._threads = self._threads, 1
+            self.single_thread_cost_s = single_thread_cost(lambda: self._run_dummy(largest),
+                                                           clock=self._cost_clock)
+            if self.single_thread_cost_s >= self._single_thread_below:
+                self._threads = team
+        seconds = timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies))
         self.fastest_batch_s = fastest_run(lambda: self._run_dummy(largest))
-        small = self.fastest_batch_s < self._single_thread_below
-        if small and self._intra_op_threads is None and self._threads > 1 and not self._cuda:
-            # Small enough that a team's hand-off and spin cost more than they save; sweep
-            # again so the timings published are those of the batches to come.
-            self._threads = 1
-            seconds = timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies))
-            self.fastest_batch_s = fastest_run(lambda: self._run_dummy(largest))
         return seconds
 
     def _run_dummy(self, inputs: Mapping[str, npt.NDArray[Any]]) -> None:
