@@ -58,8 +58,9 @@ from bench.report import write_report
 from bench.result import Percentiles
 from bench.run_all import SETUPS, start_launcher, start_plain
 
-SYSTEMS = ("plain", "fused", "fused2", "mesh")
-"""fused2 is `infermesh up --fused --processes 2`: a core process and a front on one port."""
+SYSTEMS = ("plain", "fused", "fused2", "fused3", "mesh")
+"""fused2 is `infermesh up --fused --processes 2`: a core process and a front on one port;
+fused3 `--processes 3`: two fronts on it, and a core that only batches and runs the model."""
 MODEL = "mlp"
 PROTOCOLS = ("rest", "grpc", "rest-edge", "grpc-edge")
 EDGE_OFFSET = 2

@@ -10,6 +10,7 @@ from bench.result import Percentiles
 
 HOPS = ("nginx (edge)", "gateway", "router", "batcher", "worker",
         "fused front (gateway+router)", "fused (gateway+router+batcher+worker)",
+        "fused core (batcher+worker)",
         "plain server")  # fmt: skip
 """Data-plane processes, in request order (workers are named ``worker <model>/<version>``)."""
 STORES = ("postgres", "etcd")

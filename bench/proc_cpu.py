@@ -18,6 +18,8 @@ from typing import NamedTuple
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 FUSED_FRONT = "fused front (gateway+router)"
 """A front process of `infermesh up --fused --processes N` (deploy/fused.py)."""
+FUSED_CORE = "fused core (batcher+worker)"
+"""The core of `infermesh up --fused --processes N` when it takes no public connections."""
 MODULE_LABELS = {
     "services.gateway": "gateway", "services.router": "router", "services.batcher": "batcher",
     "services.worker": "worker", "deploy.fused": "fused (gateway+router+batcher+worker)",
@@ -105,6 +107,8 @@ def label_of(pid: int) -> str:
             label = f"worker {models}"
         if module == "deploy.fused" and _environ(pid, "INFERMESH_FUSED_ROLE") == "front":
             label = FUSED_FRONT
+        elif module == "deploy.fused" and not _core_public(pid):
+            label = FUSED_CORE
         return label
     if len(args) > 1 and Path(args[1]).name == "infermesh" and "up" in args:
         return "launcher"
@@ -130,6 +134,15 @@ def _cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
+
+
+def _core_public(pid: int) -> bool:
+    """Whether fused process `pid` (not a front) listens on the public ports: the rule of
+    deploy.fused.FusedProcess.core_serves_public, read from its environment."""
+    public = _environ(pid, "INFERMESH_FUSED_CORE_PUBLIC")
+    if public is not None:
+        return public.strip().lower() in ("1", "true", "yes", "on")
+    return int(_environ(pid, "INFERMESH_FUSED_PROCESSES") or "1") <= 2
 
 
 def _environ(pid: int, name: str) -> str | None:

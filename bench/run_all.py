@@ -113,7 +113,8 @@ def _tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-SETUPS = {"mesh": (8000, 8200), "fused": (8010, 8210), "fused2": (8020, 8220)}
+SETUPS = {"mesh": (8000, 8200), "fused": (8010, 8210), "fused2": (8020, 8220),
+          "fused3": (8030, 8230)}
 """Gateway and registry ports of each launcher, so both run side by side; the gRPC port is the
 gateway's + 1 and the control API's the registry's - 100."""
 
@@ -157,8 +158,9 @@ def start_launcher(
                    dirs_exist_ok=True)  # fmt: skip
     command = [args.infermesh, "up", "--state-dir", state_dir]
     command += ["--fused"] if setup.startswith("fused") else []
-    # fused2: two processes share the gateway's ports (a core and a front, deploy/fused.py).
-    command += ["--processes", "2"] if setup == "fused2" else []
+    # fused2: two processes share the gateway's ports (a core and a front, deploy/fused.py);
+    # fused3: two fronts share them, and the core only batches and runs the model.
+    command += ["--processes", setup[-1]] if setup in ("fused2", "fused3") else []
     url = f"http://127.0.0.1:{gateway_port}"
     env = {"INFERMESH_GATEWAY_HTTP_PORT": str(gateway_port),
            "INFERMESH_GATEWAY_GRPC_PORT": str(gateway_port + 1),

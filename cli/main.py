@@ -261,8 +261,9 @@ def _add_up(commands: Any) -> None:
     up.add_argument("--state-dir", default=".infermesh", help="default %(default)s")
     up.add_argument("--fused", action="store_true", help="run the data plane in one process")
     up.add_argument("--processes", type=int, default=None, metavar="N",
-                    help="with --fused: N processes share the gateway's ports (one batcher and "
-                    "worker in the first; the others run gateway and router); default 1")
+                    help="with --fused: N processes (one batcher and worker in the first; the "
+                    "others run gateway and router on the gateway's shared ports, and so does "
+                    "the first when N is 2); default 1")
     up.add_argument("--no-demo", action="store_true", help="do not register the demo models")
     up.add_argument("--no-auth", action="store_true",
                     help="dev mode: the gateway takes requests without an API key and applies "

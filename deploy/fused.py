@@ -10,14 +10,20 @@ and how long to drain come from the gateway's settings; every other setting of e
 is its own (tests/deploy/test_fused_settings.py checks that each one reaches its service).
 
 One event loop is one core. With `INFERMESH_FUSED_PROCESSES=N` (`infermesh up --fused
---processes N`) the launcher starts one *core* process (all four services, as above) and N-1
-*front* processes (gateway and router only), all listening on the gateway's ports with
-`SO_REUSEPORT`: the kernel spreads connections over them, and every front's router sends its
-requests over a link to the core's batcher, so batches still form across all of them (one
-batcher, one worker, one model copy). The core also serves its batcher's link and every
-process its `/metrics` on a private port of its own (the shared public port would answer for a
-random process). docs/PERFORMANCE.md has the figures that chose this over N independent fused
-processes.
+--processes N`) the launcher starts one *core* process and N-1 *front* processes (gateway and
+router only), the fronts listening on the gateway's ports with `SO_REUSEPORT`: the kernel
+spreads connections over them, and every front's router sends its requests over a link to the
+core's batcher, so batches still form across all of them (one batcher, one worker, one model
+copy). The core also serves its batcher's link and every process its `/metrics` on a private
+port of its own (the shared public port would answer for a random process).
+
+Whether the core takes public connections too (`INFERMESH_FUSED_CORE_PUBLIC`): by default it
+does with one front (N = 2: then it runs all four services) and does not from two fronts on
+(N >= 3: then it runs only the batcher and the worker). The kernel spreads connections evenly,
+and a core that also batches for every front then carries the busiest loop; with two fronts
+and a core that only batches, the three loops share the two cores' work more evenly.
+docs/PERFORMANCE.md has the figures that chose these over N independent fused processes and
+over a public core at N = 3.
 """
 
 from __future__ import annotations
@@ -75,13 +81,25 @@ class FusedProcess:
     processes: int = 1
     """Processes sharing the gateway's ports: 1 is one process with everything."""
     role: str = "core"
-    """`core` (all four services) or `front` (gateway and router, to the core's batcher)."""
+    """`core` (the batcher and the worker, and with `core_public` the gateway and router too)
+    or `front` (gateway and router, to the core's batcher)."""
+    core_public: bool | None = None
+    """Whether the core also listens on the gateway's public ports; None: with one front
+    (`processes` 2) it does, with more it does not (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if self.processes < 1:
             raise InvalidInput(f"INFERMESH_FUSED_PROCESSES must be >= 1, not {self.processes}")
         if self.role not in ("core", "front"):
             raise InvalidInput(f"INFERMESH_FUSED_ROLE must be core or front, not {self.role!r}")
+        if self.processes == 1 and self.core_public is False:
+            raise InvalidInput("INFERMESH_FUSED_CORE_PUBLIC=0 needs INFERMESH_FUSED_PROCESSES "
+                               ">= 2: one process with no public port would serve no one")
+
+    @property
+    def core_serves_public(self) -> bool:
+        """Whether the core listens on the public ports (`core_public`, or its default)."""
+        return self.core_public if self.core_public is not None else self.processes <= 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +119,8 @@ async def build_fused(
     """Build worker, batcher, router and gateway (in that order; they close in reverse through
     `stack`), each handed the next as its in-process next hop, metrics in one registry."""
     registry = CollectorRegistry()
-    worker = await build_worker(settings.worker, stack, catalog=catalog, session=session,
-                                publish_models=publish_models, registry=registry)
-    batcher = await build_batcher(settings.batcher, stack, catalog=catalog,
-                                  workers=LocalWorkerPool(worker.core), registry=registry)
+    worker, batcher = await build_batching(settings, stack, catalog=catalog, session=session,
+                                           publish_models=publish_models, registry=registry)
     router = await build_router(settings.router, stack, catalog=catalog, batcher=batcher.core,
                                 registry=registry)
     gateway = await build_gateway(settings.gateway, stack, catalog=catalog, router=router.core,
@@ -112,12 +128,30 @@ async def build_fused(
     return FusedMesh(gateway, router, batcher, worker)
 
 
+async def build_batching(
+    settings: FusedSettings, stack: contextlib.AsyncExitStack, *, catalog: ModelCatalog,
+    session: aiohttp.ClientSession, publish_models: Callable[[list[str]], None],
+    registry: CollectorRegistry,
+) -> tuple[WorkerService, BatcherService]:
+    """The worker and the batcher dispatching to it in-process, metrics in `registry`."""
+    worker = await build_worker(settings.worker, stack, catalog=catalog, session=session,
+                                publish_models=publish_models, registry=registry)
+    batcher = await build_batcher(settings.batcher, stack, catalog=catalog,
+                                  workers=LocalWorkerPool(worker.core), registry=registry)
+    return worker, batcher
+
+
 async def main() -> None:
     settings = FusedSettings.load()
     process = load_settings(FusedProcess, "fused")
     telemetry.setup_tracing("fused")
     if process.processes > 1:
-        await (serve_front if process.role == "front" else serve_core)(settings)
+        if process.role == "front":
+            await serve_front(settings)
+        elif process.core_serves_public:
+            await serve_core(settings)
+        else:
+            await serve_batching_core(settings)
         return
     async with (
         MeshNode(settings.gateway, service="gateway") as node,
@@ -158,6 +192,25 @@ async def serve_core(settings: FusedSettings) -> None:
         await node.serve(links, public=(fused.gateway.app, public), roles={
             "gateway": {"fused": True, "grpc": fused.gateway.grpc_address},
             "router": {"fused": True},
+            "batcher": {"fused": True, "link": node.link_url},
+            "worker": {"fused": True, "models": []},
+        })
+
+
+async def serve_batching_core(settings: FusedSettings) -> None:
+    """The core of a multi-process fused plane whose fronts take every public connection:
+    the batcher (on a link, for the fronts) and the worker, nothing on the public ports."""
+    async with (
+        MeshNode(_private(settings), service="gateway") as node,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        assert node.session is not None
+        _, batcher = await build_batching(
+            settings, stack, catalog=ModelCatalog(node.config), session=node.session,
+            publish_models=lambda ready: node.update_record("worker", models=ready),
+            registry=CollectorRegistry(),
+        )
+        await node.serve(batcher.link_app(node.credential), roles={
             "batcher": {"fused": True, "link": node.link_url},
             "worker": {"fused": True, "models": []},
         })

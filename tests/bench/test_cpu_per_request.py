@@ -3,6 +3,7 @@ report, and that it leaves no process behind, even when a run fails."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -119,3 +120,24 @@ def test_a_process_tree_is_found_and_named() -> None:
     finally:
         proc_cpu.kill_leftovers(proc_cpu.tree_cpu([parent.pid]))
         parent.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("env", "label"), [
+    ({"INFERMESH_FUSED_PROCESSES": "1"}, "fused (gateway+router+batcher+worker)"),
+    ({"INFERMESH_FUSED_PROCESSES": "2"}, "fused (gateway+router+batcher+worker)"),
+    ({"INFERMESH_FUSED_PROCESSES": "3"}, proc_cpu.FUSED_CORE),
+    ({"INFERMESH_FUSED_PROCESSES": "3", "INFERMESH_FUSED_CORE_PUBLIC": "1"},
+     "fused (gateway+router+batcher+worker)"),
+    ({"INFERMESH_FUSED_PROCESSES": "3", "INFERMESH_FUSED_ROLE": "front"}, proc_cpu.FUSED_FRONT),
+])
+def test_a_fused_process_is_named_by_what_it_serves(env: dict[str, str], label: str) -> None:
+    # `python -m deploy.fused` is only its command line here: the label comes from it and
+    # the environment, as the launcher sets them (deploy/fused.py's core_serves_public).
+    script = "import time; time.sleep(30)"
+    process = subprocess.Popen([sys.executable, "-c", script, "-m", "deploy.fused"],
+                               env={**os.environ, **env})
+    try:
+        assert proc_cpu.label_of(process.pid) == label
+    finally:
+        process.kill()
+        process.wait(timeout=30)

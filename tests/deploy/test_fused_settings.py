@@ -27,8 +27,8 @@ from deploy.localdeps import free_port
 from services.batcher.settings import BatcherSettings
 from services.gateway.settings import GatewaySettings
 from services.mesh.domain.catalog import ModelCatalog
-from services.mesh.domain.errors import Unavailable
-from services.mesh.infra.settings import ServiceSettings
+from services.mesh.domain.errors import InvalidInput, Unavailable
+from services.mesh.infra.settings import ServiceSettings, load_settings
 from services.predlog.spool import instance_dir_name
 from services.router.settings import RouterSettings
 from services.worker.settings import WorkerSettings
@@ -188,3 +188,20 @@ async def test_fused_services_behave_as_their_settings_say(
         # The router's prediction log spools under its own directory for this instance.
         names = await asyncio.to_thread(lambda: [p.name for p in (tmp_path / "spool").iterdir()])
         assert names == [instance_dir_name(settings.router.instance_id)]
+
+
+def test_the_core_takes_public_connections_with_one_front_only() -> None:
+    # With two or more fronts the core only batches and runs the model (deploy/fused.py):
+    # the kernel spreads connections evenly, and a core that also batched for every front
+    # carried the busiest of the three loops (docs/PERFORMANCE.md).
+    def process(**env: str) -> fused.FusedProcess:
+        return load_settings(fused.FusedProcess, "fused",
+                             {f"INFERMESH_FUSED_{k.upper()}": v for k, v in env.items()})
+
+    assert process().core_serves_public  # one process: it is the whole plane
+    assert process(processes="2").core_serves_public
+    assert not process(processes="3").core_serves_public
+    assert not process(processes="2", core_public="0").core_serves_public
+    assert process(processes="3", core_public="1").core_serves_public
+    with pytest.raises(InvalidInput, match="INFERMESH_FUSED_CORE_PUBLIC=0 needs"):
+        process(core_public="0")
