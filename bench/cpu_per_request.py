@@ -182,7 +182,9 @@ def measure(system: str, args: argparse.Namespace, logs: Path) -> list[SystemRun
 
 
 def _protocols_of(system: str, args: argparse.Namespace) -> list[str]:
-    protocols = [p for p in args.protocols.split(",") if p]
+    """`--protocols` that apply to `system`; REST alone for a bench with no such option
+    (`bench.open_tails` starts systems with `start_system` too)."""
+    protocols = [p for p in getattr(args, "protocols", "rest").split(",") if p]
     return [p for p in protocols if p == "rest" or system != "plain"]
 
 

@@ -3,13 +3,15 @@ h2load command, how a log becomes percentiles, and that bad arguments name thems
 
 from __future__ import annotations
 
+import argparse
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import orjson
 import pytest
 
-from bench import open_tails, proc_cpu
+from bench import cpu_per_request, open_tails, proc_cpu
 from bench.h2load import H2LOAD, Response
 from deploy.localdeps import free_port
 
@@ -79,3 +81,26 @@ def test_bad_fractions_and_systems_are_named(capsys: pytest.CaptureFixture[str])
         open_tails.main(["--systems", "triton"])
     with pytest.raises(SystemExit, match="--connections"):
         open_tails.main(["--systems", "plain", "--connections", "0"])
+
+
+@pytest.mark.parametrize("system", ["fused", "fused2", "fused3", "mesh"])
+def test_every_launcher_system_starts_from_the_settings_open_tails_gives(
+    system: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It once failed on the first launcher system: start_system read `args.protocols`, an
+    # option of bench.cpu_per_request only (the plain server's run above never reached it).
+    args = open_tails._parser().parse_args(["--systems", system])
+    started: list[tuple[str, dict[str, str]]] = []
+
+    def start_launcher(stack: ExitStack, args: argparse.Namespace, logs: Path, setup: str, *,
+                       extra_env: dict[str, str]) -> str:
+        started.append((setup, extra_env))
+        return "http://127.0.0.1:8000"
+
+    monkeypatch.setattr(cpu_per_request, "start_launcher", start_launcher)
+    monkeypatch.setattr(cpu_per_request, "unlimited_tenant", lambda url, token: "key")
+    monkeypatch.setattr(cpu_per_request, "remember_key", lambda url, key: None)
+    with ExitStack() as stack:
+        assert cpu_per_request.start_system(stack, system, args, tmp_path)
+    [(setup, env)] = started
+    assert setup == system and "INFERMESH_EDGE" not in env  # REST straight to the gateway

@@ -197,9 +197,11 @@ def test_the_thread_decision_holds_on_a_busy_host(tmp_path: Path) -> None:
     backend = _loaded(_Double(), tmp_path / "double.pt")
     with gil_held_elsewhere():
         backend.warm_up(8)
-    assert backend.fastest_batch_s >= SINGLE_THREAD_BELOW_S  # the host was busy: wall time says so
+    # The premise, not a timing bound: a wall clock read these runs as over the line (a
+    # busier host only lengthens them), so the decision below is the CPU clock's.
+    over_the_line = backend.fastest_batch_s >= SINGLE_THREAD_BELOW_S
+    assert over_the_line, "the spinning thread did not delay the runs: nothing tested"
     assert backend.single_thread_cost_s is not None
-    assert backend.single_thread_cost_s < SINGLE_THREAD_BELOW_S
     assert backend.intra_op_threads == 1
 
 
