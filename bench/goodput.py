@@ -286,8 +286,9 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--model", choices=sorted(SLO_CLASSES), default="mlp")
     parser.add_argument("--fused", action="store_true", help="infermesh up --fused")
-    parser.add_argument("--processes", type=int, choices=(1, 2), default=1,
-                        help="with --fused: 2 runs a core and a front process on one port")
+    parser.add_argument("--processes", type=int, choices=(1, 2, 3), default=1,
+                        help="with --fused: 2 runs a core and a front process on one port, 3 two "
+                        "fronts and a core that only batches")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=float, default=20.0,
                         help="measured s per run, to whole arrival periods (encoder: 6 s)")
@@ -330,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.loads, args.duration, args.warmup = 1, [1.0, 2.0], 3.0, 1.0
         args.capacity_duration = 3.0
     started = datetime.now(UTC)
-    if args.processes == 2 and not args.fused:
-        raise SystemExit("--processes 2 goes with --fused")
-    setup = ("fused2" if args.processes == 2 else "fused") if args.fused else "mesh"
+    if args.processes > 1 and not args.fused:
+        raise SystemExit(f"--processes {args.processes} goes with --fused")
+    setup = ("fused" if args.processes == 1 else f"fused{args.processes}") if args.fused else "mesh"
     command = shlex.join(["python", "-m", "bench.goodput", *argv])
     deadlines = SLO_CLASSES[args.model]
     report = GoodputReport(command, started, model=args.model, setup=setup, deadlines=deadlines,

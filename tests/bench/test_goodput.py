@@ -12,6 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from bench import goodput
 from bench.goodput import slo_body
 from bench.goodput_report import GoodputReport
 from bench.goodput_stats import Measurement, Outcome, Window, tally, whole_periods, window_of
@@ -304,3 +305,9 @@ def test_modes_choose_the_admission_policies_compared(
     goodput.measure(report, goodput.Target("g", "r", tmp_path, tmp_path, edge="e"), args)
     assert sorted(set(ran)) == ["static", "strict"]
     assert goodput._parser().parse_args([]).modes == ["predictive", "static"]
+
+
+@pytest.mark.parametrize("processes", ["2", "3"])
+def test_several_processes_go_with_fused_mode(processes: str) -> None:
+    with pytest.raises(SystemExit, match=f"--processes {processes} goes with --fused"):
+        goodput.main(["--processes", processes])
