@@ -137,6 +137,10 @@ def test_a_fused_process_is_named_by_what_it_serves(env: dict[str, str], label: 
     process = subprocess.Popen([sys.executable, "-c", script, "-m", "deploy.fused"],
                                env={**os.environ, **env})
     try:
+        # Until the child has exec'd, its command line is empty or the forking Python's.
+        wait_for_sync(lambda: Path(f"/proc/{process.pid}/cmdline").read_bytes(),
+                      lambda cmdline: b"deploy.fused" in cmdline,
+                      timeout=30, what="the child's exec")
         assert proc_cpu.label_of(process.pid) == label
     finally:
         process.kill()

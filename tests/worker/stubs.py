@@ -43,6 +43,20 @@ async def ready_worker(backend: Backend, signature: Signature, **options: float)
     return worker
 
 
+class RunClock:
+    """A clock under which every timed run takes `seconds`: two reads (start, end) a run.
+    As a wall clock, a busy host where every run waits; as a CPU clock, what a model costs."""
+
+    def __init__(self, seconds: float) -> None:
+        self._now, self._reads, self._seconds = 0.0, 0, seconds
+
+    def __call__(self) -> float:
+        if self._reads % 2:  # the end of a run
+            self._now += self._seconds
+        self._reads += 1
+        return self._now
+
+
 @contextlib.contextmanager
 def gil_held_elsewhere() -> Iterator[None]:
     """A thread spinning in Python beside the test: whenever the test's thread releases the GIL

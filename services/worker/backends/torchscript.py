@@ -110,7 +110,8 @@ class TorchScriptBackend:
     intra-op thread count for this model's batches; when None, the warm-up picks it: torch's
     default, or one thread for a model whose largest batch costs under ``single_thread_below``
     seconds of CPU on one thread (``cost_clock``, the calling thread's CPU time: a test's fake
-    stands for the model's cost).
+    stands for the model's cost). ``clock`` times the warm-up's published timings (a test's
+    fake stands for a busy host).
 
     Why one thread for small models: after each parallel region OpenMP's threads spin-wait for
     the next (libgomp's default), so a model of ~50 µs a batch, run a few hundred times a
@@ -127,6 +128,7 @@ class TorchScriptBackend:
         device_policy: str = "auto",
         intra_op_threads: int | None = None,
         single_thread_below: float = SINGLE_THREAD_BELOW_S,
+        clock: Callable[[], float] = time.perf_counter,
         cost_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self._inputs = [_TensorSpec.parse(entry) for entry in signature["inputs"]]
@@ -139,7 +141,7 @@ class TorchScriptBackend:
         self._intra_op_threads = intra_op_threads
         self._threads = intra_op_threads or _DEFAULT_THREADS
         self._single_thread_below = single_thread_below
-        self._cost_clock = cost_clock
+        self._clock, self._cost_clock = clock, cost_clock
         self.single_thread_cost_s: float | None = None
         """CPU seconds of the largest warm-up batch on one thread, when the warm-up decided the
         thread count from it (None when the count is fixed, or on CUDA)."""
@@ -195,8 +197,9 @@ class TorchScriptBackend:
                                                            clock=self._cost_clock)
             if self.single_thread_cost_s >= self._single_thread_below:
                 self._threads = team
-        seconds = timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies))
-        self.fastest_batch_s = fastest_run(lambda: self._run_dummy(largest))
+        seconds = timed_sweep(lambda size: self._run_dummy(dummies[size]), list(dummies),
+                              clock=self._clock)
+        self.fastest_batch_s = fastest_run(lambda: self._run_dummy(largest), clock=self._clock)
         return seconds
 
     def _run_dummy(self, inputs: Mapping[str, npt.NDArray[Any]]) -> None:
