@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import cpu_per_request, flamegraphs
+from tests.bench.launches import fake_launches
 
 
 def test_every_system_starts_from_the_settings_flamegraphs_gives(
@@ -25,17 +26,7 @@ def test_every_system_starts_from_the_settings_flamegraphs_gives(
     assert flamegraphs.main(["--out", str(tmp_path), "--systems", "mesh,plain",
                              "--format", "raw", "--infermesh", "/bin/true"]) == 0
     assert len(handed) == 2
-    started: list[tuple[str, dict[str, str]]] = []
-    monkeypatch.setattr(cpu_per_request, "start_plain", lambda stack, args, logs: "http://p")
-
-    def start_launcher(stack: ExitStack, args: argparse.Namespace, logs: Path, system: str, *,
-                       extra_env: dict[str, str]) -> str:
-        started.append((system, extra_env))
-        return "http://127.0.0.1:8000"
-
-    monkeypatch.setattr(cpu_per_request, "start_launcher", start_launcher)
-    monkeypatch.setattr(cpu_per_request, "unlimited_tenant", lambda url, token: "key")
-    monkeypatch.setattr(cpu_per_request, "remember_key", lambda url, key: None)
+    started = fake_launches(monkeypatch)
     with ExitStack() as stack:
         for system, args in zip(("mesh", "plain"), handed, strict=True):
             assert cpu_per_request.start_system(stack, system, args, tmp_path)

@@ -3,7 +3,6 @@ h2load command, how a log becomes percentiles, and that bad arguments name thems
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from bench import cpu_per_request, open_tails, proc_cpu
 from bench.h2load import H2LOAD, Response
 from deploy.localdeps import free_port
+from tests.bench.launches import fake_launches
 
 needs_h2load = pytest.mark.skipif(shutil.which(H2LOAD) is None,
                                   reason="h2load (nghttp2-client) not installed")  # fmt: skip
@@ -90,16 +90,7 @@ def test_every_launcher_system_starts_from_the_settings_open_tails_gives(
     # It once failed on the first launcher system: start_system read `args.protocols`, an
     # option of bench.cpu_per_request only (the plain server's run above never reached it).
     args = open_tails._parser().parse_args(["--systems", system])
-    started: list[tuple[str, dict[str, str]]] = []
-
-    def start_launcher(stack: ExitStack, args: argparse.Namespace, logs: Path, setup: str, *,
-                       extra_env: dict[str, str]) -> str:
-        started.append((setup, extra_env))
-        return "http://127.0.0.1:8000"
-
-    monkeypatch.setattr(cpu_per_request, "start_launcher", start_launcher)
-    monkeypatch.setattr(cpu_per_request, "unlimited_tenant", lambda url, token: "key")
-    monkeypatch.setattr(cpu_per_request, "remember_key", lambda url, key: None)
+    started = fake_launches(monkeypatch)
     with ExitStack() as stack:
         assert cpu_per_request.start_system(stack, system, args, tmp_path)
     [(setup, env)] = started
