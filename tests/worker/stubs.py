@@ -48,12 +48,12 @@ class RunClock:
     As a wall clock, a busy host where every run waits; as a CPU clock, what a model costs."""
 
     def __init__(self, seconds: float) -> None:
-        self._now, self._reads, self._seconds = 0.0, 0, seconds
+        self._now, self.reads, self._seconds = 0.0, 0, seconds
 
     def __call__(self) -> float:
-        if self._reads % 2:  # the end of a run
+        if self.reads % 2:  # the end of a run
             self._now += self._seconds
-        self._reads += 1
+        self.reads += 1
         return self._now
 
 

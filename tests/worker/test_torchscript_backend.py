@@ -204,10 +204,16 @@ def test_the_thread_decision_reads_one_threads_cpu_not_a_busy_hosts_wall_clock(
     assert busy.intra_op_threads == 1 and busy.single_thread_cost_s is not None
     assert max(timings.values()) == pytest.approx(0.01)  # published: the wall clock's
     # ... and a model that costs 10 ms of CPU a batch keeps its team.
-    costly = TorchScriptBackend(SIGNATURE, device_policy="cpu", cost_clock=RunClock(0.01))
+    cost = RunClock(0.01)
+    costly = TorchScriptBackend(SIGNATURE, device_policy="cpu", cost_clock=cost)
     costly.load(tmp_path / "double.pt")
     costly.warm_up(8)
     assert costly.intra_op_threads > 1  # torch's default team (see the skipif)
+    # A later warm-up (a bigger max_batch_size, while serving) keeps the decision: it does
+    # not run the model's batches on one thread again to re-read it.
+    reads = cost.reads
+    costly.warm_up(16)
+    assert cost.reads == reads and costly.intra_op_threads > 1
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs one thread here anyway")

@@ -188,7 +188,8 @@ class TorchScriptBackend:
             for size in warmup_sizes(max_batch_size)
         }
         largest = dummies[max(dummies)]
-        if self._intra_op_threads is None and self._threads > 1 and not self._cuda:
+        deciding = self._intra_op_threads is None and self._threads > 1 and not self._cuda
+        if deciding and self.single_thread_cost_s is None:  # once: a re-warm-up keeps it
             # Decided on one thread's CPU time, which a busy host cannot inflate (see
             # single_thread_cost): small enough, and a team's hand-off and spin cost more than
             # they save.
