@@ -22,6 +22,7 @@ _OPTIONS = {
     "max_batch_size": "max_batch_size", "max_queue_delay_ms": "max_queue_delay_ms",
     "preferred": "preferred_batch_sizes", "max_queue_size": "max_queue_size",
     "default_timeout_ms": "default_timeout_ms", "admission": "admission",
+    "edge_inflight": "edge_inflight",
 }
 """Command-line destination → batching field."""
 
@@ -50,11 +51,25 @@ def timeout_ms(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of ms or 'none'") from None
 
 
+def inflight_bound(text: str) -> int | None:
+    """A count >= 1, or `default` for the edge's own bound."""
+    if text.lower() == "default":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count or 'default'") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1 (or 'default')")
+    return count
+
+
 def batching_text(record: dict[str, Any]) -> str:
     """The queue policy of a version record, one line per field."""
     policy = record["batching"]
     preferred = ",".join(map(str, policy["preferred_batch_sizes"])) or "any"
     timeout = policy["default_timeout_ms"]
+    inflight = policy.get("edge_inflight")
     return "\n".join([
         f"queue policy of {record['model']} version {record['version']}",
         f"  max batch size      {policy['max_batch_size']}",
@@ -63,6 +78,7 @@ def batching_text(record: dict[str, Any]) -> str:
         f"  max queue size      {policy['max_queue_size']} rows",
         f"  default timeout     {'none' if timeout is None else f'{timeout:g} ms'}",
         f"  admission           {policy['admission']}",
+        f"  edge in flight      {'the edge default' if inflight is None else inflight}",
     ])
 
 
@@ -100,4 +116,7 @@ def add_batching_command(
     command.add_argument("--default-timeout-ms", type=timeout_ms, default=_UNSET,
                          metavar="MS|none", help="deadline of a request that names none")
     command.add_argument("--admission", choices=ADMISSION_MODES, default=_UNSET)
+    command.add_argument("--edge-inflight", type=inflight_bound, default=_UNSET,
+                         metavar="N|default",
+                         help="the model's inference requests the edge lets in flight")
     command.set_defaults(run=with_registry(_cmd_models_batching))

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -47,6 +48,9 @@ class EdgeConfig:
     each demo model's capacity); more only queue in front of the gateway's loop and the
     batcher, where a 50 ms request expired and a burst's admitted ones waited seconds
     (docs/PERFORMANCE.md, "In flight at the gateway, bounded per model")."""
+    model_bounds: tuple[tuple[str, int], ...] = ()
+    """(model, bound) pairs overriding `model_conns` for those models: the registry's
+    `edge_inflight` (deploy/edge_bounds.py keeps a running edge's equal to it)."""
     grpc_bridge: bool = True
     """Unary gRPC ModelInfer to the gateway's REST port as HTTP/1.1 (services/gateway/
     grpc_bridge.py), not to grpc.aio: nginx parses the HTTP/2 and the call costs the gateway
@@ -68,37 +72,58 @@ def render(config: EdgeConfig, prefix: Path) -> str:
         max_conns=config.max_conns,
         grpc_upstream=config.grpc_upstream, h2c_listen=f"{config.host}:{config.h2c_port}",
         tls_listen=tls_listen, grpc_bridge=_grpc_bridge() if config.grpc_bridge else "",
-        **_model_limit(config.model_conns),
+        **_model_limit(config.model_conns, dict(config.model_bounds)),
         tls_block_note=f"TLS h2 on {config.host}:{config.tls_port}" if tls else "no TLS listener",
     )
 
 
-def _model_limit(conns: int) -> dict[str, str]:
-    """The per-model bound on inference requests in flight (`limit_conn`, keyed by the model
+def _model_limit(default: int, bounds: Mapping[str, int]) -> dict[str, str]:
+    """The per-model bounds on inference requests in flight (`limit_conn`, keyed by the model
     in the path: under HTTP/2 nginx counts each stream as a connection; an empty key, any
-    other path, is not counted). Nothing when `conns` is 0."""
-    if conns <= 0:
+    other path or model, is not counted): `bounds[model]` for the models named there, and
+    `default` for every other (0: none); nothing when no model is bounded."""
+    own: dict[str, int] = {}
+    for model, n in bounds.items():
+        # nginx's map matches strings without case: models named alike share the larger.
+        own[model.lower()] = max(n, own.get(model.lower(), 0))
+    own = {model: n for model, n in sorted(own.items()) if n > 0 and n != default}
+    if default <= 0 and not own:
         return {"model_limit": "", "model_limit_location": "", "model_limit_answer": ""}
+    http = [
+        "    map $uri $infermesh_infer_model {",
+        '        "~^/v2/models/([^/]+)(/versions/[^/]+)?/infer$" $1;',
+        '        default "";',
+        "    }",
+        "    map $infermesh_infer_model $infermesh_model_bound {",
+        *(f'        "{model}" {n};' for model, n in own.items()),
+        f"        default {default};",
+        "    }",
+    ]
+    location = []
+    if default > 0:
+        http += ["    map $infermesh_infer_model $infermesh_model_default {",
+                 *(f'        "{model}" "";' for model in own),
+                 "        default $infermesh_infer_model;", "    }",
+                 "    limit_conn_zone $infermesh_model_default zone=infermesh_models:1m;"]
+        location.append(f"            limit_conn infermesh_models {default};")
+    # A zone per model, named after it: a reload that changes the bound reuses the zone, so
+    # the requests already in flight still count against the new bound.
+    for index, (model, n) in enumerate(own.items()):
+        http += [f"    map $infermesh_infer_model $infermesh_model_{index} {{",
+                 f'        "{model}" $infermesh_infer_model;', '        default "";', "    }",
+                 f"    limit_conn_zone $infermesh_model_{index} zone=infermesh_model_{model}:64k;"]
+        location.append(f"            limit_conn infermesh_model_{model} {n};")
+    http += ["    limit_conn_status 503;", "    limit_conn_log_level info;"]
+    location.append("            error_page 503 = @model_busy;")  # nginx's own 503s only
     return {
-        "model_limit": (
-            "    map $uri $infermesh_infer_model {\n"
-            '        "~^/v2/models/([^/]+)(/versions/[^/]+)?/infer$" $1;\n'
-            '        default "";\n'
-            "    }\n"
-            "    limit_conn_zone $infermesh_infer_model zone=infermesh_models:1m;\n"
-            "    limit_conn_status 503;\n"
-            "    limit_conn_log_level info;\n"
-        ),
-        "model_limit_location": (
-            f"            limit_conn infermesh_models {conns};\n"
-            "            error_page 503 = @model_busy;\n"  # nginx's own 503s: the gateway's pass
-        ),
+        "model_limit": "\n".join(http) + "\n",
+        "model_limit_location": "\n".join(location) + "\n",
         "model_limit_answer": (
             "        location @model_busy {\n"
             "            default_type application/json;\n"
             "            add_header Retry-After 1 always;\n"
-            f"            return 503 '{{\"error\": \"overloaded: the edge has {conns} requests for "
-            "this model in flight\"}';\n"
+            "            return 503 '{\"error\": \"overloaded: the edge has $infermesh_model_bound "
+            "requests for this model in flight\"}';\n"
             "        }\n"
         ),
     }
@@ -156,6 +181,54 @@ class Edge:
             time.sleep(0.05)
 
 
+    def reload(self, config: EdgeConfig) -> None:
+        """Run with `config` from now on (nginx's reload: the new configuration is checked
+        first, and a rejected one leaves the running one in place, raising with nginx's
+        words); returns once every old worker has stopped taking connections, so each new
+        one gets `config`. Requests in flight finish on the old workers (an HTTP/2 client
+        there gets GOAWAY naming its streams as still served)."""
+        binary = nginx_binary()
+        assert binary is not None, "a running edge has an nginx"
+        candidate = self.prefix / "nginx.conf.next"
+        candidate.write_text(render(config, self.prefix))
+        _check(binary, candidate, self.prefix)
+        candidate.replace(self.prefix / "nginx.conf")
+        old = _children(self.process.pid)
+        self.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not (_children(self.process.pid) - old
+                   and all(_shutting_down(pid) for pid in old)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("nginx did not reload: "
+                                   f"{(self.prefix / 'error.log').read_text()[-2000:]}")
+            time.sleep(0.01)
+
+
+def _children(pid: int) -> set[int]:
+    """The processes `pid` started (nginx's master: its workers)."""
+    try:
+        return set(map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()))
+    except OSError:
+        return set()
+
+
+def _shutting_down(pid: int) -> bool:
+    """Whether nginx worker `pid` has exited or is past taking connections: a worker sets
+    this title on the master's graceful stop, then closes its listening sockets."""
+    try:
+        return b"shutting down" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+
+
+def _check(binary: str, conf: Path, prefix: Path) -> None:
+    """RuntimeError with nginx's words unless nginx accepts `conf`."""
+    check = subprocess.run([binary, "-t", "-q", "-c", str(conf), "-p", str(prefix)],
+                           capture_output=True, text=True)  # fmt: skip
+    if check.returncode != 0:
+        raise RuntimeError(f"nginx rejected {conf}: {check.stderr.strip()}")
+
+
 def start_edge(config: EdgeConfig, prefix: Path) -> Edge:
     """Render the config under `prefix` and start nginx; raises with its log on failure."""
     binary = nginx_binary()
@@ -164,10 +237,7 @@ def start_edge(config: EdgeConfig, prefix: Path) -> Edge:
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(render(config, prefix))
-    check = subprocess.run([binary, "-t", "-q", "-c", str(conf), "-p", str(prefix)],
-                           capture_output=True, text=True)  # fmt: skip
-    if check.returncode != 0:
-        raise RuntimeError(f"nginx rejected {conf}: {check.stderr.strip()}")
+    _check(binary, conf, prefix)
     log = (prefix / "nginx.out").open("ab")
     process = subprocess.Popen([binary, "-c", str(conf), "-p", str(prefix)], stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip

@@ -41,6 +41,7 @@ from deploy.banner import OFF, BannerFacts, banner
 from deploy.child_env import BindHosts, ChildSecrets, child_env, dial, service_of
 from deploy.demo_tenant import ensure_demo_key
 from deploy.edge import Edge, EdgeConfig, nginx_binary, start_edge
+from deploy.edge_bounds import EdgeBounds
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
 from deploy.secrets import ensure_mesh_credential
 from deploy.supervisor import Supervised
@@ -71,6 +72,7 @@ class Launcher:
         self.edge = _edge_config(BindHosts.from_env(os.environ).public, self.gateway_port,
                                  self.grpc_port)
         self._edge: Edge | None = None
+        self._edge_bounds: EdgeBounds | None = None
         self.prefix = os.environ.get("INFERMESH_ETCD_PREFIX", "/infermesh/")
         self._etcd: LocalEtcd | None = None
         self._postgres: LocalPostgres | None = None
@@ -164,6 +166,11 @@ class Launcher:
                 config.subscribe(fleet.ensure)
                 fleet.ensure()
             await self._start_edge()
+            if self._edge is not None and self.edge is not None:
+                # The registry's `edge_inflight` per model, applied by reloading nginx.
+                self._edge_bounds = EdgeBounds(self._edge.reload, self.edge, config)
+                config.subscribe(self._edge_bounds.changed)
+                self._edge_bounds.changed()
             async with aiohttp.ClientSession() as session:
                 models = await self._register_demo_models(session) if self.demo else []
                 await self._wait_ready(session, stop, models)
@@ -171,6 +178,8 @@ class Launcher:
         finally:
             if self._fleet is not None:
                 await self._fleet.aclose()
+            if self._edge_bounds is not None:
+                await self._edge_bounds.aclose()
             await config.aclose()
             await etcd.close()
             if self._edge is not None:

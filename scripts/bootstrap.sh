@@ -19,6 +19,8 @@ have_pg_ctl || missing+=(postgresql)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+# curl: an HTTP/2 client that honours GOAWAY (tests/deploy/test_edge.py reloads nginx under it).
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 # kubectl 1.20 (`kubectl kustomize` renders deploy/k8s in tests); any kubectl already here will do.
 command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)

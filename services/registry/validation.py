@@ -99,6 +99,7 @@ def _check_batching_type(field: str, value: Any) -> None:
         ),
         "admission": ("a string", lambda v: isinstance(v, str)),
         "batchers": ("an integer", integer),
+        "edge_inflight": ("an integer or null", lambda v: v is None or integer(v)),
     }
     if field in expected and not expected[field][1](value):
         raise InvalidInput(f"batching: '{field}' must be {expected[field][0]}")

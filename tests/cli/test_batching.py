@@ -41,17 +41,24 @@ async def test_models_batching_changes_only_the_fields_given(
     assert published == {
         "max_batch_size": 8, "max_queue_delay_ms": 2.0, "max_queue_size": 4096,
         "preferred_batch_sizes": [4, 8], "default_timeout_ms": 250.0, "admission": "off",
-        "batchers": 1,
+        "batchers": 1, "edge_inflight": None,
     }
     code = await asyncio.to_thread(main, [
         "models", "batching", "iris", "1", "--default-timeout-ms", "none",
-        "--max-queue-delay-ms", "5", "--max-queue-size", "64", "--json", "--registry", url,
+        "--max-queue-delay-ms", "5", "--max-queue-size", "64", "--edge-inflight", "48",
+        "--json", "--registry", url,
     ])
     assert code == 0
     record = orjson.loads(capsys.readouterr().out)
     assert record == await harness.etcd_json("models/iris/1")
     assert record["batching"]["default_timeout_ms"] is None
     assert record["batching"]["max_queue_size"] == 64
+    assert record["batching"]["edge_inflight"] == 48
+    code = await asyncio.to_thread(main, [
+        "models", "batching", "iris", "1", "--edge-inflight", "default", "--registry", url,
+    ])
+    assert code == 0 and "edge in flight      the edge default" in capsys.readouterr().out
+    assert (await harness.etcd_json("models/iris/1"))["batching"]["edge_inflight"] is None
     assert record["batching"]["max_batch_size"] == 8
 
 

@@ -26,6 +26,7 @@ from deploy.localdeps import free_port
 from services.gateway import grpc_bridge, rest
 from services.gateway.app import create_app
 from tests.gateway.echo import EchoRouter, echo_gateway
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -77,6 +78,11 @@ class _Holding:
         self._holds = holds
         self.release, self.two_in = asyncio.Event(), asyncio.Event()
         self._entered = 0
+
+    async def held(self, count: int) -> None:
+        """Until `count` requests have been held (in all)."""
+        await wait_for(lambda: self._entered, lambda n: n >= count, timeout=20,
+                       what=f"{count} requests held at the upstream", interval=0.01)
 
     async def handle(self, request: web.Request) -> web.Response:
         if self._holds(request.path):
@@ -209,6 +215,82 @@ async def _past_model_conns(prefix: Path, address: str, upstream: _Holding) -> N
             assert (await sixth.post(f"{base}/m/infer", content=b"x")).status_code == 200
     finally:
         await asyncio.to_thread(edge.stop)
+
+
+def test_a_model_with_its_own_bound_gets_a_zone_of_its_own(prefix: Path) -> None:
+    """Models named in `model_bounds` are counted in a zone of their own (named after the
+    model, so a reload keeps its count) and left out of the default's; names alike but for
+    case share the larger bound (nginx's map ignores case)."""
+    config = EdgeConfig(8080, "a:1", "b:2", model_conns=128,
+                        model_bounds=(("mlp", 64), ("MLP", 32), ("enc.v-2", 256), ("same", 128)))
+    text = render(config, prefix)
+    assert "limit_conn infermesh_models 128;" in text
+    assert "limit_conn infermesh_model_mlp 64;" in text
+    assert "limit_conn infermesh_model_enc.v-2 256;" in text
+    assert "infermesh_model_same" not in text and "MLP" not in text  # the default / merged
+    assert '"mlp" "";' in text and '"enc.v-2" "";' in text  # not in the default zone
+    alone = render(dataclasses.replace(config, model_conns=0), prefix)
+    assert "limit_conn infermesh_models " not in alone  # the others unbounded
+    assert "limit_conn infermesh_model_mlp 64;" in alone
+    assert "limit_conn" not in render(
+        dataclasses.replace(config, model_conns=0, model_bounds=()), prefix)
+
+
+async def test_a_reload_changes_a_models_bound_and_keeps_its_requests_in_flight_counted(
+    prefix: Path,
+) -> None:
+    """A model bounded on its own (1 here, the others not at all) is refused past it; a reload
+    to 2 lets one more in, not two (the one in flight still counts); a configuration nginx
+    rejects leaves the running one serving. The requests held across the reload go through
+    curl: nginx's old worker sends their HTTP/2 connections GOAWAY naming the stream as still
+    served, which httpcore fails anyway (a client's bug; curl, h2load and grpc wait)."""
+    upstream = _Holding(lambda path: path.endswith("/infer"))
+    async with _serving(upstream.handle) as address:
+        await _reloaded_bound(prefix, address, upstream)
+
+
+async def _reloaded_bound(prefix: Path, address: str, upstream: _Holding) -> None:
+    config = EdgeConfig(free_port(), address, "127.0.0.1:9", model_conns=0,
+                        model_bounds=(("m", 1),))
+    edge = await asyncio.to_thread(start_edge, config, prefix / "run")
+    try:
+        base = f"http://127.0.0.1:{config.h2c_port}/v2/models"
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(
+                httpx.AsyncClient(http1=False, http2=True, timeout=30)) for _ in range(6)]
+            held = [asyncio.create_task(_curl_post(f"{base}/m/infer"))]
+            await upstream.held(1)
+            refused = await clients[1].post(f"{base}/m/infer", content=b"x")
+            assert refused.status_code == 503
+            assert "the edge has 1 requests for this model in flight" in refused.text
+            held.append(asyncio.create_task(_curl_post(f"{base}/n/infer")))
+            await upstream.held(2)  # another model: no bound
+
+            await asyncio.to_thread(
+                edge.reload, dataclasses.replace(config, model_bounds=(("m", 2),)))
+            held.append(asyncio.create_task(_curl_post(f"{base}/m/infer")))
+            await upstream.held(3)
+            refused = await clients[4].post(f"{base}/m/infer", content=b"x")
+            assert refused.status_code == 503
+            assert "the edge has 2 requests for this model in flight" in refused.text
+
+            with pytest.raises(RuntimeError, match="nginx rejected"):
+                await asyncio.to_thread(
+                    edge.reload, dataclasses.replace(config, max_body="not a size"))
+            upstream.release.set()
+            assert [await task for task in held] == [200, 200, 200]
+            assert (await clients[5].post(f"{base}/m/infer", content=b"x")).status_code == 200
+    finally:
+        await asyncio.to_thread(edge.stop)
+
+
+async def _curl_post(url: str) -> int:
+    """The status of a POST over HTTP/2 (prior knowledge) by curl."""
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--http2-prior-knowledge", "--max-time", "30", "-o", "/dev/null",
+        "-w", "%{http_code}", "--data", "x", url, stdout=asyncio.subprocess.PIPE)
+    out, _ = await curl.communicate()
+    return int(out or b"0")
 
 
 async def test_unary_grpc_goes_to_the_rest_port_with_its_status_and_metadata_as_trailers(

@@ -107,6 +107,7 @@ def test_a_store_must_be_an_http_base_or_a_plain_directory(store: str) -> None:
      "'preferred_batch_sizes'"),
     ({"default_timeout_ms": 10.0**9}, "'default_timeout_ms'"),
     ({"max_queue_delay_ms": 10.0**9}, "'max_queue_delay_ms'"),
+    ({"edge_inflight": 10**9}, "'edge_inflight'"),
 ])
 def test_batching_past_its_bounds_is_refused(change: dict[str, Any], field: str) -> None:
     policy = replace(BatchingPolicy(), **change)

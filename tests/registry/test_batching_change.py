@@ -81,6 +81,8 @@ async def test_reregistering_after_a_change_is_a_no_op_that_keeps_it(
         ({"preferred_batch_sizes": [2, "x"]}, "'preferred_batch_sizes' must be a list"),
         ({"admission": "maybe"}, "'admission' must be one of predictive, strict, off"),
         ({"max_queue_delay_ms": -1}, "'max_queue_delay_ms' must be within"),
+        ({"edge_inflight": 0}, "batching: 'edge_inflight' must be >= 1"),
+        ({"edge_inflight": "64"}, "batching: 'edge_inflight' must be an integer or null"),
         ({"max_batch": 4}, "batching: unknown field 'max_batch'"),
         ({}, "batching: name at least one field"),
     ],

@@ -29,6 +29,9 @@ MAX_BATCH_SIZE = 4096
 MAX_QUEUE_SIZE = 1 << 20
 MAX_BATCHERS = 64
 """Most batcher instances one model spreads over (`batchers`): each ranks every peer per key."""
+MAX_EDGE_INFLIGHT = 65_536
+"""Largest `edge_inflight`: the edge's worker has 4,096 connections; a bound far above that
+is no bound, and a typo's zeros must not reach nginx's configuration."""
 MAX_PREFERRED_SIZES = 64
 MAX_QUEUE_DELAY_MS = 60_000.0
 MAX_TIMEOUT_MS = 3_600_000.0
@@ -70,6 +73,8 @@ def check_batching(policy: BatchingPolicy, *, field: str = "batching") -> Batchi
     _at_most(policy.max_queue_size, MAX_QUEUE_SIZE, f"{field}: 'max_queue_size'", low=1)
     _at_most(policy.max_queue_delay_ms, MAX_QUEUE_DELAY_MS, f"{field}: 'max_queue_delay_ms'")
     _at_most(policy.batchers, MAX_BATCHERS, f"{field}: 'batchers'", low=1)
+    if policy.edge_inflight is not None:
+        _at_most(policy.edge_inflight, MAX_EDGE_INFLIGHT, f"{field}: 'edge_inflight'", low=1)
     if policy.default_timeout_ms is not None:
         _at_most(policy.default_timeout_ms, MAX_TIMEOUT_MS, f"{field}: 'default_timeout_ms'")
     if len(policy.preferred_batch_sizes) > MAX_PREFERRED_SIZES:

@@ -158,6 +158,11 @@ class BatchingPolicy:
     `batchers`: how many batcher instances share the model's traffic (the top ones by
     rendezvous score on the model name), each with its own share of the version's workers;
     1 keeps the whole model on one batcher, which forms the fullest batches.
+    `edge_inflight`: inference requests of the model the nginx edge lets in flight at once
+    (None: the edge's default, `INFERMESH_EDGE_MODEL_CONNS`); past it the edge answers 503 +
+    Retry-After itself. About the model's throughput x its tightest deadline: more only
+    waits in front of the gateway's loop (docs/PERFORMANCE.md). The model's bound is the
+    largest its versions declare; the launcher reloads nginx when it changes.
     """
 
     max_batch_size: int = 32
@@ -167,12 +172,14 @@ class BatchingPolicy:
     default_timeout_ms: float | None = None
     admission: str = "predictive"
     batchers: int = 1
+    edge_inflight: int | None = None
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> BatchingPolicy:
         default = cls()
         try:
             timeout = raw.get("default_timeout_ms", default.default_timeout_ms)
+            edge_inflight = raw.get("edge_inflight", default.edge_inflight)
             preferred = raw.get("preferred_batch_sizes", default.preferred_batch_sizes)
             if not isinstance(preferred, list | tuple):
                 raise ValueError("'preferred_batch_sizes' must be a list of integers")
@@ -186,6 +193,7 @@ class BatchingPolicy:
                 default_timeout_ms=None if timeout is None else float(timeout),
                 admission=str(raw.get("admission", default.admission)),
                 batchers=int(raw.get("batchers", default.batchers)),
+                edge_inflight=None if edge_inflight is None else int(edge_inflight),
             )
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"batching: {exc}") from None
@@ -197,6 +205,9 @@ class BatchingPolicy:
             raise InvalidInput("batching: 'max_queue_size' must be >= 1")
         if policy.batchers < 1:
             raise InvalidInput("batching: 'batchers' must be >= 1")
+        if policy.edge_inflight is not None and policy.edge_inflight < 1:
+            raise InvalidInput("batching: 'edge_inflight' must be >= 1 (or null: the edge's "
+                               "default)")
         if any(not 1 <= size <= policy.max_batch_size for size in policy.preferred_batch_sizes):
             raise InvalidInput(
                 "batching: 'preferred_batch_sizes' must lie within 1..max_batch_size"
@@ -220,6 +231,7 @@ class BatchingPolicy:
             "default_timeout_ms": self.default_timeout_ms,
             "admission": self.admission,
             "batchers": self.batchers,
+            "edge_inflight": self.edge_inflight,
         }
 
 

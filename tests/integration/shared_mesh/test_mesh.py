@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import aiohttp
 import numpy as np
@@ -209,6 +210,62 @@ async def test_a_new_model_is_served_by_a_worker_started_later(mesh: RunningMesh
         workers = await client.get_prefix(f"{mesh.prefix}endpoints/worker/".encode())
     serving = [orjson.loads(kv.value)["models"] for kv in workers]
     assert ["mlp-copy/1"] in serving  # its own worker process, found through etcd
+
+
+def _edge_reloads(mesh: RunningMesh) -> list[str]:
+    """The launcher's lines saying which bounds per model the edge now runs with (each
+    logged once nginx's old workers stopped taking connections)."""
+    return [line for line in list(mesh.output) if "edge: bounds per model now" in line]
+
+
+async def test_an_edge_bound_set_through_the_registry_reaches_the_running_edge(
+    mesh: RunningMesh,
+) -> None:
+    """`infermesh models batching M V --edge-inflight N` reloads the edge: past N, nginx
+    refuses the model's requests itself. The demo mlp's own 64 is in force from the start.
+    On the model of the test above (re-registering it is a no-op)."""
+    await wait_for(lambda: _edge_reloads(mesh), lambda lines: "'mlp': 64" in lines[0],
+                   timeout=30, what="the demo mlp's bound applied at the edge")
+    assert (await asyncio.to_thread(_register, mesh, "mlp-copy", "1")).returncode == 0
+    await _infer_until_served(mesh, "/v2/models/mlp-copy/infer")
+    assert (await asyncio.to_thread(_edge_inflight, mesh, "2")).returncode == 0
+    try:
+        await wait_for(lambda: _edge_reloads(mesh), lambda lines: "'mlp-copy': 2" in lines[-1],
+                       timeout=30, what="the new bound applied at the edge")
+        # One HTTP/2 connection, 48 streams at once (h2load: httpx fails a stream that nginx
+        # answers before it has sent the body): nginx lets 2 through at a time.
+        codes = await asyncio.to_thread(_h2_burst, mesh, "/v2/models/mlp-copy/infer", 48)
+        assert codes["2xx"] > 0 and codes["5xx"] > 0, codes
+        assert codes["2xx"] + codes["5xx"] == 48, codes
+    finally:
+        assert (await asyncio.to_thread(_edge_inflight, mesh, "default")).returncode == 0
+    await wait_for(lambda: _edge_reloads(mesh), lambda lines: "mlp-copy" not in lines[-1],
+                   timeout=30, what="the bound gone at the edge")
+
+
+def _h2_burst(mesh: RunningMesh, path: str, streams: int) -> dict[str, int]:
+    """h2load's count of answers by status class for `streams` POSTs at once on one HTTP/2
+    connection to the edge."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as body:
+        body.write(infer_body("features", mlp_input(1)))
+        body.flush()
+        done = subprocess.run(
+            ["h2load", "-n", str(streams), "-c", "1", "-m", str(streams), "-d", body.name,
+             "-H", "content-type: application/json",
+             f"http://127.0.0.1:{mesh.edge_port}{path}"],
+            capture_output=True, text=True, timeout=60,
+        )
+    line = next(line for line in done.stdout.splitlines() if line.startswith("status codes:"))
+    # "status codes: 46 2xx, 0 3xx, 0 4xx, 2 5xx"
+    return {part.split()[1]: int(part.split()[0]) for part in line[13:].split(",")}
+
+
+def _edge_inflight(mesh: RunningMesh, bound: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", "models", "batching", "mlp-copy", "1",
+         "--edge-inflight", bound, "--registry", mesh.registry],
+        capture_output=True, text=True, timeout=60, env=mesh.env,
+    )
 
 
 async def _router_pids(mesh: RunningMesh) -> set[int]:
