@@ -56,6 +56,7 @@ from bench.payloads import infer_path, request_body
 from bench.report import write_report
 from bench.result import LoadResult, Percentiles
 from bench.run_all import closed_loop, start_launcher
+from cli.batching import inflight_bound
 
 SLO_CLASSES = {"mlp": (0.05, 0.25), "encoder": (1.0, 3.0)}
 """Deadlines (seconds) of the two SLO classes per demo model, mixed half and half."""
@@ -83,6 +84,8 @@ def unlimited_tenant(control: str, token: str) -> str:
 
 
 MODES = ("predictive", "strict", "static")
+_KEEP: Any = object()
+"""`--edge-inflight` not given: the bound stays as registered."""
 
 
 def mode_policies(registry: str, model: str, static_delay_ms: float) -> dict[str, Any]:
@@ -318,6 +321,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--deadline-header", action="store_true",
                         help="send each class's deadline as X-Request-Timeout as well as the "
                              "OIP timeout parameter (refusals before the body is read)")
+    parser.add_argument("--edge-inflight", type=inflight_bound, default=_KEEP, metavar="N|default",
+                        help="the model's bound in flight at the edge (h2), set through the "
+                             "registry before measuring (default: as registered; the demo mlp "
+                             "64, the encoder the edge's 128)")
     parser.add_argument("--out", type=Path, help="JSON path")
     parser.add_argument("--infermesh", default=".venv/bin/infermesh", help="launcher executable")
     parser.add_argument("--ready-timeout", type=float, default=180.0)
@@ -353,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="infermesh-goodput-")))
         edge = f"http://127.0.0.1:{gateway_port + 2}" if args.client == "h2" else ""
         target = Target(gateway, f"http://127.0.0.1:{registry_port}", tmp, logs, edge)
+        if args.edge_inflight is not _KEEP:
+            apply_mode(target.registry, args.model, {"edge_inflight": args.edge_inflight})
         measure(report, target, args)
     write_report(report, out, logs)
     return 0
