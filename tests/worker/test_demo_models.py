@@ -69,7 +69,8 @@ def test_signature_files_match_the_models(demo_models: dict[str, DemoModel]) -> 
         )
         assert on_disk == model.signature
         assert (model.version, model.device) == ("1", "auto")
-    assert demo_models["mlp"].batching == {"max_batch_size": 64, "max_queue_delay_ms": 2}
+    assert demo_models["mlp"].batching == {
+        "max_batch_size": 64, "max_queue_delay_ms": 2, "edge_inflight": 64}
     assert demo_models["encoder"].batching == {"max_batch_size": 32, "max_queue_delay_ms": 5}
 
 
