@@ -180,7 +180,6 @@ class Edge:
         while pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
 
-
     def reload(self, config: EdgeConfig) -> None:
         """Run with `config` from now on (nginx's reload: the new configuration is checked
         first, and a rejected one leaves the running one in place, raising with nginx's
