@@ -22,9 +22,7 @@ from typing import Any
 
 from deploy.edge import EdgeConfig
 from services.mesh.domain.config import ConfigView
-from services.mesh.domain.errors import InvalidInput
-from services.mesh.domain.trust import check_version_record, parse_version_key
-from services.mesh.domain.types import ModelVersion
+from services.mesh.domain.trust import RECORD_ERRORS, trusted_version
 
 log = logging.getLogger("infermesh.up")
 
@@ -38,9 +36,8 @@ def model_bounds(config: ConfigView) -> Bounds:
     bounds: dict[str, int] = {}
     for key, record in config.items("models/").items():
         try:
-            parse_version_key(key)
-            spec = check_version_record(ModelVersion.from_json(record), key=key)
-        except (InvalidInput, AttributeError, KeyError, TypeError, ValueError):
+            spec = trusted_version(key, record)
+        except RECORD_ERRORS:
             continue
         if spec.batching.edge_inflight is not None:
             bounds[spec.model] = max(spec.batching.edge_inflight, bounds.get(spec.model, 0))

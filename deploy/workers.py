@@ -46,7 +46,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from deploy.worker_counts import replica_bounds, scale_replicas
 from services.mesh.domain.config import ConfigView
 from services.mesh.domain.errors import InvalidInput
-from services.mesh.domain.trust import check_version_record, parse_version_key
+from services.mesh.domain.trust import RECORD_ERRORS, trusted_version
 from services.mesh.domain.types import ModelVersion
 
 log = logging.getLogger("infermesh.up")
@@ -181,11 +181,8 @@ class WorkerFleet(Generic[P]):
         """The `models/` record `record` at key `name`, or None (logged once per content)
         when it fails the trust checks."""
         try:
-            parse_version_key(name)
-            if not isinstance(record, dict):
-                raise InvalidInput("record: not a JSON object")
-            spec = check_version_record(ModelVersion.from_json(record), key=name)
-        except (InvalidInput, AttributeError, KeyError, TypeError, ValueError) as exc:
+            spec = trusted_version(name, record)
+        except RECORD_ERRORS as exc:
             self._refuse(name, record, exc, "not starting a worker for")
             return None
         self._refused.pop((name, "not starting a worker for"), None)

@@ -13,6 +13,7 @@ from services.mesh.domain.trust import (
     MAX_BATCH_SIZE,
     MAX_QUEUE_SIZE,
     MAX_RANK,
+    RECORD_ERRORS,
     check_artifact_uri,
     check_batching,
     check_name,
@@ -21,6 +22,7 @@ from services.mesh.domain.trust import (
     check_store,
     check_version_record,
     parse_version_key,
+    trusted_version,
 )
 from services.mesh.domain.types import BatchingPolicy, ModelVersion, Signature
 
@@ -157,3 +159,15 @@ def test_a_version_key_names_two_safe_segments(key: str, field: str) -> None:
     with pytest.raises(InvalidInput, match=f"^{field}: "):
         parse_version_key(key)
     assert parse_version_key("models/mlp/1") == ("mlp", "1")
+
+
+def test_a_trusted_version_is_parsed_from_a_safe_record_at_its_own_key() -> None:
+    assert trusted_version("models/mlp/1", RECORD.to_json()) == RECORD
+    with pytest.raises(InvalidInput, match="^record: not a JSON object"):
+        trusted_version("models/mlp/1", ["x"])
+    with pytest.raises(InvalidInput, match="^key: "):
+        trusted_version("models/mlp/1/2", RECORD.to_json())
+    with pytest.raises(InvalidInput, match="^model: the record names mlp/1"):
+        trusted_version("models/mlp/2", RECORD.to_json())
+    with pytest.raises(RECORD_ERRORS):  # whatever a half record fails on first
+        trusted_version("models/mlp/1", {"model": "mlp", "version": "1"})

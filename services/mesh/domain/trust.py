@@ -171,6 +171,19 @@ def parse_version_key(key: str) -> tuple[str, str]:
     return check_name(parts[1], field="model"), check_name(parts[2], field="version")
 
 
+RECORD_ERRORS = (InvalidInput, AttributeError, KeyError, TypeError, ValueError)
+"""What `trusted_version` raises for a record that does not parse or fails a check."""
+
+
+def trusted_version(key: str, record: Any) -> ModelVersion:
+    """The `models/{model}/{version}` record `record` at `key`, parsed, once it and its key
+    pass the trust checks; one of RECORD_ERRORS naming the problem otherwise."""
+    parse_version_key(key)
+    if not isinstance(record, dict):
+        raise InvalidInput("record: not a JSON object")
+    return check_version_record(ModelVersion.from_json(record), key=key)
+
+
 def check_store(store: str) -> str:
     """`store` if it names an artifact store: an http(s) base URL without query, fragment or
     credentials, or an absolute `file:///directory` without `..`."""
