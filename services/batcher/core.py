@@ -195,7 +195,7 @@ class Batcher:
             )
             queue = self._queues[(model, version)] = _Queue(
                 model, version, policy, pending, self._metrics.version(model, version),
-                VersionLatency(), EarliestDeadline(_still_queued),
+                VersionLatency(self._clock), EarliestDeadline(_still_queued),
             )
         return queue
 

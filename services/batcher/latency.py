@@ -14,8 +14,9 @@ on refusing rather than on missing deadlines until larger batches have been seen
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -25,14 +26,23 @@ REFIT_EVERY = 16
 """Batches observed between two refits once the line is fitted. A Theil-Sen fit of a full
 window costs ~0.1 ms; refitting after every batch cost the batcher 14 % of its CPU at c=64 on
 the mlp (py-spy, 2026-12-06), and the line moves little in 16 of 64 batches."""
+REFIT_INTERVAL = 0.1
+"""...and at least this many seconds between two refits, unless the whole window turned over
+since the last one. A quick model runs thousands of small batches a second: at one request in
+flight the mlp's two models (the worker's and the version's) were refitted every 16 batches,
+~4 % of fused mode's CPU (py-spy, 2026-12-08); a slow one (the encoder) takes longer than this
+for 16 batches, so nothing changes for it."""
 
 
 class LatencyModel:
     """Execution seconds of one worker (or one version) as a function of batch rows."""
 
-    __slots__ = ("_coef", "_min_batches", "_seeds", "_stale", "_window")
+    __slots__ = ("_clock", "_coef", "_fitted_at", "_min_batches", "_seeds", "_stale", "_window")
 
-    def __init__(self, *, window: int = WINDOW, min_batches: int = MIN_BATCHES) -> None:
+    def __init__(
+        self, *, window: int = WINDOW, min_batches: int = MIN_BATCHES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._window: deque[tuple[int, float]] = deque(maxlen=window)
         self._seeds: tuple[tuple[int, float], ...] = ()
         self._min_batches = min_batches
@@ -40,6 +50,9 @@ class LatencyModel:
         """The fitted (a, b), or None when it must be refitted before use."""
         self._stale = 0
         """Batches observed since the last fit."""
+        self._clock = clock
+        self._fitted_at = -float("inf")
+        """When the line was last fitted (`clock`)."""
 
     def seed(self, timings: Mapping[int, float]) -> None:
         """Warm-up timings (rows → seconds), used until enough real batches arrive."""
@@ -55,8 +68,12 @@ class LatencyModel:
             self._window.append((rows, seconds))
             self._stale += 1
             # Refit at once while the window is young (the first batches move the line
-            # most), then every REFIT_EVERY batches.
-            if len(self._window) <= self._min_batches or self._stale >= REFIT_EVERY:
+            # most), then every REFIT_EVERY batches and REFIT_INTERVAL seconds, or once the
+            # window turned over.
+            if len(self._window) <= self._min_batches or self._stale >= len(self._window) or (
+                self._stale >= REFIT_EVERY
+                and self._clock() - self._fitted_at >= REFIT_INTERVAL
+            ):
                 self._coef = None
 
     @property
@@ -68,6 +85,7 @@ class LatencyModel:
         if self._coef is None and self.known:
             self._coef = theil_sen(self._points())
             self._stale = 0
+            self._fitted_at = self._clock()
         return self._coef
 
     def predict(self, rows: int) -> float | None:
@@ -122,16 +140,17 @@ class VersionLatency:
     """The latency models of one (model, version): one per worker, and one over all of them
     (for a worker not yet timed, and for admission)."""
 
-    __slots__ = ("overall", "workers")
+    __slots__ = ("_clock", "overall", "workers")
 
-    def __init__(self) -> None:
-        self.overall = LatencyModel()
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.overall = LatencyModel(clock=clock)
         self.workers: dict[str, LatencyModel] = {}
 
     def worker(self, key: str) -> LatencyModel:
         model = self.workers.get(key)
         if model is None:
-            model = self.workers[key] = LatencyModel()
+            model = self.workers[key] = LatencyModel(clock=self._clock)
         return model
 
     def seed(self, key: str, timings: Mapping[int, float]) -> None:

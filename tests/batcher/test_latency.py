@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from services.batcher import latency
 from services.batcher.latency import LatencyModel, VersionLatency, theil_sen
 
 PER_ROW, FIXED = 0.002, 0.005
@@ -97,3 +98,32 @@ def test_the_version_model_stands_in_for_a_worker_not_yet_timed() -> None:
     # Two workers of the same speed double the throughput: 32 rows per 34 ms each.
     assert latency.throughput(["w1", "w2"], 32) == pytest.approx(2 * 32 / 0.034)
     assert VersionLatency().throughput(["w1"], 32) is None
+
+
+def test_a_quick_model_is_refitted_every_16_batches_but_at_most_every_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Thousands of small batches a second must not mean a Theil–Sen fit every 16 of them;
+    a window that turned over is refitted whatever the clock says."""
+    fits: list[int] = []
+    real = latency.theil_sen
+    monkeypatch.setattr(latency, "theil_sen", lambda points: fits.append(1) or real(points))
+    now = [100.0]
+    model = LatencyModel(clock=lambda: now[0])
+
+    def batches(count: int, *, apart: float = 0.0) -> int:
+        fits.clear()
+        for i in range(count):
+            now[0] += apart
+            model.observe(1 + i % 8, 0.001 * (1 + i % 8) + 0.002)
+            assert model.predict(4) is not None  # the batcher predicts after every batch
+        return len(fits)
+
+    # Slow batches: each of the first 8 (the window is young), then every 16th: 24, 40, 56.
+    assert batches(56, apart=latency.REFIT_INTERVAL) == latency.MIN_BATCHES + 3
+    now[0] += latency.REFIT_INTERVAL / 2
+    assert batches(latency.WINDOW - 1) == 0  # too soon since the last fit
+    assert batches(1) == 1  # the whole window is new since then
+    now[0] += 1.5 * latency.REFIT_INTERVAL
+    assert batches(latency.REFIT_EVERY - 1) == 0
+    assert batches(1) == 1
