@@ -3,6 +3,8 @@ seeded from warm-up timings, robust to outliers; and its per-version aggregate."
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pytest
 
@@ -107,7 +109,12 @@ def test_a_quick_model_is_refitted_every_16_batches_but_at_most_every_interval(
     a window that turned over is refitted whatever the clock says."""
     fits: list[int] = []
     real = latency.theil_sen
-    monkeypatch.setattr(latency, "theil_sen", lambda points: fits.append(1) or real(points))
+
+    def counted(points: Iterable[tuple[int, float]]) -> tuple[float, float]:
+        fits.append(1)
+        return real(points)
+
+    monkeypatch.setattr(latency, "theil_sen", counted)
     now = [100.0]
     model = LatencyModel(clock=lambda: now[0])
 
