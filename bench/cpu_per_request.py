@@ -58,9 +58,10 @@ from bench.report import write_report
 from bench.result import Percentiles
 from bench.run_all import SETUPS, start_launcher, start_plain
 
-SYSTEMS = ("plain", "fused", "fused2", "fused3", "mesh")
+SYSTEMS = ("plain", "fused", "fused2", "fused3", "replicas2", "mesh")
 """fused2 is `infermesh up --fused --processes 2`: a core process and a front on one port;
-fused3 `--processes 3`: two fronts on it, and a core that only batches and runs the model."""
+fused3 `--processes 3`: two fronts on it, and a core that only batches and runs the model;
+replicas2 `--processes 2 --layout replicas`: two whole fused processes on it."""
 MODEL = "mlp"
 PROTOCOLS = ("rest", "grpc", "rest-edge", "grpc-edge")
 EDGE_OFFSET = 2

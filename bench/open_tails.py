@@ -1,12 +1,12 @@
 """Open-loop tail latency with a C client (h2load): p50/p99/p99.9 at fractions of the maximum.
 
-    python -m bench.open_tails [--systems plain,fused,fused2,fused3,mesh] [--fractions 0.5,0.8]
-                               [--duration 10] [--connections 64]
+    python -m bench.open_tails [--systems plain,fused,fused2,fused3,replicas2,mesh]
+                               [--fractions 0.5,0.8] [--duration 10] [--connections 64]
 
 Run on a quiet machine (nothing else busy), e.g. for issue 16's target "open loop at 80 % of the
 maximum, p99 <= 3 x p50":
 
-    .venv/bin/python -m bench.open_tails --systems plain,fused,fused2,fused3,mesh \\
+    .venv/bin/python -m bench.open_tails --systems plain,fused,fused2,fused3,replicas2,mesh \\
         --fractions 0.5,0.8 --duration 20 --connections 64
 
 Each system runs alone, started as ``bench.cpu_per_request`` starts it, and is stopped before

@@ -114,9 +114,12 @@ def _tail(log: Path, lines: int = 30) -> str:
 
 
 SETUPS = {"mesh": (8000, 8200), "fused": (8010, 8210), "fused2": (8020, 8220),
-          "fused3": (8030, 8230)}
+          "fused3": (8030, 8230), "replicas2": (8040, 8240)}
 """Gateway and registry ports of each launcher, so both run side by side; the gRPC port is the
 gateway's + 1 and the control API's the registry's - 100."""
+SIDE_BY_SIDE = ("mesh", "fused", "fused2", "fused3")
+"""The launchers `--only all` starts beside the plain server (the others are for the benches
+that run one system at a time)."""
 
 
 def inprocess_round(report: Report, args: argparse.Namespace) -> None:
@@ -157,10 +160,12 @@ def start_launcher(
     stack.callback(shutil.copytree, Path(state_dir) / "logs", logs / f"{setup}-services",
                    dirs_exist_ok=True)  # fmt: skip
     command = [args.infermesh, "up", "--state-dir", state_dir]
-    command += ["--fused"] if setup.startswith("fused") else []
+    command += ["--fused"] if setup.startswith(("fused", "replicas")) else []
     # fused2: two processes share the gateway's ports (a core and a front, deploy/fused.py);
-    # fused3: two fronts share them, and the core only batches and runs the model.
-    command += ["--processes", setup[-1]] if setup in ("fused2", "fused3") else []
+    # fused3: two fronts share them, and the core only batches and runs the model;
+    # replicas2: two whole fused processes share them, each batching for itself.
+    command += ["--processes", setup[-1]] if setup in ("fused2", "fused3", "replicas2") else []
+    command += ["--layout", "replicas"] if setup.startswith("replicas") else []
     url = f"http://127.0.0.1:{gateway_port}"
     env = {"INFERMESH_GATEWAY_HTTP_PORT": str(gateway_port),
            "INFERMESH_GATEWAY_GRPC_PORT": str(gateway_port + 1),
@@ -249,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         urls = {"plain": start_plain(stack, args, logs)}
         if args.only == "all":
-            for setup in SETUPS:
+            for setup in SIDE_BY_SIDE:
                 urls[setup] = start_launcher(stack, args, logs, setup)
         for round_ in range(args.rounds):
             inprocess_round(report, args)

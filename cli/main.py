@@ -190,6 +190,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         if not args.fused or args.processes < 1:
             raise SystemExit("infermesh up: --processes N (N >= 1) goes with --fused")
         os.environ["INFERMESH_FUSED_PROCESSES"] = str(args.processes)
+    if args.layout is not None:
+        if not args.fused:
+            raise SystemExit("infermesh up: --layout goes with --fused")
+        os.environ["INFERMESH_FUSED_LAYOUT"] = args.layout
 
     code: int = run_up(state_dir=Path(args.state_dir), fused=args.fused, demo=not args.no_demo)
     return code
@@ -264,6 +268,11 @@ def _add_up(commands: Any) -> None:
                     help="with --fused: N processes (one batcher and worker in the first; the "
                     "others run gateway and router on the gateway's shared ports, and so does "
                     "the first when N is 2); default 1")
+    up.add_argument("--layout", choices=("fronts", "replicas"), default=None,
+                    help="with --fused --processes N: 'fronts' (default) as above; 'replicas': "
+                    "N whole fused processes on the shared ports, each batching and running "
+                    "the models for the connections it takes (quicker for a small model, "
+                    "smaller batches for a large one)")
     up.add_argument("--no-demo", action="store_true", help="do not register the demo models")
     up.add_argument("--no-auth", action="store_true",
                     help="dev mode: the gateway takes requests without an API key and applies "

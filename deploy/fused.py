@@ -22,8 +22,14 @@ does with one front (N = 2: then it runs all four services) and does not from tw
 (N >= 3: then it runs only the batcher and the worker). The kernel spreads connections evenly,
 and a core that also batches for every front then carries the busiest loop; with two fronts
 and a core that only batches, the three loops share the two cores' work more evenly.
-docs/PERFORMANCE.md has the figures that chose these over N independent fused processes and
-over a public core at N = 3.
+docs/PERFORMANCE.md has the figures that chose these over a public core at N = 3.
+
+`infermesh up --fused --processes N --layout replicas` starts N cores with public ports
+instead (`INFERMESH_FUSED_CORE_PUBLIC=1` each, no fronts): N whole fused data planes on the
+shared ports, each batching only what reaches it, with no link between them. The launcher
+gives each an equal share of the cores for its models' threads (`deploy.worker_counts`).
+Quicker for a model whose cost is per request, slower for one whose batches pay (PERFORMANCE.md,
+"Fused replicas").
 """
 
 from __future__ import annotations

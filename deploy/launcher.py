@@ -28,6 +28,7 @@ import itertools
 import logging
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,8 +46,15 @@ from deploy.edge_bounds import EdgeBounds
 from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, start_postgres
 from deploy.secrets import ensure_mesh_credential
 from deploy.supervisor import Supervised
-from deploy.worker_counts import handoff_bound, workers_per_version
+from deploy.worker_counts import (
+    available_cores,
+    fused_layout,
+    handoff_bound,
+    replica_threads,
+    workers_per_version,
+)
 from deploy.workers import WorkerFleet
+from services.mesh.domain.errors import InfermeshError
 from services.mesh.infra.credentials import MeshCredential
 from services.mesh.infra.db import create_pool, migrate
 from services.mesh.infra.etcd import ConfigCache, connect_client, redact_url
@@ -67,6 +75,7 @@ class Launcher:
         self.control_port = int(os.environ.get("INFERMESH_CONTROL_PORT", "8100"))
         self.router_replicas = int(os.environ.get("INFERMESH_ROUTER_REPLICAS", "1"))
         self.fused_processes = int(os.environ.get("INFERMESH_FUSED_PROCESSES", "1"))
+        self.fused_layout = fused_layout(os.environ)
         self.workers_per_version = workers_per_version(os.environ)
         self.auth = os.environ.get("INFERMESH_GATEWAY_AUTH", "1").lower() not in OFF
         self.edge = _edge_config(BindHosts.from_env(os.environ).public, self.gateway_port,
@@ -145,7 +154,15 @@ class Launcher:
             await pool.close()
         self._spawn("registry", "services.registry")
         self._spawn("control", "control.api")
-        if self.fused:
+        if self.fused and self.fused_layout == "replicas":
+            # Whole fused processes on the gateway's shared ports, each batching for itself,
+            # the cores shared out between their models' threads.
+            threads = replica_threads(self._env, self.fused_processes, available_cores())
+            for replica in range(self.fused_processes):
+                self._spawn("fused" if replica == 0 else f"fused-{replica}", "deploy.fused",
+                            INFERMESH_WORKER_MODELS="*", INFERMESH_FUSED_CORE_PUBLIC="1",
+                            **threads)
+        elif self.fused:
             # One core process (all four services); fronts (gateway + router) share its ports.
             self._spawn("fused", "deploy.fused", INFERMESH_WORKER_MODELS="*")
             for front in range(1, self.fused_processes):
@@ -372,7 +389,11 @@ def make_private(state_dir: Path) -> None:
 def run_up(*, state_dir: Path, fused: bool = False, demo: bool = True) -> int:
     """Entry point of `infermesh up`; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    launcher = Launcher(state_dir, fused=fused, demo=demo)
+    try:
+        launcher = Launcher(state_dir, fused=fused, demo=demo)
+    except (ValueError, InfermeshError) as exc:  # a setting it cannot take, named
+        print(f"infermesh up: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     make_private(launcher.state_dir)
     launcher.start_dependencies()
     try:

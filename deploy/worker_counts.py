@@ -4,6 +4,7 @@ Pure parsing, apart from `deploy.workers` so that module keeps to the fleet itse
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +12,11 @@ from services.mesh.domain.errors import InvalidInput
 
 WORKERS_PER = ("model", "version")
 """`INFERMESH_WORKERS_PER`: one set of workers per model (shared) or per version."""
+FUSED_LAYOUTS = ("fronts", "replicas")
+"""`INFERMESH_FUSED_LAYOUT`, with several fused processes: `fronts`, one process batches and
+runs the models for all (deploy/fused.py); `replicas`, each process is a whole fused data plane
+on the gateway's shared ports, batching only what reaches it (docs/PERFORMANCE.md, "Fused
+replicas", says which wins for which model)."""
 
 
 def replica_bounds(raw: Any) -> tuple[int, int | None]:
@@ -49,6 +55,31 @@ def workers_per_version(env: Mapping[str, str]) -> bool:
         raise ValueError(f"INFERMESH_WORKERS_PER: must be one of {', '.join(WORKERS_PER)}, "
                          f"not {raw[:40]!r}")
     return raw == "version"
+
+
+def fused_layout(env: Mapping[str, str]) -> str:
+    """`INFERMESH_FUSED_LAYOUT` (default `fronts`); ValueError naming it otherwise."""
+    raw = env.get("INFERMESH_FUSED_LAYOUT") or "fronts"
+    if raw not in FUSED_LAYOUTS:
+        raise ValueError(f"INFERMESH_FUSED_LAYOUT: must be one of {', '.join(FUSED_LAYOUTS)}, "
+                         f"not {raw[:40]!r}")
+    return raw
+
+
+def replica_threads(env: Mapping[str, str], replicas: int, cores: int) -> dict[str, str]:
+    """The intra-op threads of each of `replicas` fused processes on `cores` cores: an equal
+    share, at least one (each replica runs every model, and a compute-bound one takes all of
+    its threads: two replicas of the encoder on torch's two threads each served 0.38x one
+    process's rate here, on one thread each 0.9x). Nothing when `INFERMESH_WORKER_THREADS`
+    is set: the operator's count stands."""
+    if env.get("INFERMESH_WORKER_THREADS"):
+        return {}
+    return {"INFERMESH_WORKER_THREADS": str(max(1, cores // max(1, replicas)))}
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
 
 
 def handoff_bound(env: Mapping[str, str]) -> float:

@@ -83,7 +83,7 @@ def test_bad_fractions_and_systems_are_named(capsys: pytest.CaptureFixture[str])
         open_tails.main(["--systems", "plain", "--connections", "0"])
 
 
-@pytest.mark.parametrize("system", ["fused", "fused2", "fused3", "mesh"])
+@pytest.mark.parametrize("system", ["fused", "fused2", "fused3", "replicas2", "mesh"])
 def test_every_launcher_system_starts_from_the_settings_open_tails_gives(
     system: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

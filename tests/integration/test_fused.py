@@ -1,7 +1,8 @@
 """`infermesh up --fused --processes 2|3` on its own private etcd and Postgres, as `make up`
 runs it: with 2, a core process (gateway, router, batcher, worker) and a front (gateway,
 router) sharing the gateway's ports; with 3, two fronts sharing them and a core that only
-batches and runs the model. Everything below passes through every process that serves;
+batches and runs the model; with 2 and `--layout replicas`, two whole fused processes sharing
+them, each batching for itself. Everything below passes through every process that serves;
 `build_fused` itself (the one-process mode's wiring) is covered by
 tests/deploy/test_fused_settings.py."""
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import orjson
 import pytest
 import tritonclient.grpc.aio as aioclient
 
+from deploy.worker_counts import available_cores, replica_threads
 from tests.integration.conftest import RunningMesh, start_mesh, stop_and_check
 from tests.integration.oip import (
     encoder_input,
@@ -29,14 +32,19 @@ from tests.integration.oip import (
     reference,
 )
 
+LAYOUTS = {
+    "processes-2": {"INFERMESH_FUSED_PROCESSES": "2"},
+    "processes-3": {"INFERMESH_FUSED_PROCESSES": "3"},
+    "replicas-2": {"INFERMESH_FUSED_PROCESSES": "2", "INFERMESH_FUSED_LAYOUT": "replicas"},
+}
 
-@pytest.fixture(scope="module", params=["2", "3"], ids=["processes-2", "processes-3"])
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
 def fused(request: pytest.FixtureRequest) -> Iterator[RunningMesh]:
     """The launcher with no URLs given: it starts its own etcd and Postgres."""
     root = Path(tempfile.mkdtemp(prefix="infermesh-fused-"))
     root.chmod(0o755)
-    running = start_mesh(root / "state", fused=True,
-                         env={"INFERMESH_FUSED_PROCESSES": request.param})
+    running = start_mesh(root / "state", fused=True, env=LAYOUTS[request.param])
     try:
         yield running
         stop_and_check(running)
@@ -89,7 +97,8 @@ async def test_two_processes_serve_and_a_front_reaches_the_cores_batcher(
     fused: RunningMesh,
 ) -> None:
     """Each process stamps its own random prefix on request ids, and exactly two take public
-    connections: the core and its front, or the two fronts (the core then only batches). New
+    connections: the core and its front, the two fronts (the core then only batches), or the
+    two replicas (each with a batcher and worker of its own: no link between them). New
     connections are spread by the kernel (SO_REUSEPORT hashes the 4-tuple): 64 of them all
     landing on one of two processes has probability 2**-63, so both prefixes are seen; were
     the third process serving too, 64 connections would miss it with probability
@@ -105,3 +114,41 @@ async def test_two_processes_serve_and_a_front_reaches_the_cores_batcher(
         assert status == 200, answer
         prefixes.add(str(answer["id"])[:16])
     assert len(prefixes) == 2, prefixes
+
+
+PROCESS_LOGS = {
+    "processes-2": {"fused.log", "fused-front-1.log"},
+    "processes-3": {"fused.log", "fused-front-1.log", "fused-front-2.log"},
+    "replicas-2": {"fused.log", "fused-1.log"},
+}
+
+
+def test_each_layout_starts_its_processes_and_replicas_run_the_models_on_a_share_of_the_cores(
+    fused: RunningMesh, request: pytest.FixtureRequest,
+) -> None:
+    """The launcher's plan, read from the log file each process writes: fronts, or replicas
+    that each load every demo model themselves, on their share of the cores' threads (the
+    worker logs its load once its warm-up chose them; a replica may finish after the mesh
+    reports ready, so each line is waited for)."""
+    layout = request.node.callspec.params["fused"]
+    logs = fused.state_dir / "logs"
+    assert {p.name for p in logs.glob("fused*.log")} == PROCESS_LOGS[layout]
+    if layout != "replicas-2":
+        return
+    threads = replica_threads({}, 2, available_cores())["INFERMESH_WORKER_THREADS"]
+    for name in PROCESS_LOGS[layout]:
+        for model in ("mlp", "encoder"):
+            line = wait_for_line(logs / name, f"loaded {model}/1 on cpu", timeout=180)
+            assert f"; {threads} intra-op threads" in line, line
+
+
+def wait_for_line(path: Path, needle: str, *, timeout: float) -> str:
+    """The first line of `path` holding `needle`, once it is there (AssertionError after
+    `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = next((line for line in path.read_text().splitlines() if needle in line), None)
+        if found is not None:
+            return found
+        assert time.monotonic() < deadline, f"no {needle!r} in {path} after {timeout} s"
+        time.sleep(0.2)
