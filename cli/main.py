@@ -37,6 +37,7 @@ from cli.rollouts import add_rollout_commands
 from cli.tenants import add_limit_command, add_tenant_commands
 from cli.trace import add_trace_command
 from control.registry_client import RegistryClient, RegistryError, register_file
+from deploy.worker_counts import FUSED_LAYOUTS
 from services.mesh.domain.tensors import DATATYPES
 from services.mesh.domain.types import PREDICTION_LOG_POLICIES, WORKER_PLACEMENTS
 from services.mesh.infra.credentials import CredentialError, MeshCredential
@@ -268,7 +269,7 @@ def _add_up(commands: Any) -> None:
                     help="with --fused: N processes (one batcher and worker in the first; the "
                     "others run gateway and router on the gateway's shared ports, and so does "
                     "the first when N is 2); default 1")
-    up.add_argument("--layout", choices=("fronts", "replicas"), default=None,
+    up.add_argument("--layout", choices=FUSED_LAYOUTS, default=None,
                     help="with --fused --processes N: 'fronts' (default) as above; 'replicas': "
                     "N whole fused processes on the shared ports, each batching and running "
                     "the models for the connections it takes (quicker for a small model, "

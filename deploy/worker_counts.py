@@ -1,6 +1,7 @@
 """What the launcher's worker fleet reads besides the `models/` records: a version's replica
-bounds, the autoscaler's `scale/` records, and the launcher's own settings for its workers.
-Pure parsing, apart from `deploy.workers` so that module keeps to the fleet itself."""
+bounds, the autoscaler's `scale/` records, and the launcher's own settings for its workers
+(and for fused mode's processes). Pure parsing, apart from `deploy.workers` so that module
+keeps to the fleet itself; `available_cores` alone asks the OS."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def replica_threads(env: Mapping[str, str], replicas: int, cores: int) -> dict[s
     """The intra-op threads of each of `replicas` fused processes on `cores` cores: an equal
     share, at least one (each replica runs every model, and a compute-bound one takes all of
     its threads: two replicas of the encoder on torch's two threads each served 0.38x one
-    process's rate here, on one thread each 0.9x). Nothing when `INFERMESH_WORKER_THREADS`
+    process's rate here, on one thread each 0.9-1.04x). Nothing when `INFERMESH_WORKER_THREADS`
     is set: the operator's count stands."""
     if env.get("INFERMESH_WORKER_THREADS"):
         return {}
