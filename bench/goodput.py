@@ -292,6 +292,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--processes", type=int, choices=(1, 2, 3), default=1,
                         help="with --fused: 2 runs a core and a front process on one port, 3 two "
                         "fronts and a core that only batches")
+    parser.add_argument("--layout", choices=("fronts", "replicas"), default="fronts",
+                        help="with --fused --processes 2: 'replicas' runs two whole fused "
+                        "processes on the port instead, each batching for itself")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=float, default=20.0,
                         help="measured s per run, to whole arrival periods (encoder: 6 s)")
@@ -340,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     if args.processes > 1 and not args.fused:
         raise SystemExit(f"--processes {args.processes} goes with --fused")
+    if args.layout == "replicas" and not (args.fused and args.processes == 2):
+        raise SystemExit("--layout replicas goes with --fused --processes 2")
     setup = ("fused" if args.processes == 1 else f"fused{args.processes}") if args.fused else "mesh"
+    setup = "replicas2" if args.layout == "replicas" else setup
     command = shlex.join(["python", "-m", "bench.goodput", *argv])
     deadlines = SLO_CLASSES[args.model]
     report = GoodputReport(command, started, model=args.model, setup=setup, deadlines=deadlines,

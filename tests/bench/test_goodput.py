@@ -311,3 +311,12 @@ def test_modes_choose_the_admission_policies_compared(
 def test_several_processes_go_with_fused_mode(processes: str) -> None:
     with pytest.raises(SystemExit, match=f"--processes {processes} goes with --fused"):
         goodput.main(["--processes", processes])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--layout", "replicas"], ["--fused", "--layout", "replicas"],
+    ["--fused", "--processes", "3", "--layout", "replicas"],
+])
+def test_replicas_go_with_two_fused_processes(argv: list[str]) -> None:
+    with pytest.raises(SystemExit, match="--layout replicas goes with --fused --processes 2"):
+        goodput.main(argv)
