@@ -414,9 +414,8 @@ class Worker:
             raise DeadlineExceeded(f"deadline exceeded while {batch.model}/{batch.version} "
                                    "was loading on the worker (the load goes on)") from None
         inputs = {tensor.name: tensor.array() for tensor in batch.inputs}
-        started = time.perf_counter()
         try:
-            backend, outputs = await self._execute(key, backend, inputs, deadline)
+            backend, (outputs, seconds) = await self._execute(key, backend, inputs, deadline)
         except _Expired:
             self._metrics.expired(batch)
             raise DeadlineExceeded(
@@ -426,7 +425,7 @@ class Worker:
             log.warning("%s/%s failed on a batch of %d rows", batch.model, batch.version,
                         sum(batch.rows), exc_info=exc)
             raise batch_error(batch, exc) from exc
-        self._metrics.observe(batch, backend.device, time.perf_counter() - started)
+        self._metrics.observe(batch, backend.device, seconds)
         wanted = None if batch.outputs is None else set(batch.outputs)
         return BatchResult(
             [Tensor.from_array(name, array) for name, array in outputs.items()
@@ -437,9 +436,10 @@ class Worker:
     async def _execute(
         self, key: tuple[str, str], backend: Backend, inputs: dict[str, Any],
         deadline: float | None,
-    ) -> tuple[Backend, dict[str, Any]]:
+    ) -> tuple[Backend, _Ran]:
         """Run a batch in the inference thread; a CUDA failure that moves the version to CPU
-        runs it again there. Returns the backend that ran it, and the outputs."""
+        runs it again there. Returns the backend that ran it, and the outputs with the seconds
+        the run took."""
         loop = asyncio.get_running_loop()
         try:
             if self._runs_inline(key, backend):
@@ -482,15 +482,21 @@ class _Expired(Exception):
     """The batch's deadline passed before the inference thread got to it."""
 
 
-def _run_if_due(
-    backend: Backend, inputs: dict[str, Any], deadline: float | None
-) -> dict[str, Any]:
+_Ran = tuple[dict[str, Any], float]
+"""A batch's outputs, and the seconds its run took."""
+
+
+def _run_if_due(backend: Backend, inputs: dict[str, Any], deadline: float | None) -> _Ran:
     """`backend.run_batch(inputs)` in the inference thread, unless the deadline passed while
-    the batch waited for the thread (behind another batch); then _Expired."""
+    the batch waited for the thread (behind another batch); then _Expired. The seconds are
+    the run's alone, timed where it runs: the compute histograms are the model's time, not
+    the wait for the thread (the batcher's execution histogram has that)."""
     if deadline is not None and time.time() >= deadline:
         raise _Expired
+    started = time.perf_counter()
     failpoint("worker.run_batch")  # `sleep:<ms>` models a slow model in the tests and bench
-    return backend.run_batch(inputs)
+    outputs = backend.run_batch(inputs)
+    return outputs, time.perf_counter() - started
 
 
 @dataclass(frozen=True, slots=True)

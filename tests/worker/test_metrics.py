@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -67,3 +68,23 @@ async def test_a_batch_run_is_observed_in_the_compute_infer_histogram(
     )
     assert total is not None and total > 0
     assert total == legacy  # the same measurement under Triton's name
+
+
+async def test_compute_is_the_models_time_not_the_wait_for_the_inference_thread(
+    worker: tuple[Worker, WorkerMetrics],
+) -> None:
+    """A batch that waits behind another in the inference thread is observed with its own
+    run's time. The thread is held for 1 s first; the mlp's run takes well under a
+    millisecond, so its observation stays under half of that wait however busy the machine
+    (the wait was counted in before: at least 1 s)."""
+    core, metrics = worker
+    core.start()
+    await wait_until(core, lambda: "mlp/1" in core.ready_versions())
+    held = core._executor.submit(time.sleep, 1.0)
+    await core.run_batch(batch("1", features(4)), timeout=30.0)
+    assert held.done()  # the batch did wait behind it
+    total = metrics.registry.get_sample_value(
+        "infermesh_inference_compute_infer_duration_seconds_sum",
+        {"model": "mlp", "version": "1"},
+    )
+    assert total is not None and 0 < total < 0.5
