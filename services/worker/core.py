@@ -490,7 +490,7 @@ def _run_if_due(backend: Backend, inputs: dict[str, Any], deadline: float | None
     """`backend.run_batch(inputs)` in the inference thread, unless the deadline passed while
     the batch waited for the thread (behind another batch); then _Expired. The seconds are
     the run's alone, timed where it runs: the compute histograms are the model's time, not
-    the wait for the thread (the batcher's execution histogram has that)."""
+    the wait for the thread."""
     if deadline is not None and time.time() >= deadline:
         raise _Expired
     started = time.perf_counter()
