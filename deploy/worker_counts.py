@@ -68,14 +68,16 @@ def fused_layout(env: Mapping[str, str]) -> str:
 
 
 def replica_threads(env: Mapping[str, str], replicas: int, cores: int) -> dict[str, str]:
-    """The intra-op threads of each of `replicas` fused processes on `cores` cores: an equal
-    share, at least one (each replica runs every model, and a compute-bound one takes all of
-    its threads: two replicas of the encoder on torch's two threads each served 0.38x one
-    process's rate here, on one thread each 0.9-1.04x). Nothing when `INFERMESH_WORKER_THREADS`
-    is set: the operator's count stands."""
-    if env.get("INFERMESH_WORKER_THREADS"):
+    """The most intra-op threads a model may get in each of `replicas` fused processes on
+    `cores` cores: an equal share, at least one. Each replica runs every model, and a
+    compute-bound one takes all of its team: two replicas of the encoder on torch's two threads
+    each served 0.38x one process's rate here, on one thread each 0.9-1.04x. A model quick
+    enough for one thread still gets one (the warm-up decides within the share). Nothing for
+    one replica, or when the operator set `INFERMESH_WORKER_THREADS` or `..._MAX_THREADS`."""
+    if replicas <= 1 or any(env.get(f"INFERMESH_WORKER_{name}")
+                            for name in ("THREADS", "MAX_THREADS")):
         return {}
-    return {"INFERMESH_WORKER_THREADS": str(max(1, cores // max(1, replicas)))}
+    return {"INFERMESH_WORKER_MAX_THREADS": str(max(1, cores // replicas))}
 
 
 def available_cores() -> int:

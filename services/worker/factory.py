@@ -13,9 +13,11 @@ from services.worker.backends.triton import TritonBackend
 
 
 def backend_factory(
-    threads: int = 0, *, triton_urls: tuple[str, ...] = (), triton_timeout: float = 30.0,
+    threads: int = 0, *, max_threads: int = 0, triton_urls: tuple[str, ...] = (),
+    triton_timeout: float = 30.0,
 ) -> Callable[[ModelVersion], Backend]:
-    """A callable building the backend for a version (TorchScript today)."""
+    """A callable building the backend for a version: `threads` intra-op threads (0: each
+    model's warm-up chooses, up to `max_threads`; 0: every core)."""
 
     def build(spec: ModelVersion) -> Backend:
         if spec.platform == TRITON_PLATFORM:  # batches go to the Triton server it references
@@ -28,13 +30,13 @@ def backend_factory(
 
             return OnnxBackend(
                 spec.signature, device_policy=spec.device, cpu_fallback=spec.cpu_fallback,
-                intra_op_threads=threads or None,
+                intra_op_threads=threads or None, max_threads=max_threads or None,
             )
         if spec.platform != "pytorch_torchscript":
             raise InvalidInput(f"platform {spec.platform!r} is not supported by this worker")
         return TorchScriptBackend(
             spec.signature.to_json(), device_policy=spec.device,
-            intra_op_threads=threads or None,
+            intra_op_threads=threads or None, max_threads=max_threads or None,
         )
 
     return build

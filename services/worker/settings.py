@@ -24,6 +24,10 @@ class WorkerSettings(ServiceSettings):
     threads: int = 0
     """torch intra-op threads per batch; 0 lets each model's warm-up choose: torch's default,
     or one thread for a CPU model whose largest batch takes under a millisecond."""
+    max_threads: int = 0
+    """With `threads` 0: the most intra-op threads a warm-up may choose for a model (0: every
+    core). `infermesh up --fused --processes N --layout replicas` sets each replica's share of
+    the cores, so N replicas' teams do not spin on the same cores."""
     inline_below_ms: float = 0.0
     """A CPU version whose largest batch takes less than this (its fastest warm-up run) runs
     its batches on the event loop rather than in the inference thread, sparing two thread

@@ -68,7 +68,8 @@ async def build_worker(
     core = Worker(
         catalog, models=settings.models,
         artifacts=ArtifactCache(session, Path(settings.cache_dir), stores=settings.stores),
-        backend_factory=backend_factory(settings.threads, triton_urls=settings.triton_urls,
+        backend_factory=backend_factory(settings.threads, max_threads=settings.max_threads,
+                                        triton_urls=settings.triton_urls,
                                         triton_timeout=settings.triton_timeout),
         metrics=metrics, budget_bytes=budget or None, thrash_window=settings.thrash_window,
         inline_below=settings.inline_below_ms / 1000,

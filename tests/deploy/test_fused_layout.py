@@ -28,14 +28,21 @@ def test_a_bad_layout_is_named() -> None:
 
 
 @pytest.mark.parametrize(("replicas", "cores", "threads"), [
-    (2, 2, "1"), (2, 8, "4"), (3, 8, "2"), (4, 2, "1"), (1, 2, "2"),
+    (2, 2, "1"), (2, 8, "4"), (3, 8, "2"), (4, 2, "1"),
 ])
 def test_replicas_share_the_cores_out(replicas: int, cores: int, threads: str) -> None:
-    assert replica_threads({}, replicas, cores) == {"INFERMESH_WORKER_THREADS": threads}
+    assert replica_threads({}, replicas, cores) == {"INFERMESH_WORKER_MAX_THREADS": threads}
 
 
-def test_an_operators_thread_count_stands() -> None:
-    assert replica_threads({"INFERMESH_WORKER_THREADS": "2"}, 2, 2) == {}
+@pytest.mark.parametrize("env", [
+    {"INFERMESH_WORKER_THREADS": "2"}, {"INFERMESH_WORKER_MAX_THREADS": "2"},
+])
+def test_an_operators_thread_count_stands(env: dict[str, str]) -> None:
+    assert replica_threads(env, 2, 8) == {}
+
+
+def test_one_replica_keeps_every_core() -> None:
+    assert replica_threads({}, 1, 8) == {}
 
 
 @pytest.fixture

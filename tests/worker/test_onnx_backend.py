@@ -228,3 +228,19 @@ async def test_a_worker_serves_an_onnx_version_through_a_batcher(
     probs = np.concatenate([answer.outputs[0].array() for answer in answers])
     rtol, atol = TOLERANCE["mlp"]
     np.testing.assert_allclose(probs, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(available_cores() < 2, reason="one core: one thread anyway")
+def test_max_threads_caps_the_team_a_warm_up_may_choose(
+    demo_models: dict[str, DemoModel], onnx_files: dict[str, Path]
+) -> None:
+    """A fused replica's share of the cores: a model costly enough for a team gets at most
+    `max_threads` (10 ms of CPU a batch, faked: over the one-thread line)."""
+    capped = _onnx(demo_models["mlp"], onnx_files["mlp"], cost_clock=RunClock(0.01),
+                   max_threads=1)
+    capped.warm_up(8)
+    assert capped.intra_op_threads == capped.session_options.intra_op_num_threads == 1
+    roomy = _onnx(demo_models["mlp"], onnx_files["mlp"], cost_clock=RunClock(0.01),
+                  max_threads=64)
+    roomy.warm_up(8)
+    assert roomy.intra_op_threads == available_cores()

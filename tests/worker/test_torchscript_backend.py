@@ -244,3 +244,19 @@ def test_a_slow_model_or_a_fixed_count_keeps_its_threads(tmp_path: Path) -> None
     with ThreadPoolExecutor(max_workers=1) as pool:
         counts = [pool.submit(_threads_after_batch, b).result() for b in (small, fixed, small)]
     assert counts == [1, 2, 1]
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs one thread here anyway")
+def test_max_threads_caps_the_team_a_warm_up_may_choose(tmp_path: Path) -> None:
+    """A fused replica's share of the cores (`INFERMESH_WORKER_MAX_THREADS`): a model costly
+    enough for a team gets at most that many threads; the cap does not fix a count."""
+    torch.jit.save(torch.jit.script(_Double()), str(tmp_path / "double.pt"))
+    capped = TorchScriptBackend(SIGNATURE, device_policy="cpu", single_thread_below=0.0,
+                                max_threads=1)
+    roomy = TorchScriptBackend(SIGNATURE, device_policy="cpu", single_thread_below=0.0,
+                               max_threads=64)
+    for backend in (capped, roomy):
+        backend.load(tmp_path / "double.pt")
+        backend.warm_up(4)
+    assert capped.intra_op_threads == _threads_in_fresh_thread(capped) == 1
+    assert roomy.intra_op_threads == torch.get_num_threads()

@@ -75,8 +75,10 @@ class OnnxBackend:
     """Runs an ONNX model described by a signature (typed, or its JSON form).
 
     ``intra_op_threads`` (the worker's ``threads``; None or 0: the warm-up decides) is capped at
-    :func:`available_cores`. ``clock`` times the warm-up (a test's fake stands for a busy host);
-    ``cost_clock`` reads the one-thread CPU cost the thread count is decided from.
+    :func:`available_cores`, and so is the team the warm-up may choose, at most ``max_threads``
+    (the worker's ``max_threads``) too. ``clock`` times the warm-up (a test's fake stands for
+    a busy host); ``cost_clock`` reads the one-thread CPU cost the thread count is decided
+    from.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class OnnxBackend:
         device_policy: str = "auto",
         cpu_fallback: bool = False,
         intra_op_threads: int | None = None,
+        max_threads: int | None = None,
         single_thread_below: float = SINGLE_THREAD_BELOW_S,
         clock: Callable[[], float] = time.perf_counter,
         cost_clock: Callable[[], float] = time.thread_time,
@@ -99,7 +102,7 @@ class OnnxBackend:
         self._cuda = choice.device == "cuda"
         self.device_fallback = choice.fallback
         """Why the version runs on CPU though its policy asked for CUDA (None: it does not)."""
-        cores = available_cores()
+        cores = min(available_cores(), max_threads or available_cores())
         self._fixed_threads = min(intra_op_threads, cores) if intra_op_threads else None
         self._cores = cores
         self._deciding = self._fixed_threads is None and cores > 1 and not self._cuda

@@ -108,10 +108,10 @@ class TorchScriptBackend:
     ``device_policy`` is resolved at construction (see
     :func:`~services.worker.backends.devices.resolve_device`). ``intra_op_threads`` sets torch's
     intra-op thread count for this model's batches; when None, the warm-up picks it: torch's
-    default, or one thread for a model whose largest batch costs under ``single_thread_below``
-    seconds of CPU on one thread (``cost_clock``, the calling thread's CPU time: a test's fake
-    stands for the model's cost). ``clock`` times the warm-up's published timings (a test's
-    fake stands for a busy host).
+    default (at most ``max_threads``), or one thread for a model whose largest batch costs
+    under ``single_thread_below`` seconds of CPU on one thread (``cost_clock``, the calling
+    thread's CPU time: a test's fake stands for the model's cost). ``clock`` times the warm-up's
+    published timings (a test's fake stands for a busy host).
 
     Why one thread for small models: after each parallel region OpenMP's threads spin-wait for
     the next (libgomp's default), so a model of ~50 µs a batch, run a few hundred times a
@@ -127,6 +127,7 @@ class TorchScriptBackend:
         *,
         device_policy: str = "auto",
         intra_op_threads: int | None = None,
+        max_threads: int | None = None,
         single_thread_below: float = SINGLE_THREAD_BELOW_S,
         clock: Callable[[], float] = time.perf_counter,
         cost_clock: Callable[[], float] = time.thread_time,
@@ -139,7 +140,8 @@ class TorchScriptBackend:
         self._device = torch.device("cuda", 0) if resolved == "cuda" else torch.device("cpu")
         self._device_name = str(self._device)  # read per batch; str(torch.device) is not free
         self._intra_op_threads = intra_op_threads
-        self._threads = intra_op_threads or _DEFAULT_THREADS
+        # The team a warm-up may choose: torch's default, at most `max_threads`.
+        self._threads = intra_op_threads or min(_DEFAULT_THREADS, max_threads or _DEFAULT_THREADS)
         self._single_thread_below = single_thread_below
         self._clock, self._cost_clock = clock, cost_clock
         self.single_thread_cost_s: float | None = None
