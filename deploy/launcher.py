@@ -47,7 +47,6 @@ from deploy.localdeps import LocalEtcd, LocalPostgres, free_port, start_etcd, st
 from deploy.secrets import ensure_mesh_credential
 from deploy.supervisor import Supervised
 from deploy.worker_counts import (
-    available_cores,
     fused_layout,
     handoff_bound,
     replica_threads,
@@ -58,6 +57,7 @@ from services.mesh.domain.errors import InfermeshError
 from services.mesh.infra.credentials import MeshCredential
 from services.mesh.infra.db import create_pool, migrate
 from services.mesh.infra.etcd import ConfigCache, connect_client, redact_url
+from services.mesh.infra.settings import available_cores
 
 log = logging.getLogger("infermesh.up")
 

@@ -1,11 +1,10 @@
 """What the launcher's worker fleet reads besides the `models/` records: a version's replica
 bounds, the autoscaler's `scale/` records, and the launcher's own settings for its workers
 (and for fused mode's processes). Pure parsing, apart from `deploy.workers` so that module
-keeps to the fleet itself; `available_cores` alone asks the OS."""
+keeps to the fleet itself."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,11 +77,6 @@ def replica_threads(env: Mapping[str, str], replicas: int, cores: int) -> dict[s
                             for name in ("THREADS", "MAX_THREADS")):
         return {}
     return {"INFERMESH_WORKER_MAX_THREADS": str(max(1, cores // replicas))}
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0))
 
 
 def handoff_bound(env: Mapping[str, str]) -> float:

@@ -21,7 +21,8 @@ import orjson
 import pytest
 import tritonclient.grpc.aio as aioclient
 
-from deploy.worker_counts import available_cores, replica_threads
+from deploy.worker_counts import replica_threads
+from services.mesh.infra.settings import available_cores
 from tests.integration.conftest import RunningMesh, start_mesh, stop_and_check
 from tests.integration.oip import (
     encoder_input,

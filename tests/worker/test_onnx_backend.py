@@ -30,9 +30,10 @@ from services.mesh.domain.types import (
     Signature,
 )
 from services.mesh.infra.digests import sha256_of
+from services.mesh.infra.settings import available_cores
 from services.worker.artifacts import ArtifactCache
 from services.worker.backends.base import BackendError, DeviceUnavailable, InputRejected
-from services.worker.backends.onnx import CUDA_PROVIDER, OnnxBackend, available_cores
+from services.worker.backends.onnx import CUDA_PROVIDER, OnnxBackend
 from services.worker.backends.torchscript import TorchScriptBackend
 from services.worker.core import Worker
 from services.worker.demo_models import DemoModel

@@ -87,3 +87,11 @@ def load_settings(cls: type[S], service: str, env: Mapping[str, str] | None = No
                 values[field.name] = _coerce(name, env[name], hints[field.name])
                 break
     return cls(**values)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

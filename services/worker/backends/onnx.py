@@ -26,7 +26,6 @@ allows (``auto`` or ``cuda``); ``cuda`` on a build or host without it raises
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +37,7 @@ import onnxruntime as ort
 
 from services.mesh.domain.datatypes import ORT_TYPE_NAMES
 from services.mesh.domain.types import Signature
+from services.mesh.infra.settings import available_cores
 from services.worker.backends.base import (
     BackendError,
     InputRejected,
@@ -61,14 +61,6 @@ CPU_PROVIDER = "CPUExecutionProvider"
 
 # ONNX Runtime's words for an index past the table it gathers from (a token id too large).
 _ORT_INPUT_FAULTS = re.compile(r"out of (data )?bounds|must be within the inclusive range")
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class OnnxBackend:
@@ -102,7 +94,8 @@ class OnnxBackend:
         self._cuda = choice.device == "cuda"
         self.device_fallback = choice.fallback
         """Why the version runs on CPU though its policy asked for CUDA (None: it does not)."""
-        cores = min(available_cores(), max_threads or available_cores())
+        cores = available_cores()
+        cores = min(cores, max_threads or cores)
         self._fixed_threads = min(intra_op_threads, cores) if intra_op_threads else None
         self._cores = cores
         self._deciding = self._fixed_threads is None and cores > 1 and not self._cuda
