@@ -57,6 +57,7 @@ from bench.report import write_report
 from bench.result import LoadResult, Percentiles
 from bench.run_all import closed_loop, start_launcher
 from cli.batching import inflight_bound
+from deploy.worker_counts import FUSED_LAYOUTS
 
 SLO_CLASSES = {"mlp": (0.05, 0.25), "encoder": (1.0, 3.0)}
 """Deadlines (seconds) of the two SLO classes per demo model, mixed half and half."""
@@ -292,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--processes", type=int, choices=(1, 2, 3), default=1,
                         help="with --fused: 2 runs a core and a front process on one port, 3 two "
                         "fronts and a core that only batches")
-    parser.add_argument("--layout", choices=("fronts", "replicas"), default="fronts",
+    parser.add_argument("--layout", choices=FUSED_LAYOUTS, default="fronts",
                         help="with --fused --processes 2: 'replicas' runs two whole fused "
                         "processes on the port instead, each batching for itself")
     parser.add_argument("--rounds", type=int, default=2)
